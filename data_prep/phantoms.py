@@ -1,0 +1,991 @@
+"""Synthetic thorax CT / T2w MRI and abdominal T1w / T2w MRI phantoms with known labels.
+
+Writes unpaired datasets in the Medical Segmentation Decathlon / nnU-Net v2 layout:
+
+  OUT/dataset.json                   nnU-Net v2 keys + MSD keys + a "phantom" block (written last)
+  OUT/imagesTr/{case}_0000.nii.gz    CT int16 HU / MRI uint16 (arbitrary positive scale)
+  OUT/labelsTr/{case}.nii.gz         uint8; thorax {0 background, 1 tumor},
+                                     abdomen {0, 1 liver, 2 spleen, 3 kidney_left, 4 kidney_right}
+  OUT/imagesTs/, OUT/labelsTs/       held-out cases, same naming
+  OUT/tissuesTr|Ts/{case}.nii.gz     uint8 tissue classes (TISSUES), research ground truth
+  OUT/instancesTr|Ts/{case}.nii.gz   uint8 tumor instance ids (thorax kinds only)
+  OUT/phantom_meta/{case}.json       per-case ground truth: tumors (centre in world mm,
+                                     diameter, type), tissue table, nominal intensities, noise
+
+CLI:  python -m data_prep.phantoms --kind thorax_ct --n 20 --seed 0 --out data/phantoms/thorax_ct
+
+Anatomy is an analytic function of world coordinates (RAS+, mm; patient roughly at the origin,
+random smooth deformation per patient), evaluated at every voxel's world position from the
+on-disk affine, so an LPS-stored volume reoriented to RAS shows the anatomy where an RAS-stored
+one does. Each output slice averages `Z_SUPERSAMPLE` thin sub-slices (slice profile / partial
+volume) and is blurred in-plane (PSF) before noise. Every case is a different random patient:
+case i of a kind is drawn from SeedSequence([seed, kind index, i]).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+GENERATOR_VERSION = "1.0.0"
+KINDS = ("thorax_ct", "thorax_t2w", "abdomen_t1w", "abdomen_t2w")
+
+# Tissue classes of the tissue maps (uint8). Same table for every kind.
+TISSUES = {
+    "background": 0, "fat": 1, "muscle": 2, "lung": 3, "mediastinum": 4, "heart": 5,
+    "aorta": 6, "bone": 7, "tumor": 8, "liver": 9, "spleen": 10, "kidney_left": 11,
+    "kidney_right": 12, "lung_vessel": 13, "csf": 14, "gas": 15, "bowel": 16, "fluid": 17,
+    "vein": 18,
+}
+_T = TISSUES
+THORAX_LABELS = {"background": 0, "tumor": 1}
+ABDOMEN_LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
+TUMOR_TYPES = ("peripheral", "juxta_mediastinal")
+
+# Per-patient nominal tissue values are drawn uniformly from these ranges. CT: HU. MRI: relative
+# signal before the bias field (about 0.75-1.33) and the random global scale (meta "mri_scale").
+# Juxta-mediastinal CT tumors: mediastinum + U(-6, 6) HU; heart: mediastinum + U(-2, 4) HU.
+TISSUE_RANGES = {
+    "thorax_ct": {
+        "background": (-1000, -1000), "fat": (-120, -80), "muscle": (35, 60),
+        "lung": (-870, -820), "mediastinum": (30, 50), "aorta": (40, 200), "bone": (250, 700),
+        "csf": (5, 20), "gas": (-1000, -960), "lung_vessel": (30, 50),
+        "tumor_peripheral": (0, 60)},
+    "thorax_t2w": {
+        "background": (0, 0), "fat": (0.55, 0.75), "muscle": (0.10, 0.18), "lung": (0.02, 0.05),
+        "mediastinum": (0.25, 0.35), "heart": (0.08, 0.15), "aorta": (0.03, 0.08),
+        "bone": (0.25, 0.40), "csf": (0.90, 1.00), "gas": (0.0, 0.02),
+        "lung_vessel": (0.04, 0.08), "tumor": (0.60, 0.85)},
+    "abdomen_t1w": {
+        "background": (0, 0), "fat": (0.80, 0.95), "muscle": (0.25, 0.35), "liver": (0.45, 0.60),
+        "spleen": (0.30, 0.40), "kidney_left": (0.35, 0.45), "kidney_right": (0.35, 0.45),
+        "bone": (0.50, 0.70), "csf": (0.05, 0.12), "aorta": (0.10, 0.20), "vein": (0.10, 0.20),
+        "bowel": (0.15, 0.35), "fluid": (0.05, 0.12), "gas": (0.0, 0.02)},
+    "abdomen_t2w": {
+        "background": (0, 0), "fat": (0.55, 0.75), "muscle": (0.08, 0.14), "liver": (0.15, 0.25),
+        "spleen": (0.40, 0.55), "kidney_left": (0.45, 0.60), "kidney_right": (0.45, 0.60),
+        "bone": (0.30, 0.45), "csf": (0.90, 1.00), "aorta": (0.03, 0.08), "vein": (0.05, 0.10),
+        "bowel": (0.30, 0.60), "fluid": (0.85, 1.00), "gas": (0.0, 0.02)},
+}
+CT_NOISE_HU = (12.0, 22.0)          # Gaussian noise sigma (HU), per case.
+MRI_NOISE_REL = (0.015, 0.035)      # Rician sigma relative to the unscaled signal.
+MRI_SCALE = (300.0, 2000.0)         # Random positive global intensity scale per MRI case.
+Z_SUPERSAMPLE = 3                   # Sub-slices averaged per output slice (slice profile).
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """Voxel grid of one kind: in-plane `size` x `size` at `spacing` mm, `slices` at
+  `slice_spacing` mm, stored in `orientation` (axis codes of nib.aff2axcodes)."""
+  size: int
+  spacing: float
+  slices: int
+  slice_spacing: float
+  orientation: str
+
+  @property
+  def shape(self):
+    return (self.size, self.size, self.slices)
+
+  @property
+  def zooms(self):
+    return (self.spacing, self.spacing, self.slice_spacing)
+
+
+DEFAULT_GRIDS = {
+    "thorax_ct": Grid(160, 2.4, 48, 3.0, "RAS"),
+    "thorax_t2w": Grid(144, 2.8, 28, 5.0, "LPS"),
+    "abdomen_t1w": Grid(160, 2.5, 36, 4.0, "LAS"),
+    "abdomen_t2w": Grid(144, 2.8, 30, 5.0, "LPS"),
+}
+_MODALITY = {"thorax_ct": ("CT", "CT"), "thorax_t2w": ("T2", "MRI"),
+             "abdomen_t1w": ("T1", "MRI"), "abdomen_t2w": ("T2", "MRI")}
+_DESCRIPTIONS = {
+    "thorax_ct": "Synthetic thorax CT (HU) with lobulated lung tumors, peripheral and "
+                 "juxta-mediastinal (near-mediastinal HU).",
+    "thorax_t2w": "Synthetic thorax T2-weighted MRI (unpaired patients) with bright lung tumors.",
+    "abdomen_t1w": "Synthetic abdominal T1-weighted MRI: liver, spleen, kidneys.",
+    "abdomen_t2w": "Synthetic abdominal T2-weighted MRI: liver, spleen, kidneys.",
+}
+
+
+def _check_kind(kind):
+  if kind not in KINDS:
+    raise ValueError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def make_grid(kind, size=None, spacing=None, slices=None, slice_spacing=None) -> Grid:
+  """The default grid of `kind` with any of its fields overridden. Raises ValueError."""
+  _check_kind(kind)
+  g = DEFAULT_GRIDS[kind]
+  g = Grid(int(size if size is not None else g.size),
+           float(spacing if spacing is not None else g.spacing),
+           int(slices if slices is not None else g.slices),
+           float(slice_spacing if slice_spacing is not None else g.slice_spacing), g.orientation)
+  if g.size < 16 or g.slices < 2:
+    raise ValueError(f"grid too small: size {g.size} (min 16), slices {g.slices} (min 2)")
+  if not (0.2 <= g.spacing <= 10.0 and 0.2 <= g.slice_spacing <= 20.0):
+    raise ValueError(f"spacing {g.spacing} mm / slice spacing {g.slice_spacing} mm out of "
+                     "range (0.2-10 / 0.2-20 mm)")
+  return g
+
+
+def grid_affine(grid: Grid, center_mm) -> np.ndarray:
+  """4x4 voxel->world (RAS+ mm) affine of an axis-aligned grid in `grid.orientation` whose
+  central voxel position is `center_mm`."""
+  signs = []
+  for axis, code in enumerate(grid.orientation):
+    pos, neg = "RAS"[axis], "LPI"[axis]
+    if code not in (pos, neg):
+      raise ValueError(f"orientation {grid.orientation!r}: axis {axis} must be {pos} or {neg}")
+    signs.append(1.0 if code == pos else -1.0)
+  lin = np.diag(np.array(signs) * np.array(grid.zooms))
+  aff = np.eye(4)
+  aff[:3, :3] = lin
+  aff[:3, 3] = np.asarray(center_mm, float) - lin @ ((np.array(grid.shape) - 1) / 2.0)
+  return aff
+
+
+def _fine_axes(affine, shape, k):
+  """World coordinates (mm) of an axis-aligned grid with each slice split into k sub-slices.
+  Returns x (nx,1,1), y (1,ny,1), z (1,1,nz*k) float32; sub-slice f lies at slice index
+  (f + 0.5) / k - 0.5."""
+  nx, ny, nz = shape
+  x = affine[0, 0] * np.arange(nx) + affine[0, 3]
+  y = affine[1, 1] * np.arange(ny) + affine[1, 3]
+  zi = (np.arange(nz * k) + 0.5) / k - 0.5
+  z = affine[2, 2] * zi + affine[2, 3]
+  f32 = np.float32
+  return (x.astype(f32)[:, None, None], y.astype(f32)[None, :, None], z.astype(f32)[None, None, :])
+
+
+def _world_to_fine_index(affine, k, pts):
+  """(N,3) world mm -> (N,3) float fine-grid indices (inverse of `_fine_axes`)."""
+  i = (pts[:, 0] - affine[0, 3]) / affine[0, 0]
+  j = (pts[:, 1] - affine[1, 3]) / affine[1, 1]
+  kk = ((pts[:, 2] - affine[2, 3]) / affine[2, 2] + 0.5) * k - 0.5
+  return np.stack([i, j, kk], axis=1)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def _se(u, v, p):
+  """Superellipse value |u|^p + |v|^p for p in {2, 3, 4} (inside: < 1)."""
+  if p == 2:
+    return u * u + v * v
+  au, av = np.abs(u), np.abs(v)
+  if p == 3:
+    return au * u * u + av * v * v
+  u2, v2 = u * u, v * v
+  return u2 * u2 + v2 * v2
+
+
+def _ellipsoid(X, Y, Z, c, r, angle=0.0):
+  """Inside of an ellipsoid with centre c, radii r (mm), rotated by `angle` rad about z."""
+  dx, dy = X - c[0], Y - c[1]
+  if angle:
+    ca, sa = np.cos(angle), np.sin(angle)
+    dx, dy = ca * dx + sa * dy, -sa * dx + ca * dy
+  dz = Z - c[2]
+  return (dx / r[0]) ** 2 + (dy / r[1]) ** 2 + (dz / r[2]) ** 2 < 1.0
+
+
+def _tube(X, Y, Z, p0, p1, radius):
+  """Inside of a capsule of `radius` mm around the segment p0-p1."""
+  p0, p1 = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
+  d = p1 - p0
+  t = ((X - p0[0]) * d[0] + (Y - p0[1]) * d[1] + (Z - p0[2]) * d[2]) / float(d @ d)
+  t = np.clip(t, 0.0, 1.0)
+  ex, ey, ez = X - p0[0] - t * d[0], Y - p0[1] - t * d[1], Z - p0[2] - t * d[2]
+  return ex * ex + ey * ey + ez * ez < radius * radius
+
+
+class _Deformation:
+  """Smooth random displacement (mm): dx depends on (y, z), dy on (x, z), dz on (x, y), so it
+  is cheap on broadcast grids. Amplitudes 2-6 mm, wavelengths 150-400 mm."""
+
+  def __init__(self, rng):
+    self.terms = []
+    for _ in range(3):
+      amp = rng.uniform(2.0, 6.0, 2)
+      k = 2 * np.pi / rng.uniform(150.0, 400.0, (2, 2)) * rng.choice([-1, 1], (2, 2))
+      phase = rng.uniform(0, 2 * np.pi, 2)
+      self.terms.append((amp, k, phase))
+
+  def __call__(self, x, y, z):
+    def field(i, a, b):
+      amp, k, ph = self.terms[i]
+      return sum(np.float32(amp[j]) * np.sin(np.float32(k[j, 0]) * a + np.float32(k[j, 1]) * b
+                                             + np.float32(ph[j])) for j in range(2))
+    return x + field(0, y, z), y + field(1, x, z), z + field(2, x, y)
+
+
+class _Body:
+  """Shared trunk model: skin/fat, muscle wall, a cavity, spine and ribs (world RAS mm)."""
+
+  def __init__(self, rng, abdomen):
+    u = rng.uniform
+    self.deform = _Deformation(rng)
+    self.a_b, self.b_b = u(140, 168), u(100, 128)
+    self.t_f = u(10, 35) if abdomen else u(6, 22)
+    self.t_m = u(8, 14)
+    self.taper = u(-0.08, -0.02) if not abdomen else u(-0.03, 0.03)
+    self.a_c = self.a_b - self.t_f - self.t_m - (0 if abdomen else 10)
+    y_ant = self.b_b - self.t_f - self.t_m - (0 if abdomen else 8)
+    y_post = -self.b_b + self.t_f + (50 if abdomen else 45)
+    self.b_c, self.y_c = (y_ant - y_post) / 2, (y_ant + y_post) / 2
+    self.y_ant, self.y_post = y_ant, y_post
+    self.r_v = u(18, 23) if abdomen else u(16, 21)
+    self.y_vb = y_post + (self.r_v if abdomen else 0.2 * self.r_v)
+    self.r_canal = u(6, 8)
+    self.y_canal = self.y_vb - self.r_v - self.r_canal - 2
+    self.rib_period, self.rib_phase = u(28, 34), u(0, 2 * np.pi)
+    self.rib_slope = u(0.3, 0.5)
+
+  def coords(self, x, y, z):
+    X, Y, Z = self.deform(x, y, z)
+    s = 1.0 + np.float32(self.taper / 100.0) * Z
+    return X, Y, Z, s
+
+  def paint(self, t, X, Y, Z, s, ribs_below=None):
+    """Writes fat, muscle, cavity placeholder (returned mask), ribs and spine into `t`."""
+    body = _se(X / (self.a_b * s), Y / (self.b_b * s), 3) < 1
+    t[body] = _T["fat"]
+    inner = _se(X / ((self.a_b - self.t_f) * s), Y / ((self.b_b - self.t_f) * s), 3) < 1
+    t[inner] = _T["muscle"]
+    cav_val = _se(X / (self.a_c * s), (Y - self.y_c) / (self.b_c * s), 3)
+    cavity = cav_val < 1
+    outer = (1.0 + 11.0 / min(self.a_c, self.b_c)) ** 3
+    ring = (cav_val >= 1) & (cav_val < outer) & inner
+    phase = (Z + self.rib_slope * (Y - self.y_vb)) * np.float32(2 * np.pi / self.rib_period)
+    band = np.cos(phase + np.float32(self.rib_phase)) > 0.45
+    gaps = (np.abs(X) < 22) & ((Y > 0) | (Y < self.y_vb))
+    ribs = ring & band & ~gaps
+    if ribs_below is not None:
+      ribs &= Z > ribs_below
+    t[ribs] = _T["bone"]
+    sternum = ring & (np.abs(X) < 16) & (Y > self.y_c)
+    if ribs_below is None:
+      t[sternum] = _T["bone"]
+    return cavity
+
+  def paint_spine(self, t, X, Y, Z):
+    dx = X * X
+    vb = dx + (Y - self.y_vb) ** 2 < self.r_v ** 2
+    margin = dx + (Y - self.y_vb) ** 2 < (self.r_v + 5) ** 2
+    canal_d2 = dx + (Y - self.y_canal) ** 2
+    arch = canal_d2 < (self.r_canal + 5) ** 2
+    spinous = (np.abs(X) < 5) & (Y < self.y_canal) & (Y > self.y_canal - 35)
+    transverse = (np.abs(Y - self.y_canal - 2) < 5) & (np.abs(X) < self.r_v + 14)
+    t[margin & (t != _T["fat"]) & (t != _T["background"])] = _T["muscle"]
+    t[vb | arch | spinous | transverse] = _T["bone"]
+    t[canal_d2 < self.r_canal ** 2] = _T["csf"]
+    return margin
+
+
+class _Thorax:
+  """One random thorax (world RAS mm): lungs, mediastinum, heart, aorta, airways, spine, ribs."""
+
+  def __init__(self, rng):
+    u = rng.uniform
+    self.body = b = _Body(rng, abdomen=False)
+    self.x_m = u(-15, -5)
+    self.w_post, self.w_ant = u(22, 30), u(28, 40)
+    self.heart_c = (self.x_m - u(10, 25), b.y_c + u(10, 25), u(-85, -60))
+    self.heart_r = (u(50, 62), u(42, 52), u(50, 60))
+    self.peri = u(6, 9)
+    self.r_a = u(11, 14)
+    self.z_arch = u(40, 60)
+    self.asc = (self.x_m + u(15, 25), b.y_c + u(15, 30))
+    self.desc = (-u(18, 26), b.y_vb + u(0, 10))
+    self.trachea = (self.x_m + u(8, 14), b.y_vb + b.r_v + u(14, 20))
+    self.r_tr, self.z_car = u(8, 10), u(10, 30)
+    self.bronchus_dx = u(30, 40)
+
+  def mediastinum_half_width(self, Y):
+    b = self.body
+    w = (Y - b.y_post) / (b.y_ant - b.y_post)
+    return self.w_post + (self.w_ant - self.w_post) * np.clip(w, 0, 1)
+
+  def tissues(self, x, y, z):
+    """uint8 tissue classes at world points (broadcastable arrays), no vessels / tumors."""
+    b = self.body
+    X, Y, Z, s = b.coords(x, y, z)
+    shape = np.broadcast_shapes(np.shape(X), np.shape(Y), np.shape(Z))
+    X, Y, Z = (np.broadcast_to(a, shape) for a in (X, Y, Z))
+    t = np.zeros(shape, np.uint8)
+    cavity = b.paint(t, X, Y, Z, s)
+    t[cavity] = _T["lung"]
+    # Mediastinum: a column from the spine to the sternum, the pericardium, great vessels.
+    column = (np.abs(X - self.x_m) < self.mediastinum_half_width(Y)) & (Y > b.y_vb)
+    hc, hr, pr = self.heart_c, self.heart_r, self.peri
+    heart = _ellipsoid(X, Y, Z, hc, hr)
+    shell = _ellipsoid(X, Y, Z, hc, (hr[0] + pr, hr[1] + pr, hr[2] + pr))
+    asc, desc, za = self.asc, self.desc, self.z_arch
+    aorta = (_tube(X, Y, Z, (*asc, -300), (*asc, za), self.r_a)
+             | _tube(X, Y, Z, (*asc, za), (*desc, za), self.r_a)
+             | _tube(X, Y, Z, (*desc, za), (*desc, -300), self.r_a * 0.85))
+    aorta_wall = (_tube(X, Y, Z, (*asc, -300), (*asc, za), self.r_a + 5)
+                  | _tube(X, Y, Z, (*asc, za), (*desc, za), self.r_a + 5)
+                  | _tube(X, Y, Z, (*desc, za), (*desc, -300), self.r_a * 0.85 + 5))
+    tr, zc = self.trachea, self.z_car
+    airway = (_tube(X, Y, Z, (*tr, zc), (*tr, 400), self.r_tr)
+              | _tube(X, Y, Z, (*tr, zc), (tr[0] + self.bronchus_dx, tr[1] + 5, zc - 25), 6.5)
+              | _tube(X, Y, Z, (*tr, zc), (tr[0] - self.bronchus_dx, tr[1] + 5, zc - 25), 6.0))
+    airway_wall = (_tube(X, Y, Z, (*tr, zc), (*tr, 400), self.r_tr + 4))
+    med = cavity & (column | shell | aorta_wall | airway_wall)
+    t[med] = _T["mediastinum"]
+    t[cavity & heart] = _T["heart"]
+    t[cavity & aorta] = _T["aorta"]
+    t[cavity & airway] = _T["gas"]
+    b.paint_spine(t, X, Y, Z)
+    return t
+
+
+class _Abdomen:
+  """One random upper abdomen (world RAS mm): liver, spleen, kidneys, vessels, bowel, spine."""
+
+  def __init__(self, rng):
+    u = rng.uniform
+    self.body = b = _Body(rng, abdomen=True)
+    self.liver_c = (u(45, 65), b.y_c + u(-5, 15), u(25, 50))
+    self.liver_r = (u(75, 95), u(70, 90), u(70, 90))
+    self.liver_cut = (u(0.6, 1.0), u(60, 75))
+    self.spleen_c = (-u(75, 92), b.y_c - u(20, 40), u(20, 45))
+    self.spleen_r = (u(20, 28), u(45, 60), u(40, 55))
+    self.spleen_angle = np.deg2rad(u(-50, -30))
+    zl = u(-25, 0)
+    self.kid = {
+        "kidney_left": ((-u(55, 70), b.y_vb + u(0, 10), zl), np.deg2rad(u(20, 40))),
+        "kidney_right": ((u(55, 70), b.y_vb + u(0, 10), zl - u(5, 20)), -np.deg2rad(u(20, 40))),
+    }
+    self.kid_r = (u(22, 28), u(20, 26), u(45, 60))
+    self.aorta = (-u(10, 18), b.y_vb + b.r_v + u(8, 14), u(9, 12))
+    self.ivc = (u(18, 28), b.y_vb + b.r_v + u(8, 14), u(12, 16), u(8, 11))
+    self.stomach_c = (-u(35, 55), b.y_c + u(25, 45), u(35, 55))
+    self.stomach_r = (u(35, 50), u(25, 35), u(30, 45))
+    self.gb = (self.liver_c[0] - u(0, 20), self.liver_c[1] + u(30, 45), self.liver_c[2] - u(45, 60))
+    self.psoas = (u(10, 14), u(0.10, 0.16))
+
+  def kidney_masks(self, X, Y, Z):
+    """{name: (kidney, inner medulla)} masks."""
+    out = {}
+    for name, (c, ang) in self.kid.items():
+      r = self.kid_r
+      k = _ellipsoid(X, Y, Z, c, r, ang)
+      side = -1.0 if c[0] > 0 else 1.0    # hilum faces the midline and forwards
+      hil = (c[0] + side * 0.85 * r[0] * np.cos(ang), c[1] + 0.5 * r[1], c[2])
+      k &= ~_ellipsoid(X, Y, Z, hil, (0.5 * r[0], 0.45 * r[1], 0.45 * r[2]))
+      inner = k & _ellipsoid(X, Y, Z, c, (0.6 * r[0], 0.6 * r[1], 0.7 * r[2]), ang)
+      out[name] = (k, inner)
+    return out
+
+  def tissues(self, x, y, z, with_inner=False):
+    b = self.body
+    X, Y, Z, s = b.coords(x, y, z)
+    shape = np.broadcast_shapes(np.shape(X), np.shape(Y), np.shape(Z))
+    X, Y, Z = (np.broadcast_to(a, shape) for a in (X, Y, Z))
+    t = np.zeros(shape, np.uint8)
+    cavity = b.paint(t, X, Y, Z, s, ribs_below=-10.0)
+    retro = Y < b.y_vb + b.r_v + 18
+    t[cavity & retro] = _T["fat"]
+    t[cavity & ~retro] = _T["bowel"]
+    stomach = cavity & _ellipsoid(X, Y, Z, self.stomach_c, self.stomach_r)
+    t[stomach] = _T["bowel"]
+    t[stomach & (Y > self.stomach_c[1] + 0.55 * self.stomach_r[1])] = _T["gas"]
+    lc, (kappa, cut) = self.liver_c, self.liver_cut
+    liver = cavity & _ellipsoid(X, Y, Z, lc, self.liver_r) & (
+        X + kappa * (Y - lc[1]) > lc[0] - cut)
+    t[liver] = _T["liver"]
+    t[cavity & _ellipsoid(X, Y, Z, self.gb, (14, 12, 24))] = _T["fluid"]
+    spleen = cavity & _ellipsoid(X, Y, Z, self.spleen_c, self.spleen_r, self.spleen_angle)
+    t[spleen] = _T["spleen"]
+    inner_all = np.zeros(shape, bool)
+    for name, (k, inner) in self.kidney_masks(X, Y, Z).items():
+      t[cavity & k] = _T[name]
+      inner_all |= cavity & inner
+    ax, ay, ar = self.aorta
+    t[cavity & ((X - ax) ** 2 + (Y - ay) ** 2 < ar * ar)] = _T["aorta"]
+    vx, vy, vrx, vry = self.ivc
+    t[cavity & (((X - vx) / vrx) ** 2 + ((Y - vy) / vry) ** 2 < 1)] = _T["vein"]
+    r_ps = self.psoas[0] + self.psoas[1] * np.maximum(0.0, 20.0 - Z)
+    psoas = (((np.abs(X) - (b.r_v + r_ps)) / r_ps) ** 2 + ((Y - b.y_vb) / (r_ps * 1.2)) ** 2) < 1
+    t[cavity & psoas] = _T["muscle"]
+    b.paint_spine(t, X, Y, Z)
+    if with_inner:
+      return t, inner_all & (t >= _T["kidney_left"]) & (t <= _T["kidney_right"])
+    return t
+
+
+# ----------------------------------------------------------------------------- vessels & tumors
+
+
+def _lung_vessel_points(model: _Thorax, rng, z_range):
+  """Branching vessel trees grown from both hila. Returns (N,3) world points, (N,) radii mm,
+  keeping only the parts of branches that stay inside lung."""
+  b = model.body
+  segs = []     # (points (n,3), radius, parent index)
+  for side in (1.0, -1.0):
+    hx = model.x_m + side * (model.mediastinum_half_width(np.float32(b.y_c)) + 3)
+    for _ in range(int(rng.integers(10, 14))):
+      start = np.array([hx, b.y_c + rng.uniform(-25, 20),
+                        rng.uniform(*z_range) * 0.6], np.float64)
+      d = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(-0.9, 0.9)])
+      stack = [(start, d / np.linalg.norm(d), rng.uniform(3.0, 4.5), -1)]
+      while stack:
+        p, d, r, parent = stack.pop()
+        n = int(rng.uniform(18, 40) / 1.5)
+        steps = d + np.cumsum(rng.normal(0, 0.06, (n, 3)), axis=0)
+        steps /= np.linalg.norm(steps, axis=1, keepdims=True)
+        pts = p + np.cumsum(steps * 1.5, axis=0)
+        segs.append((pts, r, parent))
+        me = len(segs) - 1
+        if r * 0.72 >= 0.5:
+          end_d = steps[-1]
+          for sgn in (1, -1):
+            turn = rng.normal(0, 1, 3)
+            turn -= turn @ end_d * end_d
+            nd = end_d + sgn * 0.6 * turn / (np.linalg.norm(turn) + 1e-9)
+            stack.append((pts[-1], nd / np.linalg.norm(nd), r * rng.uniform(0.65, 0.8), me))
+  allp = np.concatenate([s[0] for s in segs])
+  lung = model.tissues(*(allp[:, i].astype(np.float32) for i in range(3))) == _T["lung"]
+  keep_pts, keep_r, alive, offset = [], [], [], 0
+  for pts, r, parent in segs:
+    ok = lung[offset:offset + len(pts)]
+    offset += len(pts)
+    n_ok = len(pts) if ok.all() else int(np.argmin(ok))
+    live = (parent < 0 or alive[parent]) and n_ok == len(pts)
+    alive.append(live)
+    if parent >= 0 and not alive[parent]:
+      continue
+    keep_pts.append(pts[:n_ok])
+    keep_r.append(np.full(n_ok, r))
+  return np.concatenate(keep_pts), np.concatenate(keep_r)
+
+
+def _stamp_vessels(shape, affine, k, pts, radii):
+  """Soft tube occupancy in [0,1] on the fine grid from centre points (world mm) and radii.
+  Sub-voxel vessels are widened to half a voxel with proportionally lower occupancy."""
+  sx, sy = abs(affine[0, 0]), abs(affine[1, 1])
+  sz = abs(affine[2, 2]) / k
+  occ = np.zeros(shape, np.float32)
+  idx = _world_to_fine_index(affine, k, pts)
+  h = 0.5 * min(sx, sy)
+  for r_class in np.unique(np.round(radii, 1)):
+    sel = np.abs(radii - r_class) < 0.05 + 1e-9
+    r_eff = max(r_class, h)
+    amp = min(1.0, (r_class / r_eff) ** 2)
+    ext = r_eff + h
+    ox = np.arange(-int(np.ceil(ext / sx)), int(np.ceil(ext / sx)) + 1)
+    oy = np.arange(-int(np.ceil(ext / sy)), int(np.ceil(ext / sy)) + 1)
+    oz = np.arange(-int(np.ceil(ext / sz)), int(np.ceil(ext / sz)) + 1)
+    off = np.stack(np.meshgrid(ox, oy, oz, indexing="ij"), -1).reshape(-1, 3)
+    base = np.round(idx[sel]).astype(np.int64)
+    vox = base[:, None, :] + off[None]
+    frac = (vox - idx[sel][:, None, :]) * np.array([sx, sy, sz])
+    dist = np.sqrt((frac ** 2).sum(-1))
+    val = (np.clip((r_eff - dist) / (2 * h) + 0.5, 0, 1) * amp).astype(np.float32)
+    inside = np.all((vox >= 0) & (vox < np.array(shape)), axis=-1) & (val > 0)
+    flat = np.ravel_multi_index(tuple(vox[inside].T), shape)
+    np.maximum.at(occ.reshape(-1), flat, val[inside])
+  return occ
+
+
+@dataclasses.dataclass
+class _Tumor:
+  center: np.ndarray      # world mm
+  radius: float           # nominal (mm)
+  kind: str               # TUMOR_TYPES
+  coef: np.ndarray        # lobulation amplitudes
+  order: np.ndarray       # Chebyshev orders (2..4)
+  axes: np.ndarray        # (J,3) unit vectors
+  value: float = 0.0      # nominal intensity (HU or relative)
+
+  def max_radius(self):
+    return self.radius * (1 + np.abs(self.coef).sum())
+
+  def inside(self, X, Y, Z):
+    """Lobulated sphere: |p-c| < r (1 + sum_j a_j T_lj(u . w_j)), u the unit direction."""
+    dx, dy, dz = X - self.center[0], Y - self.center[1], Z - self.center[2]
+    dist = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-6
+    rad = np.ones_like(dist)
+    for a, l, w in zip(self.coef, self.order, self.axes):
+      cos = (dx * w[0] + dy * w[1] + dz * w[2]) / dist
+      rad += np.float32(a) * np.cos(l * np.arccos(np.clip(cos, -1, 1)))
+    return dist < self.radius * rad
+
+
+def _random_tumor(rng, center, radius, kind):
+  j = 3
+  axes = rng.normal(0, 1, (j, 3))
+  axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+  coef = rng.uniform(0.04, 0.10, j) * rng.choice([-1, 1], j)
+  return _Tumor(np.asarray(center, float), float(radius), kind, coef,
+                rng.integers(2, 5, j), axes)
+
+
+def _fibonacci_sphere(n):
+  i = np.arange(n) + 0.5
+  phi = np.arccos(1 - 2 * i / n)
+  theta = np.pi * (1 + 5 ** 0.5) * i
+  return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], 1)
+
+
+_SHELL = _fibonacci_sphere(96)
+
+
+def _place_tumors(model: _Thorax, rng, z_lim, types):
+  """Places one tumor per entry of `types` (diameters log-uniform 10-50 mm). Peripheral: the
+  whole tumor plus a 3 mm margin in lung. Juxta-mediastinal: centre just lateral of the
+  mediastinal surface, so it overlaps and touches mediastinum/heart, and nothing else but lung.
+  Returns a list of _Tumor (fewer if no room was found)."""
+  b = model.body
+  placed = []
+  for kind in types:
+    for attempt in range(6):
+      diam = np.exp(rng.uniform(np.log(10.0), np.log(50.0))) * (0.85 ** attempt)
+      r = diam / 2
+      reach = r * 1.25
+      zlo, zhi = z_lim[0] + reach, z_lim[1] - reach
+      if zhi <= zlo:
+        continue
+      n = 64
+      if kind == "peripheral":
+        cand = np.stack([rng.uniform(-b.a_c, b.a_c, n), rng.uniform(b.y_post, b.y_ant, n),
+                         rng.uniform(zlo, zhi, n)], 1)
+      else:
+        side = rng.choice([-1.0, 1.0], n)
+        y0 = rng.uniform(b.y_vb + b.r_v, b.y_ant - 10, n)
+        z0 = rng.uniform(zlo, zhi, n)
+        ang = rng.uniform(-0.6, 0.6, n)
+        dirs = np.stack([side * np.cos(ang), np.sin(ang), np.zeros(n)], 1)
+        steps = np.arange(0, 140, 1.0)
+        ray = (np.stack([np.full(n, model.x_m), y0, z0], 1)[:, None, :]
+               + steps[None, :, None] * dirs[:, None, :])
+        tis = model.tissues(*(ray[..., i].astype(np.float32) for i in range(3)))
+        first = np.argmax(tis == _T["lung"], axis=1)
+        ok = (tis == _T["lung"]).any(axis=1) & (first > 0)
+        bnd = ray[np.arange(n), first]
+        cand = bnd + dirs * (r * rng.uniform(0.25, 0.6, n))[:, None]
+        cand = cand[ok]
+      if len(cand) == 0:
+        continue
+      shell = cand[:, None, :] + (reach + 3.0) * _SHELL[None]
+      core = cand[:, None, :] + 0.8 * r * _SHELL[None, ::2]
+      pts = np.concatenate([shell, core, cand[:, None, :]], 1)
+      tis = model.tissues(*(pts[..., i].astype(np.float32) for i in range(3)))
+      sh, co = tis[:, :96], tis[:, 96:]
+      lung = _T["lung"]
+      if kind == "peripheral":
+        good = (tis == lung).all(axis=1)
+      else:
+        soft = np.isin(sh, [lung, _T["mediastinum"], _T["heart"]])
+        frac_med = np.isin(sh, [_T["mediastinum"], _T["heart"]]).mean(1)
+        good = (soft.all(1) & (frac_med > 0.1) & (frac_med < 0.6) & ((sh == lung).mean(1) > 0.3)
+                & np.isin(co, [lung, _T["mediastinum"], _T["heart"]]).all(1))
+      for c in cand[good]:
+        if all(np.linalg.norm(c - o.center) > reach + o.max_radius() + 6 for o in placed):
+          placed.append(_random_tumor(rng, c, r, kind))
+          break
+      else:
+        continue
+      break
+  return placed
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _tissue_values(kind, rng):
+  """Per-patient nominal value of each tissue (HU or relative), drawn from TISSUE_RANGES."""
+  vals = {name: float(rng.uniform(*rng_)) for name, rng_ in TISSUE_RANGES[kind].items()}
+  if kind == "thorax_ct":
+    vals["heart"] = vals["mediastinum"] + float(rng.uniform(-2, 4))
+  return vals
+
+
+def _lut(values):
+  lut = np.zeros(max(_T.values()) + 1, np.float32)
+  for name, code in _T.items():
+    if name in values:
+      lut[code] = values[name]
+  return lut
+
+
+def _smooth_noise(rng, shape, sigma_vox):
+  """Zero-mean, unit-std smooth random field."""
+  f = rng.standard_normal(shape).astype(np.float32)
+  if f.size == 0:
+    return f
+  f = ndimage.gaussian_filter(f, sigma_vox)
+  return f / (f.std() + 1e-8)
+
+
+def _bias_field(rng, x, y, z):
+  """Smooth multiplicative field exp(low-order polynomial), about 0.75-1.33 over the FOV."""
+  xs, ys, zs = x / 200.0, y / 200.0, z / 200.0
+  c = rng.uniform(-0.15, 0.15, 6)
+  log_b = (c[0] * xs + c[1] * ys + c[2] * zs + c[3] * xs * ys + c[4] * (xs * xs - 0.1)
+           + c[5] * (ys * ys - 0.1))
+  return np.exp(np.clip(log_b, -0.29, 0.29)).astype(np.float32)
+
+
+def _downsample_z(a, k):
+  nx, ny, nzk = a.shape
+  return a.reshape(nx, ny, nzk // k, k).mean(-1, dtype=np.float32)
+
+
+@dataclasses.dataclass
+class PhantomCase:
+  image: np.ndarray      # int16 HU (CT) or uint16 (MRI), grid shape
+  label: np.ndarray      # uint8
+  tissues: np.ndarray    # uint8 TISSUES codes
+  instances: np.ndarray  # uint8 tumor instance ids (0 = none)
+  affine: np.ndarray     # 4x4 voxel -> world RAS+ mm
+  meta: dict             # JSON-serialisable ground truth
+
+
+def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> PhantomCase:
+  """Like `generate_case`, on an explicit Grid, also returning the tumor instance map."""
+  _check_kind(kind)
+  thorax = kind.startswith("thorax")
+  k = Z_SUPERSAMPLE
+  center = np.array([rng.uniform(-8, 8), rng.uniform(-8, 8), rng.uniform(-10, 10)])
+  affine = grid_affine(grid, center)
+  model = _Thorax(rng) if thorax else _Abdomen(rng)
+  x, y, z = _fine_axes(affine, grid.shape, k)
+  fshape = (grid.shape[0], grid.shape[1], grid.shape[2] * k)
+  if thorax:
+    tis_f = model.tissues(x, y, z)
+    inner = None
+  else:
+    tis_f, inner = model.tissues(x, y, z, with_inner=True)
+  values = _tissue_values(kind, rng)
+  img_f = _lut(values)[tis_f]
+  is_ct = kind == "thorax_ct"
+  tumors, tumor_f = [], None
+  if thorax:
+    b = model.body
+    lung = tis_f == _T["lung"]
+    # Gravity: dependent (posterior) lung denser / brighter.
+    grad = rng.uniform(15, 35) if is_ct else rng.uniform(0.0, 0.01)
+    post = np.clip(-(y - b.y_c) / b.b_c, -1, 1).astype(np.float32)
+    img_f += np.where(lung, np.float32(grad) * post, np.float32(0))
+    zr = sorted((float(z.min()), float(z.max())))
+    pts, radii = _lung_vessel_points(model, rng, zr)
+    occ = _stamp_vessels(fshape, affine, k, pts, radii) * lung
+    img_f += occ * (np.float32(values["lung_vessel"]) - img_f) * lung
+    tis_f[occ > 0.5] = _T["lung_vessel"]
+    n_t = int(rng.integers(1, 4))
+    if n_t == 1:
+      types = [TUMOR_TYPES[int(rng.integers(0, 2))]]
+    else:
+      types = list(TUMOR_TYPES) + [TUMOR_TYPES[int(rng.integers(0, 2))]] * (n_t - 2)
+      rng.shuffle(types)
+    tumors = _place_tumors(model, rng, zr, types)
+    tumor_f = np.zeros(fshape, np.uint8)
+    for i, tm in enumerate(tumors, start=1):
+      lo = _world_to_fine_index(affine, k, (tm.center - tm.max_radius() - 2)[None])[0]
+      hi = _world_to_fine_index(affine, k, (tm.center + tm.max_radius() + 2)[None])[0]
+      a, bb = np.floor(np.minimum(lo, hi)).astype(int), np.ceil(np.maximum(lo, hi)).astype(int)
+      a, bb = np.maximum(a, 0), np.minimum(bb + 1, fshape)
+      sl = tuple(slice(a[d], bb[d]) for d in range(3))
+      m = tm.inside(x[sl[0]], y[:, sl[1]], z[:, :, sl[2]])
+      if is_ct:
+        tv = (values["mediastinum"] + rng.uniform(-6, 6) if tm.kind == "juxta_mediastinal"
+              else rng.uniform(*TISSUE_RANGES["thorax_ct"]["tumor_peripheral"]))
+        tex = 4.0
+      else:
+        tv = rng.uniform(*TISSUE_RANGES[kind]["tumor"])
+        tex = 0.04 * tv
+      tm.value = float(tv)
+      field = _smooth_noise(rng, m.shape, 1.5) * np.float32(tex) + np.float32(tv)
+      img_f[sl] = np.where(m, field, img_f[sl])
+      tumor_f[sl][m] = i
+  else:
+    # Kidney medulla (T1 darker, T2 brighter) and bowel content texture.
+    img_f[inner] *= np.float32(0.7 if kind == "abdomen_t1w" else 1.25)
+    bowel = tis_f == _T["bowel"]
+    tex = _smooth_noise(rng, fshape, (2.0, 2.0, 2.0 * k))
+    if kind == "abdomen_t2w":
+      img_f = np.where(bowel, img_f + np.float32(0.25) * np.clip(tex, -1, 1.5), img_f)
+    else:
+      img_f = np.where(bowel, img_f + np.float32(0.08) * np.clip(tex, -1, 1.5), img_f)
+    img_f = np.maximum(img_f, 0)
+
+  # Partial volume: average sub-slices, then an in-plane PSF.
+  img = _downsample_z(img_f, k)
+  img = ndimage.gaussian_filter(img, (0.5, 0.5, 0.0) if is_ct else (0.6, 0.6, 0.0))
+  tissues = np.ascontiguousarray(tis_f[:, :, k // 2::k])
+  instances = np.zeros(grid.shape, np.uint8)
+  if thorax:
+    fr = tumor_f.reshape(*grid.shape, k)
+    kept = []
+    for i, tm in enumerate(tumors, start=1):
+      m = (fr == i).mean(-1) >= 0.5
+      if m.any():                   # a sub-voxel tumor that no slice holds is dropped
+        kept.append(tm)
+        instances[m] = len(kept)
+    tumors = kept
+    # Where sub-slice majority and centre sub-slice disagree, the tissue follows the label.
+    tissues[(instances > 0)] = _T["tumor"]
+    was_tumor = (tumor_f[:, :, k // 2::k] > 0) & (instances == 0)
+    if was_tumor.any():
+      base = model.tissues(x, y, z[:, :, k // 2::k])
+      tissues[was_tumor] = base[was_tumor]
+    label = (instances > 0).astype(np.uint8)
+  else:
+    label = np.zeros(grid.shape, np.uint8)
+    for name, v in ABDOMEN_LABELS.items():
+      if v:
+        label[tissues == _T[name]] = v
+
+  meta = {"kind": kind, "generator_version": GENERATOR_VERSION, "modality": _MODALITY[kind][1],
+          "channel": _MODALITY[kind][0], "orientation": grid.orientation,
+          "shape": list(grid.shape), "spacing_mm": list(grid.zooms),
+          "affine": np.round(affine, 6).tolist(), "z_supersample": k,
+          "tissue_codes": dict(TISSUES),
+          "tissue_values": {n: round(v, 4) for n, v in values.items() if not n.startswith("tumor")}}
+  if is_ct:
+    sigma = float(rng.uniform(*CT_NOISE_HU))
+    img = img + rng.normal(0, sigma, img.shape).astype(np.float32)
+    image = np.clip(np.round(img), -1024, 3071).astype(np.int16)
+    meta.update(intensity_units="HU", noise_sigma=sigma)
+  else:
+    xo, yo, zo = _fine_axes(affine, grid.shape, 1)
+    bias = _bias_field(rng, xo, yo, zo)
+    sig_rel = float(rng.uniform(*MRI_NOISE_REL))
+    scale = float(rng.uniform(*MRI_SCALE))
+    s = img * bias
+    s = np.hypot(s + rng.normal(0, sig_rel, s.shape).astype(np.float32),
+                 rng.normal(0, sig_rel, s.shape).astype(np.float32))
+    image = np.clip(np.round(s * scale), 0, 65535).astype(np.uint16)
+    meta.update(intensity_units="arbitrary: relative value x bias x mri_scale",
+                noise_sigma=sig_rel * scale, noise_sigma_relative=sig_rel, mri_scale=scale,
+                noise_model="rician")
+  vox_ml = float(np.prod(grid.zooms)) / 1000.0
+  inv = np.linalg.inv(affine)
+  meta["tumors"] = [{
+      "instance_id": i, "type": tm.kind, "center_mm": np.round(tm.center, 3).tolist(),
+      "center_voxel": np.round((inv @ np.r_[tm.center, 1])[:3], 2).tolist(),
+      "diameter_mm": round(2 * tm.radius, 2), "n_voxels": int((instances == i).sum()),
+      "volume_ml": round(int((instances == i).sum()) * vox_ml, 3),
+      "nominal_value": round(tm.value, 4)} for i, tm in enumerate(tumors, start=1)]
+  if not thorax:
+    meta["organs"] = {n: {"label": v, "volume_ml": round(int((label == v).sum()) * vox_ml, 3)}
+                      for n, v in ABDOMEN_LABELS.items() if v}
+  return PhantomCase(image, label, tissues, instances, affine, meta)
+
+
+def generate_case(kind, rng, size=None, spacing=None, slices=None, slice_spacing=None):
+  """One random patient of `kind`.
+
+  Args:
+    kind: one of KINDS. rng: np.random.Generator (all randomness comes from it).
+    size, spacing (mm), slices, slice_spacing (mm): override DEFAULT_GRIDS[kind].
+  Returns:
+    image [X,Y,Z] (int16 HU for CT, uint16 for MRI; array axes as stored on disk),
+    label [X,Y,Z] uint8, tissues [X,Y,Z] uint8 (TISSUES codes), affine 4x4 (voxel -> RAS+ mm),
+    meta dict (JSON-serialisable: tumors, nominal tissue values, noise sigma, ...).
+  """
+  c = generate_phantom(kind, rng, make_grid(kind, size, spacing, slices, slice_spacing))
+  return c.image, c.label, c.tissues, c.affine, c.meta
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _nifti_gz_bytes(data, affine, descrip):
+  img = nib.Nifti1Image(data, affine)
+  img.header.set_xyzt_units("mm", "sec")
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  img.header["descrip"] = descrip.encode()[:79]
+  return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+
+
+def _atomic_write(path: Path, data: bytes):
+  """Writes a temp file in the same folder, then os.replace (readers never see half a file)."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _json_bytes(obj):
+  return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def case_seed(seed: int, kind: str, index: int) -> np.random.SeedSequence:
+  """Seed of case `index` of `kind`: distinct patients across kinds for the same seed."""
+  return np.random.SeedSequence([int(seed), 7919 + KINDS.index(kind), int(index)])
+
+
+def write_dataset(kind, n, seed, out, n_test=None, size=None, spacing=None, slices=None,
+                  slice_spacing=None, verbose=False) -> Path:
+  """Writes `n` training and `n_test` (default max(2, n // 4)) test cases of `kind` into the
+  dataset folder `out` (created; our stale case files and dataset.json are removed first;
+  dataset.json is written last). Returns Path(out). Raises ValueError / OSError."""
+  _check_kind(kind)
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"n must be an integer >= 1, got {n!r}")
+  n_test = max(2, n // 4) if n_test is None else n_test
+  if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)) or n_test < 0:
+    raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
+  grid = make_grid(kind, size, spacing, slices, slice_spacing)
+  out = Path(out)
+  if out.exists() and not out.is_dir():
+    raise OSError(f"{out}: exists and is not a directory")
+  out.mkdir(parents=True, exist_ok=True)
+  if not os.access(out, os.W_OK | os.X_OK):
+    raise OSError(f"{out}: directory is not writable")
+  thorax = kind.startswith("thorax")
+  subdirs = ["imagesTr", "labelsTr", "tissuesTr", "imagesTs", "labelsTs", "tissuesTs",
+             "phantom_meta"] + (["instancesTr", "instancesTs"] if thorax else [])
+  if (out / "dataset.json").exists():
+    os.remove(out / "dataset.json")
+  digits = max(3, len(str(n + n_test - 1)))
+  ids = [f"{kind}_{i:0{digits}d}" for i in range(n + n_test)]
+  wanted = set(ids)
+  own = re.compile(rf"^{re.escape(kind)}_(\d+)(_0000)?\.(nii\.gz|json)$")
+  for d in subdirs:
+    (out / d).mkdir(exist_ok=True)
+    for f in os.listdir(out / d):       # remove our own stale cases from earlier runs
+      m = own.match(f)
+      if m and f"{kind}_{m.group(1)}" not in wanted:
+        os.remove(out / d / f)
+  channel, modality = _MODALITY[kind]
+  training, test = [], []
+  t0 = time.perf_counter()
+  for i, case in enumerate(ids):
+    split = "Tr" if i < n else "Ts"
+    c = generate_phantom(kind, np.random.default_rng(case_seed(seed, kind, i)), grid)
+    desc = f"cmedl-jax phantom {kind} v{GENERATOR_VERSION}"
+    img_rel, lab_rel = f"images{split}/{case}_0000.nii.gz", f"labels{split}/{case}.nii.gz"
+    _atomic_write(out / img_rel, _nifti_gz_bytes(c.image, c.affine, desc))
+    _atomic_write(out / lab_rel, _nifti_gz_bytes(c.label, c.affine, desc))
+    _atomic_write(out / f"tissues{split}/{case}.nii.gz", _nifti_gz_bytes(c.tissues, c.affine, desc))
+    if thorax:
+      _atomic_write(out / f"instances{split}/{case}.nii.gz",
+                    _nifti_gz_bytes(c.instances, c.affine, desc))
+    meta = dict(case_id=case, split="train" if split == "Tr" else "test", seed=int(seed),
+                case_index=i, image=f"./{img_rel}", label=f"./{lab_rel}",
+                tissues=f"./tissues{split}/{case}.nii.gz", **c.meta)
+    if thorax:
+      meta["instances"] = f"./instances{split}/{case}.nii.gz"
+    _atomic_write(out / f"phantom_meta/{case}.json", _json_bytes(meta))
+    (training if split == "Tr" else test).append({"image": f"./{img_rel}", "label": f"./{lab_rel}"})
+    if verbose:
+      print(f"  {case}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+  labels = THORAX_LABELS if thorax else ABDOMEN_LABELS
+  dataset = {
+      "name": f"Phantom_{kind}", "description": _DESCRIPTIONS[kind],
+      "reference": "synthetic (cmedl-jax data_prep/phantoms.py)", "licence": "CC0-1.0",
+      "release": GENERATOR_VERSION, "tensorImageSize": "3D",
+      "channel_names": {"0": channel}, "modality": {"0": modality},
+      "labels": dict(labels), "numTraining": n, "numTest": n_test, "file_ending": ".nii.gz",
+      "training": training, "test": test,
+      "phantom": {"kind": kind, "seed": int(seed), "generator_version": GENERATOR_VERSION,
+                  "orientation": grid.orientation, "shape": list(grid.shape),
+                  "spacing_mm": list(grid.zooms), "z_supersample": Z_SUPERSAMPLE,
+                  "tissue_codes": dict(TISSUES), "meta_dir": "./phantom_meta",
+                  "tissues_dirs": ["./tissuesTr", "./tissuesTs"],
+                  "instances_dirs": ["./instancesTr", "./instancesTs"] if thorax else []},
+  }
+  _atomic_write(out / "dataset.json", _json_bytes(dataset))
+  return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors: 'phantoms: error: ...' on stderr, exit status 2."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def _int_at_least(lo):
+  def parse(s):
+    try:
+      v = int(s)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < lo:
+      raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+    return v
+  return parse
+
+
+def _positive_float(s):
+  try:
+    v = float(s)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+  if not np.isfinite(v) or v <= 0:
+    raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+  return v
+
+
+def main(argv=None) -> int:
+  p = _Parser(prog="phantoms", description="Write a synthetic phantom dataset "
+              "(MSD / nnU-Net layout) for cmedl-jax.")
+  p.add_argument("--kind", required=True, choices=KINDS)
+  p.add_argument("--n", type=_int_at_least(1), default=20, help="training cases (default 20)")
+  p.add_argument("--n-test", type=_int_at_least(0), default=None,
+                 help="test cases (default max(2, n // 4))")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", required=True, help="dataset folder to write (created)")
+  p.add_argument("--size", type=_int_at_least(16), default=None,
+                 help="in-plane matrix; keep size x spacing >= ~350 mm or the body is cut off")
+  p.add_argument("--spacing", type=_positive_float, default=None, help="in-plane mm")
+  p.add_argument("--slices", type=_int_at_least(2), default=None)
+  p.add_argument("--slice-spacing", type=_positive_float, default=None, help="mm")
+  p.add_argument("--verbose", action="store_true")
+  args = p.parse_args(argv)
+  try:
+    grid = make_grid(args.kind, args.size, args.spacing, args.slices, args.slice_spacing)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+      raise OSError(f"{out}: exists and is not a directory")
+    try:
+      out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise OSError(f"{out}: cannot create output directory ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+      raise OSError(f"{out}: output directory is not writable")
+  except (ValueError, OSError) as e:
+    p.error(str(e))
+  t0 = time.perf_counter()
+  try:
+    write_dataset(args.kind, args.n, args.seed, out, n_test=args.n_test, size=grid.size,
+                  spacing=grid.spacing, slices=grid.slices, slice_spacing=grid.slice_spacing,
+                  verbose=args.verbose)
+  except OSError as e:
+    p.exit(1, f"{p.prog}: error: {' '.join(str(e).split())}\n")
+  n_test = max(2, args.n // 4) if args.n_test is None else args.n_test
+  print(f"wrote {args.n} training + {n_test} test {args.kind} cases to {out} "
+        f"in {time.perf_counter() - t0:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
