@@ -1,0 +1,434 @@
+"""Unpaired input pipeline over prepared datasets (see `data_prep/prepare.py`).
+
+Training batches come from two independent streams, source (student modality) and target
+(teacher modality), each sampling 2D slices of its own prepared `train` split, zipped:
+
+  (src, tgt) = next(it);  src = {"image": [B,H,W,C] f32 in [-1,1], "label": [B,H,W] i32,
+                                 "has_label": [B] f32}
+
+* Batch i depends only on (seed, stream, i): slices are drawn with replacement by
+  `np.random.default_rng([seed, stream, i])`, so `start_step=k` resumes exactly where a run
+  from 0 would be at batch k, whatever the threading. Source and target are different streams,
+  so they are shuffled independently.
+* Foreground over-sampling (nnU-Net style): each example is drawn from the slices with
+  foreground with probability `foreground_ratio`, otherwise from all slices; so the expected
+  fraction with foreground is `r + (1 - r) * natural_fraction` (>= r). Sides without labels
+  sample uniformly.
+* Augmentation (one identical geometric transform for image and label: bilinear / nearest):
+  random left-right flip, rotation, isotropic scale; intensity contrast/shift jitter
+  (before the warp; the outside fill stays -1). Config keys (`augment` dict or ConfigDict):
+  flip (bool or probability, left-right), flip_ud (same, up-down; default off), rotate_deg (max
+  |angle|), scale (max relative change), intensity (max shift and relative contrast change).
+  Note: flip left-right swaps body sides; switch it off for lateralised labels (left/right
+  kidney).
+* 2.5D: `context_slices=k` (odd) stacks the k neighbouring slices of the same case as channels
+  (clamped at the case's ends); the label is the centre slice's.
+* Multi-host: every example's randomness is drawn for the whole global batch, each process
+  builds its rows [p*B/P, (p+1)*B/P) only, and `jax.make_array_from_process_local_data` makes
+  global arrays sharded `NamedSharding(mesh, P("data"))`.
+* Work: a small thread pool builds whole batches `prefetch` ahead (memory-mapped slice reads,
+  warps, transfer to jax Arrays); batches come out in step order. By default the warps run in
+  a jitted jax function on the sharded batch (`augment_on="device"`: on the accelerators, or
+  XLA:CPU); `augment_on="host"` runs them in TensorFlow C++ kernels instead
+  (`ImageProjectiveTransformV3` in a tf.function: no Python callbacks inside TF, so no GIL
+  deadlock at exit).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from data_prep import prepare as prep
+from data_prep.geometry import Geometry
+
+DATA_AXIS = "data"
+DEFAULT_AUGMENT = dict(flip=True, flip_ud=False, rotate_deg=10.0, scale=0.1, intensity=0.1)
+_SOURCE_STREAM, _TARGET_STREAM = 0x5EED0, 0x5EED1
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared-data access.
+
+
+def _load_array(path):
+  """Memory-maps a .npy (plain load for empty arrays, which cannot be mapped)."""
+  try:
+    return np.load(path, mmap_mode="r")
+  except ValueError:
+    return np.load(path)
+
+
+class SplitArrays:
+  """Memory-mapped slices of one split of a prepared dataset."""
+
+  def __init__(self, prepared_dir, split: str):
+    self.manifest = prep.read_manifest(prepared_dir)
+    if split not in self.manifest["splits"]:
+      raise ValueError(f"{prepared_dir}: no split {split!r}")
+    d = os.path.join(os.fspath(prepared_dir), split)
+    self.images = _load_array(os.path.join(d, "images.npy"))
+    self.labels = _load_array(os.path.join(d, "labels.npy"))
+    self.case_index = np.load(os.path.join(d, "case_index.npy"))
+    self.slice_index = np.load(os.path.join(d, "slice_index.npy"))
+    self.has_foreground = np.load(os.path.join(d, "has_foreground.npy"))
+    self.cases = self.manifest["splits"][split]
+    offsets = np.array([c["offset"] for c in self.cases], np.int64)
+    counts = np.array([c["num_slices"] for c in self.cases], np.int64)
+    self.slice_lo = offsets[self.case_index] if len(self.cases) else np.zeros(0, np.int64)
+    self.slice_hi = (offsets + counts - 1)[self.case_index] if len(self.cases) else self.slice_lo
+    self.has_labels = bool(self.cases) and all(c["has_label"] for c in self.cases)
+    self.prepared_dir, self.split = os.fspath(prepared_dir), split
+
+  def __len__(self):
+    return int(self.images.shape[0])
+
+  def context_indices(self, idx: np.ndarray, context_slices: int) -> np.ndarray:
+    """[B] slice indices -> [B, k] indices of the k neighbours in the same case (clamped)."""
+    half = context_slices // 2
+    nb = idx[:, None] + np.arange(-half, half + 1)[None, :]
+    return np.clip(nb, self.slice_lo[idx][:, None], self.slice_hi[idx][:, None])
+
+  def fetch(self, idx: np.ndarray, context_slices: int):
+    """Images [B,H,W,k] float32 and centre labels [B,H,W] uint8 for slice indices [B]."""
+    nb = self.context_indices(np.asarray(idx, np.int64), context_slices)
+    flat = nb.reshape(-1)
+    order = np.argsort(flat, kind="stable")  # sorted reads are kinder to the page cache
+    images = np.empty((flat.size,) + self.images.shape[1:], np.float32)
+    images[order] = self.images[flat[order]]
+    images = images.reshape(nb.shape + self.images.shape[1:]).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.asarray(self.labels[idx])
+
+
+def context_stack(volume: np.ndarray, context_slices: int) -> np.ndarray:
+  """Prepared volume [Z,H,W] -> [Z,H,W,k] with the k neighbouring slices (clamped) as channels."""
+  if context_slices < 1 or context_slices % 2 == 0:
+    raise ValueError(f"context_slices must be odd and >= 1, got {context_slices}")
+  volume = np.asarray(volume, np.float32)
+  half = context_slices // 2
+  z = np.arange(volume.shape[0])
+  nb = np.clip(z[:, None] + np.arange(-half, half + 1)[None, :], 0, volume.shape[0] - 1)
+  return np.ascontiguousarray(volume[nb].transpose(0, 2, 3, 1))
+
+
+def dataset_info(prepared_dir) -> dict:
+  """What the trainer needs from a prepared manifest.
+
+  Returns {"num_classes", "class_names", "channels" (1 per slice; times context_slices for
+  2.5D), "image_size" (H, W), "in_plane_spacing_mm" (y, x), "modality", "num_slices" {split: n},
+  "num_cases" {split: n}}.
+  """
+  m = prep.read_manifest(prepared_dir)
+  return {"num_classes": m["num_classes"], "class_names": list(m["class_names"]),
+          "channels": m["channels"], "image_size": tuple(m["size"]),
+          "in_plane_spacing_mm": tuple(m["in_plane_spacing_mm"]),
+          "modality": m["spec"]["modality"], "dataset_modality": m["dataset"]["modality"],
+          "num_slices": {s: sum(c["num_slices"] for c in cs) for s, cs in m["splits"].items()},
+          "num_cases": {s: len(cs) for s, cs in m["splits"].items()}}
+
+
+def preparation_record(prepared_dir) -> dict:
+  """JSON-able record of how a prepared dataset was made (spec, classes, splits, summary)."""
+  m = prep.read_manifest(prepared_dir)
+  return {"prepared_dir": os.path.abspath(os.fspath(prepared_dir)), "version": m["version"],
+          "spec": m["spec"], "dataset": m["dataset"], "num_classes": m["num_classes"],
+          "class_names": m["class_names"],
+          "splits": {s: [c["case_id"] for c in cs] for s, cs in m["splits"].items()},
+          "summary": m["summary"]}
+
+
+def load_eval_volumes(prepared_dir, split: str = "validation") -> list:
+  """Whole prepared volumes of a split.
+
+  Returns a list of {"case_id", "image" [Z,H,W] float32, "label" [Z,H,W] uint8 (zeros when the
+  split has no labels), "has_label" bool, "spacing_mm" (z, y, x) of the prepared grid,
+  "geometry" Geometry (for `data_prep.prepare.invert_labels`)}.
+  """
+  arrays = SplitArrays(prepared_dir, split)
+  out = []
+  for c in arrays.cases:
+    lo, hi = c["offset"], c["offset"] + c["num_slices"]
+    out.append({"case_id": c["case_id"], "image": np.array(arrays.images[lo:hi], np.float32),
+                "label": np.array(arrays.labels[lo:hi], np.uint8), "has_label": c["has_label"],
+                "spacing_mm": tuple(c["spacing_mm"]),
+                "geometry": Geometry.from_dict(c["geometry"])})
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The training stream.
+
+
+def _augment_params(augment) -> Optional[dict]:
+  if augment is False:
+    return None
+  cfg = dict(DEFAULT_AUGMENT)
+  if augment is not None:
+    given = dict(augment.to_dict() if hasattr(augment, "to_dict") else augment)
+    if given.pop("enabled", True) is False:
+      return None
+    unknown = set(given) - set(cfg)
+    if unknown:
+      raise ValueError(f"unknown augment keys {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update(given)
+  for key in ("flip", "flip_ud"):
+    cfg[key] = float(cfg[key]) * (0.5 if isinstance(cfg[key], bool) else 1.0)
+  return cfg
+
+
+def _draw_params(rng: np.random.Generator, n: int, fg: np.ndarray, foreground_ratio: float,
+                 augment: Optional[dict], gb: int, size) -> dict:
+  """Random choices of one global batch: slice indices [gb] and augmentation [gb, 8], [gb, 2]."""
+  idx = rng.integers(0, n, gb)
+  if fg is not None:
+    pick_fg = rng.random(gb) < foreground_ratio
+    idx = np.where(pick_fg, fg[rng.integers(0, fg.size, gb)], idx)
+  out = {"idx": idx}
+  if augment is not None:
+    h, w = size
+    contrast = 1.0 + rng.uniform(-augment["intensity"], augment["intensity"], gb)
+    shift = rng.uniform(-augment["intensity"], augment["intensity"], gb)
+    angle = rng.uniform(-1.0, 1.0, gb) * np.deg2rad(augment["rotate_deg"])
+    scale = 1.0 + rng.uniform(-augment["scale"], augment["scale"], gb)
+    sx = np.where(rng.random(gb) < augment["flip"], -1.0, 1.0)
+    sy = np.where(rng.random(gb) < augment["flip_ud"], -1.0, 1.0)
+    # Output pixel (x=col, y=row) -> input: in = R(angle) diag(sx, sy) (out - c) / scale + c.
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    a0, a1, b0, b1 = cos * sx, -sin * sy, sin * sx, cos * sy
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    zeros = np.zeros(gb)
+    out["transform"] = np.stack([a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy,
+                                 zeros, zeros], 1).astype(np.float32)
+    out["jitter"] = np.stack([contrast, shift], 1).astype(np.float32)
+  return out
+
+
+def _make_tf_augment():
+  """Host augmentation as a tf.function (C++ kernels, intra-op parallel, no Python callbacks)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  @tf.function(reduce_retracing=True)
+  def augment(images, labels, transforms, jitter):
+    h, w = tf.shape(images)[1], tf.shape(images)[2]
+    contrast = tf.reshape(jitter[:, 0], [-1, 1, 1, 1])
+    shift = tf.reshape(jitter[:, 1], [-1, 1, 1, 1])
+    images = tf.clip_by_value(images * contrast + shift, -1.0, 1.0)
+    images = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.stack([h, w]), fill_value=-1.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")
+    labels = tf.raw_ops.ImageProjectiveTransformV3(
+        images=labels[..., None], transforms=transforms, output_shape=tf.stack([h, w]),
+        fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")[..., 0]
+    return images, tf.cast(labels, tf.int32)
+
+  return augment
+
+
+def _device_augment(batch):
+  """Device augmentation (jax), same transform convention as the host one.
+
+  batch: {"image" [B,H,W,C] f32, "label" [B,H,W] u8, "has_label", "transform" [B,8] (output
+  (x, y) -> input (a0 x + a1 y + a2, b0 x + b1 y + b2)), "jitter" [B,2] (contrast, shift)}.
+  Returns {"image" f32 (bilinear, outside -1), "label" i32 (nearest, outside 0), "has_label"}.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  images, labels, t, jit = batch["image"], batch["label"], batch["transform"], batch["jitter"]
+  b, h, w, c = images.shape
+  images = jnp.clip(images * jit[:, 0, None, None, None] + jit[:, 1, None, None, None], -1, 1)
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+  xin = t[:, 0, None, None] * xx + t[:, 1, None, None] * yy + t[:, 2, None, None]  # [B,H,W]
+  yin = t[:, 3, None, None] * xx + t[:, 4, None, None] * yy + t[:, 5, None, None]
+  flat = images.reshape(b, h * w, c)
+
+  def sample(yi, xi):
+    inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).reshape(b, h * w, 1)
+    values = jnp.take_along_axis(flat, idx, axis=1).reshape(b, h, w, c)
+    return jnp.where(inside[..., None], values, -1.0)
+
+  x0, y0 = jnp.floor(xin), jnp.floor(yin)
+  fx, fy = (xin - x0)[..., None], (yin - y0)[..., None]
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+  image = ((1 - fy) * ((1 - fx) * sample(y0, x0) + fx * sample(y0, x0 + 1))
+           + fy * ((1 - fx) * sample(y0 + 1, x0) + fx * sample(y0 + 1, x0 + 1)))
+  xn, yn = jnp.floor(xin + 0.5).astype(jnp.int32), jnp.floor(yin + 0.5).astype(jnp.int32)
+  inside = (yn >= 0) & (yn < h) & (xn >= 0) & (xn < w)
+  idx = (jnp.clip(yn, 0, h - 1) * w + jnp.clip(xn, 0, w - 1)).reshape(b, h * w)
+  label = jnp.take_along_axis(labels.reshape(b, h * w), idx, axis=1).reshape(b, h, w)
+  label = jnp.where(inside, label, 0).astype(jnp.int32)
+  return {"image": image, "label": label, "has_label": batch["has_label"]}
+
+
+class _Stream:
+  """One side (source or target): batch i as numpy arrays, a pure function of (seed, i)."""
+
+  def __init__(self, arrays: SplitArrays, *, seed: int, stream: int, global_batch_size: int,
+               process_index: int, local_batch_size: int, foreground_ratio: float,
+               augment: Optional[dict], context_slices: int, use_labels: bool,
+               on_device: bool, tf_augment):
+    if len(arrays) == 0:
+      raise ValueError(f"{arrays.prepared_dir}: split {arrays.split!r} has no slices")
+    self.arrays, self.seed, self.stream = arrays, int(seed), int(stream)
+    self.gb, self.local = global_batch_size, local_batch_size
+    self.rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
+    fg = np.nonzero(arrays.has_foreground)[0]
+    self.has_label = bool(use_labels and arrays.has_labels)
+    self.fg = fg if (self.has_label and fg.size and foreground_ratio > 0) else None
+    self.foreground_ratio, self.augment = foreground_ratio, augment
+    self.context_slices, self.on_device, self.tf_augment = context_slices, on_device, tf_augment
+
+  def batch(self, step: int) -> dict:
+    rng = np.random.default_rng([self.seed, self.stream, int(step)])
+    p = _draw_params(rng, len(self.arrays), self.fg, self.foreground_ratio, self.augment,
+                     self.gb, self.arrays.images.shape[1:])
+    images, labels = self.arrays.fetch(p["idx"][self.rows], self.context_slices)
+    if not self.has_label:
+      labels = np.zeros_like(labels)
+    out = {"image": images, "label": labels,
+           "has_label": np.full(self.local, float(self.has_label), np.float32)}
+    if self.augment is not None:
+      t, j = p["transform"][self.rows], p["jitter"][self.rows]
+      if self.on_device:
+        out.update(transform=t, jitter=j)
+      else:
+        image, label = self.tf_augment(images, labels, t, j)
+        out["image"], out["label"] = image.numpy(), label.numpy()
+    if "transform" not in out and out["label"].dtype != np.int32:
+      out["label"] = out["label"].astype(np.int32)
+    return out
+
+
+class _BatchIterator:
+  """Yields convert(make(i)) for i = start, start+1, ... computed `ahead` at a time in a pool.
+
+  Batches come out in order whatever the thread timing; the pool holds no Python callbacks
+  inside TF, so interpreter exit cannot deadlock.
+  """
+
+  def __init__(self, make, start: int, stop: Optional[int], ahead: int, workers: int):
+    self._make, self._next, self._stop = make, int(start), stop
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                       thread_name_prefix="input_pipeline")
+    self._pending = collections.deque()
+    self._ahead = max(1, ahead)
+    self._fill()
+
+  def _fill(self):
+    while len(self._pending) < self._ahead and (self._stop is None or self._next < self._stop):
+      self._pending.append(self._pool.submit(self._make, self._next))
+      self._next += 1
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if not self._pending:
+      raise StopIteration
+    future = self._pending.popleft()
+    self._fill()
+    return future.result()
+
+  def close(self):
+    for f in self._pending:
+      f.cancel()
+    self._pending.clear()
+    self._pool.shutdown(wait=False)
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def create_train_iterator(source_dir, target_dir, *, global_batch_size: int, seed: int,
+                          start_step: int = 0, foreground_ratio: float = 0.5,
+                          augment=None, context_slices: int = 1, target_labels: bool = True,
+                          mesh=None, prefetch: int = 2, num_steps: Optional[int] = None,
+                          split: str = "train", augment_on: str = "auto",
+                          num_workers: Optional[int] = None):
+  """Unpaired (source, target) training batches.
+
+  Args:
+    source_dir, target_dir: prepared dataset folders.
+    global_batch_size: examples per batch over all processes (each side).
+    seed: data seed; batch i depends only on (seed, i).
+    start_step: index of the first batch (resume).
+    foreground_ratio: probability that an example is drawn from slices with foreground.
+    augment: dict / ConfigDict of augmentation settings (see module doc); None = defaults,
+      False or {"enabled": False} = none.
+    context_slices: k (odd) neighbouring slices stacked as channels.
+    target_labels: whether target labels are delivered (has_label 1) or zeroed (has_label 0).
+    mesh: a jax Mesh with a "data" axis: batches are global jax.Arrays sharded on it; None:
+      single-process jax Arrays on the first local device.
+    prefetch: batches being prepared ahead of the consumer (at least the worker count).
+    num_steps: stop after this many batches (None: endless).
+    split: prepared split to sample (default "train").
+    augment_on: where the warps run: "device" (a jitted jax function on the sharded batch, on
+      the accelerators or XLA:CPU) or "host" (TensorFlow C++ kernels on the CPU cores); "auto"
+      = "device" (faster in both places measured). The random parameters are the same in
+      both; the interpolation kernels differ in rounding only.
+    num_workers: threads building batches (default: CPU count, at most 4).
+  Returns:
+    An iterator of (src, tgt) dicts {"image": [B,H,W,k] f32, "label": [B,H,W] i32,
+    "has_label": [B] f32}; `close()` stops its threads.
+  """
+  if context_slices < 1 or context_slices % 2 == 0:
+    raise ValueError(f"context_slices must be odd and >= 1, got {context_slices}")
+  if not 0.0 <= foreground_ratio <= 1.0:
+    raise ValueError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
+  if seed < 0:
+    raise ValueError(f"seed must be >= 0, got {seed}")
+  process_count, process_index = jax.process_count(), jax.process_index()
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} "
+                     "processes")
+  if mesh is not None and global_batch_size % mesh.shape[DATA_AXIS]:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by the {DATA_AXIS!r} "
+                     f"mesh axis ({mesh.shape[DATA_AXIS]} devices)")
+  local = global_batch_size // process_count
+  aug = _augment_params(augment)
+  if augment_on not in ("auto", "host", "device"):
+    raise ValueError(f"augment_on must be 'auto', 'host' or 'device', got {augment_on!r}")
+  if augment_on == "auto":  # the jax warp was ~2x faster than TF's even on 2 CPU cores
+    augment_on = "device"
+  on_device = aug is not None and augment_on == "device"
+  source, target = SplitArrays(source_dir, split), SplitArrays(target_dir, split)
+  if source.images.shape[1:] != target.images.shape[1:]:
+    raise ValueError(f"source slices {source.images.shape[1:]} and target slices "
+                     f"{target.images.shape[1:]} differ in size; prepare both with one size")
+  tf_augment = _make_tf_augment() if (aug is not None and not on_device) else None
+  common = dict(seed=seed, global_batch_size=global_batch_size, process_index=process_index,
+                local_batch_size=local, foreground_ratio=float(foreground_ratio), augment=aug,
+                context_slices=int(context_slices), on_device=on_device, tf_augment=tf_augment)
+  streams = (_Stream(source, stream=_SOURCE_STREAM, use_labels=True, **common),
+             _Stream(target, stream=_TARGET_STREAM, use_labels=target_labels, **common))
+
+  if mesh is not None:
+    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def to_jax(x):
+      return jax.make_array_from_process_local_data(sharding, x)
+  else:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def to_jax(x):
+      return jax.device_put(x, sharding)
+
+  warp = jax.jit(_device_augment, out_shardings=sharding) if on_device else None
+
+  def make(step):
+    batch = tuple(jax.tree.map(to_jax, s.batch(step)) for s in streams)
+    if warp is not None:
+      batch = tuple(warp(side) for side in batch)
+    return batch
+
+  workers = num_workers or max(1, min(4, os.cpu_count() or 1))
+  stop = None if num_steps is None else int(start_step) + int(num_steps)
+  return _BatchIterator(make, int(start_step), stop, ahead=max(prefetch, workers), workers=workers)

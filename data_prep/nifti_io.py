@@ -1,0 +1,238 @@
+"""Reading MSD / nnU-Net v2 dataset folders and their NIfTI volumes.
+
+A dataset folder holds `dataset.json`, `imagesTr/`, `labelsTr/`, optionally `imagesTs/` and
+`labelsTs/`. Two `dataset.json` dialects are understood:
+
+* nnU-Net v2: `channel_names` {"0": "CT"}, `labels` {"background": 0, "tumor": 1} (name -> int),
+  `file_ending` ".nii.gz"; images are `imagesTr/{case}_0000.nii.gz`, labels `labelsTr/{case}...`.
+* MSD: `modality` {"0": "CT"}, `labels` {"0": "background", "1": "tumor"} (int-string -> name),
+  `training` [{"image": "./imagesTr/X.nii.gz", "label": "./labelsTr/X.nii.gz"}], `test` [...].
+
+Every problem raises `DataError` naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+AFFINE_ATOL_MM = 1e-3  # image/label affines must agree to this (mm), plus 1e-5 relative.
+
+
+class DataError(ValueError):
+  """A dataset or case is unusable; the message names the file and the problem."""
+
+  def __init__(self, path, problem: str):
+    self.path = str(path)
+    self.problem = problem
+    super().__init__(f"{path}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseFiles:
+  case_id: str
+  image: str
+  label: Optional[str]  # None when the split has no labels.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What `dataset.json` and the folder listing say about a raw dataset."""
+  root: str
+  name: str
+  modality: str                 # channel 0's name, e.g. "CT", "T2".
+  labels: dict                  # {int value: str name}, as declared.
+  training: tuple               # tuple[CaseFiles], sorted by case id.
+  test: tuple                   # tuple[CaseFiles]; label None when there is no labelsTs.
+
+
+def _strip_ending(name: str) -> Optional[str]:
+  for ending in NIFTI_ENDINGS:
+    if name.endswith(ending):
+      return name[: -len(ending)]
+  return None
+
+
+def _parse_labels(raw, path) -> dict:
+  """Both directions: {"tumor": 1} (nnU-Net) and {"1": "tumor"} (MSD) -> {1: "tumor"}."""
+  if not isinstance(raw, dict) or not raw:
+    raise DataError(path, "'labels' must be a non-empty mapping")
+  out = {}
+  for key, value in raw.items():
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+      out_value, name = int(value), str(key)          # nnU-Net: name -> int
+    elif isinstance(value, (list, tuple)):            # nnU-Net region labels: not supported
+      raise DataError(path, f"label {key!r} is a region (list of values); not supported")
+    else:
+      try:
+        out_value, name = int(key), str(value)         # MSD: "1" -> name
+      except ValueError:
+        raise DataError(path, f"cannot read label entry {key!r}: {value!r}") from None
+    if out_value in out:
+      raise DataError(path, f"label value {out_value} declared twice")
+    out[out_value] = name
+  if 0 not in out:
+    raise DataError(path, "labels do not declare background value 0")
+  return dict(sorted(out.items()))
+
+
+def _resolve(root: str, rel: str) -> str:
+  return os.path.normpath(os.path.join(root, rel))
+
+
+def _scan_images(folder: str, ending: Optional[str]) -> dict:
+  """{case_id: path} for the channel-0 images in `folder` (nnU-Net `_0000` or MSD names)."""
+  cases = {}
+  if not os.path.isdir(folder):
+    return cases
+  for name in sorted(os.listdir(folder)):
+    if name.startswith("."):          # e.g. macOS "._lung_001.nii.gz" in MSD tarballs
+      continue
+    stem = _strip_ending(name) if ending is None else (
+        name[: -len(ending)] if name.endswith(ending) else None)
+    if stem is None:
+      continue
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+      if stem[-4:] != "0000":
+        continue                      # further channels: only channel 0 is used
+      stem = stem[:-5]
+    cases[stem] = os.path.join(folder, name)
+  return cases
+
+
+def _label_path(folder: str, case_id: str, ending: Optional[str]) -> Optional[str]:
+  for e in ((ending,) if ending else NIFTI_ENDINGS):
+    path = os.path.join(folder, case_id + e)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def read_dataset(root) -> DatasetInfo:
+  """Reads `root/dataset.json` and lists the cases. Raises DataError on any problem."""
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise DataError(root, "dataset folder does not exist")
+  json_path = os.path.join(root, "dataset.json")
+  if not os.path.isfile(json_path):
+    raise DataError(json_path, "missing dataset.json")
+  try:
+    with open(json_path) as f:
+      meta = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(json_path, f"malformed JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise DataError(json_path, "top level must be an object")
+  if "labels" not in meta:
+    raise DataError(json_path, "missing key 'labels'")
+  labels = _parse_labels(meta["labels"], json_path)
+  channels = meta.get("channel_names", meta.get("modality"))
+  if not isinstance(channels, dict) or "0" not in channels:
+    raise DataError(json_path, "missing 'channel_names' (nnU-Net) or 'modality' (MSD) with key '0'")
+  ending = meta.get("file_ending")
+  if ending is not None and ending not in NIFTI_ENDINGS:
+    raise DataError(json_path, f"file_ending {ending!r} is not NIfTI (.nii/.nii.gz)")
+
+  def case_of(image_path):
+    stem = _strip_ending(os.path.basename(image_path)) or os.path.basename(image_path)
+    return stem[:-5] if stem.endswith("_0000") else stem
+
+  training = []
+  if isinstance(meta.get("training"), list) and meta["training"]:   # MSD listing
+    for entry in meta["training"]:
+      if not isinstance(entry, dict) or "image" not in entry:
+        raise DataError(json_path, f"malformed 'training' entry {entry!r}")
+      image = _resolve(root, entry["image"])
+      if not os.path.exists(image):   # nnU-Net-converted MSD: X.nii.gz listed, X_0000 on disk
+        alt = _scan_images(os.path.dirname(image), ending).get(case_of(image))
+        image = alt or image
+      label = _resolve(root, entry["label"]) if entry.get("label") else None
+      training.append(CaseFiles(case_of(image), image, label))
+  else:                                                              # nnU-Net: scan
+    for case_id, image in _scan_images(os.path.join(root, "imagesTr"), ending).items():
+      training.append(CaseFiles(case_id, image,
+                                _label_path(os.path.join(root, "labelsTr"), case_id, ending)
+                                or os.path.join(root, "labelsTr", case_id + (ending or ".nii.gz"))))
+
+  test = []
+  labels_ts = os.path.join(root, "labelsTs")
+  if isinstance(meta.get("test"), list) and meta["test"]:
+    paths = [_resolve(root, t if isinstance(t, str) else t.get("image", "")) for t in meta["test"]]
+  else:
+    paths = list(_scan_images(os.path.join(root, "imagesTs"), ending).values())
+  for image in paths:
+    case_id = case_of(image)
+    label = _label_path(labels_ts, case_id, ending) if os.path.isdir(labels_ts) else None
+    test.append(CaseFiles(case_id, image, label))
+
+  ids = [c.case_id for c in training] + [c.case_id for c in test]
+  dupes = sorted({i for i in ids if ids.count(i) > 1})
+  if dupes:
+    raise DataError(json_path, f"case ids used more than once: {dupes[:5]}")
+  return DatasetInfo(
+      root=root, name=str(meta.get("name", os.path.basename(os.path.normpath(root)))),
+      modality=str(channels["0"]), labels=labels,
+      training=tuple(sorted(training, key=lambda c: c.case_id)),
+      test=tuple(sorted(test, key=lambda c: c.case_id)))
+
+
+def load_volume(path, what: str = "image"):
+  """Loads a 3D NIfTI volume. Returns (array float32 or label int64 [X,Y,Z], affine 4x4).
+
+  A trailing singleton 4th axis is dropped. Raises DataError for a missing or unreadable
+  file, 2D or 4D data and non-finite voxels.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise DataError(path, f"{what} file does not exist")
+  try:
+    img = nib.load(path)
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+      shape = shape[:3]
+    if len(shape) != 3:
+      raise DataError(path, f"{what} must be a 3D volume, got {len(img.shape)}D shape {img.shape}")
+    data = np.asanyarray(img.dataobj)
+  except DataError:
+    raise
+  except Exception as e:  # nibabel raises several types for corrupt files
+    raise DataError(path, f"cannot read {what} as NIfTI ({type(e).__name__}: {e})") from None
+  data = data.reshape(shape)
+  affine = np.asarray(img.affine, np.float64)
+  if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    raise DataError(path, "affine is singular or not finite")
+  if what == "label":
+    if np.issubdtype(data.dtype, np.floating):
+      if not np.all(np.isfinite(data)):
+        raise DataError(path, "label has NaN/Inf voxels")
+      if not np.all(data == np.round(data)):
+        raise DataError(path, "label has non-integer values")
+    return data.astype(np.int64), affine
+  data = data.astype(np.float32)
+  bad = ~np.isfinite(data)
+  if bad.any():
+    raise DataError(path, f"image has {int(bad.sum())} NaN/Inf voxels")
+  return data, affine
+
+
+def check_pair(image, image_affine, label, label_affine, label_path) -> None:
+  """Image and label must share shape and affine (within AFFINE_ATOL_MM)."""
+  if image.shape != label.shape:
+    raise DataError(label_path, f"label shape {label.shape} != image shape {image.shape}")
+  if not np.allclose(image_affine, label_affine, rtol=1e-5, atol=AFFINE_ATOL_MM):
+    raise DataError(label_path, "label affine differs from the image affine:\n"
+                    f"image {np.round(image_affine, 4).tolist()}\n"
+                    f"label {np.round(label_affine, 4).tolist()}")
+
+
+def check_label_values(label, declared, label_path) -> None:
+  values = np.unique(label)
+  unknown = sorted(set(values.tolist()) - set(declared))
+  if unknown:
+    raise DataError(label_path, f"label values {unknown} are not declared in dataset.json "
+                    f"(declared: {sorted(declared)})")

@@ -1,0 +1,542 @@
+r"""Prepares an MSD / nnU-Net NIfTI dataset into fixed-size 2D-slice arrays for training.
+
+For every case: load image and label (nibabel) and check they agree; reorient to the canonical
+grid; normalise intensity by modality; resample in-plane to `spacing_mm` (image linear or cubic,
+label nearest; the slice axis is kept); crop/pad in-plane to `size` around the body; remap labels
+through a table. The `Geometry` of each case is kept so predictions can be written back onto the
+original grid (`invert_labels`, `invert_image`).
+
+Output (`out_dir`, written to a hidden sibling temp folder and renamed when complete):
+
+  prepared.json                 manifest, written last: spec, classes, splits, per-case geometry
+  {train,validation,test}/
+    images.npy   float32 [N, H, W] in [-1, 1]      (N = all slices of the split's cases)
+    labels.npy   uint8   [N, H, W] class indices   (zeros where a split has no labels)
+    case_index.npy int32 [N]  index into the split's case list in prepared.json
+    slice_index.npy int32 [N] z index of the slice in its case
+    has_foreground.npy bool [N]
+
+A folder without `prepared.json` is never complete. Usage:
+
+  python -m data_prep.prepare --dataset RAW_DIR --out OUT_DIR --modality ct \
+      [--spacing 1.5] [--size 256] [--ct-window -1000 500] [--label-map tumor=1 ...] \
+      [--skip-bad] [--val-fraction 0.2] [--seed 0] [--overwrite] [--tfds]
+
+Defaults, chosen for thorax: CT window [-1000, 500] HU (air..soft tissue and cancellous bone;
+lung parenchyma and the mediastinum both stay inside the window); MRI percentiles 0.5 / 99.5
+over the whole volume; 1.5 mm in-plane spacing, 256 x 256 (a 384 mm field of view).
+Body (for centring the crop): CT voxels above -500 HU; MRI voxels above 10% of the percentile
+window; a pixel belongs to the body box when it is body in >= 10% of the slices. When the
+resampled image fits into `size` it is centred whole (nothing is lost); otherwise the window is
+centred on the body box and kept inside the image.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from typing import Mapping, Optional
+
+import numpy as np
+
+from data_prep import geometry as geo
+from data_prep import nifti_io
+from data_prep.geometry import Geometry, invert_image, invert_labels  # re-exported
+from data_prep.nifti_io import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "prepared.json"
+SPLITS = ("train", "validation", "test")
+ARRAYS = ("images", "labels", "case_index", "slice_index", "has_foreground")
+
+__all__ = ["PrepSpec", "Geometry", "DataError", "prepare_volume", "prepare_label", "invert_labels",
+           "invert_image", "normalize_intensity", "resolve_label_map", "prepare_dataset",
+           "read_manifest", "is_prepared", "spec_from_config"]
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class PrepSpec:
+  """How to prepare one dataset.
+
+  Attributes:
+    modality: "ct" (HU window) or "mri" (percentile window).
+    spacing_mm: prepared in-plane spacing (row, col), mm.
+    size: prepared in-plane size (H, W), pixels.
+    ct_window_hu: (low, high) HU clipped and scaled to [-1, 1].
+    mri_percentiles: (low, high) percentiles clipped and scaled to [-1, 1].
+    label_map: {source label name | int value: class index}; declared labels not listed become
+      background 0. None: declared values are mapped in order to 0..K-1.
+    interpolation: "linear" or "cubic" (image); labels are always nearest.
+    body_threshold_hu: CT body threshold (HU); body_threshold_mri: MRI body threshold as a
+      fraction of the percentile window.
+  """
+  modality: str = "ct"
+  spacing_mm: tuple = (1.5, 1.5)
+  size: tuple = (256, 256)
+  ct_window_hu: tuple = (-1000.0, 500.0)
+  mri_percentiles: tuple = (0.5, 99.5)
+  label_map: Optional[Mapping] = None
+  interpolation: str = "linear"
+  body_threshold_hu: float = -500.0
+  body_threshold_mri: float = 0.1
+
+  def __post_init__(self):
+    def pair(x):
+      x = tuple(x) if isinstance(x, (tuple, list, np.ndarray)) else (x, x)
+      if len(x) != 2:
+        raise ValueError(f"expected a pair, got {x}")
+      return x
+    object.__setattr__(self, "modality", str(self.modality).lower())
+    object.__setattr__(self, "spacing_mm", tuple(float(v) for v in pair(self.spacing_mm)))
+    object.__setattr__(self, "size", tuple(int(v) for v in pair(self.size)))
+    object.__setattr__(self, "ct_window_hu", tuple(float(v) for v in self.ct_window_hu))
+    object.__setattr__(self, "mri_percentiles", tuple(float(v) for v in self.mri_percentiles))
+    if self.label_map is not None:
+      object.__setattr__(self, "label_map", dict(self.label_map))
+    if self.modality not in ("ct", "mri"):
+      raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
+    if self.interpolation not in ("linear", "cubic"):
+      raise ValueError(f"interpolation must be 'linear' or 'cubic', got {self.interpolation!r}")
+    if min(self.spacing_mm) <= 0 or min(self.size) <= 0:
+      raise ValueError(f"spacing and size must be positive: {self.spacing_mm}, {self.size}")
+    lo, hi = self.ct_window_hu
+    plo, phi = self.mri_percentiles
+    if not (lo < hi and 0 <= plo < phi <= 100):
+      raise ValueError(f"bad windows: ct {self.ct_window_hu}, mri {self.mri_percentiles}")
+
+  def __hash__(self):
+    return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["spacing_mm"], d["size"] = list(self.spacing_mm), list(self.size)
+    d["ct_window_hu"], d["mri_percentiles"] = list(self.ct_window_hu), list(self.mri_percentiles)
+    if self.label_map is not None:
+      d["label_map"] = {str(k): int(v) for k, v in self.label_map.items()}
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> "PrepSpec":
+    return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+  @property
+  def order(self) -> int:
+    return 1 if self.interpolation == "linear" else 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Intensity and labels.
+
+
+def intensity_window(image: np.ndarray, spec: PrepSpec) -> tuple:
+  """(low, high) raw intensities mapped to -1 and 1 for this volume."""
+  if spec.modality == "ct":
+    return spec.ct_window_hu
+  lo, hi = np.percentile(image, spec.mri_percentiles)
+  if not hi > lo:
+    hi = lo + 1.0  # constant image: everything maps to -1
+  return float(lo), float(hi)
+
+
+def normalize_intensity(image: np.ndarray, window) -> np.ndarray:
+  """Clips to window (low, high) and scales linearly to [-1, 1]; float32."""
+  lo, hi = float(window[0]), float(window[1])
+  out = np.clip(image.astype(np.float32), lo, hi)
+  return ((out - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
+
+
+def resolve_label_map(declared: Mapping[int, str], label_map: Optional[Mapping],
+                      where="label_map"):
+  """Builds the source-value -> class lookup.
+
+  Args:
+    declared: {value: name} from dataset.json.
+    label_map: {name | value | "value": class}; None maps declared values in order to 0..K-1.
+  Returns:
+    (lut: {source value: class}, class_names: list of K names, class 0 first).
+  """
+  declared = {int(k): str(v) for k, v in declared.items()}
+  if not label_map:
+    lut = {v: c for c, v in enumerate(sorted(declared))}
+    return lut, [declared[v] for v in sorted(declared)]
+  by_name = {n: v for v, n in declared.items()}
+  by_lower = {n.lower(): v for v, n in declared.items()}
+  lut = {v: 0 for v in declared}
+  names = {0: ["background"]}
+  for key, cls in label_map.items():
+    cls = int(cls)
+    if not 0 <= cls <= 255:
+      raise DataError(where, f"class index {cls} for {key!r} is outside 0..255")
+    if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.strip().isdigit()):
+      value = int(key)
+      if value not in declared:
+        raise DataError(where, f"label value {value} is not declared (declared: {declared})")
+    elif key in by_name or str(key).lower() in by_lower:
+      value = by_name.get(key, by_lower.get(str(key).lower()))
+    else:
+      raise DataError(where, f"label {key!r} is not declared in dataset.json (declared: "
+                      f"{sorted(declared.values())})")
+    lut[value] = cls
+    if cls:
+      names.setdefault(cls, []).append(declared[value])
+  num_classes = max(lut.values()) + 1
+  class_names = ["+".join(names.get(c, [f"class_{c}"])) for c in range(num_classes)]
+  return lut, class_names
+
+
+def apply_label_map(label: np.ndarray, lut: Mapping[int, int]) -> np.ndarray:
+  """Maps declared source values through `lut` (values must all be declared); uint8."""
+  table = np.zeros(max(lut) + 1, np.uint8)
+  for value, cls in lut.items():
+    table[value] = cls
+  return table[label]
+
+
+# ---------------------------------------------------------------------------------------------
+# One volume.
+
+
+def prepare_volume(image: np.ndarray, affine: np.ndarray, spec: PrepSpec):
+  """Prepares one image volume.
+
+  Args:
+    image: [X, Y, Z] raw intensities (HU for CT), any orientation.
+    affine: its 4x4 voxel -> world (mm) affine.
+    spec: PrepSpec.
+  Returns:
+    (prepared float32 [Z, H, W] in [-1, 1], Geometry).
+  """
+  image = np.asarray(image)
+  if image.ndim != 3:
+    raise ValueError(f"image must be 3D, got shape {image.shape}")
+  if not np.all(np.isfinite(image)):
+    raise ValueError("image has NaN/Inf voxels")
+  window = intensity_window(image, spec)
+  normalized = normalize_intensity(image, window)
+  canonical = np.ascontiguousarray(geo.to_canonical(normalized, affine)[0].transpose(2, 1, 0))
+  if spec.modality == "ct":
+    lo, hi = spec.ct_window_hu
+    body_level = (spec.body_threshold_hu - lo) * 2.0 / (hi - lo) - 1.0
+  else:
+    body_level = 2.0 * spec.body_threshold_mri - 1.0
+  geometry = geo.make_geometry(affine, image.shape, spec.spacing_mm, spec.size,
+                               body_mask_canonical=canonical > body_level)
+  prepared = geo.resample_image(canonical, geometry, spec.order, fill_value=-1.0)
+  np.clip(prepared, -1.0, 1.0, out=prepared)
+  return prepared, geometry
+
+
+def prepare_label(label: np.ndarray, geometry: Geometry) -> np.ndarray:
+  """Original-grid class indices (already remapped) -> prepared uint8 [Z, H, W] (nearest)."""
+  geometry = geometry if isinstance(geometry, Geometry) else Geometry.from_dict(geometry)
+  return geo.resample_labels(geo.canonical_zyx(np.asarray(label), geometry), geometry)
+
+
+def prepare_case(case: nifti_io.CaseFiles, spec: PrepSpec, declared, lut):
+  """Loads, checks and prepares one case. Returns (image, label or None, Geometry)."""
+  image, affine = nifti_io.load_volume(case.image, "image")
+  label = None
+  if case.label is not None:
+    raw_label, label_affine = nifti_io.load_volume(case.label, "label")
+    nifti_io.check_pair(image, affine, raw_label, label_affine, case.label)
+    nifti_io.check_label_values(raw_label, declared, case.label)
+    label = apply_label_map(raw_label, lut)
+  prepared, geometry = prepare_volume(image, affine, spec)
+  prepared_label = prepare_label(label, geometry) if label is not None else None
+  return prepared, prepared_label, geometry
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole dataset.
+
+
+def assign_splits(case_ids, val_fraction: float, seed: int) -> dict:
+  """Deterministic train/validation split of sorted case ids for `seed`."""
+  ids = sorted(case_ids)
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+  n_val = int(round(val_fraction * len(ids)))
+  if val_fraction > 0 and len(ids) >= 2:
+    n_val = min(max(n_val, 1), len(ids) - 1)
+  order = np.random.default_rng(seed).permutation(len(ids))
+  val = {ids[i] for i in order[:n_val]}
+  return {"train": [i for i in ids if i not in val], "validation": [i for i in ids if i in val]}
+
+
+def _save_npy(path, array):
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    np.save(f, array)
+  os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _progress(iterable, total, enabled):
+  if not enabled:
+    return iterable
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # pragma: no cover
+    return iterable
+  return tqdm(iterable, total=total, desc="preparing", unit="case")
+
+
+def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, splits=None,
+                    val_fraction: float = 0.2, seed: int = 0, overwrite: bool = False,
+                    progress: bool = True) -> dict:
+  """Prepares every case of a raw dataset folder into `out_dir` (atomically).
+
+  Args:
+    raw_dir: MSD / nnU-Net dataset folder.
+    out_dir: output folder; must not exist unless `overwrite`.
+    spec: PrepSpec.
+    skip_bad: skip cases that fail with DataError (warning, listed in the summary) instead of
+      stopping.
+    splits: optional {"train": [case ids], "validation": [case ids]} for the imagesTr cases;
+      default: a `val_fraction` split drawn with `seed`. Test = imagesTs.
+  Returns:
+    Summary dict (also stored in the manifest under "summary").
+  Raises:
+    DataError naming the file and the problem.
+  """
+  start_time = time.time()
+  spec = spec if isinstance(spec, PrepSpec) else PrepSpec.from_dict(spec)
+  info = nifti_io.read_dataset(raw_dir)
+  if not info.training and not info.test:
+    raise DataError(raw_dir, "empty dataset: no images in imagesTr/ or imagesTs/")
+  lut, class_names = resolve_label_map(info.labels, spec.label_map,
+                                       where=f"label_map for {os.path.join(raw_dir, 'dataset.json')}")
+  train_ids = [c.case_id for c in info.training]
+  if splits is None:
+    assignment = assign_splits(train_ids, val_fraction, seed)
+  else:
+    assignment = {"train": list(splits.get("train", [])),
+                  "validation": list(splits.get("validation", []))}
+    unknown = set(assignment["train"] + assignment["validation"]) - set(train_ids)
+    if unknown:
+      raise ValueError(f"splits name cases not in imagesTr: {sorted(unknown)}")
+  assignment["test"] = [c.case_id for c in info.test]
+  split_of = {cid: s for s, ids in assignment.items() for cid in ids}
+  cases = [c for c in info.training + info.test if c.case_id in split_of]
+
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir}: already exists (use overwrite=True / --overwrite)")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
+  os.makedirs(os.path.join(tmp_dir, "_cases"))
+  try:
+    records = {s: [] for s in SPLITS}
+    skipped = []
+    for case in _progress(cases, len(cases), progress):
+      try:
+        image, label, geometry = prepare_case(case, spec, info.labels, lut)
+      except DataError as e:
+        if not skip_bad:
+          raise
+        logging.warning("skipping case %s: %s", case.case_id, e)
+        skipped.append({"case_id": case.case_id, "file": e.path, "problem": e.problem})
+        continue
+      stem = os.path.join(tmp_dir, "_cases", case.case_id)
+      np.save(stem + "_image.npy", image)
+      if label is not None:
+        np.save(stem + "_label.npy", label)
+      records[split_of[case.case_id]].append({
+          "case_id": case.case_id, "image_file": case.image, "label_file": case.label,
+          "has_label": label is not None, "num_slices": int(image.shape[0]),
+          "foreground_slices": int((label.reshape(label.shape[0], -1).max(1) > 0).sum())
+                               if label is not None else 0,
+          "spacing_mm": list(geometry.spacing_mm), "geometry": geometry.to_dict()})
+    if not any(records.values()):
+      raise DataError(raw_dir, f"empty dataset: no usable cases ({len(skipped)} skipped)")
+    H, W = spec.size
+    for split, recs in records.items():
+      split_dir = os.path.join(tmp_dir, split)
+      os.makedirs(split_dir)
+      n = sum(r["num_slices"] for r in recs)
+      images = np.lib.format.open_memmap(os.path.join(split_dir, "images.npy"), "w+",
+                                         np.float32, (n, H, W)) if n else np.zeros((0, H, W), np.float32)
+      labels = np.lib.format.open_memmap(os.path.join(split_dir, "labels.npy"), "w+",
+                                         np.uint8, (n, H, W)) if n else np.zeros((0, H, W), np.uint8)
+      case_index, slice_index = np.zeros(n, np.int32), np.zeros(n, np.int32)
+      has_fg = np.zeros(n, bool)
+      offset = 0
+      for k, r in enumerate(recs):
+        stem = os.path.join(tmp_dir, "_cases", r["case_id"])
+        m = r["num_slices"]
+        images[offset:offset + m] = np.load(stem + "_image.npy")
+        if r["has_label"]:
+          lab = np.load(stem + "_label.npy")
+          labels[offset:offset + m] = lab
+          has_fg[offset:offset + m] = lab.reshape(m, -1).max(1) > 0
+        case_index[offset:offset + m] = k
+        slice_index[offset:offset + m] = np.arange(m)
+        r["offset"] = offset
+        offset += m
+      if n:
+        images.flush()
+        labels.flush()
+        del images, labels
+      else:
+        np.save(os.path.join(split_dir, "images.npy"), images)
+        np.save(os.path.join(split_dir, "labels.npy"), labels)
+      np.save(os.path.join(split_dir, "case_index.npy"), case_index)
+      np.save(os.path.join(split_dir, "slice_index.npy"), slice_index)
+      np.save(os.path.join(split_dir, "has_foreground.npy"), has_fg)
+    shutil.rmtree(os.path.join(tmp_dir, "_cases"))
+
+    n_cases = sum(len(r) for r in records.values())
+    seconds = time.time() - start_time
+    summary = {
+        "dataset": info.name, "modality": info.modality, "raw_dir": os.path.abspath(raw_dir),
+        "out_dir": out_dir, "num_classes": len(class_names), "class_names": class_names,
+        "cases": {s: len(records[s]) for s in SPLITS},
+        "slices": {s: sum(r["num_slices"] for r in records[s]) for s in SPLITS},
+        "foreground_slices": {s: sum(r["foreground_slices"] for r in records[s]) for s in SPLITS},
+        "skipped": skipped, "seconds": round(seconds, 3),
+        "seconds_per_case": round(seconds / max(n_cases, 1), 3)}
+    manifest = {
+        "format": "cmedl_jax.prepared", "version": FORMAT_VERSION, "spec": spec.to_dict(),
+        "dataset": {"name": info.name, "modality": info.modality, "raw_dir": summary["raw_dir"],
+                    "labels": {str(k): v for k, v in info.labels.items()}},
+        "label_lut": {str(k): v for k, v in lut.items()},
+        "num_classes": len(class_names), "class_names": class_names, "channels": 1,
+        "size": list(spec.size), "in_plane_spacing_mm": list(spec.spacing_mm),
+        "splits": records, "summary": summary}
+    _write_json(os.path.join(tmp_dir, MANIFEST), manifest)   # last: marks the folder complete
+    if os.path.exists(out_dir):  # overwrite: swap, then delete the old one
+      trash = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{uuid.uuid4().hex[:8]}")
+      os.rename(out_dir, trash)
+      os.rename(tmp_dir, out_dir)
+      shutil.rmtree(trash, ignore_errors=True)
+    else:
+      os.rename(tmp_dir, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    raise
+  return summary
+
+
+def read_manifest(prepared_dir) -> dict:
+  """Reads `prepared.json`; raises DataError when the folder is not a complete preparation."""
+  path = os.path.join(os.fspath(prepared_dir), MANIFEST)
+  if not os.path.isfile(path):
+    raise DataError(path, "not a complete prepared dataset (no prepared.json); run "
+                    "`python -m data_prep.prepare` first")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != "cmedl_jax.prepared" or manifest.get("version") != FORMAT_VERSION:
+    raise DataError(path, f"unsupported prepared format/version "
+                    f"{manifest.get('format')}/{manifest.get('version')}")
+  return manifest
+
+
+def is_prepared(prepared_dir) -> bool:
+  """True when `prepared_dir` holds a complete preparation (its prepared.json exists)."""
+  return os.path.isfile(os.path.join(os.fspath(prepared_dir), MANIFEST))
+
+
+def spec_from_config(config, side: str) -> PrepSpec:
+  """PrepSpec from an ml_collections config: `config.data` fields and `config.data[side]`.
+
+  Uses data.spacing_mm, data.image_size (int or pair), data.ct_window_hu, data.mri_percentiles,
+  data.label_map, data.interpolation (optional) and data[side].modality (optional label_map
+  per side overrides the shared one).
+  """
+  d = config.data
+  s = d[side]
+  label_map = s.get("label_map", None) if hasattr(s, "get") else None
+  if label_map is None:
+    label_map = d.get("label_map", None)
+  if label_map is not None and hasattr(label_map, "to_dict"):
+    label_map = label_map.to_dict()
+  return PrepSpec(modality=s.modality, spacing_mm=d.spacing_mm, size=d.image_size,
+                  ct_window_hu=tuple(d.get("ct_window_hu", (-1000.0, 500.0))),
+                  mri_percentiles=tuple(d.get("mri_percentiles", (0.5, 99.5))),
+                  label_map=dict(label_map) if label_map else None,
+                  interpolation=d.get("interpolation", "linear"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _parse_label_map(items):
+  if not items:
+    return None
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise SystemExit(f"--label-map expects NAME=CLASS, got {item!r}")
+    key, value = item.rsplit("=", 1)
+    out[key] = int(value)
+  return out
+
+
+def format_summary(summary: dict) -> str:
+  lines = [f"prepared {summary['dataset']} ({summary['modality']}) -> {summary['out_dir']}",
+           f"  classes ({summary['num_classes']}): {', '.join(summary['class_names'])}"]
+  for s in SPLITS:
+    lines.append(f"  {s:<10} {summary['cases'][s]:5d} cases {summary['slices'][s]:7d} slices "
+                 f"({summary['foreground_slices'][s]} with foreground)")
+  lines.append(f"  {summary['seconds']:.1f} s ({summary['seconds_per_case']:.2f} s/case)")
+  if summary["skipped"]:
+    lines.append(f"  skipped {len(summary['skipped'])} bad cases:")
+    lines += [f"    {s['case_id']}: {s['file']}: {s['problem']}" for s in summary["skipped"]]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m data_prep.prepare", description=__doc__.split("\n")[0])
+  p.add_argument("--dataset", required=True, help="raw MSD / nnU-Net dataset folder")
+  p.add_argument("--out", required=True, help="output folder (prepared dataset)")
+  p.add_argument("--modality", required=True, choices=("ct", "mri"))
+  p.add_argument("--spacing", type=float, nargs="+", default=[1.5], help="in-plane mm (1 or 2)")
+  p.add_argument("--size", type=int, nargs="+", default=[256], help="in-plane size (1 or 2)")
+  p.add_argument("--ct-window", type=float, nargs=2, default=[-1000.0, 500.0])
+  p.add_argument("--mri-percentiles", type=float, nargs=2, default=[0.5, 99.5])
+  p.add_argument("--label-map", nargs="*", help="NAME=CLASS or VALUE=CLASS, e.g. tumor=1")
+  p.add_argument("--interpolation", choices=("linear", "cubic"), default="linear")
+  p.add_argument("--skip-bad", action="store_true", help="skip bad cases with a warning")
+  p.add_argument("--val-fraction", type=float, default=0.2)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--tfds", action="store_true",
+                 help="also build the TFDS datasets into OUT/tfds (data_prep.tfds_builder)")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  spec = PrepSpec(modality=args.modality, spacing_mm=tuple(args.spacing * (3 - len(args.spacing)))[:2],
+                  size=tuple(args.size * (3 - len(args.size)))[:2], ct_window_hu=tuple(args.ct_window),
+                  mri_percentiles=tuple(args.mri_percentiles),
+                  label_map=_parse_label_map(args.label_map), interpolation=args.interpolation)
+  try:
+    summary = prepare_dataset(args.dataset, args.out, spec, skip_bad=args.skip_bad,
+                              val_fraction=args.val_fraction, seed=args.seed,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+  except (DataError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(format_summary(summary))
+  if args.tfds:
+    from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+    for name, builder in tfds_builder.build(args.out).items():
+      print(f"TFDS {name}: {builder.data_dir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
