@@ -1,0 +1,118 @@
+"""FC-DenseNet ("Tiramisu", Jegou et al. 2017), variants 56 / 67 / 103.
+
+As the authors' Lasagne code (SimJeg/FC-DenseNet): first conv 3x3 to 48 maps; down path of
+`n_pool` [dense block, transition down]; a bottleneck dense block; up path of n_pool
+[transition up, concatenation with the skip, dense block]; 1x1 classifier on the final
+stack. Dense layer = BN-ReLU-conv 3x3 (growth_rate maps)-dropout, its output concatenated to
+its input; transition down = BN-ReLU-conv 1x1 (same width)-dropout-max pool 2x2; transition
+up = transposed conv 3x3 stride 2 of the previous block's *new* maps only, to
+growth_rate * (layers of that block) maps. Convs have biases; He-normal initialisation.
+
+  variant  growth  layers per block (down..., bottleneck, ...up)
+  56       12      4 x 11
+  67       16      5 x 11
+  103      16      4 5 7 10 12 | 15 | 12 10 7 5 4
+
+Difference from the Lasagne code, not in the parameter count: the transposed conv is
+PyTorch's ConvTranspose2d(k3, s2, p1, output_padding=1) (output exactly 2x, computed as
+sub-pixel convolutions) instead of a 'valid' deconvolution cropped to the skip size, a
+one-pixel shift of the sampling grid.
+
+Taps: "last" = the final stack (input of the 1x1 classifier; 256 maps for 103),
+"penultimate" = the stack entering the last dense block (transition-up output concatenated
+with the skip; 192 maps for 103), "logits". H, W are edge-padded to a multiple of 2^n_pool
+and cropped back. Dropout is active only with train=True and a 'dropout' rng.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cmedl_jax.models import layers
+
+Array = jax.Array
+
+VARIANTS = {
+    56: dict(growth_rate=12, layers_per_block=4),
+    67: dict(growth_rate=16, layers_per_block=5),
+    103: dict(growth_rate=16, layers_per_block=(4, 5, 7, 10, 12, 15, 12, 10, 7, 5, 4)),
+}
+
+
+def _conv(features: int, kernel: int, dtype: Any, name: str | None = None) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=layers.he_init, name=name)
+
+
+class DenseFCN(nn.Module):
+  """[N, H, W, C] -> (logits [N, H, W, num_classes] float32, taps dict float32).
+
+  `growth_rate`, `layers_per_block` (int or 2*n_pool+1 ints) and `n_pool` override the
+  variant (for tiny test networks).
+  """
+  num_classes: int
+  variant: int = 103
+  growth_rate: int | None = None
+  layers_per_block: int | Sequence[int] | None = None
+  n_pool: int = 5
+  first_filters: int = 48
+  dropout_rate: float = 0.2
+  dtype: Any = "float32"
+
+  def block_layers(self) -> tuple[int, ...]:
+    if self.variant not in VARIANTS:
+      raise ValueError(f"DenseFCN: variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+    lpb = self.layers_per_block if self.layers_per_block is not None else VARIANTS[self.variant]["layers_per_block"]
+    n_blocks = 2 * self.n_pool + 1
+    if isinstance(lpb, int):
+      return (lpb,) * n_blocks
+    lpb = tuple(int(v) for v in lpb)
+    if len(lpb) != n_blocks:
+      raise ValueError(f"DenseFCN: layers_per_block needs {n_blocks} entries for n_pool={self.n_pool}, got {lpb}")
+    return lpb
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool):
+    dtype = layers.resolve_dtype(self.dtype)
+    lpb = self.block_layers()
+    growth = self.growth_rate or VARIANTS[self.variant]["growth_rate"]
+    h_in, w_in = x.shape[1], x.shape[2]
+    x = layers.pad_to_multiple(x, 2 ** self.n_pool).astype(dtype)
+
+    def bn_relu(t):
+      return nn.relu(layers.batch_norm(train, dtype)(t))
+
+    def dense_block(stack, n_layers):
+      """Returns (stack with the new maps appended, the new maps alone)."""
+      new = []
+      for _ in range(n_layers):
+        t = _conv(growth, 3, dtype)(bn_relu(stack))
+        t = layers.dropout(self, t, self.dropout_rate, train)
+        new.append(t)
+        stack = jnp.concatenate([stack, t], axis=-1)
+      return stack, jnp.concatenate(new, axis=-1)
+
+    stack = _conv(self.first_filters, 3, dtype, name="conv_in")(x)
+    skips = []
+    for i in range(self.n_pool):
+      stack, _ = dense_block(stack, lpb[i])
+      skips.append(stack)
+      t = _conv(stack.shape[-1], 1, dtype)(bn_relu(stack))
+      t = layers.dropout(self, t, self.dropout_rate, train)
+      stack = nn.max_pool(t, (2, 2), strides=(2, 2))
+    _, to_upsample = dense_block(stack, lpb[self.n_pool])
+
+    penultimate = None
+    for i in range(self.n_pool):
+      keep = growth * lpb[self.n_pool + i]
+      up = layers.ConvTranspose3x3S2(keep, dtype=dtype, kernel_init=layers.he_init)(to_upsample)
+      stack = jnp.concatenate([up, skips[self.n_pool - 1 - i]], axis=-1)
+      penultimate = stack
+      stack, to_upsample = dense_block(stack, lpb[self.n_pool + i + 1])
+    logits = _conv(self.num_classes, 1, dtype, name="classifier")(stack)
+    crop = lambda t: t[:, :h_in, :w_in, :].astype(jnp.float32)
+    logits = crop(logits)
+    return logits, {"penultimate": crop(penultimate), "last": crop(stack), "logits": logits}
