@@ -1,0 +1,348 @@
+"""Time the joint CMEDL train step under XLA:CPU against an equivalent eager PyTorch step.
+
+For each segmenter x translator pairing (configs/cmedl.py full-size networks) at --size and
+--batch, prints: compile time, median step time, XLA FLOPs per step (cost_analysis of the
+compiled step), achieved GFLOP/s and its fraction of this machine's float32 matmul peak
+(measured here: best of a few 4096^3 products), peak memory (XLA buffer assignment:
+arguments + outputs + temporaries - aliased; and the worker's peak RSS), and, unless
+--no-torch or torch is missing, the same figures of the eager PyTorch step from
+benchmarks/torch_reference.py (same architectures, parameter counts, losses, batch and Adam)
+and the time ratio JAX / torch. Parameter counts of both implementations are printed and
+compared per network.
+
+Each (pairing, framework) runs in its own worker process so that peak RSS, XLA_FLAGS and
+thread pools do not leak between runs.
+
+  python benchmarks/train_step.py [--size 256] [--batch 1]
+      [--pairs unet:cyclegan,unet:cut,densefcn:cyclegan,pspnet:cyclegan] [--steps 5]
+      [--no-torch] [--xla-flags "--xla_cpu_use_onednn=true ..."] [--breakdown]
+
+--breakdown additionally times the parts of the JAX step one by one (generator fwd+bwd,
+discriminator fwd+bwd, segmenter fwd+bwd on the teacher batch, losses) to show where time
+goes. Torch is an optional, benchmark-only dependency: `pip install torch==2.13.0` (CPU build).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PAIRS = 'unet:cyclegan,unet:cut,densefcn:cyclegan,pspnet:cyclegan'
+
+
+def peak_rss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def synthetic_batch(n, size, seed):
+  """make_batch-style images in [-1, 1] (NHWC) with bright discs labelled 1."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  images, labels = [], []
+  for _ in range(n):
+    cy, cx = rng.uniform(0.25 * size, 0.75 * size, 2)
+    r = rng.uniform(0.1 * size, 0.25 * size)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+    images.append(np.clip(np.where(disc, 0.6, -0.4) + 0.1 * rng.standard_normal((size, size)), -1, 1))
+    labels.append(disc)
+  return {'image': np.stack(images)[..., None].astype(np.float32),
+          'label': np.stack(labels).astype(np.int32),
+          'has_label': np.ones((n,), np.float32)}
+
+
+# ------------------------------------------------------------------------------ matmul peak
+
+def matmul_peak(n=4096, repeats=3):
+  """Best float32 GFLOP/s of an n^3 product: numpy and jnp.dot."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+  out = {}
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - t0)
+  out['numpy'] = 2 * n ** 3 / best / 1e9
+  aj = jnp.asarray(a)
+  dot = jax.jit(jnp.dot)
+  dot(aj, aj).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    dot(aj, aj).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  out['jax'] = 2 * n ** 3 / best / 1e9
+  return out
+
+
+# ------------------------------------------------------------------------------ JAX worker
+
+def config_for(pair, size, batch):
+  sys.path.insert(0, ROOT)
+  from configs import cmedl
+  seg, trans = pair.split(':')
+  config = cmedl.get_config(f'{seg},{trans}')
+  config.data.image_size = size
+  config.train.global_batch_size = batch
+  return config
+
+
+def count(tree):
+  import jax
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def jax_worker(pair, size, batch, steps, breakdown):
+  import functools
+  import jax
+  sys.path.insert(0, ROOT)
+  from cmedl_jax import train_step as ts
+
+  config = config_for(pair, size, batch)
+  nets = ts.build_networks(config, in_channels=1)
+  state, tx = ts.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
+  src = jax.device_put(synthetic_batch(batch, size, 1))
+  tgt = jax.device_put(synthetic_batch(batch, size, 2))
+  step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
+                 donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, src, tgt).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  xla_bytes = None
+  if mem is not None:
+    xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  times, cpu = [], []
+  for i in range(steps + 1):
+    t0, c0 = time.perf_counter(), time.process_time()
+    state, metrics = compiled(state, src, tgt)
+    jax.block_until_ready((state, metrics))
+    if i:  # The first call also pays one-off allocation; not counted.
+      times.append(time.perf_counter() - t0)
+      cpu.append(time.process_time() - c0)
+  result = dict(
+      framework='jax', pair=pair, compile_s=compile_s, step_s=statistics.median(times),
+      times=times, cpu_s=statistics.median(cpu), flops=float(cost.get('flops', float('nan'))), xla_bytes=xla_bytes,
+      rss_mb=peak_rss_mb(),
+      params={k: count(v) for k, v in state.params.items() if count(v)},
+      finite=bool(all(float(v) == float(v) for v in jax.device_get(metrics).values())))
+  if breakdown:
+    result['breakdown'] = jax_breakdown(config, nets, state, src, tgt, steps)
+  return result
+
+
+def _time_fn(fn, args, steps):
+  import jax
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return dict(s=statistics.median(times), flops=float(cost.get('flops', float('nan'))))
+
+
+def jax_breakdown(config, nets, state, src, tgt, steps):
+  """Times the parts of the step separately (forward + backward of each network)."""
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, ROOT)
+  from cmedl_jax import losses
+  x, t = src['image'], tgt['image']
+  p = state.params
+  out = {}
+
+  def grad_of(apply, params, *inputs):
+    return jax.grad(lambda q: jnp.sum(jnp.square(apply(q, *inputs))))(params)
+
+  g_apply = lambda q, v: nets.translator.apply({'params': q}, v)
+  out['generator fwd+bwd (N)'] = _time_fn(lambda q, v: grad_of(g_apply, q, v),
+                                          (p['translator'], x), steps)
+  out['generator fwd (N)'] = _time_fn(g_apply, (p['translator'], x), steps)
+  d_apply = lambda q, v: nets.disc_target.apply({'params': q}, v)
+  out['discriminator fwd+bwd (N)'] = _time_fn(lambda q, v: grad_of(d_apply, q, v),
+                                              (p['disc_target'], x), steps)
+
+  def seg_apply(q, v):
+    (logits, feats), _ = nets.teacher.apply({'params': q, 'batch_stats': state.batch_stats['teacher']},
+                                            v, train=True, mutable=['batch_stats'])
+    return logits
+  xt = jnp.concatenate([x, t], 0)
+  out['segmenter fwd+bwd (2N)'] = _time_fn(lambda q, v: grad_of(seg_apply, q, v),
+                                           (p['teacher'], xt), steps)
+  ctx = lambda a, b, r: losses.contextual_loss(
+      a, b, max_points=config.method.contextual_points, rng=r)
+  out['contextual loss fwd+bwd'] = _time_fn(
+      lambda a, b, r: jax.grad(ctx)(a, b, r), (x, t, jax.random.PRNGKey(0)), steps)
+  return out
+
+
+# ---------------------------------------------------------------------------- torch worker
+
+def torch_worker(pair, size, batch, steps):
+  import torch
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import torch_reference as tr
+  seg, trans = pair.split(':')
+  config = config_for(pair, size, batch)
+  torch.manual_seed(0)
+  seg_cfg = config.model.student.to_dict()
+  import inspect
+  accepted = inspect.signature(tr.SEGMENTERS[seg]).parameters
+  seg_kwargs = {k: v for k, v in seg_cfg.items()
+                if k in accepted and k not in ('in_ch', 'num_classes') and v is not None}
+  ref = tr.CMEDLStep(seg, trans, seg_kwargs=seg_kwargs, ngf=config.model.translator.ngf,
+                     n_blocks=config.model.translator.n_blocks, ndf=config.model.discriminator.ndf,
+                     n_layers=config.model.discriminator.n_layers,
+                     num_classes=config.data.num_classes,
+                     nce_layers=config.model.nce.layers, num_patches=config.model.nce.num_patches,
+                     nce_features=config.model.nce.num_features,
+                     contextual_points=config.method.contextual_points,
+                     contextual_patch=config.method.contextual_patch,
+                     taps=tuple(config.method.hint_taps))
+  to_t = lambda b: (torch.from_numpy(b['image']).permute(0, 3, 1, 2).contiguous(),
+                    torch.from_numpy(b['label']).long(), torch.from_numpy(b['has_label']))
+  x, y, _ = to_t(synthetic_batch(batch, size, 1))
+  t, ty, th = to_t(synthetic_batch(batch, size, 2))
+  times, cpu, finite = [], [], True
+  for i in range(steps + 1):
+    t0, c0 = time.perf_counter(), time.process_time()
+    g_loss, d_loss = ref.step(x, y, t, ty, th)
+    if i:
+      times.append(time.perf_counter() - t0)
+      cpu.append(time.process_time() - c0)
+    finite = finite and g_loss == g_loss and d_loss == d_loss
+  return dict(framework='torch', pair=pair, compile_s=0.0, step_s=statistics.median(times),
+              times=times, cpu_s=statistics.median(cpu), rss_mb=peak_rss_mb(), params=ref.param_counts(), finite=finite,
+              threads=torch.get_num_threads())
+
+
+# -------------------------------------------------------------------------------- driver
+
+def run_worker(kind, pair, args):
+  cmd = [sys.executable, os.path.abspath(__file__), '--_worker', kind, '--pairs', pair,
+         '--size', str(args.size), '--batch', str(args.batch), '--steps', str(args.steps)]
+  if args.breakdown:
+    cmd.append('--breakdown')
+  env = dict(os.environ)
+  # Under load (a shared machine) OpenMP's spin-waiting makes eager torch several times
+  # slower (measured 1.7 s vs 10-30 s per 64x64 step at load 5 on 2 cores); passive waiting
+  # costs little on a quiet machine. An explicit OMP_WAIT_POLICY in the environment wins.
+  env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  if args.xla_flags is not None:
+    env['XLA_FLAGS'] = args.xla_flags
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode != 0 or not lines:
+    sys.stderr.write(proc.stderr[-4000:])
+    return dict(framework=kind, pair=pair, error=f'worker exited with {proc.returncode}')
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def torch_available():
+  try:
+    import importlib.util
+    return importlib.util.find_spec('torch') is not None
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--size', type=int, default=256)
+  ap.add_argument('--batch', type=int, default=1)
+  ap.add_argument('--pairs', default=DEFAULT_PAIRS)
+  ap.add_argument('--steps', type=int, default=5)
+  ap.add_argument('--no-torch', action='store_true')
+  ap.add_argument('--xla-flags', default=None, help='XLA_FLAGS for the JAX workers')
+  ap.add_argument('--breakdown', action='store_true', help='also time parts of the JAX step')
+  ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+
+  if args._worker:
+    fn = jax_worker if args._worker == 'jax' else torch_worker
+    extra = (args.breakdown,) if args._worker == 'jax' else ()
+    print('RESULT ' + json.dumps(fn(args.pairs, args.size, args.batch, args.steps, *extra)))
+    return
+
+  pairs = [p.strip() for p in args.pairs.split(',') if p.strip()]
+  for p in pairs:
+    if p.count(':') != 1:
+      ap.error(f'--pairs: {p!r} is not SEGMENTER:TRANSLATOR')
+  use_torch = not args.no_torch
+  if use_torch and not torch_available():
+    print('torch is not installed: running the JAX part only '
+          '(for the comparison: pip install torch==2.13.0, a CPU build).')
+    use_torch = False
+
+  print(f'size {args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps, '
+        f'XLA_FLAGS={args.xla_flags if args.xla_flags is not None else os.environ.get("XLA_FLAGS", "")!r}, '
+        f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, {os.cpu_count()} cpus')
+  peak = matmul_peak()
+  peak_gflops = max(peak.values())
+  print(f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, '
+        f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}')
+
+  rows = []
+  for pair in pairs:
+    j = run_worker('jax', pair, args)
+    rows.append(j)
+    if use_torch:
+      rows.append(run_worker('torch', pair, args))
+      tj = rows[-1]
+      if 'error' not in j and 'error' not in tj:
+        for net in sorted(set(j['params']) | set(tj['params'])):
+          a, b = j['params'].get(net), tj['params'].get(net)
+          flag = 'equal' if a == b else 'DIFFER'
+          print(f'  params {pair:18s} {net:15s} jax {a} torch {b} {flag}')
+    if 'breakdown' in j:
+      for part, r in j['breakdown'].items():
+        print(f'  breakdown {pair}: {part:28s} {r["s"]:.3f} s  {r["flops"] / 1e9:7.1f} GFLOP  '
+              f'{r["flops"] / r["s"] / 1e9:6.1f} GFLOP/s')
+
+  print()
+  hdr = (f'{"pairing":18s} {"impl":5s} {"compile s":>9s} {"step s":>8s} {"GFLOP":>8s} '
+         f'{"GFLOP/s":>8s} {"%peak":>6s} {"cpu s":>7s} {"XLA MB":>8s} {"RSS MB":>8s} {"jax/torch":>9s}')
+  print(hdr)
+  print('-' * len(hdr))
+  by_pair = {}
+  for r in rows:
+    by_pair.setdefault(r['pair'], {})[r['framework']] = r
+  for pair in pairs:
+    flops = by_pair[pair].get('jax', {}).get('flops', float('nan'))
+    for fw in ('jax', 'torch'):
+      r = by_pair[pair].get(fw)
+      if r is None:
+        continue
+      if 'error' in r:
+        print(f'{pair:18s} {fw:5s} {r["error"]}')
+        continue
+      gfs = flops / r['step_s'] / 1e9
+      ratio = ''
+      if fw == 'torch' and 'step_s' in by_pair[pair].get('jax', {}):
+        ratio = f'{by_pair[pair]["jax"]["step_s"] / r["step_s"]:.2f}'
+      xla_mb = f'{r["xla_bytes"] / 2**20:.0f}' if r.get('xla_bytes') else '-'
+      print(f'{pair:18s} {fw:5s} {r["compile_s"]:9.1f} {r["step_s"]:8.3f} {flops / 1e9:8.1f} '
+            f'{gfs:8.1f} {100 * gfs / peak_gflops:5.0f}% {r["cpu_s"]:7.2f} {xla_mb:>8s} {r["rss_mb"]:8.0f} {ratio:>9s}')
+  print('\nstep s = median wall time; cpu s = median process CPU time per step (more robust on a '
+        'shared machine);\nGFLOP = XLA cost_analysis of the JAX step (used for both); '
+        'jax/torch = wall-time ratio.')
+
+
+if __name__ == '__main__':
+  main()

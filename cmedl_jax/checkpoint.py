@@ -1,0 +1,102 @@
+"""Orbax checkpoints of a run: latest K, best by validation DSC, and the inference export.
+
+  WORKDIR/checkpoints/<step>/   full TrainState, the latest `keep` steps (resume from here).
+  WORKDIR/best/<step>/          full TrainState of the best validation DSC so far.
+  WORKDIR/export/               inference network(s) only (params + batch stats) for predict.
+  WORKDIR/config.json           the run's config; WORKDIR/preparation.json the data preparation.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash
+during a save never corrupts the previous checkpoint; unfinished temporaries are cleaned up.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+BEST_METRIC = 'val_dsc'
+
+
+def _manager(path, keep, best=False):
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+      best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode='max',
+      keep_checkpoints_without_metrics=not best)
+  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+
+
+class Checkpoints:
+  """The run's latest and best checkpoint managers."""
+
+  def __init__(self, workdir, keep):
+    self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep)
+    self.best = _manager(os.path.join(workdir, 'best'), 1, best=True)
+
+  def save(self, step, state):
+    self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def save_if_best(self, step, state, metrics):
+    """Keeps `state` when metrics[BEST_METRIC] beats the best so far."""
+    self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+  def latest_step(self):
+    return self.latest.latest_step()
+
+  def restore_latest(self, abstract_state):
+    """The latest saved state (shaped/sharded like abstract_state), or None."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    return self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def wait(self):
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self):
+    self.latest.close()
+    self.best.close()
+
+
+def restore_state(directory, abstract_state, step=None):
+  """A TrainState from a checkpoint directory (.../checkpoints or .../best), latest step."""
+  mngr = _manager(directory, None)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{directory}: no checkpoint found')
+  state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  mngr.close()
+  return state
+
+
+def write_json_atomic(path, obj):
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def save_config(workdir, config):
+  write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+
+
+def load_config(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def export_inference(workdir, params, batch_stats):
+  """Writes the inference variables {'params', 'batch_stats'} to WORKDIR/export (atomic)."""
+  path = os.path.abspath(os.path.join(workdir, 'export'))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, {'params': params, 'batch_stats': batch_stats}, force=True)
+  ckptr.wait_until_finished()
+
+
+def load_inference(path):
+  """{'params', 'batch_stats'} from an export directory, as host arrays."""
+  ckptr = ocp.StandardCheckpointer()
+  variables = ckptr.restore(os.path.abspath(path))
+  return jax.tree.map(lambda x: x, variables)

@@ -1,0 +1,286 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Prepares the data if needed, builds the mesh, state and jitted step, then loops: unpaired
+batches -> train_step -> scalars/images to TensorBoard (clu) -> whole-volume validation ->
+orbax checkpoints. Resumes from WORKDIR/checkpoints automatically; SIGTERM/SIGINT save and exit;
+a NaN/Inf loss stops the run naming the loss and the step.
+"""
+
+import functools
+import os
+import signal
+import time
+
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmedl_jax import checkpoint
+from cmedl_jax import input_pipeline
+from cmedl_jax import metrics as seg_metrics
+from cmedl_jax import predict
+from cmedl_jax import sharding
+from cmedl_jax import train_step as ts
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss became NaN or Inf."""
+
+
+def check_workdir(workdir):
+  """Creates workdir and proves it writable; a clear error otherwise."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_probe_{os.getpid()}')
+    with open(probe, 'wb') as f:
+      f.write(b'0' * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
+
+
+def prepare_data(config):
+  """Prepares source and target datasets from their raw folders unless already prepared."""
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  for side in ('source', 'target'):
+    d = config.data[side]
+    if prepare.is_prepared(d.prepared_dir):
+      continue
+    logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
+    prepare.prepare_dataset(d.raw_dir, d.prepared_dir, prepare.spec_from_config(config, side),
+                            val_fraction=config.data.val_fraction, seed=config.seed)
+
+
+def _to_unit(images):
+  """[-1, 1] images -> [0, 1] for image summaries."""
+  return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _labels_to_unit(labels, num_classes):
+  return (np.asarray(labels, np.float32) / max(num_classes - 1, 1))[..., None]
+
+
+def image_summaries(config, state, src, eval_fn, max_images=3):
+  """Source, pseudo-target, cycle, student/teacher predictions and label, [N,H,W,1] in [0,1]."""
+  x = jax.device_get(src['image'])[:max_images]
+  out = jax.device_get(eval_fn(state, jnp.asarray(x)))
+  c = config.data.context_slices // 2
+  k = config.data.num_classes
+  images = {'source': _to_unit(x[..., c:c + 1]),
+            'label': _labels_to_unit(jax.device_get(src['label'])[:max_images], k),
+            'prediction/inference': _labels_to_unit(out['logits'].argmax(-1), k)}
+  if 'pseudo_target' in out:
+    images['pseudo_target'] = _to_unit(out['pseudo_target'][..., c:c + 1])
+  if 'cycle' in out:
+    images['cycle_source'] = _to_unit(out['cycle'][..., c:c + 1])
+  if 'teacher_logits' in out:
+    images['prediction/teacher_on_pseudo_target'] = _labels_to_unit(
+        out['teacher_logits'].argmax(-1), k)
+  return images
+
+
+def validate(config, state, infer_fn, volumes, mesh):
+  """Student (inference network) metrics on whole prepared validation volumes, mean over cases.
+
+  Returns {'val_dsc', 'val_sdsc', 'val_hd95'} averaged over foreground classes and cases.
+  """
+  per_case = []
+  classes = {f'class_{k}': k for k in range(1, config.data.num_classes)}
+  for vol in volumes:
+    pred, _ = predict.predict_volume(functools.partial(infer_fn, state), vol['image'],
+                             config.eval.batch_size, config.data.context_slices, mesh)
+    per_case.append(seg_metrics.evaluate_case(pred, vol['label'], vol['spacing_mm'], classes,
+                                              tolerance_mm=config.eval.tolerance_mm))
+  out = {}
+  for key, metric in (('val_dsc', 'dice'), ('val_sdsc', 'surface_dice'), ('val_hd95', 'hd95')):
+    values = [case[name][metric] for case in per_case for name in classes]
+    finite = [v for v in values if np.isfinite(v)]
+    out[key] = float(np.mean(finite)) if finite else float('nan')
+  return out
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread (e.g. some notebook kernels): no handler.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _check_finite(metrics, step):
+  for name, value in metrics.items():
+    if name.startswith('loss/') and not np.isfinite(value):
+      raise NonFiniteLossError(
+          f'{name} is {value} at step {step}; stopping. The last good checkpoint is kept.')
+
+
+def train_and_evaluate(config, workdir):
+  """Trains the configured method in `workdir` and returns the final validation metrics."""
+  check_workdir(workdir)
+  checkpoint.save_config(workdir, config)
+  prepare_data(config)
+  mesh = sharding.make_mesh()
+  info = input_pipeline.dataset_info(config.data.source.prepared_dir)
+  in_channels = config.data.context_slices
+  image_shape = (*info['image_size'], in_channels)
+  nets = ts.build_networks(config, in_channels)
+  checkpoint.write_json_atomic(os.path.join(workdir, 'preparation.json'),
+                               input_pipeline.preparation_record(config.data.source.prepared_dir))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  init = functools.partial(ts.create_train_state, config, nets, image_shape=image_shape)
+  key = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(lambda r: init(r)[0], key)
+  tx = ts.make_optimizer(config)
+  replicated = sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
+  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_sharding)
+  state = ckpts.restore_latest(abstract_sharded)
+  if state is None:
+    state = jax.jit(lambda r: init(r)[0], out_shardings=state_sharding)(key)
+    state = _load_translator_init(config, state, abstract_state, replicated)
+    logging.info('Initialised a new state.')
+    parameter_overview.log_parameter_overview(state.params)
+  start_step = int(jax.device_get(state.step))
+  logging.info('Starting at step %d of %d.', start_step, config.train.num_steps)
+
+  data_sharding = sharding.data_sharded(mesh)
+  step_fn = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
+                    in_shardings=(state_sharding, data_sharding, data_sharding),
+                    out_shardings=(state_sharding, None), donate_argnums=0)
+  infer = jax.jit(lambda st, x: jax.nn.softmax(ts.infer_logits(
+      st.params, st.batch_stats, x, config=config, nets=nets), -1))
+  eval_images = jax.jit(functools.partial(ts.eval_step, config=config, nets=nets,
+                                          with_translations=True))
+  val_volumes = []
+  if config.method.name != 'translator_only':
+    val_volumes = input_pipeline.load_eval_volumes(config.data.source.prepared_dir, 'validation')
+    if config.eval.max_volumes:
+      val_volumes = val_volumes[:config.eval.max_volumes]
+
+  train_iter = input_pipeline.create_train_iterator(
+      config.data.source.prepared_dir, config.data.target.prepared_dir,
+      global_batch_size=config.train.global_batch_size, seed=config.seed,
+      start_step=start_step, foreground_ratio=config.data.foreground_ratio,
+      augment=config.data.augment, context_slices=config.data.context_slices,
+      target_labels=config.data.target_labels, mesh=mesh, prefetch=config.data.prefetch)
+
+  num_steps = config.train.num_steps
+  val = {}
+  t_start, t_last, steps_last = time.time(), time.time(), start_step
+  data_wait = 0.0
+  pending = None  # (step, metrics) of the previous step, checked while the next one runs.
+  history = []
+  with _StopFlag() as stop:
+    step = start_step
+    while step < num_steps:
+      t0 = time.time()
+      src, tgt = next(train_iter)
+      data_wait += time.time() - t0
+      state, metrics = step_fn(state, src, tgt)
+      step += 1
+      if pending is not None:
+        _check_finite(jax.device_get(pending[1]), pending[0])
+      pending = (step, metrics)
+      last = step == num_steps
+
+      if step % config.train.log_every == 0 or last:
+        scalars = jax.device_get(metrics)
+        _check_finite(scalars, step)
+        now = time.time()
+        steps_per_sec = (step - steps_last) / max(now - t_last, 1e-9)
+        scalars = {k: float(v) for k, v in scalars.items()}
+        scalars.update({f'lr/{g}': float(v) for g, v in ts.learning_rates(config, step).items()})
+        scalars['perf/steps_per_sec'] = steps_per_sec
+        scalars['perf/data_wait_fraction'] = data_wait / max(now - t_last, 1e-9)
+        writer.write_scalars(step, scalars)
+        eta = (num_steps - step) / max(steps_per_sec, 1e-9)
+        logging.info('step %d/%d  %.2f steps/s  ETA %s  data wait %.0f%%  %s', step, num_steps,
+                     steps_per_sec, _hms(eta), 100 * scalars['perf/data_wait_fraction'],
+                     '  '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in scalars.items()
+                               if k.startswith('loss/')))
+        history.append({'step': step, **scalars})
+        t_last, steps_last, data_wait = now, step, 0.0
+
+      if step % config.train.image_every == 0 or last:
+        writer.write_images(step, image_summaries(config, state, src, eval_images))
+
+      if val_volumes and (step % config.train.eval_every == 0 or last):
+        _check_finite(jax.device_get(metrics), step)
+        val = validate(config, state, infer, val_volumes, mesh)
+        writer.write_scalars(step, val)
+        logging.info('step %d validation: %s', step, val)
+        checkpoint.write_json_atomic(os.path.join(workdir, 'validation.json'),
+                                     {'step': step, **val})
+        if np.isfinite(val['val_dsc']):
+          ckpts.save_if_best(step, state, val)
+
+      if step % config.train.checkpoint_every == 0 or last or stop.signal:
+        _check_finite(jax.device_get(metrics), step)
+        ckpts.save(step, state)
+      if stop.signal:
+        logging.warning('Received %s: saved step %d, exiting.', stop.signal, step)
+        break
+  writer.flush()
+  ckpts.wait()
+  if step >= num_steps and config.method.name != 'translator_only':
+    params, stats = inference_variables(config, state)
+    checkpoint.export_inference(workdir, params, stats)
+  ckpts.close()
+  logging.info('Done in %s.', _hms(time.time() - t_start))
+  return {'step': step, **val}
+
+
+def inference_variables(config, state):
+  """(params, batch_stats) of the networks the test-time method uses."""
+  m = config.method.name
+  names = {'pmri_teacher': ('translator', 'teacher'),
+           'two_channel': ('translator', 'student')}.get(m, ('student',))
+  params = {k: state.params[k] for k in names}
+  stats = {k: state.batch_stats[k] for k in names if k in state.batch_stats}
+  return jax.device_get(params), jax.device_get(stats)
+
+
+def _load_translator_init(config, state, abstract_state, replicated):
+  """Two-stage ablation: copies translator parameters from a 'translator_only' run."""
+  src = config.method.translator_init
+  if not src:
+    return state
+  path = os.path.join(src, 'checkpoints')
+  other = checkpoint.restore_state(path, None)
+  params = dict(state.params)
+  for name in ('translator', 'translator_inv'):
+    if name in params:
+      if name not in other['params']:
+        raise ValueError(f'{path}: has no {name!r} parameters to initialise from')
+      params[name] = jax.device_put(other['params'][name], replicated)
+  logging.info('Translator initialised from %s', path)
+  return state.replace(params=params)
+
+
+def _hms(seconds):
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

@@ -1,0 +1,13 @@
+"""Baseline: the student alone on source images (no translator, no teacher, no distillation).
+
+Arg as configs/cmedl.py (the translator part is ignored).
+"""
+
+from configs import cmedl
+
+
+def get_config(arg=None):
+  config = cmedl.get_config(arg)
+  config.method.name = 'student_only'
+  config.method.distill = 'none'
+  return config
