@@ -182,8 +182,13 @@ def test_one_device_equals_eight_devices(translator):
     np.testing.assert_allclose(m1[k], m8[k], rtol=tol, atol=1e-6, err_msg=k)
   for a, b, a0 in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params),
                       jax.tree.leaves(init.params)):
+    # Compare the updates a - a0 and b - a0, relative to the tensor's largest update: the
+    # gradients of 1 and 8 devices differ only in reduction order (measured: <= 0.15% of the
+    # largest translator update, <= 1 float32 ulp of the parameter elsewhere), while a wrong
+    # sharding (per-device batch statistics, a missing all-reduce) changes them by far more.
     a, b, a0 = np.asarray(a), np.asarray(b), np.asarray(a0)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    largest = np.abs(a - a0).max()
+    np.testing.assert_allclose(a - a0, b - a0, rtol=0, atol=5e-3 * largest + 4e-8)
   for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
