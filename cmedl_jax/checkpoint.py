@@ -38,7 +38,13 @@ class Checkpoints:
     self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def save_if_best(self, step, state, metrics):
-    """Keeps `state` when metrics[BEST_METRIC] beats the best so far."""
+    """Keeps `state` when metrics[BEST_METRIC] beats the best so far.
+
+    A step already kept (saved before an interruption, then recomputed after resuming, which
+    gives the same state) is left as it is.
+    """
+    if step in self.best.all_steps():
+      return
     self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
   def latest_step(self):

@@ -6,9 +6,9 @@ r"""Segments NIfTI volumes with a trained run and writes label NIfTIs on the inp
 
 Each input goes through the same preparation as the run's training data (reorient, resample
 in-plane, normalise, crop; `data_prep.prepare.prepare_volume`), the test-time network runs on
-all slices in batches sharded over all devices, and the prediction is mapped back onto the
-input's voxel grid (`data_prep.geometry.invert_labels`) and written as uint8 with the input's
-affine and header. Optional: class probabilities (float32, [X,Y,Z,K]) and the translator's
+all slices in batches sharded over all devices, its class probabilities are mapped back onto
+the input's voxel grid (`data_prep.geometry.invert_image`, linear) and their argmax is written
+as uint8 with the input's affine and header. Optional: class probabilities (float32, [X,Y,Z,K]) and the translator's
 pseudo-target image. Outputs are written atomically; existing ones are kept unless
 --overwrite; an unreadable input is reported and the other cases go on (exit code 1).
 """
@@ -142,11 +142,13 @@ class Predictor:
              'pseudo_target': float32 [X,Y,Z] (only with pseudo_target=True)} on the input grid.
     """
     prepared, geometry = prepare.prepare_volume(image, affine, self.spec)
-    labels, probs = predict_volume(lambda x: self._probs(self.params, self.batch_stats, x),
-                                   prepared, self.batch_size, self.context_slices, self.mesh)
-    out = {'labels': prepare.invert_labels(labels, geometry).astype(np.uint8),
-           'probabilities': np.stack([prepare.invert_image(probs[..., k], geometry)
-                                      for k in range(probs.shape[-1])], -1).astype(np.float32)}
+    _, probs = predict_volume(lambda x: self._probs(self.params, self.batch_stats, x),
+                              prepared, self.batch_size, self.context_slices, self.mesh)
+    # As nnU-Net: probabilities are resampled onto the input grid (linear; outside the prepared
+    # field of view background has probability 1), and the labels are their argmax there.
+    probs = np.stack([prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
+                      for k in range(probs.shape[-1])], -1).astype(np.float32)
+    out = {'labels': probs.argmax(-1).astype(np.uint8), 'probabilities': probs}
     if self._translate is not None:
       _, fake = predict_volume(lambda x: self._translate(self.params, x)[..., :1], prepared,
                                self.batch_size, self.context_slices, self.mesh)

@@ -7,6 +7,8 @@ a NaN/Inf loss stops the run naming the loss and the step.
 """
 
 import functools
+import json
+import logging as pylogging
 import os
 import signal
 import time
@@ -24,6 +26,19 @@ from cmedl_jax import metrics as seg_metrics
 from cmedl_jax import predict
 from cmedl_jax import sharding
 from cmedl_jax import train_step as ts
+
+
+class _DropLibraryInfo(pylogging.Filter):
+  """Drops INFO records of orbax (dozens of lines per checkpoint); warnings pass."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs():
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+    logger.addFilter(_DropLibraryInfo())
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,11 +64,16 @@ def prepare_data(config):
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
   for side in ('source', 'target'):
     d = config.data[side]
+    spec = prepare.spec_from_config(config, side)
     if prepare.is_prepared(d.prepared_dir):
+      found = prepare.PrepSpec.from_dict(prepare.read_manifest(d.prepared_dir)['spec'])
+      if found != spec:
+        raise ValueError(
+            f'{d.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
+            f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
       continue
     logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
-    prepare.prepare_dataset(d.raw_dir, d.prepared_dir, prepare.spec_from_config(config, side),
-                            val_fraction=config.data.val_fraction, seed=config.seed)
+    prepare.prepare_dataset(d.raw_dir, d.prepared_dir, spec, val_fraction=config.data.val_fraction, seed=config.seed)
 
 
 def _to_unit(images):
@@ -136,7 +156,12 @@ def _check_finite(metrics, step):
 
 
 def train_and_evaluate(config, workdir):
-  """Trains the configured method in `workdir` and returns the final validation metrics."""
+  """Trains the configured method in `workdir` and returns the final validation metrics.
+
+  Resumes from the latest checkpoint in WORKDIR/checkpoints when there is one. Returns
+  {'step', 'val_dsc', 'val_sdsc', 'val_hd95'} (validation keys absent without validation).
+  """
+  quiet_library_logs()
   check_workdir(workdir)
   checkpoint.save_config(workdir, config)
   prepare_data(config)
@@ -148,7 +173,6 @@ def train_and_evaluate(config, workdir):
   checkpoint.write_json_atomic(os.path.join(workdir, 'preparation.json'),
                                input_pipeline.preparation_record(config.data.source.prepared_dir))
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   init = functools.partial(ts.create_train_state, config, nets, image_shape=image_shape)
   key = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(lambda r: init(r)[0], key)
@@ -161,7 +185,7 @@ def train_and_evaluate(config, workdir):
   state = ckpts.restore_latest(abstract_sharded)
   if state is None:
     state = jax.jit(lambda r: init(r)[0], out_shardings=state_sharding)(key)
-    state = _load_translator_init(config, state, abstract_state, replicated)
+    state = _load_translator_init(config, state, replicated)
     logging.info('Initialised a new state.')
     parameter_overview.log_parameter_overview(state.params)
   start_step = int(jax.device_get(state.step))
@@ -180,6 +204,7 @@ def train_and_evaluate(config, workdir):
     val_volumes = input_pipeline.load_eval_volumes(config.data.source.prepared_dir, 'validation')
     if config.eval.max_volumes:
       val_volumes = val_volumes[:config.eval.max_volumes]
+  val_history = _read_validation_history(workdir, start_step)
 
   train_iter = input_pipeline.create_train_iterator(
       config.data.source.prepared_dir, config.data.target.prepared_dir,
@@ -187,71 +212,90 @@ def train_and_evaluate(config, workdir):
       start_step=start_step, foreground_ratio=config.data.foreground_ratio,
       augment=config.data.augment, context_slices=config.data.context_slices,
       target_labels=config.data.target_labels, mesh=mesh, prefetch=config.data.prefetch)
+  # TensorBoard event files on process 0 (the console line below is ours, with steps/s and ETA).
+  writer = metric_writers.MultiWriter(
+      [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))]
+      if jax.process_index() == 0 else [])
 
   num_steps = config.train.num_steps
-  val = {}
-  t_start, t_last, steps_last = time.time(), time.time(), start_step
-  data_wait = 0.0
+  val = dict(val_history[-1]) if val_history else {}
+  val.pop('step', None)
+  t_start = t_last = time.time()
+  steps_last, data_wait = start_step, 0.0
   pending = None  # (step, metrics) of the previous step, checked while the next one runs.
-  history = []
-  with _StopFlag() as stop:
-    step = start_step
-    while step < num_steps:
-      t0 = time.time()
-      src, tgt = next(train_iter)
-      data_wait += time.time() - t0
-      state, metrics = step_fn(state, src, tgt)
-      step += 1
-      if pending is not None:
-        _check_finite(jax.device_get(pending[1]), pending[0])
-      pending = (step, metrics)
-      last = step == num_steps
+  step = start_step
+  try:
+    with _StopFlag() as stop:
+      while step < num_steps:
+        t0 = time.time()
+        src, tgt = next(train_iter)
+        data_wait += time.time() - t0
+        state, metrics = step_fn(state, src, tgt)
+        step += 1
+        if pending is not None:
+          _check_finite(jax.device_get(pending[1]), pending[0])
+        pending = (step, metrics)
+        last = step == num_steps
 
-      if step % config.train.log_every == 0 or last:
-        scalars = jax.device_get(metrics)
-        _check_finite(scalars, step)
-        now = time.time()
-        steps_per_sec = (step - steps_last) / max(now - t_last, 1e-9)
-        scalars = {k: float(v) for k, v in scalars.items()}
-        scalars.update({f'lr/{g}': float(v) for g, v in ts.learning_rates(config, step).items()})
-        scalars['perf/steps_per_sec'] = steps_per_sec
-        scalars['perf/data_wait_fraction'] = data_wait / max(now - t_last, 1e-9)
-        writer.write_scalars(step, scalars)
-        eta = (num_steps - step) / max(steps_per_sec, 1e-9)
-        logging.info('step %d/%d  %.2f steps/s  ETA %s  data wait %.0f%%  %s', step, num_steps,
-                     steps_per_sec, _hms(eta), 100 * scalars['perf/data_wait_fraction'],
-                     '  '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in scalars.items()
-                               if k.startswith('loss/')))
-        history.append({'step': step, **scalars})
-        t_last, steps_last, data_wait = now, step, 0.0
+        if step % config.train.log_every == 0 or last:
+          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(scalars, step)
+          now = time.time()
+          steps_per_sec = (step - steps_last) / max(now - t_last, 1e-9)
+          scalars.update({f'lr/{g}': float(v)
+                          for g, v in ts.learning_rates(config, step).items()})
+          scalars['perf/steps_per_sec'] = steps_per_sec
+          scalars['perf/data_wait_fraction'] = data_wait / max(now - t_last, 1e-9)
+          writer.write_scalars(step, scalars)
+          eta = (num_steps - step) / max(steps_per_sec, 1e-9)
+          logging.info('step %d/%d  %.2f steps/s  ETA %s  data wait %.0f%%  %s', step,
+                       num_steps, steps_per_sec, _hms(eta),
+                       100 * scalars['perf/data_wait_fraction'],
+                       '  '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in scalars.items()
+                                 if k.startswith('loss/')))
+          t_last, steps_last, data_wait = now, step, 0.0
 
-      if step % config.train.image_every == 0 or last:
-        writer.write_images(step, image_summaries(config, state, src, eval_images))
+        if step % config.train.image_every == 0 or last:
+          writer.write_images(step, image_summaries(config, state, src, eval_images))
 
-      if val_volumes and (step % config.train.eval_every == 0 or last):
-        _check_finite(jax.device_get(metrics), step)
-        val = validate(config, state, infer, val_volumes, mesh)
-        writer.write_scalars(step, val)
-        logging.info('step %d validation: %s', step, val)
-        checkpoint.write_json_atomic(os.path.join(workdir, 'validation.json'),
-                                     {'step': step, **val})
-        if np.isfinite(val['val_dsc']):
-          ckpts.save_if_best(step, state, val)
+        if val_volumes and (step % config.train.eval_every == 0 or last):
+          _check_finite(jax.device_get(metrics), step)
+          val = validate(config, state, infer, val_volumes, mesh)
+          writer.write_scalars(step, val)
+          logging.info('step %d validation: %s', step,
+                       '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
+          val_history.append({'step': step, **val})
+          checkpoint.write_json_atomic(os.path.join(workdir, 'validation.json'), val_history)
+          if np.isfinite(val['val_dsc']):
+            ckpts.save_if_best(step, state, val)
 
-      if step % config.train.checkpoint_every == 0 or last or stop.signal:
-        _check_finite(jax.device_get(metrics), step)
-        ckpts.save(step, state)
-      if stop.signal:
-        logging.warning('Received %s: saved step %d, exiting.', stop.signal, step)
-        break
-  writer.flush()
-  ckpts.wait()
-  if step >= num_steps and config.method.name != 'translator_only':
-    params, stats = inference_variables(config, state)
-    checkpoint.export_inference(workdir, params, stats)
-  ckpts.close()
+        if step % config.train.checkpoint_every == 0 or last or stop.signal:
+          _check_finite(jax.device_get(metrics), step)
+          ckpts.save(step, state)
+        if stop.signal:
+          logging.warning('Received %s: saved step %d, exiting.', stop.signal, step)
+          break
+    if step >= num_steps and config.method.name != 'translator_only':
+      params, stats = inference_variables(config, state)
+      checkpoint.export_inference(workdir, params, stats)
+  finally:
+    # Also on an error (e.g. a NaN loss): finish the checkpoints already being written.
+    train_iter.close()
+    writer.flush()
+    ckpts.wait()
+    ckpts.close()
   logging.info('Done in %s.', _hms(time.time() - t_start))
   return {'step': step, **val}
+
+
+def _read_validation_history(workdir, start_step):
+  """Validation records of earlier steps of this run (WORKDIR/validation.json), for resuming."""
+  path = os.path.join(workdir, 'validation.json')
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    history = json.load(f)
+  return [r for r in history if r['step'] <= start_step]
 
 
 def inference_variables(config, state):
@@ -264,7 +308,7 @@ def inference_variables(config, state):
   return jax.device_get(params), jax.device_get(stats)
 
 
-def _load_translator_init(config, state, abstract_state, replicated):
+def _load_translator_init(config, state, replicated):
   """Two-stage ablation: copies translator parameters from a 'translator_only' run."""
   src = config.method.translator_init
   if not src:
