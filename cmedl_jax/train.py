@@ -155,11 +155,13 @@ def _check_finite(metrics, step):
           f'{name} is {value} at step {step}; stopping. The last good checkpoint is kept.')
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, on_log=None):
   """Trains the configured method in `workdir` and returns the final validation metrics.
 
-  Resumes from the latest checkpoint in WORKDIR/checkpoints when there is one. Returns
-  {'step', 'val_dsc', 'val_sdsc', 'val_hd95'} (validation keys absent without validation).
+  Resumes from the latest checkpoint in WORKDIR/checkpoints when there is one. `on_log`, if
+  given, is called as on_log(step, scalars) at every log and validation step (e.g. a live plot
+  in a notebook). Returns {'step', 'val_dsc', 'val_sdsc', 'val_hd95'} (validation keys absent
+  without validation).
   """
   quiet_library_logs()
   check_workdir(workdir)
@@ -247,6 +249,8 @@ def train_and_evaluate(config, workdir):
           scalars['perf/steps_per_sec'] = steps_per_sec
           scalars['perf/data_wait_fraction'] = data_wait / max(now - t_last, 1e-9)
           writer.write_scalars(step, scalars)
+          if on_log is not None:
+            on_log(step, scalars)
           eta = (num_steps - step) / max(steps_per_sec, 1e-9)
           logging.info('step %d/%d  %.2f steps/s  ETA %s  data wait %.0f%%  %s', step,
                        num_steps, steps_per_sec, _hms(eta),
@@ -262,6 +266,8 @@ def train_and_evaluate(config, workdir):
           _check_finite(jax.device_get(metrics), step)
           val = validate(config, state, infer, val_volumes, mesh)
           writer.write_scalars(step, val)
+          if on_log is not None:
+            on_log(step, val)
           logging.info('step %d validation: %s', step,
                        '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
           val_history.append({'step': step, **val})
