@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from cmedl_jax import evaluate
+
 PREFIXES = ('loss/', 'val_', 'grad_norm/')
 
 
@@ -59,10 +61,8 @@ def plot_curves(scalars, path):
   for ax in list(axes.flat)[len(tags):]:
     ax.axis('off')
   fig.tight_layout()
-  tmp = f'{path}.tmp{os.getpid()}.png'
-  fig.savefig(tmp, dpi=90)
+  evaluate.save_figure(fig, path)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def curves_markdown(scalars, png_name, workdir):
@@ -87,13 +87,9 @@ def main(argv=None):
     scalars = read_scalars(args.workdir)
   except FileNotFoundError as e:
     parser.exit(2, f'curves: error: {e}\n')
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   plot_curves(scalars, args.out + '.png')
   text = curves_markdown(scalars, os.path.basename(args.out) + '.png', args.workdir)
-  tmp = f'{args.out}.md.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, args.out + '.md')
+  evaluate.atomic_write(args.out + '.md', text)
   print(f'curves: wrote {args.out}.png and {args.out}.md')
   return 0
 

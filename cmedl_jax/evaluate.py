@@ -64,7 +64,7 @@ DEFAULT_TOLERANCE_MM = 2.0
 # Files.
 
 
-def _atomic_write(path: str, data) -> None:
+def atomic_write(path: str, data) -> None:
   """Writes str or bytes to `path` via a temporary file in the same folder."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -426,10 +426,10 @@ def summary_markdown(summary: dict) -> str:
 # Plots.
 
 
-def _save_figure(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-  _atomic_write(path, buf.getvalue())
+  atomic_write(path, buf.getvalue())
 
 
 def plot_boxes(case_rows: Sequence[dict], out_dir: str) -> list[str]:
@@ -454,7 +454,7 @@ def plot_boxes(case_rows: Sequence[dict], out_dir: str) -> list[str]:
     ax.set_ylabel(m + ("" if m in ("dice", "surface_dice") else " (mm)"))
     ax.set_title(m)
     path = os.path.join(out_dir, "plots", f"box_{m}.png")
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     paths.append(path)
   return paths
@@ -528,7 +528,7 @@ def plot_overlays(case_rows, ref_files, pred_sets, image_files, out_dir) -> list
       ax.axis("off")
       safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"overlay_{method}_{rank}_{cid}.png")
       path = os.path.join(out_dir, "plots", safe)
-      _save_figure(fig, path)
+      save_figure(fig, path)
       plt.close(fig)
       paths.append(path)
   return paths
@@ -623,15 +623,15 @@ def evaluate_dirs(pred_dir: str, ref_dirs: str | Sequence[str], out_dir: str,
   }
 
   os.makedirs(out_dir, exist_ok=True)
-  _atomic_write(os.path.join(out_dir, "cases.csv"), _csv_text(case_rows))
-  _atomic_write(os.path.join(out_dir, "tumors.csv"), _csv_text(tumor_rows) if tumor_rows
+  atomic_write(os.path.join(out_dir, "cases.csv"), _csv_text(case_rows))
+  atomic_write(os.path.join(out_dir, "tumors.csv"), _csv_text(tumor_rows) if tumor_rows
                 else "method,case,class,tumor\n")
   if rater_rows:
-    _atomic_write(os.path.join(out_dir, "inter_rater.csv"), _csv_text(rater_rows))
-  _atomic_write(os.path.join(out_dir, "summary.json"),
+    atomic_write(os.path.join(out_dir, "inter_rater.csv"), _csv_text(rater_rows))
+  atomic_write(os.path.join(out_dir, "summary.json"),
                 json.dumps(_json_safe(summary), indent=1) + "\n")
   markdown = summary_markdown(summary)
-  _atomic_write(os.path.join(out_dir, "summary.md"), markdown)
+  atomic_write(os.path.join(out_dir, "summary.md"), markdown)
   if plots:
     plot_boxes(case_rows, out_dir)
     if images_dir:

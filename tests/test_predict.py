@@ -8,17 +8,15 @@ import pytest
 
 from cmedl_jax import predict
 from cmedl_jax import train
-from data_prep import phantoms
 from test_train import small_config
+from test_train import write_phantoms
 
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
   """A tiny CMEDL run trained for 2 steps (with its inference export)."""
   root = tmp_path_factory.mktemp('predict')
-  for kind in ('thorax_ct', 'thorax_t2w'):
-    phantoms.write_dataset(kind, 3, 1, root / 'raw' / kind, n_test=1, size=48, spacing=8.0,
-                           slices=4)
+  write_phantoms(root, n=3, seed=1, slices=4)
   workdir = root / 'run'
   config = small_config(root, num_steps=2, eval_every=2, checkpoint_every=2)
   config.data.val_fraction = 0.34

@@ -29,11 +29,16 @@ NUM_STEPS = 8
 def data_root(tmp_path_factory):
   """Small unpaired thorax CT and T2w phantom datasets, prepared at 32x32 (12 mm)."""
   root = tmp_path_factory.mktemp('train_data')
-  for kind in ('thorax_ct', 'thorax_t2w'):
-    phantoms.write_dataset(kind, 5, 0, root / 'raw' / kind, n_test=1, size=48, spacing=8.0,
-                           slices=6)
+  write_phantoms(root, n=5, seed=0, slices=6)
   train.prepare_data(small_config(root))
   return root
+
+
+def write_phantoms(root, n, seed, slices):
+  """ROOT/raw/thorax_ct and ROOT/raw/thorax_t2w: n training + 1 test case, 48x48 at 8 mm."""
+  for kind in ('thorax_ct', 'thorax_t2w'):
+    phantoms.write_dataset(kind, n, seed, root / 'raw' / kind, n_test=1, size=48, spacing=8.0,
+                           slices=slices)
 
 
 def overrides(root, **train_fields):
