@@ -73,7 +73,8 @@ def prepare_data(config):
             f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
       continue
     logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
-    prepare.prepare_dataset(d.raw_dir, d.prepared_dir, spec, val_fraction=config.data.val_fraction, seed=config.seed)
+    prepare.prepare_dataset(d.raw_dir, d.prepared_dir, spec,
+                            val_fraction=config.data.val_fraction, seed=config.seed)
 
 
 def _to_unit(images):
