@@ -12,13 +12,16 @@ count of the compiled step (`cost_analysis()["flops"]`) and the achieved GFLOP/s
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from cmedl_jax import models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cmedl_jax import models  # noqa: E402
 
 SIZE = 256
 NUM_CLASSES = 2
