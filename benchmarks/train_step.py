@@ -15,7 +15,7 @@ thread pools do not leak between runs.
 
   python benchmarks/train_step.py [--size 256] [--batch 1]
       [--pairs unet:cyclegan,unet:cut,densefcn:cyclegan,pspnet:cyclegan] [--steps 5]
-      [--no-torch] [--xla-flags "--xla_cpu_use_onednn=true ..."] [--breakdown]
+      [--no-torch] [--xla-flags "--xla_cpu_use_onednn=true ..."] [--breakdown] [--dtype bfloat16]
 
 --breakdown additionally times the parts of the JAX step one by one (generator fwd+bwd,
 discriminator fwd+bwd, segmenter fwd+bwd on the teacher batch, losses) to show where time
@@ -86,13 +86,14 @@ def matmul_peak(n=4096, repeats=3):
 
 # ------------------------------------------------------------------------------ JAX worker
 
-def config_for(pair, size, batch):
+def config_for(pair, size, batch, dtype='float32'):
   sys.path.insert(0, ROOT)
   from configs import cmedl
   seg, trans = pair.split(':')
   config = cmedl.get_config(f'{seg},{trans}')
   config.data.image_size = size
   config.train.global_batch_size = batch
+  config.model.dtype = dtype
   return config
 
 
@@ -101,13 +102,13 @@ def count(tree):
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def jax_worker(pair, size, batch, steps, breakdown):
+def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
   import functools
   import jax
   sys.path.insert(0, ROOT)
   from cmedl_jax import train_step as ts
 
-  config = config_for(pair, size, batch)
+  config = config_for(pair, size, batch, dtype)
   nets = ts.build_networks(config, in_channels=1)
   state, tx = ts.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
   src = jax.device_put(synthetic_batch(batch, size, 1))
@@ -133,7 +134,7 @@ def jax_worker(pair, size, batch, steps, breakdown):
       times.append(time.perf_counter() - t0)
       cpu.append(time.process_time() - c0)
   result = dict(
-      framework='jax', pair=pair, compile_s=compile_s, step_s=statistics.median(times),
+      framework='jax', pair=pair, dtype=dtype, compile_s=compile_s, step_s=statistics.median(times),
       times=times, cpu_s=statistics.median(cpu), flops=float(cost.get('flops', float('nan'))), xla_bytes=xla_bytes,
       rss_mb=peak_rss_mb(),
       params={k: count(v) for k, v in state.params.items() if count(v)},
@@ -239,6 +240,8 @@ def run_worker(kind, pair, args):
          '--size', str(args.size), '--batch', str(args.batch), '--steps', str(args.steps)]
   if args.breakdown:
     cmd.append('--breakdown')
+  if kind == 'jax':
+    cmd += ['--dtype', getattr(args, 'dtype', 'float32')]
   env = dict(os.environ)
   # Under load (a shared machine) OpenMP's spin-waiting makes eager torch several times
   # slower (measured 1.7 s vs 10-30 s per 64x64 step at load 5 on 2 cores); passive waiting
@@ -271,12 +274,13 @@ def main(argv=None):
   ap.add_argument('--no-torch', action='store_true')
   ap.add_argument('--xla-flags', default=None, help='XLA_FLAGS for the JAX workers')
   ap.add_argument('--breakdown', action='store_true', help='also time parts of the JAX step')
+  ap.add_argument('--dtype', default='float32', help="JAX compute dtype: float32 | bfloat16")
   ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
 
   if args._worker:
     fn = jax_worker if args._worker == 'jax' else torch_worker
-    extra = (args.breakdown,) if args._worker == 'jax' else ()
+    extra = (args.breakdown, args.dtype) if args._worker == 'jax' else ()
     print('RESULT ' + json.dumps(fn(args.pairs, args.size, args.batch, args.steps, *extra)))
     return
 
