@@ -159,6 +159,37 @@ def _mb(x):
   return f'{x / 2**20:,.0f}'
 
 
+def _row(steps, pair, framework, dtype='float32', flags=None):
+  for r in steps:
+    if (r.get('pair') == pair and r.get('framework') == framework and 'error' not in r
+        and r.get('dtype', 'float32') == dtype and r.get('flags') == flags):
+      return r
+  return None
+
+
+def goals(steps, ref_flops, peak_g):
+  """Lines comparing the step figures with the goals, saying where they fall short."""
+  out = ['**Against the goals.**']
+  jax_row, torch_row = _row(steps, 'unet:cyclegan', 'jax'), _row(steps, 'unet:cyclegan', 'torch')
+  default = _row(steps, 'unet:cyclegan', 'jax', flags='jax 0.10.2 default')
+  if jax_row and torch_row:
+    ratio = jax_row['step_s'] / torch_row['step_s']
+    out.append(f'- JAX / eager PyTorch step time, U-Net + CycleGAN: {ratio:.2f} (goal: at most '
+               f'1; {"met" if ratio <= 1 else "not met"}).' + (
+                   f' With jax 0.10.2\'s default XLA:CPU flags it is '
+                   f'{default["step_s"] / torch_row["step_s"]:.2f}: its YNNPACK convolutions are '
+                   'the loss (docs/TRAIN_STEP_BENCHMARK.md).' if default else ''))
+  dense = _row(steps, 'densefcn:cyclegan', 'jax')
+  if dense and jax_row:
+    gfs = ref_flops['densefcn:cyclegan'] / dense['step_s'] / 1e9
+    out.append(f'- FC-DenseNet103 falls short: {gfs:.0f} GFLOP/s ({100 * gfs / peak_g:.0f}% of '
+               f'peak), {dense["compile_s"]:.0f} s to compile and {_mb(dense["xla_bytes"])} MB, '
+               f'against {_mb(jax_row["xla_bytes"])} MB for U-Net. Its dense blocks concatenate '
+               'ever wider stacks of thin (growth 16) feature maps, small convolutions that use '
+               'the cores poorly, and keep every stack for the backward pass; not profiled yet.')
+  return out + ['']
+
+
 def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred):
   peak_g = max(peak.values())
   lines = ['# Performance', '',
@@ -190,14 +221,16 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
       impl = 'torch 2.13 eager (oneDNN)'
     gfs = flops / r['step_s'] / 1e9
     xla = _mb(r['xla_bytes']) if r.get('xla_bytes') else '-'
-    lines.append(f'| {r["pair"]} | {impl} | {r["compile_s"]:.1f} | {r["step_s"]:.2f} | '
+    compile_s = f'{r["compile_s"]:.1f}' if r['framework'] == 'jax' else '-'
+    lines.append(f'| {r["pair"]} | {impl} | {compile_s} | {r["step_s"]:.2f} | '
                  f'{flops / 1e9:,.0f} | {gfs:.0f} | {100 * gfs / peak_g:.0f}% | {xla} | '
                  f'{r["rss_mb"]:,.0f} |')
   lines += ['', 'bf16: compute in bfloat16, parameters and losses float32 '
-            '(`--config.model.dtype=bfloat16`). XLA:CPU has no fast bf16 convolutions on this '
-            'CPU, so bf16 is for accelerators; the row shows what it costs here. '
-            'Rematerialisation (`jax.checkpoint`) is not implemented yet.', '',
-            '## Data-parallel scaling on forced CPU devices', '',
+            '(`--config.model.dtype=bfloat16`); on XLA:CPU it is no faster than float32 (row '
+            'above), it is meant for accelerators. Rematerialisation (`jax.checkpoint`) is not '
+            'implemented yet.', '']
+  lines += goals(steps, ref_flops, peak_g)
+  lines += ['## Data-parallel scaling on forced CPU devices', '',
             f'`configs/demo.py` networks at {args.scaling_size}x{args.scaling_size}, global batch 8 '
             'sharded over N devices of this 2-core machine (`--xla_force_host_platform_device_'
             'count=N`). Same global batch, so the losses must agree; the cores do not grow with '
@@ -289,6 +322,9 @@ def main(argv=None):
                                 capture_output=True, text=True).stdout
   pred, _ = run_python(['-c', _PREDICT_WORKER, str(pred_shape[0]), str(pred_shape[1]), '16'],
                        {'XLA_FLAGS': FAST_CONV})
+  raw = dict(peak=peak, steps=steps, scaling=scaling, memory=memory, prediction=pred)
+  with open(os.path.splitext(args.out)[0] + '.json', 'w') as f:  # The numbers behind the text.
+    json.dump(raw, f, indent=1)
   text = write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred)
   tmp = f'{args.out}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:
