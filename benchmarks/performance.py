@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import train_step as step_bench  # noqa: E402  (benchmarks/train_step.py)
+from cmedl_jax import evaluate  # noqa: E402
 
 FAST_CONV = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 SCALING_DEVICES = (1, 2, 4, 8)
@@ -323,13 +324,11 @@ def main(argv=None):
   pred, _ = run_python(['-c', _PREDICT_WORKER, str(pred_shape[0]), str(pred_shape[1]), '16'],
                        {'XLA_FLAGS': FAST_CONV})
   raw = dict(peak=peak, steps=steps, scaling=scaling, memory=memory, prediction=pred)
-  with open(os.path.splitext(args.out)[0] + '.json', 'w') as f:  # The numbers behind the text.
-    json.dump(raw, f, indent=1)
+  # The numbers behind the text, beside it.
+  evaluate.atomic_write(os.path.splitext(args.out)[0] + '.json', json.dumps(raw, indent=1))
   text = write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred)
-  tmp = f'{args.out}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text + f'\nThe whole report took {time.time() - t0:.0f} s to generate.\n')
-  os.replace(tmp, args.out)
+  evaluate.atomic_write(args.out, text + f'\nThe whole report took {time.time() - t0:.0f} s '
+                        'to generate.\n')
   print(f'wrote {args.out} in {time.time() - t0:.0f} s')
 
 

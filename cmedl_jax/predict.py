@@ -8,8 +8,8 @@ Each input goes through the same preparation as the run's training data (reorien
 in-plane, normalise, crop; `data_prep.prepare.prepare_volume`), the test-time network runs on
 all slices in batches sharded over all devices, its class probabilities are mapped back onto
 the input's voxel grid (`data_prep.geometry.invert_image`, linear) and their argmax is written
-as uint8 with the input's affine and header. Optional: class probabilities (float32, [X,Y,Z,K]) and the translator's
-pseudo-target image. Outputs are written atomically; existing ones are kept unless
+as uint8 with the input's affine and header. Optional: class probabilities (float32,
+[X,Y,Z,K]) and the translator's pseudo-target image. Outputs are written atomically; existing ones are kept unless
 --overwrite; an unreadable input is reported and the other cases go on (exit code 1).
 """
 
