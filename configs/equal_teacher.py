@@ -7,7 +7,11 @@ from configs import cmedl
 
 
 def get_config(arg=None):
-  config = cmedl.get_config(arg)
+  return apply_setting(cmedl.get_config(arg))
+
+
+def apply_setting(config):
+  """Turns an informative-teacher config into the abdominal T1w/T2w one (in place)."""
   config.data.source.update(name='abdomen_t1w', raw_dir='data/phantoms/abdomen_t1w',
                             prepared_dir='data/prepared/abdomen_t1w', modality='mri')
   config.data.target.update(name='abdomen_t2w', raw_dir='data/phantoms/abdomen_t2w',

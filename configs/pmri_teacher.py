@@ -7,7 +7,11 @@ from configs import cmedl
 
 
 def get_config(arg=None):
-  config = cmedl.get_config(arg)
+  return apply_method(cmedl.get_config(arg))
+
+
+def apply_method(config):
+  """Turns a CMEDL config into this baseline (in place; returns it)."""
   config.method.name = 'pmri_teacher'
   config.method.distill = 'none'
   return config

@@ -12,12 +12,16 @@ from configs import cmedl
 
 def get_config(arg=None):
   stage, _, rest = (arg or 'stage2').partition(',')
-  config = cmedl.get_config(rest)
+  return apply_stage(cmedl.get_config(rest), stage)
+
+
+def apply_stage(config, stage):
+  """Makes a CMEDL config stage 1 (translator alone) or stage 2 (frozen translator)."""
   if stage == 'stage1':
     config.method.name = 'translator_only'
     config.method.distill = 'none'
   elif stage == 'stage2':
     config.method.freeze_translator = True
   else:
-    raise ValueError(f'config arg {arg!r}: stage must be stage1 or stage2')
+    raise ValueError(f'two-stage: stage must be stage1 or stage2, got {stage!r}')
   return config

@@ -7,6 +7,10 @@ from configs import cmedl
 
 
 def get_config(arg=None):
-  config = cmedl.get_config(arg)
+  return apply_setting(cmedl.get_config(arg))
+
+
+def apply_setting(config):
+  """Swaps source and target of an informative-teacher config (in place; returns it)."""
   config.data.source, config.data.target = config.data.target, config.data.source
   return config

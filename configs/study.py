@@ -1,0 +1,74 @@
+"""The phantom reproduction study (benchmarks/reproduce.py): the paper's comparisons, small.
+
+Arg: "SETTING,METHOD[,SEGMENTER[,TRANSLATOR]]"
+  SETTING    informative (CT student, T2w teacher) | weak (T2w student, CT teacher) |
+             equal (abdominal T1w student, T2w teacher, 4 organs)
+  METHOD     cmedl | student_only | two_channel | pmri_teacher | stage1 | stage2 (two-stage)
+  SEGMENTER  unet | densefcn | pspnet;  TRANSLATOR  cyclegan | cut
+e.g.  python -m cmedl_jax.main --config=configs/study.py:informative,cmedl,unet,cyclegan \
+          --workdir=runs/study/runs/informative-cmedl-s0
+
+Size (what 2 CPU cores train in minutes): 64x64 slices at 6 mm (the phantoms' whole 384 mm
+field of view), U-Net width 8 / depth 3, small FC-DenseNet and PSPNet, CycleGAN / CUT with
+ngf 8 and 3 residual blocks, batch 8, `STEPS` steps. Data under `ROOT/data` (phantoms and
+prepared folders, one per dataset kind), as written by benchmarks/reproduce.py.
+"""
+
+from configs import cmedl
+from configs import equal_teacher
+from configs import pmri_teacher
+from configs import student_only
+from configs import two_channel
+from configs import two_stage
+from configs import weak_teacher
+
+ROOT = 'runs/study'
+STEPS = 500
+SETTINGS = {'informative': None, 'weak': weak_teacher.apply_setting,
+            'equal': equal_teacher.apply_setting}
+METHODS = {'cmedl': None, 'student_only': student_only.apply_method,
+           'two_channel': two_channel.apply_method, 'pmri_teacher': pmri_teacher.apply_method,
+           'stage1': lambda c: two_stage.apply_stage(c, 'stage1'),
+           'stage2': lambda c: two_stage.apply_stage(c, 'stage2')}
+# Small networks of each kind (fields as in configs/default.py).
+SEGMENTER_SIZES = {
+    'unet': dict(base_width=8, depth=3),
+    'densefcn': dict(growth_rate=6, layers_per_block=(2, 2, 2, 3, 2, 2, 2), n_pool=3,
+                     first_filters=16),
+    'pspnet': dict(base_width=8, blocks=(1, 1, 1, 1), bins=(1, 2, 4)),
+}
+
+
+def set_root(config, root):
+  """Points both data sides at ROOT/data/{phantoms,prepared}/<dataset name>."""
+  for side in (config.data.source, config.data.target):
+    side.raw_dir = f'{root}/data/phantoms/{side.name}'
+    side.prepared_dir = f'{root}/data/prepared/{side.name}'
+  return config
+
+
+def get_config(arg='informative,cmedl'):
+  parts = [p.strip() for p in (arg or '').split(',')]
+  if len(parts) < 2 or parts[0] not in SETTINGS or parts[1] not in METHODS:
+    raise ValueError(f'config arg {arg!r}: expected "SETTING,METHOD[,SEGMENTER[,TRANSLATOR]]" '
+                     f'with SETTING in {tuple(SETTINGS)} and METHOD in {tuple(METHODS)}')
+  setting, method, rest = parts[0], parts[1], ','.join(parts[2:])
+  config = cmedl.get_config(rest)
+  if SETTINGS[setting] is not None:
+    SETTINGS[setting](config)
+  if METHODS[method] is not None:
+    METHODS[method](config)
+  set_root(config, ROOT)
+  config.data.image_size = 64
+  config.data.spacing_mm = 6.0
+  for net in (config.model.student, config.model.teacher):
+    net.update(SEGMENTER_SIZES[net.name])
+  config.model.translator.update(ngf=8, n_blocks=3)
+  config.model.discriminator.update(ndf=8, n_layers=2)
+  config.model.nce.update(layers=(0, 4, 8), num_patches=64, num_features=64)
+  config.method.contextual_points = 256
+  config.optim.lr = 1e-3
+  config.train.update(global_batch_size=8, num_steps=STEPS, log_every=50, image_every=STEPS,
+                      eval_every=STEPS, checkpoint_every=STEPS, keep_checkpoints=1)
+  config.eval.batch_size = 32
+  return config
