@@ -93,8 +93,9 @@ def image_summaries(config, state, src, eval_fn, max_images=3):
   c = config.data.context_slices // 2
   k = config.data.num_classes
   images = {'source': _to_unit(x[..., c:c + 1]),
-            'label': _labels_to_unit(jax.device_get(src['label'])[:max_images], k),
-            'prediction/inference': _labels_to_unit(out['logits'].argmax(-1), k)}
+            'label': _labels_to_unit(jax.device_get(src['label'])[:max_images], k)}
+  if 'logits' in out:
+    images['prediction/inference'] = _labels_to_unit(out['logits'].argmax(-1), k)
   if 'pseudo_target' in out:
     images['pseudo_target'] = _to_unit(out['pseudo_target'][..., c:c + 1])
   if 'cycle' in out:

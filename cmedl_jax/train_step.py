@@ -433,10 +433,13 @@ def eval_step(state, images, *, config, nets, with_translations=False):
   """Test-time outputs on source slices: {'logits'} and optionally translations and teacher.
 
   images: [N,H,W,C]. With with_translations: also 'pseudo_target' (G(x)), and where the method
-  has them 'teacher_logits' (teacher on G(x)) and 'cycle' (F(G(x))).
+  has them 'teacher_logits' (teacher on G(x)) and 'cycle' (F(G(x))). 'translator_only' has no
+  segmentation network, so no 'logits'.
   """
-  out = {'logits': infer_logits(state.params, state.batch_stats, images, config=config,
-                                nets=nets)}
+  out = {}
+  if config.method.name != 'translator_only':
+    out['logits'] = infer_logits(state.params, state.batch_stats, images, config=config,
+                                 nets=nets)
   if with_translations and nets.translator is not None:
     fake = nets.translator.apply({'params': state.params['translator']}, images)
     out['pseudo_target'] = fake

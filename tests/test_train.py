@@ -17,8 +17,10 @@ import pytest
 
 from cmedl_jax import checkpoint
 from cmedl_jax import input_pipeline
+from cmedl_jax import predict
 from cmedl_jax import train
 from configs import tiny
+from configs import two_stage
 from data_prep import phantoms
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -218,3 +220,23 @@ def test_main_uses_xla_cpu_convolutions_unless_told_otherwise(given, expected):
   flags = result.stdout.split()
   assert flags[0] == '--xla_force_host_platform_device_count=2'
   assert flags[1:] == [expected]
+
+
+@pytest.mark.slow
+def test_two_stage_training_end_to_end(data_root, tmp_path):
+  """Stage 1 (translator_only, with image summaries) trains and checkpoints; stage 2 starts
+  from its translator and keeps it frozen while teacher and student train."""
+  stage1 = small_config(data_root, num_steps=2, image_every=1, checkpoint_every=2)
+  two_stage.apply_stage(stage1, 'stage1')
+  train.train_and_evaluate(stage1, str(tmp_path / 'stage1'))
+  saved = predict._restore_tree(str(tmp_path / 'stage1' / 'checkpoints' / '2'))  # pylint: disable=protected-access
+  assert 'student' not in saved['params']
+  stage2 = small_config(data_root, num_steps=2, checkpoint_every=2)
+  two_stage.apply_stage(stage2, 'stage2')
+  stage2.method.translator_init = str(tmp_path / 'stage1')
+  result = train.train_and_evaluate(stage2, str(tmp_path / 'stage2'))
+  assert np.isfinite(result['val_dsc'])
+  final = predict._restore_tree(str(tmp_path / 'stage2' / 'checkpoints' / '2'))  # pylint: disable=protected-access
+  for a, b in zip(jax.tree.leaves(saved['params']['translator']),
+                  jax.tree.leaves(final['params']['translator'])):
+    np.testing.assert_array_equal(a, b)
