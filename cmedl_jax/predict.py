@@ -81,9 +81,13 @@ class Predictor:
     checkpoint_path: a saved state (e.g. WORKDIR/best/400 or WORKDIR/checkpoints/800).
     batch_size: slices per batch (global, over all devices).
     pseudo_target: also compute the translator's output (needs a full checkpoint).
+    teacher: segment with the run's teacher on the translator's output instead of the
+      method's test-time network (e.g. how good a CMEDL run's teacher is); uses the latest
+      checkpoint of `workdir` (or `checkpoint_path`).
   """
 
-  def __init__(self, workdir=None, checkpoint_path=None, batch_size=None, pseudo_target=False):
+  def __init__(self, workdir=None, checkpoint_path=None, batch_size=None, pseudo_target=False,
+               teacher=False):
     if (workdir is None) == (checkpoint_path is None):
       raise ValueError('give exactly one of workdir and checkpoint_path')
     run_dir = workdir if workdir is not None else _run_dir_of(checkpoint_path)
@@ -91,6 +95,13 @@ class Predictor:
       if not os.path.isfile(os.path.join(run_dir, name)):
         raise FileNotFoundError(f'{run_dir}: no {name} (not a cmedl-jax run directory?)')
     self.config = checkpoint.load_config(run_dir)
+    if teacher:
+      if not (ts.uses(self.config)['teacher'] and ts.uses(self.config)['translator']):
+        raise ValueError(f'{run_dir}: method {self.config.method.name} has no teacher and '
+                         'translator')
+      if checkpoint_path is None:
+        checkpoint_path = os.path.join(run_dir, 'checkpoints', str(self._latest_step(run_dir)))
+      self.config.method.name = 'pmri_teacher'  # Test time = the teacher on G(x).
     with open(os.path.join(run_dir, 'preparation.json')) as f:
       record = json.load(f)
     self.spec = prepare.PrepSpec.from_dict(record['spec'])
@@ -238,12 +249,16 @@ def main(argv=None):
   parser.add_argument('--probabilities', action='store_true', help='also write probabilities')
   parser.add_argument('--pseudo-target', action='store_true',
                       help="also write the translator's output (e.g. pseudo-MRI)")
+  parser.add_argument('--teacher', action='store_true',
+                      help="segment with the run's teacher on the translator's output (latest "
+                           'checkpoint, or --checkpoint)')
   parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
   args = parser.parse_args(argv)
   try:
     inputs = list_inputs(args.input)
     predictor = Predictor(workdir=args.workdir, checkpoint_path=args.checkpoint,
-                          batch_size=args.batch_size, pseudo_target=args.pseudo_target)
+                          batch_size=args.batch_size, pseudo_target=args.pseudo_target,
+                          teacher=args.teacher)
   except (FileNotFoundError, ValueError) as e:
     parser.exit(2, f'predict: error: {e}\n')
   result = predict_files(predictor, inputs, args.output, overwrite=args.overwrite,

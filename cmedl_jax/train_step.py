@@ -94,9 +94,9 @@ def uses(config):
   )
 
 
-def _segmenter_config(cfg, num_classes, dtype):
+def _segmenter_config(cfg, num_classes, dtype, remat):
   cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
-  cfg.update(num_classes=num_classes, dtype=dtype)
+  cfg.update(num_classes=num_classes, dtype=dtype, remat=remat)
   return cfg
 
 
@@ -104,18 +104,19 @@ def build_networks(config, in_channels):
   """Flax modules for `config.method.name`. in_channels: channels of one source image."""
   u = uses(config)
   dtype = config.model.dtype
+  remat = bool(config.model.get('remat', False))  # Runs saved before the field existed: off.
   k = config.data.num_classes
 
   def translator_cfg(out_channels):
     cfg = config.model.translator.to_dict()
-    cfg.update(out_channels=out_channels, dtype=dtype)
+    cfg.update(out_channels=out_channels, dtype=dtype, remat=remat)
     return cfg
 
   disc_cfg = dict(config.model.discriminator.to_dict(), dtype=dtype)
   return Networks(
-      student=models.get_segmenter(_segmenter_config(config.model.student, k, dtype))
+      student=models.get_segmenter(_segmenter_config(config.model.student, k, dtype, remat))
       if u['student'] else None,
-      teacher=models.get_segmenter(_segmenter_config(config.model.teacher, k, dtype))
+      teacher=models.get_segmenter(_segmenter_config(config.model.teacher, k, dtype, remat))
       if u['teacher'] else None,
       translator=models.get_translator(translator_cfg(in_channels)) if u['translator'] else None,
       translator_inv=models.get_translator(translator_cfg(in_channels))

@@ -56,6 +56,10 @@ def get_config(arg=None):
   # ------------------------------------------------------------------------------- models
   c.model = ml_collections.ConfigDict()
   c.model.dtype = 'float32'              # Compute dtype: 'float32' or 'bfloat16' (params f32).
+  # Rematerialisation: recompute each block's activations (U-Net conv-BN-ReLU, ResNet block,
+  # dense block, residual block) in the backward pass instead of keeping them: less memory for
+  # larger batches or images, about one more forward pass of compute. Same results.
+  c.model.remat = False
   # Segmenters: name in {'unet', 'densefcn', 'pspnet'}; unset fields take the network's
   # defaults (cmedl_jax/models/__init__.py).
   c.model.student = segmenter_config('unet')

@@ -392,3 +392,65 @@ def test_batch_norm_uses_global_batch_statistics_under_sharded_jit():
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------- rematerialisation
+
+REMAT_NETS = {
+    "unet": dict(TINY_SEGMENTERS["unet"]),
+    "densefcn": dict(TINY_SEGMENTERS["densefcn"], layers_per_block=2),
+    "pspnet": dict(TINY_SEGMENTERS["pspnet"]),
+    "translator": dict(name="cyclegan", ngf=4, n_blocks=2),
+}
+
+
+def _remat_pair(arch):
+  """(network without remat, with remat, is_segmenter)."""
+  if arch == "translator":
+    return (models.get_translator(dict(REMAT_NETS[arch], remat=False)),
+            models.get_translator(dict(REMAT_NETS[arch], remat=True)), False)
+  cfg = lambda remat: ml_collections.ConfigDict(dict(REMAT_NETS[arch], num_classes=3, remat=remat))
+  return models.get_segmenter(cfg(False)), models.get_segmenter(cfg(True)), True
+
+
+def _train_loss(net, segmenter, variables, x):
+  """A scalar of the training-mode forward pass, as a function of the parameters."""
+  if not segmenter:
+    return lambda p: jnp.mean(net.apply({"params": p}, x) ** 2)
+
+  def loss(p):
+    (logits, taps), _ = net.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
+                                  train=True, mutable=["batch_stats"])
+    return jnp.mean(logits ** 2) + jnp.mean(taps["penultimate"] ** 2)
+  return loss
+
+
+def _residual_bytes(loss, params):
+  """Bytes JAX keeps from the forward pass for the backward pass (the VJP's residuals)."""
+  leaves = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(loss, p)[1]), params)
+  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
+
+
+@pytest.mark.parametrize("arch", list(REMAT_NETS))
+def test_remat_same_parameters_and_gradients_fewer_residuals(arch):
+  plain, remat, segmenter = _remat_pair(arch)
+  x = rand((2, 32, 32, 1), seed=3)
+  v = init_seg(plain, x) if segmenter else init_net(plain, x)
+  v_remat = init_seg(remat, x) if segmenter else init_net(remat, x)
+  # The same parameter tree (names and values): checkpoints work with remat on or off.
+  assert jax.tree.structure(v) == jax.tree.structure(v_remat)
+  for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(v_remat)):
+    np.testing.assert_array_equal(a, b)
+  loss, loss_remat = (_train_loss(n, segmenter, v, x) for n in (plain, remat))
+  value, grads = jax.jit(jax.value_and_grad(loss))(v["params"])
+  value_r, grads_r = jax.jit(jax.value_and_grad(loss_remat))(v["params"])
+  np.testing.assert_allclose(value_r, value, rtol=1e-6)
+  # Tolerance relative to the largest gradient: biases before batch norm have exactly-zero
+  # gradients in theory, so their float32 values are rounding noise either way.
+  scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(grads))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)
+  # What remat is for: fewer activations kept for the backward pass (on GPU/TPU that is the
+  # activation memory; XLA:CPU removes the recomputation again, see docs/PERFORMANCE.md).
+  kept, kept_remat = _residual_bytes(loss, v["params"]), _residual_bytes(loss_remat, v["params"])
+  assert kept_remat < 0.85 * kept, (kept_remat, kept)

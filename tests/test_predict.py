@@ -69,6 +69,34 @@ def test_prediction_overlays_an_lps_anisotropic_oddly_sized_input(run_dir, tmp_p
   np.testing.assert_array_equal(ras_pred[::-1, ::-1], labels)
 
 
+def test_teacher_prediction_is_the_teacher_on_the_translation(run_dir):
+  """Predictor(teacher=True) segments with the run's teacher on G(x) (latest checkpoint),
+  computed here directly from the checkpoint's networks."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cmedl_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  root, workdir = run_dir
+  src = nib.load(sorted((root / 'raw' / 'thorax_ct' / 'imagesTs').glob('*.nii.gz'))[0])
+  image = np.asarray(src.dataobj, np.float32)
+  by_teacher = predict.Predictor(workdir=str(workdir), teacher=True)
+  got = by_teacher.predict_array(image, src.affine)['probabilities']
+  student = predict.Predictor(workdir=str(workdir)).predict_array(image, src.affine)
+  assert not np.allclose(got, student['probabilities'], atol=1e-4)
+
+  tree = predict._restore_tree(str(workdir / 'checkpoints' / '2'))  # pylint: disable=protected-access
+  nets = ts.build_networks(by_teacher.config, in_channels=1)
+  prepared, geometry = prepare.prepare_volume(image, src.affine, by_teacher.spec)
+  x = prepared[..., None]  # [Z, H, W, 1]
+  fake = nets.translator.apply({'params': tree['params']['translator']}, x)
+  logits = nets.teacher.apply({'params': tree['params']['teacher'],
+                               'batch_stats': tree['batch_stats']['teacher']}, fake,
+                              train=False)[0]
+  probs = np.asarray(jax.nn.softmax(logits, -1))  # [Z, H, W, K]
+  want = np.stack([prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
+                   for k in range(probs.shape[-1])], -1)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
 def test_cli_keeps_outputs_reports_bad_inputs_and_goes_on(run_dir, tmp_path, capsys):
   root, workdir = run_dir
   inputs = tmp_path / 'in'

@@ -21,7 +21,9 @@ one-pixel shift of the sampling grid.
 Taps: "last" = the final stack (input of the 1x1 classifier; 256 maps for 103),
 "penultimate" = the stack entering the last dense block (transition-up output concatenated
 with the skip; 192 maps for 103), "logits". H, W are edge-padded to a multiple of 2^n_pool
-and cropped back. Dropout is active only with train=True and a 'dropout' rng.
+and cropped back. Dropout is active only with train=True and a 'dropout' rng. remat=True
+recomputes each dense block in the backward pass (`nn.remat`; the concatenated stacks and their
+BN-ReLU copies are what fills memory in a DenseNet).
 """
 from __future__ import annotations
 
@@ -47,6 +49,28 @@ def _conv(features: int, kernel: int, dtype: Any, name: str | None = None) -> nn
                  param_dtype=jnp.float32, kernel_init=layers.he_init, name=name)
 
 
+class DenseBlock(nn.Module):
+  """n_layers dense layers (BN-ReLU-conv 3x3-dropout, each output concatenated to its input).
+
+  [N, H, W, C] -> (stack [N, H, W, C + n_layers * growth], new maps [N, H, W, n_layers * growth]).
+  """
+  n_layers: int
+  growth: int
+  dropout_rate: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, stack: Array, train: bool):
+    new = []
+    for _ in range(self.n_layers):
+      t = nn.relu(layers.batch_norm(train, self.dtype)(stack))
+      t = _conv(self.growth, 3, self.dtype)(t)
+      t = layers.dropout(self, t, self.dropout_rate, train)
+      new.append(t)
+      stack = jnp.concatenate([stack, t], axis=-1)
+    return stack, jnp.concatenate(new, axis=-1)
+
+
 class DenseFCN(nn.Module):
   """[N, H, W, C] -> (logits [N, H, W, num_classes] float32, taps dict float32).
 
@@ -61,6 +85,7 @@ class DenseFCN(nn.Module):
   first_filters: int = 48
   dropout_rate: float = 0.2
   dtype: Any = "float32"
+  remat: bool = False  # Recompute each dense block's intermediates in the backward pass.
 
   def block_layers(self) -> tuple[int, ...]:
     if self.variant not in VARIANTS:
@@ -85,25 +110,21 @@ class DenseFCN(nn.Module):
     def bn_relu(t):
       return nn.relu(layers.batch_norm(train, dtype)(t))
 
-    def dense_block(stack, n_layers):
+    block = nn.remat(DenseBlock, static_argnums=(2,)) if self.remat else DenseBlock
+
+    def dense_block(stack, n_layers, name):
       """Returns (stack with the new maps appended, the new maps alone)."""
-      new = []
-      for _ in range(n_layers):
-        t = _conv(growth, 3, dtype)(bn_relu(stack))
-        t = layers.dropout(self, t, self.dropout_rate, train)
-        new.append(t)
-        stack = jnp.concatenate([stack, t], axis=-1)
-      return stack, jnp.concatenate(new, axis=-1)
+      return block(n_layers, growth, self.dropout_rate, dtype, name=name)(stack, train)
 
     stack = _conv(self.first_filters, 3, dtype, name="conv_in")(x)
     skips = []
     for i in range(self.n_pool):
-      stack, _ = dense_block(stack, lpb[i])
+      stack, _ = dense_block(stack, lpb[i], f'down_block_{i}')
       skips.append(stack)
       t = _conv(stack.shape[-1], 1, dtype)(bn_relu(stack))
       t = layers.dropout(self, t, self.dropout_rate, train)
       stack = nn.max_pool(t, (2, 2), strides=(2, 2))
-    _, to_upsample = dense_block(stack, lpb[self.n_pool])
+    _, to_upsample = dense_block(stack, lpb[self.n_pool], 'bottleneck_block')
 
     penultimate = None
     for i in range(self.n_pool):
@@ -111,7 +132,7 @@ class DenseFCN(nn.Module):
       up = layers.ConvTranspose3x3S2(keep, dtype=dtype, kernel_init=layers.he_init)(to_upsample)
       stack = jnp.concatenate([up, skips[self.n_pool - 1 - i]], axis=-1)
       penultimate = stack
-      stack, to_upsample = dense_block(stack, lpb[self.n_pool + i + 1])
+      stack, to_upsample = dense_block(stack, lpb[self.n_pool + i + 1], f'up_block_{i}')
     logits = _conv(self.num_classes, 1, dtype, name="classifier")(stack)
     crop = lambda t: t[:, :h_in, :w_in, :].astype(jnp.float32)
     logits = crop(logits)

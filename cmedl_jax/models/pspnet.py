@@ -72,6 +72,7 @@ class PSPNet(nn.Module):
   aux_head: bool = False
   dropout_rate: float = 0.1
   dtype: Any = "float32"
+  remat: bool = False  # Recompute each residual block's intermediates in the backward pass.
 
   @nn.compact
   def __call__(self, x: Array, train: bool):
@@ -88,10 +89,11 @@ class PSPNet(nn.Module):
       h = nn.relu(bn()(_conv(self.base_width, 3, dtype, stride, name=f"stem_{i}")(h)))
     h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
+    block = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
     stage3 = None
     for s, (n_blocks, stride, dilation) in enumerate(zip(self.blocks, (1, 2, 1, 1), (1, 1, 2, 4))):
       for b in range(n_blocks):
-        h = ResidualBlock(self.base_width * 2 ** s, stride if b == 0 else 1, dilation,
+        h = block(self.base_width * 2 ** s, stride if b == 0 else 1, dilation,
                           self.bottleneck, dtype, name=f"stage{s + 1}_{b}")(h, train)
       if s == 2:
         stage3 = h

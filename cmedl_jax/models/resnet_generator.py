@@ -75,6 +75,7 @@ class ResnetGenerator(nn.Module):
   the order given. Unused outputs are removed by XLA under jit, so asking only for
   features costs only the encoder.
 
+  remat=True recomputes each ResNet block's intermediates in the backward pass (`nn.remat`).
   upsample_impl / pad_impl choose the exact formulation of ConvTranspose2d and
   ReflectionPad2d (see `layers`); defaults are the fastest measured on XLA:CPU.
   """
@@ -84,6 +85,7 @@ class ResnetGenerator(nn.Module):
   dtype: Any = "float32"
   upsample_impl: str = "subpixel"
   pad_impl: str = "concat"
+  remat: bool = False
 
   def num_layers(self) -> int:
     """Length of the PyTorch sequential layer list (28 for 9 blocks)."""
@@ -113,7 +115,8 @@ class ResnetGenerator(nn.Module):
            layers.instance_norm, nn.relu,
            _gan_conv(4 * ngf, 3, 2, ((1, 1), (1, 1)), dtype, "down_1"),
            layers.instance_norm, nn.relu]
-    ops += [ResnetBlock(dtype, self.pad_impl, name=f"block_{k}") for k in range(b)]
+    block = nn.remat(ResnetBlock) if self.remat else ResnetBlock
+    ops += [block(dtype, self.pad_impl, name=f"block_{k}") for k in range(b)]
     ops += [layers.ConvTranspose3x3S2(2 * ngf, dtype=dtype, impl=self.upsample_impl, name="up_0"),
             layers.instance_norm, nn.relu,
             layers.ConvTranspose3x3S2(ngf, dtype=dtype, impl=self.upsample_impl, name="up_1"),

@@ -9,6 +9,8 @@ bias. He-normal initialisation.
 Taps: "last" = output of the final decoder double conv (what the 1x1 classifier reads,
 base_width channels, input resolution), "penultimate" = output of the first conv-BN-ReLU of
 that double conv (base_width channels), "logits".
+remat=True recomputes each conv-BN-ReLU's intermediates in the backward pass instead of keeping
+them (`nn.remat`; same parameters and results, less activation memory, more compute).
 H, W need not be multiples of 2^depth: the input is edge-padded at the bottom/right and the
 logits and taps are cropped back to H x W.
 """
@@ -45,6 +47,7 @@ class UNet(nn.Module):
   depth: int = 4
   up: str = "transpose"  # "transpose" | "resize"
   dtype: Any = "float32"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool):
@@ -53,17 +56,18 @@ class UNet(nn.Module):
     dtype = layers.resolve_dtype(self.dtype)
     h_in, w_in = x.shape[1], x.shape[2]
     h = layers.pad_to_multiple(x, 2 ** self.depth).astype(dtype)
+    conv_block = nn.remat(ConvBNReLU, static_argnums=(2,)) if self.remat else ConvBNReLU
 
     skips = []
     for level in range(self.depth):
       width = self.base_width * 2 ** level
-      h = ConvBNReLU(width, dtype=dtype, name=f"enc_{level}_0")(h, train)
-      h = ConvBNReLU(width, dtype=dtype, name=f"enc_{level}_1")(h, train)
+      h = conv_block(width, dtype=dtype, name=f"enc_{level}_0")(h, train)
+      h = conv_block(width, dtype=dtype, name=f"enc_{level}_1")(h, train)
       skips.append(h)
       h = nn.max_pool(h, (2, 2), strides=(2, 2))
     width = self.base_width * 2 ** self.depth
-    h = ConvBNReLU(width, dtype=dtype, name="bottleneck_0")(h, train)
-    h = ConvBNReLU(width, dtype=dtype, name="bottleneck_1")(h, train)
+    h = conv_block(width, dtype=dtype, name="bottleneck_0")(h, train)
+    h = conv_block(width, dtype=dtype, name="bottleneck_1")(h, train)
 
     penultimate = None
     for level in reversed(range(self.depth)):
@@ -74,9 +78,9 @@ class UNet(nn.Module):
         h = nn.Conv(width, (3, 3), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=layers.he_init, name=f"up_{level}")(layers.upsample_nearest2x(h))
       h = jnp.concatenate([skips[level], h], axis=-1)
-      h = ConvBNReLU(width, dtype=dtype, name=f"dec_{level}_0")(h, train)
+      h = conv_block(width, dtype=dtype, name=f"dec_{level}_0")(h, train)
       penultimate = h
-      h = ConvBNReLU(width, dtype=dtype, name=f"dec_{level}_1")(h, train)
+      h = conv_block(width, dtype=dtype, name=f"dec_{level}_1")(h, train)
     logits = nn.Conv(self.num_classes, (1, 1), dtype=dtype, param_dtype=jnp.float32,
                      kernel_init=layers.he_init, name="classifier")(h)
     crop = lambda t: t[:, :h_in, :w_in, :].astype(jnp.float32)
