@@ -9,7 +9,8 @@ report and saved with its wall time in ROOT/runs/NAME/study_run.json); a run dir
 already holds a finished run is not trained again, so an interrupted study continues where it
 stopped. Test-set predictions (the final model of each run, no selection on the test set) go
 to ROOT/runs/NAME/test_predictions/, their per-case and per-tumor metrics to
-ROOT/runs/NAME/test_eval.json; every number in the report comes from those files.
+ROOT/runs/NAME/test_eval.json (and, for CMEDL runs, the teacher's on pseudo-target images:
+test_predictions_teacher/, test_eval_teacher.json); every number in the report comes from them.
 """
 
 from __future__ import annotations
@@ -183,10 +184,21 @@ def tumor_types(dataset_dir, case, ref):
   return out
 
 
+def teacher_run(r):
+  """The pseudo-run 'the teacher of CMEDL run r on pseudo-target images' (same seed, group)."""
+  return dict(r, name=f"{r['name']}#teacher", method='cmedl_teacher')
+
+
 def predict_and_evaluate(r, root):
-  """Predicts the source test set with the run's final model; returns and saves the metrics."""
-  workdir = f"{root}/runs/{r['name']}"
-  eval_path = f'{workdir}/test_eval.json'
+  """Predicts the source test set with the run's final model; returns and saves the metrics.
+
+  For a teacher pseudo-run (teacher_run) the run's teacher segments the translator's output.
+  """
+  teacher = r['method'] == 'cmedl_teacher'
+  name = r['name'].split('#')[0]
+  workdir = f'{root}/runs/{name}'
+  suffix = '_teacher' if teacher else ''
+  eval_path = f'{workdir}/test_eval{suffix}.json'
   if os.path.isfile(eval_path) and os.path.getmtime(eval_path) >= os.path.getmtime(
       f'{workdir}/study_run.json'):
     with open(eval_path) as f:
@@ -194,8 +206,8 @@ def predict_and_evaluate(r, root):
   from cmedl_jax import predict  # pylint: disable=g-import-not-at-top
   dataset_dir = f"{root}/data/phantoms/{SOURCE_KIND[r['setting']]}"
   pseudo = r['method'] in ('cmedl', 'stage2') and r['seed'] == 0
-  predictor = predict.Predictor(workdir=workdir, pseudo_target=pseudo)
-  out_dir = f'{workdir}/test_predictions'
+  predictor = predict.Predictor(workdir=workdir, pseudo_target=pseudo, teacher=teacher)
+  out_dir = f'{workdir}/test_predictions{suffix}'
   inputs = predict.list_inputs(f'{dataset_dir}/imagesTs')
   result = predict.predict_files(predictor, inputs, out_dir, overwrite=True,
                                  pseudo_target=pseudo, progress=False)
@@ -475,8 +487,8 @@ def build_report(root, out, runs, records, tiny, extra):
     return {k: group_of(records, runs, v) for k, v in g.items()}
 
   main = grouped('main', lambda r: r['method'])
-  main = {k: main[k] for k in ('student_only', 'cmedl', 'two_channel', 'pmri_teacher') if k in main}
-  s0 = {k: v for k, v in main.items()}
+  order = ('student_only', 'cmedl', 'cmedl_teacher', 'two_channel', 'pmri_teacher')
+  main = {k: main[k] for k in order if k in main}
   seconds = {}
   for r in runs:
     path = f"{root}/runs/{r['name']}/study_run.json"
@@ -516,6 +528,12 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
 """]
 
   parts.append('## 1. Informative teacher: CT student, T2w MRI teacher (U-Net + CycleGAN)\n\n'
+               'Methods: student_only (CT alone), cmedl (the student of CMEDL), cmedl_teacher '
+               '(the teacher of the same CMEDL runs, segmenting the translator\'s pseudo-MRI of '
+               'the test CT: what the student is distilled from), two_channel (student on CT '
+               'and pseudo-MRI as two channels), pmri_teacher (translator + teacher trained '
+               'without a student; the teacher segments the pseudo-MRI). p: paired Wilcoxon '
+               'against student_only.\n\n'
                + method_table(main, 'student_only') + '\n')
   if main:
     box_plot(main, f'{fig_dir}/main_dsc.png')
@@ -580,7 +598,7 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
 
   summary = ['## Discussion', '', PAPER, '']
   if main:
-    for b in ('cmedl', 'two_channel', 'pmri_teacher'):
+    for b in ('cmedl', 'cmedl_teacher', 'two_channel', 'pmri_teacher'):
       summary.append('- Informative teacher, ' + _delta_sentence(main, 'student_only', b))
     base, cm = main.get('student_only'), main.get('cmedl')
     if base and cm:
@@ -591,9 +609,11 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
           summary.append(f'- {kind} tumors: CMEDL {np.mean(b):.3f} vs student only '
                          f'{np.mean(a):.3f} (Δ {np.mean(b) - np.mean(a):+.3f}, {len(b)} tumors).')
   if weak:
-    summary.append('- Weak teacher, ' + _delta_sentence(weak, 'student_only', 'cmedl'))
+    for b in ('cmedl', 'cmedl_teacher'):
+      summary.append('- Weak teacher, ' + _delta_sentence(weak, 'student_only', b))
   if equal:
-    summary.append('- Equal teacher, ' + _delta_sentence(equal, 'student_only', 'cmedl'))
+    for b in ('cmedl', 'cmedl_teacher'):
+      summary.append('- Equal teacher, ' + _delta_sentence(equal, 'student_only', b))
   summary.append('')
   summary.append(DISCUSSION)
   parts.append('\n'.join(summary))
@@ -603,6 +623,8 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
       f'--out {root}/data/phantoms/{k}' for k, (n, t, s) in datasets.items()) + '`', '',
       '| run | seconds | command |', '|---|---|---|']
   for r in runs:
+    if '#' in r['name']:
+      continue
     lines.append(f"| {r['name']} | {seconds.get(r['name'], 'not run')} | "
                  f"`{shown(train_command(r, root, extra))}` |")
   lines += ['', 'Prediction and evaluation of each run (done in-process by the script, same code): '
@@ -653,6 +675,7 @@ def main(argv=None):
                    TINY_PHANTOM_GRID if args.tiny else {})
   records = {}
   failed = []
+  teachers = []
   for r in runs:
     if not args.report_only:
       try:
@@ -662,6 +685,10 @@ def main(argv=None):
         failed.append(r['name'])
     if r['method'] != 'stage1' and finished(r, root):
       records[r['name']] = predict_and_evaluate(r, root)
+      if r['method'] == 'cmedl' and r['group'] in ('main', 'weak', 'equal'):
+        teachers.append(teacher_run(r))
+        records[teachers[-1]['name']] = predict_and_evaluate(teachers[-1], root)
+  runs = runs + teachers
   build_report(root, args.out, runs, records, args.tiny, extra)
   if failed:
     print(f'reproduce: failed runs: {failed}', file=sys.stderr)
