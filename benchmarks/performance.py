@@ -320,7 +320,7 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
                 'compiler drops the optimisation barriers that jax.checkpoint emits and then '
                 'merges the recomputation with the forward pass (common-subexpression '
                 'elimination), so on CPU remat changes neither memory nor speed. The saving is '
-                'for GPU and TPU, whose compilers keep the barriers; not measured here (no '
+                'meant for GPU and TPU, where XLA keeps the barriers (not measured here: no '
                 'accelerator lent). tests/test_models.py checks that remat gives the same '
                 'parameters and gradients with fewer residuals, tests/test_train_step.py that '
                 'the whole step is unchanged.', '']
