@@ -9,8 +9,9 @@ in-plane, normalise, crop; `data_prep.prepare.prepare_volume`), the test-time ne
 all slices in batches sharded over all devices, its class probabilities are mapped back onto
 the input's voxel grid (`data_prep.geometry.invert_image`, linear) and their argmax is written
 as uint8 with the input's affine and header. Optional: class probabilities (float32,
-[X,Y,Z,K]) and the translator's pseudo-target image. Outputs are written atomically; existing ones are kept unless
---overwrite; an unreadable input is reported and the other cases go on (exit code 1).
+[X,Y,Z,K]), the translator's pseudo-target image, and (--teacher) the teacher's segmentation of
+it. Outputs are written atomically; existing ones are kept unless --overwrite; an unreadable
+input is reported and the other cases go on (exit code 1).
 """
 
 import argparse
@@ -96,7 +97,8 @@ class Predictor:
         raise FileNotFoundError(f'{run_dir}: no {name} (not a cmedl-jax run directory?)')
     self.config = checkpoint.load_config(run_dir)
     if teacher:
-      if not (ts.uses(self.config)['teacher'] and ts.uses(self.config)['translator']):
+      parts = ts.uses(self.config)
+      if not (parts['teacher'] and parts['translator']):
         raise ValueError(f'{run_dir}: method {self.config.method.name} has no teacher and '
                          'translator')
       if checkpoint_path is None:

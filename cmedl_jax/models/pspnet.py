@@ -94,7 +94,7 @@ class PSPNet(nn.Module):
     for s, (n_blocks, stride, dilation) in enumerate(zip(self.blocks, (1, 2, 1, 1), (1, 1, 2, 4))):
       for b in range(n_blocks):
         h = block(self.base_width * 2 ** s, stride if b == 0 else 1, dilation,
-                          self.bottleneck, dtype, name=f"stage{s + 1}_{b}")(h, train)
+                  self.bottleneck, dtype, name=f"stage{s + 1}_{b}")(h, train)
       if s == 2:
         stage3 = h
 
