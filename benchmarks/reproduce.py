@@ -157,13 +157,14 @@ def train(r, root, extra):
   seconds = time.time() - t0
   if rc != 0:
     raise RuntimeError(f"run {r['name']} failed (exit {rc}); see {workdir}/train.log")
-  checkpoint_json(f'{workdir}/study_run.json',
+  write_json(f'{workdir}/study_run.json',
                   {'command': shown(cmd), 'seconds': round(seconds, 1), 'returncode': rc,
                    'commit': _git_commit()})
   print(f"reproduce: {r['name']} done in {seconds:.0f} s", flush=True)
 
 
-def checkpoint_json(path, obj):
+def write_json(path, obj):
+  """Writes obj as JSON atomically (inf/NaN as strings, as cmedl_jax.evaluate does)."""
   evaluate.atomic_write(path, json.dumps(evaluate._json_safe(obj), indent=1))  # pylint: disable=protected-access
 
 
@@ -232,7 +233,7 @@ def predict_and_evaluate(r, root):
         t['type'] = types[t['tumor'] - 1] if types else 'unknown'
   record = {'run': r['name'], 'case_rows': case_rows, 'tumor_rows': tumor_rows,
             'predictions': out_dir, 'reference': f'{dataset_dir}/labelsTs'}
-  checkpoint_json(eval_path, record)
+  write_json(eval_path, record)
   return record
 
 
