@@ -10,20 +10,10 @@ Multi-host (TPU pod slice, SLURM GPU cluster): run the same command on every hos
 environment on Cloud TPU and SLURM).
 """
 
-import os
-
-# XLA:CPU in jax 0.10.2 sends convolutions to YNNPACK, which made the joint step at 256x256 2.4x
-# slower than XLA's own convolutions (22.3 s against 9.1 s, docs/TRAIN_STEP_BENCHMARK.md; no
-# difference at 96x96). Use XLA's unless the user sets this flag. Read when jax starts a backend.
-_YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
-if _YNN_FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             f' {_YNN_FLAG}=-individual_convolution').strip()
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
 from absl import flags
 from absl import logging
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 from ml_collections import config_flags
 
 from cmedl_jax import train
