@@ -40,8 +40,12 @@ DATASETS = {
 }
 TINY_DATASETS = {'thorax_ct': (6, 3, 0), 'thorax_t2w': (6, 2, 1)}
 TINY_PHANTOM_GRID = dict(size=48, spacing=8.0, slices=12)
+# The tiny check's networks are those of configs/tiny.py (a pipeline check, not a study).
 TINY_OVERRIDES = {'data.image_size': 32, 'data.spacing_mm': 12.0, 'train.num_steps': 4,
-                  'eval.batch_size': 8}
+                  'eval.batch_size': 8, 'model.student.base_width': 4, 'model.student.depth': 2,
+                  'model.teacher.base_width': 4, 'model.teacher.depth': 2,
+                  'model.translator.ngf': 4, 'model.translator.n_blocks': 1,
+                  'model.discriminator.ndf': 4, 'method.contextual_points': 64}
 SOURCE_KIND = {'informative': 'thorax_ct', 'weak': 'thorax_t2w', 'equal': 'abdomen_t1w'}
 TEACHER_KIND = {'informative': 'thorax_t2w', 'weak': 'thorax_ct', 'equal': 'abdomen_t2w'}
 PAPER = ('The paper (377 CT and 82 T2w MRI of different patients, 609 test tumors, full-size '

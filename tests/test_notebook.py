@@ -13,7 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv('CMEDL_DEMO_DIR', str(tmp_path))
-  monkeypatch.setenv('CMEDL_DEMO_STEPS', '60')  # Brief: the cells run, the demo is not judged.
+  # Brief, tiny networks: the cells run, the demo is not judged.
+  monkeypatch.setenv('CMEDL_DEMO_STEPS', '20')
+  monkeypatch.setenv('CMEDL_DEMO_CONFIG', 'tiny')
   nb = nbformat.read(ROOT / 'notebooks' / 'cmedl_demo.ipynb', as_version=4)
   NotebookClient(nb, timeout=900, kernel_name='python3',
                  resources={'metadata': {'path': str(ROOT / 'notebooks')}}).execute()

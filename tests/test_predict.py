@@ -1,33 +1,32 @@
-"""Prediction on NIfTI volumes with a trained run: output on the input's grid, CLI behaviour."""
+"""Prediction on NIfTI volumes with a trained run: the networks' outputs on the input's grid
+(labels, probabilities, pseudo-target, teacher), from the export or any checkpoint, CLI
+behaviour."""
 
 import os
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 from cmedl_jax import predict
-from cmedl_jax import train
-from test_train import small_config
-from test_train import write_phantoms
+from cmedl_jax import train_step as ts
+from data_prep import prepare
 
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  """A tiny CMEDL run trained for 2 steps (with its inference export)."""
-  root = tmp_path_factory.mktemp('predict')
-  write_phantoms(root, n=3, seed=1, slices=4)
-  workdir = root / 'run'
-  config = small_config(root, num_steps=2, eval_every=2, checkpoint_every=2)
-  config.data.val_fraction = 0.34
-  train.train_and_evaluate(config, str(workdir))
-  return root, workdir
+def run_dir(tiny_run):
+  """The session's tiny CMEDL run (tests/conftest.py): (data root, workdir)."""
+  return tiny_run
 
 
-def lps_odd_input(root):
+def ct_test_case(root):
+  return sorted((root / 'raw' / 'thorax_ct' / 'imagesTs').glob('*.nii.gz'))[0]
+
+
+def lps_odd_input(root, out_dir):
   """A phantom CT stored LPS with an odd in-plane shape and anisotropic spacing."""
-  path = root / 'raw' / 'thorax_ct' / 'imagesTs'
-  src = nib.load(sorted(path.glob('*.nii.gz'))[0])
+  src = nib.load(ct_test_case(root))
   data = np.asarray(src.dataobj)[3:44, 5:42, :]  # 41 x 37 voxels, 8 mm, 3 mm slices.
   affine = src.affine.copy()
   affine[:3, 3] += affine[:3, :3] @ np.array([3, 5, 0])
@@ -35,73 +34,116 @@ def lps_odd_input(root):
   flip[:2, 3] = [data.shape[0] - 1, data.shape[1] - 1]
   img = nib.Nifti1Image(data[::-1, ::-1].copy(), affine @ flip)  # Same anatomy, axes LPS.
   img.header.set_xyzt_units('mm')
-  out = root / 'lps_odd_0000.nii.gz'
+  out = out_dir / 'lps_odd_0000.nii.gz'
   nib.save(img, out)
   return out
 
 
+def direct(predictor, image, affine, tree, name='student'):
+  """Probabilities and pseudo-target of `image` computed here from the checkpoint's networks:
+  prepare, apply, map back onto the input grid (as predict documents it)."""
+  nets = ts.build_networks(predictor.config, in_channels=1)
+  prepared, geometry = prepare.prepare_volume(image, affine, predictor.spec)
+  x = prepared[..., None]  # [Z, H, W, 1]
+  p, stats = tree['params'], tree['batch_stats']
+  fake = nets.translator.apply({'params': p['translator']}, x)
+  inputs = fake if name == 'teacher' else x
+  logits = getattr(nets, name).apply({'params': p[name], 'batch_stats': stats[name]}, inputs,
+                                     train=False)[0]
+  probs = np.asarray(jax.nn.softmax(logits, -1))  # [Z, H, W, K]
+  probs = np.stack([prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
+                    for k in range(probs.shape[-1])], -1)
+  fake = prepare.invert_image(np.asarray(fake[..., 0]), geometry, fill_value=-1.0)
+  return probs, fake
+
+
 def test_prediction_overlays_an_lps_anisotropic_oddly_sized_input(run_dir, tmp_path):
   root, workdir = run_dir
-  source = lps_odd_input(root)
+  source = lps_odd_input(root, tmp_path)
   predictor = predict.Predictor(workdir=str(workdir), pseudo_target=True)
-  result = predict.predict_files(predictor, [str(source)], str(tmp_path), probabilities=True,
+  out_dir = tmp_path / 'out'
+  result = predict.predict_files(predictor, [str(source)], str(out_dir), probabilities=True,
                                  pseudo_target=True, progress=False)
-  assert result['written'] == [str(tmp_path / 'lps_odd.nii.gz')] and not result['failed']
-  ref, out = nib.load(source), nib.load(tmp_path / 'lps_odd.nii.gz')
-  assert out.shape == ref.shape == (41, 37, 4)
+  assert result['written'] == [str(out_dir / 'lps_odd.nii.gz')] and not result['failed']
+  ref, out = nib.load(source), nib.load(out_dir / 'lps_odd.nii.gz')
+  assert out.shape == ref.shape == (41, 37, 6)
   np.testing.assert_array_equal(out.affine, ref.affine)
   assert nib.aff2axcodes(out.affine) == ('L', 'P', 'S')
   assert out.get_data_dtype() == np.uint8
   labels = np.asarray(out.dataobj)
-  assert set(np.unique(labels)) <= {0, 1}
-  probs = nib.load(tmp_path / 'lps_odd_probabilities.nii.gz')
-  assert probs.shape == (41, 37, 4, 2)
+  probs = nib.load(out_dir / 'lps_odd_probabilities.nii.gz')
+  assert probs.shape == (41, 37, 6, 2)
   p = np.asarray(probs.dataobj)
   np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
   np.testing.assert_array_equal(p.argmax(-1), labels)  # Labels are the probabilities' argmax.
-  fake = nib.load(tmp_path / 'lps_odd_pseudo_target.nii.gz')
+  fake = nib.load(out_dir / 'lps_odd_pseudo_target.nii.gz')
   assert fake.shape == ref.shape
   np.testing.assert_array_equal(fake.affine, ref.affine)
 
-  # The same volume stored RAS gives the same labels, flipped back.
+  # Both equal the networks applied directly (the final checkpoint holds the exported student).
+  tree = predict._restore_tree(str(workdir / 'checkpoints' / '8'))  # pylint: disable=protected-access
+  want_p, want_fake = direct(predictor, np.asarray(ref.dataobj, np.float32), ref.affine, tree)
+  np.testing.assert_allclose(p, want_p, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(fake.dataobj), want_fake, atol=2e-5)
+  assert np.ptp(want_fake) > 0.1  # A real image, not a constant.
+
+  # The same volume stored RAS gives the same probabilities, flipped back.
   ras = nib.as_closest_canonical(ref)
-  ras_pred = predictor.predict_array(np.asarray(ras.dataobj, np.float32), ras.affine)['labels']
-  np.testing.assert_array_equal(ras_pred[::-1, ::-1], labels)
+  ras_pred = predictor.predict_array(np.asarray(ras.dataobj, np.float32), ras.affine)
+  np.testing.assert_allclose(ras_pred['probabilities'][::-1, ::-1], p, atol=1e-6)
+  np.testing.assert_array_equal(ras_pred['labels'][::-1, ::-1], labels)
 
 
 def test_teacher_prediction_is_the_teacher_on_the_translation(run_dir):
   """Predictor(teacher=True) segments with the run's teacher on G(x) (latest checkpoint),
   computed here directly from the checkpoint's networks."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from cmedl_jax import train_step as ts  # pylint: disable=g-import-not-at-top
-  from data_prep import prepare  # pylint: disable=g-import-not-at-top
   root, workdir = run_dir
-  src = nib.load(sorted((root / 'raw' / 'thorax_ct' / 'imagesTs').glob('*.nii.gz'))[0])
+  src = nib.load(ct_test_case(root))
   image = np.asarray(src.dataobj, np.float32)
   by_teacher = predict.Predictor(workdir=str(workdir), teacher=True)
   got = by_teacher.predict_array(image, src.affine)['probabilities']
   student = predict.Predictor(workdir=str(workdir)).predict_array(image, src.affine)
   assert not np.allclose(got, student['probabilities'], atol=1e-4)
-
-  tree = predict._restore_tree(str(workdir / 'checkpoints' / '2'))  # pylint: disable=protected-access
-  nets = ts.build_networks(by_teacher.config, in_channels=1)
-  prepared, geometry = prepare.prepare_volume(image, src.affine, by_teacher.spec)
-  x = prepared[..., None]  # [Z, H, W, 1]
-  fake = nets.translator.apply({'params': tree['params']['translator']}, x)
-  logits = nets.teacher.apply({'params': tree['params']['teacher'],
-                               'batch_stats': tree['batch_stats']['teacher']}, fake,
-                              train=False)[0]
-  probs = np.asarray(jax.nn.softmax(logits, -1))  # [Z, H, W, K]
-  want = np.stack([prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
-                   for k in range(probs.shape[-1])], -1)
+  tree = predict._restore_tree(str(workdir / 'checkpoints' / '8'))  # pylint: disable=protected-access
+  want, _ = direct(by_teacher, image, src.affine, tree, name='teacher')
   np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_cli_predicts_from_the_export_any_checkpoint_and_the_teacher(run_dir, tmp_path):
+  """--workdir (export), --checkpoint of the final step (the same student), --checkpoint of
+  the best step (that state's student) and --teacher, each through the command line."""
+  root, workdir = run_dir
+  good = ct_test_case(root)
+  best = sorted(os.listdir(workdir / 'best'))[0]
+  runs = {'export': ['--workdir', str(workdir)],
+          'final': ['--checkpoint', str(workdir / 'checkpoints' / '8')],
+          'best': ['--checkpoint', str(workdir / 'best' / best)],
+          'teacher': ['--workdir', str(workdir), '--teacher']}
+  probs = {}
+  for name, args in runs.items():
+    out = tmp_path / name
+    assert predict.main(args + ['--input', str(good), '--output', str(out),
+                                '--probabilities']) == 0, name
+    case = good.name.replace('_0000', '')
+    assert sorted(os.listdir(out)) == sorted([case, case.replace('.nii.gz',
+                                                                 '_probabilities.nii.gz')])
+    probs[name] = np.asarray(nib.load(out / case.replace('.nii.gz', '_probabilities.nii.gz'))
+                             .dataobj)
+  np.testing.assert_array_equal(probs['final'], probs['export'])
+  src = nib.load(good)
+  image = np.asarray(src.dataobj, np.float32)
+  for name, kwargs in (('best', dict(checkpoint_path=str(workdir / 'best' / best))),
+                       ('teacher', dict(workdir=str(workdir), teacher=True))):
+    want = predict.Predictor(**kwargs).predict_array(image, src.affine)['probabilities']
+    np.testing.assert_allclose(probs[name], want, atol=1e-6, err_msg=name)
+  assert not np.allclose(probs['teacher'], probs['export'], atol=1e-4)
 
 
 def test_cli_keeps_outputs_reports_bad_inputs_and_goes_on(run_dir, tmp_path, capsys):
   root, workdir = run_dir
   inputs = tmp_path / 'in'
   inputs.mkdir()
-  good = sorted((root / 'raw' / 'thorax_ct' / 'imagesTs').glob('*.nii.gz'))[0]
+  good = ct_test_case(root)
   (inputs / good.name).write_bytes(good.read_bytes())
   (inputs / 'broken_0000.nii.gz').write_bytes(b'not a nifti file')
   out = tmp_path / 'out'

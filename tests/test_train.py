@@ -1,149 +1,73 @@
-"""The training program: resume after SIGTERM and SIGKILL is bit-exact, NaN stops, config errors.
+"""The training program: resume after SIGTERM, SIGKILL and a kill during a checkpoint save is
+bit-exact, NaN stops, checkpoints keep the latest K and the best, TensorBoard holds what the
+README promises, config errors.
 
-Runs tiny CMEDL trainings (configs/tiny.py, 32x32) on small phantom datasets; the programs run
-as subprocesses (`python -m cmedl_jax.main`) sharing one persistent compilation cache.
+Tiny CMEDL trainings (configs/tiny.py, 32x32) on small phantom datasets (tests/tiny_runs.py);
+the interrupted programs run as subprocesses (`python -m cmedl_jax.main`) sharing the session's
+compilation cache with the in-process run they are compared with (the `tiny_run` fixture).
 """
 
 import json
 import os
-import pathlib
-import re
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cmedl_jax import checkpoint
+from cmedl_jax import curves
 from cmedl_jax import input_pipeline
 from cmedl_jax import predict
 from cmedl_jax import train
-from configs import tiny
+from cmedl_jax import train_step as ts
 from configs import two_stage
-from data_prep import phantoms
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-NUM_STEPS = 8
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-  """Small unpaired thorax CT and T2w phantom datasets, prepared at 32x32 (12 mm)."""
-  root = tmp_path_factory.mktemp('train_data')
-  write_phantoms(root, n=5, seed=0, slices=6)
-  train.prepare_data(small_config(root))
-  return root
-
-
-def write_phantoms(root, n, seed, slices):
-  """ROOT/raw/thorax_ct and ROOT/raw/thorax_t2w: n training + 1 test case, 48x48 at 8 mm."""
-  for kind in ('thorax_ct', 'thorax_t2w'):
-    phantoms.write_dataset(kind, n, seed, root / 'raw' / kind, n_test=1, size=48, spacing=8.0,
-                           slices=slices)
-
-
-def overrides(root, **train_fields):
-  """(field, value) pairs of the tiny config that point it at `root` and set train fields."""
-  fields = {'data.spacing_mm': 12.0, 'data.source.raw_dir': root / 'raw' / 'thorax_ct',
-            'data.source.prepared_dir': root / 'prepared' / 'thorax_ct',
-            'data.target.raw_dir': root / 'raw' / 'thorax_t2w',
-            'data.target.prepared_dir': root / 'prepared' / 'thorax_t2w',
-            'train.num_steps': NUM_STEPS, 'train.checkpoint_every': 3, 'train.eval_every': 4,
-            'train.image_every': 4, 'train.log_every': 2}
-  fields.update({f'train.{k}': v for k, v in train_fields.items()})
-  return fields
-
-
-def small_config(root, **train_fields):
-  config = tiny.get_config('unet,cyclegan')
-  for field, value in overrides(root, **train_fields).items():
-    *parents, leaf = field.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value if not isinstance(value, pathlib.Path) else str(value)
-  return config
-
-
-# A `python -m cmedl_jax.main` that sends itself SIGNAL when the training loop asks for the
-# batch of step STEP (after STEP steps have run): a hard kill or an interrupt mid-run.
-_INTERRUPTING_MAIN = '''
-import os, signal, sys
-from absl import app
-from cmedl_jax import input_pipeline, main
-sig, at_step = getattr(signal, sys.argv.pop(1)), int(sys.argv.pop(1))
-create = input_pipeline.create_train_iterator
-def create_interrupting(*args, **kwargs):
-  it, step = create(*args, **kwargs), kwargs['start_step']
-  class Interrupting:
-    def __next__(self):
-      nonlocal step
-      if step == at_step:
-        os.kill(os.getpid(), sig)
-      step += 1
-      return next(it)
-    def close(self):
-      it.close()
-  return Interrupting()
-input_pipeline.create_train_iterator = create_interrupting
-app.run(main.main)
-'''
-
-
-def run_main(root, workdir, cache, interrupt=None, extra=()):
-  """Runs the trainer in a subprocess; interrupt=(signal name, step). Returns CompletedProcess."""
-  args = [f'--config={ROOT / "configs" / "tiny.py"}:unet,cyclegan', f'--workdir={workdir}']
-  args += [f'--config.{k}={v}' for k, v in overrides(root).items()] + list(extra)
-  program = ['-m', 'cmedl_jax.main']
-  if interrupt:
-    program = ['-c', _INTERRUPTING_MAIN, interrupt[0], str(interrupt[1])]
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, *program, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-
-
-def final_state(workdir):
-  return checkpoint.restore_state(os.path.join(workdir, 'checkpoints'), None)
-
-
-def steps_saved(workdir):
-  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+from tiny_runs import final_state
+from tiny_runs import NUM_STEPS
+from tiny_runs import ROOT
+from tiny_runs import run_main
+from tiny_runs import small_config
+from tiny_runs import steps_saved
 
 
 @pytest.mark.slow
-def test_interrupted_runs_resume_bit_for_bit(data_root, tmp_path):
-  cache = tmp_path / 'jax_cache'
-  straight = run_main(data_root, tmp_path / 'straight', cache)
-  assert straight.returncode == 0, straight.stderr[-3000:]
-
-  # SIGTERM before step 2 runs: saves step 2 and exits cleanly.
+def test_interrupted_runs_resume_bit_for_bit(tiny_run, tmp_path):
+  data_root, straight = tiny_run
+  # SIGTERM before step 2 runs: saves step 3 and exits cleanly.
   resumed = tmp_path / 'resumed'
-  term = run_main(data_root, resumed, cache, interrupt=('SIGTERM', 2))
+  term = run_main(data_root, resumed, interrupt=('SIGTERM', 2))
   assert term.returncode == 0, term.stderr[-3000:]
   assert 'Received SIGTERM: saved step 3, exiting.' in term.stderr
   assert steps_saved(resumed) == [3]
   # SIGKILL before step 5 runs (last checkpoint: 3): no clean-up of any kind.
-  kill = run_main(data_root, resumed, cache, interrupt=('SIGKILL', 5))
+  kill = run_main(data_root, resumed, interrupt=('SIGKILL', 5))
   assert kill.returncode == -9, kill.stderr[-3000:]
   assert 'Starting at step 3 of 8.' in kill.stderr
+  assert steps_saved(resumed) == [3]
+  # SIGKILL while checkpoint 6 is being saved: its files are written, its commit is not.
+  during_save = run_main(data_root, resumed, interrupt=('SAVE', 6))
+  assert during_save.returncode == -9, during_save.stderr[-3000:]
+  assert 'Starting at step 3 of 8.' in during_save.stderr
+  assert steps_saved(resumed) == [3]
+  assert [d for d in os.listdir(resumed / 'checkpoints') if not d.isdigit()]  # The torso.
   assert not os.path.exists(resumed / 'export')
-  # Resume to the end.
-  last = run_main(data_root, resumed, cache)
+  # Resume to the end, from the last committed checkpoint.
+  last = run_main(data_root, resumed)
   assert last.returncode == 0, last.stderr[-3000:]
-  assert re.search(r'Starting at step [35] of 8\.', last.stderr)
+  assert 'Starting at step 3 of 8.' in last.stderr
+  assert steps_saved(resumed) == [3, 6, 8]
+  assert sorted(os.listdir(resumed / 'checkpoints')) == ['3', '6', '8']  # Torso cleaned up.
 
-  a, b = final_state(tmp_path / 'straight'), final_state(resumed)
+  a, b = final_state(straight), final_state(resumed)
   assert int(a['step']) == int(b['step']) == NUM_STEPS
   leaves_a, tree_a = jax.tree.flatten(a)
   leaves_b, tree_b = jax.tree.flatten(b)
   assert tree_a == tree_b
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  history = [json.loads((d / 'validation.json').read_text())
-             for d in (tmp_path / 'straight', resumed)]
+  history = [json.loads((d / 'validation.json').read_text()) for d in (straight, resumed)]
   assert [r['step'] for r in history[0]] == [4, 8]
   assert history[0] == history[1]
   assert os.path.isdir(resumed / 'export')
@@ -172,9 +96,9 @@ def _inject_nan_at(monkeypatch, bad_step):
 
 @pytest.mark.slow
 def test_nan_in_batch_stops_naming_loss_and_step_and_keeps_last_checkpoint(
-    data_root, tmp_path, monkeypatch):
+    tiny_data, tmp_path, monkeypatch):
   _inject_nan_at(monkeypatch, 4)  # The batch of the 5th step.
-  config = small_config(data_root, checkpoint_every=2, log_every=1, eval_every=100)
+  config = small_config(tiny_data, checkpoint_every=2, log_every=1, eval_every=100)
   with pytest.raises(train.NonFiniteLossError, match=r'loss/\w+ is nan at step 5; stopping'):
     train.train_and_evaluate(config, str(tmp_path))
   assert steps_saved(tmp_path) == [2, 4]
@@ -190,8 +114,8 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     train.check_workdir(str(blocker / 'run'))
 
 
-def test_prepared_data_of_another_spec_is_an_error(data_root):
-  config = small_config(data_root)
+def test_prepared_data_of_another_spec_is_an_error(tiny_data):
+  config = small_config(tiny_data)
   config.data.image_size = 48
   with pytest.raises(ValueError, match=r'prepared_dir elsewhere or delete it'):
     train.prepare_data(config)
@@ -223,15 +147,15 @@ def test_main_uses_xla_cpu_convolutions_unless_told_otherwise(given, expected):
 
 
 @pytest.mark.slow
-def test_two_stage_training_end_to_end(data_root, tmp_path):
+def test_two_stage_training_end_to_end(tiny_data, tmp_path):
   """Stage 1 (translator_only, with image summaries) trains and checkpoints; stage 2 starts
   from its translator and keeps it frozen while teacher and student train."""
-  stage1 = small_config(data_root, num_steps=2, image_every=1, checkpoint_every=2)
+  stage1 = small_config(tiny_data, num_steps=2, image_every=1, checkpoint_every=2)
   two_stage.apply_stage(stage1, 'stage1')
   train.train_and_evaluate(stage1, str(tmp_path / 'stage1'))
   saved = predict._restore_tree(str(tmp_path / 'stage1' / 'checkpoints' / '2'))  # pylint: disable=protected-access
   assert 'student' not in saved['params']
-  stage2 = small_config(data_root, num_steps=2, checkpoint_every=2)
+  stage2 = small_config(tiny_data, num_steps=2, checkpoint_every=2)
   two_stage.apply_stage(stage2, 'stage2')
   stage2.method.translator_init = str(tmp_path / 'stage1')
   result = train.train_and_evaluate(stage2, str(tmp_path / 'stage2'))
@@ -240,3 +164,83 @@ def test_two_stage_training_end_to_end(data_root, tmp_path):
   for a, b in zip(jax.tree.leaves(saved['params']['translator']),
                   jax.tree.leaves(final['params']['translator'])):
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def test_checkpoints_keep_the_latest_k_and_the_best(tmp_path):
+  ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  dsc = {1: 0.2, 2: 0.6, 3: 0.4, 4: 0.1, 5: 0.5}
+  for step, value in dsc.items():
+    state = {'w': np.full((3,), step, np.float32)}
+    ckpts.save(step, state)
+    ckpts.save_if_best(step, state, {'val_dsc': value})
+  ckpts.save_if_best(2, {'w': np.zeros((3,), np.float32)}, {'val_dsc': 0.6})  # Kept as is.
+  ckpts.wait()
+  assert ckpts.latest_step() == 5
+  ckpts.close()
+  assert steps_saved(tmp_path) == [4, 5]
+  assert steps_saved(tmp_path, 'best') == [2]
+  np.testing.assert_array_equal(final_state(tmp_path, 'best')['w'], [2, 2, 2])
+  np.testing.assert_array_equal(final_state(tmp_path)['w'], [5, 5, 5])
+
+
+def test_a_run_keeps_its_latest_checkpoints_best_and_export(tiny_run):
+  _, workdir = tiny_run
+  assert steps_saved(workdir) == [6, 8]  # Saved at 3, 6 and 8; the latest 2 kept.
+  history = json.loads((workdir / 'validation.json').read_text())
+  best = steps_saved(workdir, 'best')
+  assert len(best) == 1
+  assert {r['step']: r['val_dsc'] for r in history}[best[0]] == max(r['val_dsc'] for r in history)
+  assert int(final_state(workdir, 'best')['step']) == best[0]
+  # The export is the final state's test-time network (the student).
+  exported = checkpoint.load_inference(str(workdir / 'export'))
+  final = final_state(workdir)
+  assert set(exported['params']) == {'student'}
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(
+      {'params': {'student': final['params']['student']},
+       'batch_stats': {'student': final['batch_stats']['student']}})):
+    np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------ TensorBoard
+
+def read_image_tags(workdir):
+  """{tag: sorted steps} of the image summaries in WORKDIR's event files."""
+  tags = {}
+  for path in sorted(workdir.glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.HasField('tensor') and tf.make_ndarray(value.tensor).ndim:
+          tags.setdefault(value.tag, set()).add(int(event.step))
+  return {tag: sorted(steps) for tag, steps in tags.items()}
+
+
+def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
+  """What the README promises under Logging, read back from the run's event files."""
+  _, workdir = tiny_run
+  scalars = curves.read_scalars(str(workdir))
+  logged = [2, 4, 6, 8]  # train.log_every = 2.
+  terms = ('gan_target', 'gan_source', 'cycle', 'identity', 'contextual', 'teacher_seg',
+           'student_seg', 'hint', 'disc_target', 'disc_source', 'total_generator_side')
+  groups = ('translator', 'discriminator', 'teacher', 'student')
+  for tag in ([f'loss/{t}' for t in terms] + [f'grad_norm/{g}' for g in groups]
+              + [f'lr/{g}' for g in groups] + ['perf/steps_per_sec', 'perf/data_wait_fraction']):
+    assert tag in scalars, tag
+    np.testing.assert_array_equal(scalars[tag][0], logged, err_msg=tag)
+    assert np.isfinite(scalars[tag][1]).all(), tag
+  config = small_config(tiny_run[0])
+  for g in groups:
+    want = [float(ts.learning_rates(config, s)[g]) for s in logged]
+    np.testing.assert_allclose(scalars[f'lr/{g}'][1], want, rtol=1e-6, err_msg=g)
+  np.testing.assert_allclose(
+      scalars['loss/total_generator_side'][1],
+      sum(scalars[f'loss/{t}'][1] for t in terms[:8]), rtol=1e-5)
+  history = json.loads((workdir / 'validation.json').read_text())
+  for key in ('val_dsc', 'val_sdsc', 'val_hd95'):
+    np.testing.assert_array_equal(scalars[key][0], [4, 8])
+    np.testing.assert_allclose(scalars[key][1], [r[key] for r in history], rtol=1e-6)
+  images = read_image_tags(workdir)
+  for tag in ('source', 'label', 'pseudo_target', 'cycle_source', 'prediction/inference',
+              'prediction/teacher_on_pseudo_target'):
+    assert images.get(tag) == [4, 8], (tag, images)
