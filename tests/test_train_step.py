@@ -220,17 +220,3 @@ def test_eval_step_outputs():
   assert out['pseudo_target'].shape == (2, H, W, 1)
   assert out['teacher_logits'].shape == (2, H, W, 2)
   assert out['cycle'].shape == (2, H, W, 1)
-
-
-def test_history_pool_semantics():
-  from cmedl_jax import image_pool
-  pool = image_pool.init_pool(3, (1, 1, 1))
-  first = jnp.arange(2, dtype=jnp.float32).reshape(2, 1, 1, 1)
-  out, pool = image_pool.query_pool(pool, first, jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(out, first)  # Not full yet: returned as given, and stored.
-  assert int(pool['count']) == 2
-  new = jnp.full((64, 1, 1, 1), 9.0)
-  out, pool = image_pool.query_pool(pool, new, jax.random.PRNGKey(1))
-  assert int(pool['count']) == 3
-  returned_old = np.sum(np.asarray(out) != 9.0)
-  assert 0 < returned_old < 64  # Some swapped for stored ones, most not all.
