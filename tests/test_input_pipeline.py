@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from scipy import ndimage
 
 from cmedl_jax import input_pipeline as ip
 from data_prep import prepare as P
@@ -254,3 +255,125 @@ def test_bad_arguments(prepared, tmp_path):
                              mesh=Mesh(np.array(jax.devices()), ("data",)))
   with pytest.raises(P.DataError, match="prepared.json"):
     ip.create_train_iterator(str(tmp_path), mr, global_batch_size=4, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation geometry against independent references: the host (TF) and device (jax) warps
+# of `_draw_params`'s transforms, called directly on small synthetic batches.
+
+AUG_H, AUG_W = 24, 32  # not square: a swapped H and W shows
+NO_AUG = dict(flip=0.0, flip_ud=0.0, rotate_deg=0.0, scale=0.0, intensity=0.0)
+_device_warp = jax.jit(ip._device_augment)
+
+
+@pytest.fixture(scope="module")
+def tf_augment():
+  return ip._make_tf_augment()
+
+
+def smooth_batch():
+  """Images [2, H, W, 2] (smooth, asymmetric, in (-1, 1)) and blocky labels [2, H, W] uint8."""
+  y, x = np.mgrid[0:AUG_H, 0:AUG_W].astype(np.float64)
+  images = np.stack([np.stack([0.9 * np.sin(0.23 * x + 0.11 * (i + 1) * y + 0.7 * k + 0.3)
+                               * np.cos(0.17 * y - 0.05 * k * x) for k in range(2)], -1)
+                     for i in range(2)]).astype(np.float32)
+  labels = np.stack([(x // 5 + 2 * (y // 4) + i) % 3 for i in range(2)]).astype(np.uint8)
+  return images, labels
+
+
+def warps(tf_augment, images, labels, params):
+  """[(image, label)] of the host and the device warp with params' transform and jitter."""
+  t, j = params["transform"], params["jitter"]
+  host = tf_augment(images, labels, t, j)
+  device = _device_warp({"image": images, "label": labels, "transform": t, "jitter": j,
+                         "has_label": np.ones(len(images), np.float32)})
+  return [(host[0].numpy(), host[1].numpy()),
+          (np.asarray(device["image"]), np.asarray(device["label"]))]
+
+
+class FixedRng:
+  """Stands in for the np.random.Generator of `_draw_params`: uniform(low, high) = low + t
+  (high - low) for every draw, random() = 0.5 (flip probability 1 flips, 0 does not)."""
+
+  def __init__(self, t):
+    self.t = t
+
+  def uniform(self, low, high, size):
+    return np.full(size, low + self.t * (high - low))
+
+  def random(self, size):
+    return np.full(size, 0.5)
+
+  def integers(self, low, high, size):
+    return np.zeros(size, np.int64)
+
+
+@pytest.mark.parametrize("flips", [dict(flip=1.0), dict(flip_ud=1.0), dict(flip=1.0, flip_ud=1.0)])
+def test_flip_is_an_exact_mirror(tf_augment, flips):
+  aug = ip._augment_params(dict(NO_AUG, **flips))
+  params = ip._draw_params(np.random.default_rng(0), 10, None, 0.0, aug, 2, (AUG_H, AUG_W))
+  images, labels = smooth_batch()
+  axes = tuple(axis for name, axis in (("flip_ud", 1), ("flip", 2)) if name in flips)
+  for image, label in warps(tf_augment, images, labels, params):
+    np.testing.assert_array_equal(image, np.flip(images, axes))
+    np.testing.assert_array_equal(label, np.flip(labels, axes))
+
+
+def test_flip_true_means_probability_one_half():
+  aug = ip._augment_params(dict(NO_AUG, flip=True, flip_ud=True))
+  rng = np.random.default_rng(1)
+  t = ip._draw_params(rng, 10, None, 0.0, aug, 4000, (AUG_H, AUG_W))["transform"]
+  for flipped in (t[:, 0] < 0, t[:, 4] < 0):  # a0 = sx / scale, b1 = sy / scale at angle 0
+    assert abs(flipped.mean() - 0.5) < 4 * np.sqrt(0.25 / 4000)
+
+
+@pytest.mark.parametrize("t, flip", [(1.0, 0.0), (0.0, 0.0), (0.8, 1.0)])
+def test_rotation_and_scale_match_scipy_affine_transform(tf_augment, t, flip):
+  """With every uniform draw at fraction t of its range: angle (2t - 1) * 30 degrees, scale
+  1 + (2t - 1) * 0.2; the warp of output (x, y) -> input is R(angle) diag(+-1, 1) (out - c) / scale
+  + c (c the image centre), here rebuilt in scipy's (row, col) order."""
+  aug = ip._augment_params(dict(NO_AUG, flip=flip, rotate_deg=30.0, scale=0.2))
+  params = ip._draw_params(FixedRng(t), 10, None, 0.0, aug, 2, (AUG_H, AUG_W))
+  theta = (2 * t - 1) * 30.0 * np.pi / 180.0
+  scale = 1.0 + (2 * t - 1) * 0.2
+  sx = -1.0 if flip else 1.0
+  xy = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+  xy = xy @ np.diag([sx, 1.0]) / scale
+  m = xy[::-1, ::-1]  # the same map on (row, col) = (y, x)
+  centre = np.array([(AUG_H - 1) / 2.0, (AUG_W - 1) / 2.0])
+  offset = centre - m @ centre
+  images, labels = smooth_batch()
+  ref = np.stack([np.stack([ndimage.affine_transform(images[i, ..., k].astype(np.float64), m,
+                                                     offset, order=1, mode="constant", cval=-1.0)
+                            for k in range(2)], -1) for i in range(2)])
+  rc = np.stack(np.mgrid[0:AUG_H, 0:AUG_W], -1) @ m.T + offset  # input (row, col) of each pixel
+  size = np.array([AUG_H, AUG_W])
+  interior = ((rc >= 1) & (rc <= size - 2)).all(-1)
+  outside = ((rc < -1.01) | (rc > size + 0.01)).any(-1)
+  assert interior.mean() > 0.4 and outside.mean() > 0.02
+  near = np.floor(rc + 0.5).astype(int)
+  in_grid = ((near >= 0) & (near < size)).all(-1)
+  ref_label = np.where(in_grid, labels[:, np.clip(near[..., 0], 0, AUG_H - 1),
+                                       np.clip(near[..., 1], 0, AUG_W - 1)], 0)
+  no_tie = (np.abs(rc % 1.0 - 0.5) > 1e-3).all(-1)  # nearest-neighbour ties may go either way
+  for image, label in warps(tf_augment, images, labels, params):
+    np.testing.assert_allclose(image[:, interior], ref[:, interior], atol=1e-4)
+    np.testing.assert_allclose(image[:, outside], -1.0, atol=1e-6)
+    np.testing.assert_array_equal(label[:, no_tie], ref_label[:, no_tie])
+
+
+def test_positive_angle_turns_the_content_counterclockwise(tf_augment):
+  """rotate_deg=30 at its maximum: a blob 8 px right of the centre moves to 30 degrees above
+  the x axis (rows grow downwards, so counterclockwise as displayed)."""
+  aug = ip._augment_params(dict(NO_AUG, rotate_deg=30.0))
+  params = ip._draw_params(FixedRng(1.0), 10, None, 0.0, aug, 2, (AUG_H, AUG_W))
+  y, x = np.mgrid[0:AUG_H, 0:AUG_W].astype(np.float64)
+  cx, cy = (AUG_W - 1) / 2.0, (AUG_H - 1) / 2.0
+  blob = -1.0 + 1.8 * np.exp(-((x - cx - 8.0) ** 2 + (y - cy) ** 2) / (2 * 1.5 ** 2))
+  images = np.broadcast_to(blob[None, :, :, None], (2, AUG_H, AUG_W, 2)).astype(np.float32)
+  for image, _ in warps(tf_augment, images, np.zeros((2, AUG_H, AUG_W), np.uint8), params):
+    weight = image[0, ..., 0] + 1.0
+    dx = (weight * (x - cx)).sum() / weight.sum()
+    dy = (weight * (y - cy)).sum() / weight.sum()
+    assert np.hypot(dx, dy) == pytest.approx(8.0, abs=0.02)
+    assert np.degrees(np.arctan2(-dy, dx)) == pytest.approx(30.0, abs=0.1)

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+import surface_distance
 from scipy import ndimage
 
 from cmedl_jax import metrics
@@ -163,7 +164,6 @@ def test_identical_masks():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_area_convention_matches_surface_distance(ndim):
-  surface_distance = pytest.importorskip("surface_distance")
   rng = np.random.default_rng(ndim)
   checked = 0
   for trial in range(12):

@@ -2,6 +2,8 @@
 bfloat16, parameter counts and batch norm under a data-parallel mesh. Tiny networks only."""
 from __future__ import annotations
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -454,3 +456,96 @@ def test_remat_same_parameters_and_gradients_fewer_residuals(arch):
   # activation memory; XLA:CPU removes the recomputation again, see docs/PERFORMANCE.md).
   kept, kept_remat = _residual_bytes(loss, v["params"]), _residual_bytes(loss_remat, v["params"])
   assert kept_remat < 0.85 * kept, (kept_remat, kept)
+
+
+# --------------------------------------------------------------------------- README figures
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+NCE_LAYERS = (0, 4, 8, 12, 16)
+# Rows of README.md's "Networks and parameter counts" table -> (kind, registry config, input
+# channels). Unset fields take the registry defaults, so a changed default changes a count.
+README_NETWORKS = {
+    'U-Net, base 32, depth 4, `up="transpose"` (default)': ("segmenter", {"name": "unet"}, 1),
+    'U-Net, base 32, depth 4, `up="resize"`': ("segmenter", {"name": "unet", "up": "resize"}, 1),
+    "FC-DenseNet56 (`variant=56`)": ("segmenter", {"name": "densefcn", "variant": 56}, 1),
+    "FC-DenseNet67 (`variant=67`)": ("segmenter", {"name": "densefcn", "variant": 67}, 1),
+    "FC-DenseNet103 (`variant=103`, default)": ("segmenter", {"name": "densefcn"}, 1),
+    "FC-DenseNet103, 3 input channels, 11 classes (CamVid, as published)":
+        ("segmenter", {"name": "densefcn", "num_classes": 11}, 3),
+    "PSPNet, dilated ResNet-18-style backbone, base 64 (default)":
+        ("segmenter", {"name": "pspnet"}, 1),
+    "PSPNet default + auxiliary head (`aux_head=True`)":
+        ("segmenter", {"name": "pspnet", "aux_head": True}, 1),
+    "PSPNet, bottleneck blocks (3, 4, 6, 3) (ResNet-50 backbone, as the paper's)":
+        ("segmenter", {"name": "pspnet", "bottleneck": True, "blocks": (3, 4, 6, 3)}, 1),
+    "CycleGAN/CUT ResNet generator, ngf 64, 9 blocks": ("translator", {"name": "cyclegan"}, 1),
+    "ResNet generator, ngf 64, 6 blocks": ("translator", {"name": "cut", "n_blocks": 6}, 1),
+    "PatchGAN discriminator, ndf 64, 3 layers": ("discriminator", {}, 1),
+    "CUT PatchSampleF (MLP heads on nce_layers 0,4,8,12,16, 1-channel input)":
+        ("sampler", {}, 1),
+}
+
+
+def readme_network_table():
+  """{label: (parameters, BN stats or None, taps text)} of the README table, and its prose."""
+  section = README.read_text().split("\n## Networks and parameter counts\n", 1)[1]
+  section = section.split("\n## ", 1)[0]
+  rows = {}
+  for line in section.splitlines():
+    if not line.startswith("|"):
+      continue
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if cells[0] == "network (config)" or not cells[0].strip("-:"):
+      continue
+    label, params, stats, taps = cells
+    number = lambda s: int(s.strip("*").replace(",", ""))
+    rows[label] = (number(params), None if stats == "-" else number(stats), taps)
+  return rows, section
+
+
+def network_figures(kind, cfg, channels):
+  """(parameters, BN stats or None, (penultimate, last) tap shapes or None) at 256x256."""
+  x = jax.ShapeDtypeStruct((1, 256, 256, channels), jnp.float32)
+  if kind == "segmenter":
+    net = models.get_segmenter({"num_classes": 2, **cfg})
+    v = jax.eval_shape(lambda t: net.init(key(0), t, train=False), x)
+    _, taps = jax.eval_shape(lambda vv, t: net.apply(vv, t, train=False), v, x)
+    shapes = tuple(taps[name].shape[1:] for name in ("penultimate", "last"))
+    return count(v["params"]), count(v["batch_stats"]), shapes
+  if kind == "sampler":
+    gen = models.get_translator({"name": "cut"})
+    gv = jax.eval_shape(gen.init, key(0), x)
+    feats = jax.eval_shape(lambda vv, t: gen.apply(vv, t, NCE_LAYERS)[1], gv, x)
+    net = models.get_patch_sampler({})
+    v = jax.eval_shape(lambda f: net.init(key(0), f, 256, None, key(1)), feats)
+  else:
+    net = (models.get_translator if kind == "translator" else models.get_discriminator)(cfg)
+    v = jax.eval_shape(net.init, key(0), x)
+  assert set(v) == {"params"}, kind  # no batch-norm statistics
+  return count(v["params"]), None, None
+
+
+def test_readme_parameter_counts():
+  """Every figure of README's "Networks and parameter counts" table, from the networks built
+  by the registry (jax.eval_shape: nothing is compiled)."""
+  rows, prose = readme_network_table()
+  assert list(rows) == list(README_NETWORKS)
+  previous_taps = None
+  for label, (params, stats, taps) in rows.items():
+    got_params, got_stats, got_taps = network_figures(*README_NETWORKS[label])
+    assert (got_params, got_stats) == (params, stats), label
+    if taps == "same":
+      taps = previous_taps
+    if taps:
+      want = [tuple(int(d) for d in t.strip().split("x")) for t in taps.split("/")]
+      assert list(got_taps) == want, label
+    previous_taps = taps
+  # The prose under the table repeats some of its figures.
+  prose = " ".join(prose.split())
+  gen = rows["CycleGAN/CUT ResNet generator, ngf 64, 9 blocks"][0]
+  disc = rows["PatchGAN discriminator, ndf 64, 3 layers"][0]
+  assert f"generator {gen:,} and 70x70 PatchGAN {disc:,} parameters" in prose
+  camvid = "FC-DenseNet103, 3 input channels, 11 classes (CamVid, as published)"
+  camvid_params, camvid_stats, _ = rows[camvid]
+  assert (f"{camvid_params:,} trainable + {camvid_stats:,} batch-norm statistics = "
+          f"{camvid_params + camvid_stats:,}") in prose

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from data_prep import nifti_io
 from data_prep import phantoms as P
 
 T = P.TISSUES
@@ -269,7 +270,6 @@ def test_dataset_json_is_valid(written, kind):
 
 
 def test_reader_of_the_pipeline_accepts_it(written):
-  nifti_io = pytest.importorskip("data_prep.nifti_io")
   info = nifti_io.read_dataset(written["thorax_t2w"])
   assert len(info.training) == 2 and len(info.test) == 1 and info.labels == {0: "background",
                                                                              1: "tumor"}
