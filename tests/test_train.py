@@ -131,21 +131,6 @@ def test_mistyped_config_field_is_an_error(tmp_path):
   assert not os.path.exists(tmp_path / 'config.json')
 
 
-@pytest.mark.parametrize('given, expected', [
-    ('', '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'),
-    ('--xla_cpu_experimental_ynn_fusion_type=', '--xla_cpu_experimental_ynn_fusion_type='),
-])
-def test_main_uses_xla_cpu_convolutions_unless_told_otherwise(given, expected):
-  code = 'import os; import cmedl_jax.main; print(os.environ["XLA_FLAGS"])'
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=2 {given}'.strip())
-  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  flags = result.stdout.split()
-  assert flags[0] == '--xla_force_host_platform_device_count=2'
-  assert flags[1:] == [expected]
-
-
 @pytest.mark.slow
 def test_two_stage_training_end_to_end(tiny_data, tmp_path):
   """Stage 1 (translator_only, with image summaries) trains and checkpoints; stage 2 starts
