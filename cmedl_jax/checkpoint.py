@@ -84,7 +84,52 @@ def write_json_atomic(path, obj):
   os.replace(tmp, path)
 
 
+# Config fields a resumed run may change: how often it logs, writes images, validates and
+# saves, how many checkpoints it keeps, how it validates, how far it prefetches. Anything else
+# (networks, method, losses, optimiser and its schedule incl. train.num_steps, batch, data, seed)
+# would resume a different training from the stored state, so it is an error.
+RESUMABLE_CHANGES = ('train.log_every', 'train.image_every', 'train.eval_every',
+                     'train.checkpoint_every', 'train.keep_checkpoints', 'eval.', 'data.prefetch')
+
+
+def _flatten(tree, prefix=''):
+  """Nested JSON dict -> {'a.b.c': leaf}."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return out
+
+
+def config_changes(stored, new):
+  """Sorted dotted names of the fields that differ between two JSON config dicts."""
+  a, b = _flatten(stored), _flatten(new)
+  return sorted(k for k in a.keys() | b.keys() if a.get(k, KeyError) != b.get(k, KeyError))
+
+
+def check_resume_config(workdir, config):
+  """Raises ValueError when WORKDIR/config.json holds a config this one may not resume.
+
+  Reads only; fields in RESUMABLE_CHANGES may differ.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  changed = [k for k in config_changes(stored, json.loads(config.to_json_best_effort()))
+             if not any(k == r or (r.endswith('.') and k.startswith(r))
+                        for r in RESUMABLE_CHANGES)]
+  if changed:
+    raise ValueError(
+        f'{workdir} holds a run with another config ({path}); changed: {", ".join(changed)}; '
+        'use the stored values or another workdir')
+
+
 def save_config(workdir, config):
+  """Writes WORKDIR/config.json, after checking a stored one may be resumed with `config`."""
+  check_resume_config(workdir, config)
   write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
 
 

@@ -166,6 +166,7 @@ def train_and_evaluate(config, workdir, on_log=None):
   without validation).
   """
   quiet_library_logs()
+  checkpoint.check_resume_config(workdir, config)  # Before writing anything.
   check_workdir(workdir)
   checkpoint.save_config(workdir, config)
   prepare_data(config)

@@ -229,3 +229,30 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
   for tag in ('source', 'label', 'pseudo_target', 'cycle_source', 'prediction/inference',
               'prediction/teacher_on_pseudo_target'):
     assert images.get(tag) == [4, 8], (tag, images)
+
+
+def test_resume_with_a_changed_network_is_an_error_before_any_write(tmp_path):
+  config = small_config(tmp_path)
+  checkpoint.save_config(str(tmp_path), config)
+  before = (tmp_path / 'config.json').read_bytes()
+  changed = small_config(tmp_path)
+  changed.model.student.base_width = 8
+  changed.train.log_every = 5  # Cadence may change on resume; not named.
+  with pytest.raises(ValueError, match=r'model\.student\.base_width') as e:
+    train.train_and_evaluate(changed, str(tmp_path))
+  assert str(tmp_path) in str(e.value) and 'log_every' not in str(e.value)
+  assert '\n' not in str(e.value)
+  assert (tmp_path / 'config.json').read_bytes() == before
+  assert sorted(os.listdir(tmp_path)) == ['config.json']
+
+
+def test_resume_may_change_logging_eval_and_checkpoint_cadence(tmp_path):
+  config = small_config(tmp_path)
+  checkpoint.save_config(str(tmp_path), config)
+  config.train.update(log_every=5, image_every=7, eval_every=9, checkpoint_every=11,
+                      keep_checkpoints=1)
+  config.eval.batch_size = 4
+  config.data.prefetch = 1
+  checkpoint.save_config(str(tmp_path), config)
+  assert checkpoint.load_config(str(tmp_path)).train.log_every == 5
+
