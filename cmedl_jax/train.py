@@ -59,6 +59,34 @@ def check_workdir(workdir):
     raise OSError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
 
 
+def check_config(config):
+  """Raises a one-line ValueError naming the first invalid field; before any expensive work.
+
+  The network sizes are not checked against data.image_size: every network pads its input to
+  the multiple it needs.
+  """
+  def fail(field, why):
+    raise ValueError(f'{field} {why}, got {config[field.split(".")[0]][field.split(".")[1]]!r}')
+
+  for field in ('optim.lr',):
+    section, name = field.split('.')
+    if not config[section][name] > 0:
+      fail(field, 'must be > 0')
+  for field in ('train.num_steps', 'train.global_batch_size', 'train.log_every',
+                'train.image_every', 'train.eval_every', 'train.checkpoint_every',
+                'train.keep_checkpoints', 'data.image_size', 'eval.batch_size'):
+    section, name = field.split('.')
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      fail(field, 'must be an int >= 1')
+  c = config.data.context_slices
+  if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
+    fail('data.context_slices', 'must be an odd int >= 1')
+  devices = jax.device_count()
+  if config.train.global_batch_size % devices:
+    fail('train.global_batch_size', f'must be a multiple of the device count ({devices})')
+
+
 def prepare_data(config):
   """Prepares source and target datasets from their raw folders unless already prepared."""
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
@@ -166,6 +194,7 @@ def train_and_evaluate(config, workdir, on_log=None):
   without validation).
   """
   quiet_library_logs()
+  check_config(config)
   checkpoint.check_resume_config(workdir, config)  # Before writing anything.
   check_workdir(workdir)
   checkpoint.save_config(workdir, config)

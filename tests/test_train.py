@@ -256,3 +256,17 @@ def test_resume_may_change_logging_eval_and_checkpoint_cadence(tmp_path):
   checkpoint.save_config(str(tmp_path), config)
   assert checkpoint.load_config(str(tmp_path)).train.log_every == 5
 
+
+
+@pytest.mark.parametrize('field, value', [
+    ('optim.lr', 0.0), ('optim.lr', -1e-3), ('train.num_steps', 0),
+    ('train.global_batch_size', 6), ('train.log_every', 0), ('data.image_size', 0),
+    ('eval.batch_size', 0), ('data.context_slices', 2)])
+def test_config_errors_name_the_field_before_any_work(tmp_path, field, value):
+  config = small_config(tmp_path / 'nothing_here')
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=rf'^{field} ') as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert '\n' not in str(e.value)
+  assert not os.path.exists(tmp_path / 'run')
