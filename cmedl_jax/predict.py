@@ -114,7 +114,7 @@ class Predictor:
     self.nets = ts.build_networks(self.config, in_channels=self.context_slices)
 
     if checkpoint_path is None:
-      export = os.path.join(run_dir, 'export')
+      export = checkpoint.export_dir(run_dir)
       if not os.path.isdir(export):
         raise FileNotFoundError(f'{export}: no inference export (did training finish?); '
                                 'use --checkpoint with a saved state instead')

@@ -198,6 +198,7 @@ def train_and_evaluate(config, workdir, on_log=None):
   checkpoint.check_resume_config(workdir, config)  # Before writing anything.
   check_workdir(workdir)
   checkpoint.save_config(workdir, config)
+  checkpoint.clean_export_leftovers(workdir)
   prepare_data(config)
   mesh = sharding.make_mesh()
   info = input_pipeline.dataset_info(config.data.source.prepared_dir)

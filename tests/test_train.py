@@ -270,3 +270,53 @@ def test_config_errors_name_the_field_before_any_work(tmp_path, field, value):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
   assert not os.path.exists(tmp_path / 'run')
+
+
+def _export_tree(value):
+  return {'student': {'w': np.full((3,), value, np.float32)}}
+
+
+def test_a_killed_re_export_keeps_the_previous_export(tmp_path, monkeypatch):
+  checkpoint.export_inference(str(tmp_path), _export_tree(1.0), {})
+  save = checkpoint.ocp.StandardCheckpointer.save
+
+  def save_then_die(self, path, *args, **kwargs):  # New files written, never put in place.
+    save(self, path, *args, **kwargs)
+    self.wait_until_finished()
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.export_inference(str(tmp_path), _export_tree(2.0), {})
+  monkeypatch.undo()
+  exported = checkpoint.load_inference(str(tmp_path / 'export'))
+  np.testing.assert_array_equal(exported['params']['student']['w'], 1.0)
+  # The next export replaces it whole and leaves no sibling behind.
+  checkpoint.export_inference(str(tmp_path), {'teacher': {'b': np.zeros(2, np.float32)}}, {})
+  exported = checkpoint.load_inference(str(tmp_path / 'export'))
+  assert set(exported['params']) == {'teacher'}
+  assert sorted(os.listdir(tmp_path)) == ['export']
+
+
+def test_a_kill_between_the_export_renames_is_recovered(tmp_path, monkeypatch):
+  checkpoint.export_inference(str(tmp_path), _export_tree(1.0), {})
+  rename = os.rename
+
+  def die_putting_the_new_one_in_place(src, dst):
+    if os.path.basename(dst) == 'export' and not os.path.exists(dst):
+      raise KeyboardInterrupt
+    rename(src, dst)
+
+  monkeypatch.setattr(os, 'rename', die_putting_the_new_one_in_place)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.export_inference(str(tmp_path), _export_tree(2.0), {})
+  monkeypatch.undo()
+  assert not os.path.exists(tmp_path / 'export')  # Old moved aside, new not yet in place.
+  # Readers (predict) find the previous export; the next training start puts it back.
+  found = checkpoint.export_dir(str(tmp_path))
+  np.testing.assert_array_equal(
+      checkpoint.load_inference(found)['params']['student']['w'], 1.0)
+  checkpoint.clean_export_leftovers(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['export']
+  np.testing.assert_array_equal(
+      checkpoint.load_inference(str(tmp_path / 'export'))['params']['student']['w'], 1.0)
