@@ -11,6 +11,7 @@ import json
 import logging as pylogging
 import os
 import signal
+import socket
 import time
 
 from absl import logging
@@ -85,6 +86,73 @@ def check_config(config):
   devices = jax.device_count()
   if config.train.global_batch_size % devices:
     fail('train.global_batch_size', f'must be a multiple of the device count ({devices})')
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another training holds the workdir."""
+
+
+def _pid_alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, another user's.
+    return True
+  return True
+
+
+class WorkdirLock:
+  """WORKDIR/train.lock, {"pid", "host"} of the training that holds the workdir.
+
+  Created atomically (O_CREAT | O_EXCL); held for the whole training and removed at its end,
+  also on an error. A lock of a pid that is not alive on this host (a killed training) is taken
+  over with a warning; any other is an error naming its holder.
+  """
+
+  NAME = 'train.lock'
+
+  def __init__(self, workdir):
+    self.path = os.path.join(workdir, self.NAME)
+    self.workdir = workdir
+    self.held = False
+
+  def _create(self):
+    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, 'w') as f:
+      json.dump({'pid': os.getpid(), 'host': socket.gethostname()}, f)
+
+  def _holder(self):
+    """(pid, host) of the lock's holder; (None, None) for a lock cut short by a kill."""
+    try:
+      with open(self.path) as f:
+        holder = json.load(f)
+      return int(holder['pid']), str(holder['host'])
+    except (ValueError, KeyError, TypeError):
+      return None, None
+
+  def __enter__(self):
+    try:
+      self._create()
+    except FileExistsError:
+      pid, host = self._holder()
+      cut_short = pid is None and time.time() - os.path.getmtime(self.path) > 10
+      if not (cut_short or (host == socket.gethostname() and not _pid_alive(pid))):
+        raise WorkdirLockedError(
+            f'{self.workdir} is in use by the training of process {pid} on host {host} '
+            f'({self.path}); wait for it to end, or delete the lock if it is not running'
+        ) from None
+      logging.warning('Taking over %s of process %s on %s, which is not running.', self.path,
+                      pid, host)
+      os.remove(self.path)
+      self._create()
+    self.held = True
+    return self
+
+  def __exit__(self, *exc):
+    if self.held:
+      os.remove(self.path)
+      self.held = False
 
 
 def prepare_data(config):
@@ -197,6 +265,14 @@ def train_and_evaluate(config, workdir, on_log=None):
   check_config(config)
   checkpoint.check_resume_config(workdir, config)  # Before writing anything.
   check_workdir(workdir)
+  if jax.process_index() != 0:  # Multi-host: process 0 holds the workdir for all.
+    return _train_and_evaluate(config, workdir, on_log)
+  with WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, on_log)
+
+
+def _train_and_evaluate(config, workdir, on_log):
+  """train_and_evaluate once the config is checked and the workdir held."""
   checkpoint.save_config(workdir, config)
   checkpoint.clean_export_leftovers(workdir)
   prepare_data(config)

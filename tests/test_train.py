@@ -9,6 +9,7 @@ compilation cache with the in-process run they are compared with (the `tiny_run`
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from cmedl_jax import predict
 from cmedl_jax import train
 from cmedl_jax import train_step as ts
 from configs import two_stage
+from data_prep import nifti_io
 from tiny_runs import final_state
 from tiny_runs import NUM_STEPS
 from tiny_runs import ROOT
@@ -320,3 +322,43 @@ def test_a_kill_between_the_export_renames_is_recovered(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ['export']
   np.testing.assert_array_equal(
       checkpoint.load_inference(str(tmp_path / 'export'))['params']['student']['w'], 1.0)
+
+
+def _write_lock(workdir, pid, host=None):
+  workdir.mkdir(exist_ok=True)
+  (workdir / 'train.lock').write_text(
+      json.dumps({'pid': pid, 'host': host or socket.gethostname()}))
+
+
+def test_a_workdir_held_by_a_running_training_is_an_error(tmp_path):
+  holder = subprocess.Popen(['sleep', '60'])
+  try:
+    _write_lock(tmp_path / 'run', holder.pid)
+    with pytest.raises(RuntimeError, match=rf'in use by the training of process {holder.pid} '):
+      train.train_and_evaluate(small_config(tmp_path), str(tmp_path / 'run'))
+    assert json.loads((tmp_path / 'run' / 'train.lock').read_text())['pid'] == holder.pid
+    assert sorted(os.listdir(tmp_path / 'run')) == ['train.lock']  # Nothing else written.
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_the_lock_of_a_dead_training_is_taken_over_and_released_on_error(tmp_path, caplog):
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  _write_lock(tmp_path / 'run', dead.pid)
+  taken = []
+  lock_enter = train.WorkdirLock.__enter__
+
+  def enter(self):
+    lock_enter(self)
+    taken.append(json.loads(open(self.path).read()))
+    return self
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(train.WorkdirLock, '__enter__', enter)
+    with pytest.raises(nifti_io.DataError, match='dataset folder does not exist'):
+      train.train_and_evaluate(small_config(tmp_path), str(tmp_path / 'run'))  # No data.
+  assert taken == [{'pid': os.getpid(), 'host': socket.gethostname()}]
+  assert f'of process {dead.pid} on' in caplog.text
+  assert not os.path.exists(tmp_path / 'run' / 'train.lock')
