@@ -213,6 +213,8 @@ def predict_files(predictor, inputs, output_dir, overwrite=False, probabilities=
   """Predicts every input file into output_dir/{case}.nii.gz. Returns {'written', 'skipped',
   'failed': [(path, message)]}."""
   os.makedirs(output_dir, exist_ok=True)
+  # Temporaries of save_nifti_atomic left by a killed run.
+  nifti_io.remove_stale_temporaries(output_dir, r'\.tmp(?P<pid>\d+)_.+\.nii(\.gz)?')
   result = {'written': [], 'skipped': [], 'failed': []}
   for path in tqdm(inputs, desc='predict', unit='case', disable=not progress):
     case = case_id_of(path)

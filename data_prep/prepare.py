@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -313,6 +314,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
   """
   start_time = time.time()
   spec = spec if isinstance(spec, PrepSpec) else PrepSpec.from_dict(spec)
+  remove_stale_partials(out_dir)
   info = nifti_io.read_dataset(raw_dir)
   if not info.training and not info.test:
     raise DataError(raw_dir, "empty dataset: no images in imagesTr/ or imagesTs/")
@@ -336,7 +338,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
     raise FileExistsError(f"{out_dir}: already exists (use overwrite=True / --overwrite)")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
+  tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   os.makedirs(os.path.join(tmp_dir, "_cases"))
   try:
     records = {s: [] for s in SPLITS}
@@ -418,7 +420,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
         "splits": records, "summary": summary}
     _write_json(os.path.join(tmp_dir, MANIFEST), manifest)   # last: marks the folder complete
     if os.path.exists(out_dir):  # overwrite: swap, then delete the old one
-      trash = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{uuid.uuid4().hex[:8]}")
+      trash = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
       os.rename(out_dir, trash)
       os.rename(tmp_dir, out_dir)
       shutil.rmtree(trash, ignore_errors=True)
@@ -428,6 +430,18 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise
   return summary
+
+
+def remove_stale_partials(out_dir) -> list:
+  """Deletes the .OUT.partial-* / .OUT.old-* folders killed preparations of `out_dir` left.
+
+  Names hold the writer's pid: only those of a pid not running here, older than a minute
+  (names of older versions, without a pid: older than a day). Returns the deleted paths.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  name = re.escape(os.path.basename(out_dir))
+  return nifti_io.remove_stale_temporaries(
+      os.path.dirname(out_dir), rf"\.{name}\.(partial|old)-((?P<pid>\d+)-)?[0-9a-f]{{8}}")
 
 
 def read_manifest(prepared_dir) -> dict:

@@ -168,3 +168,21 @@ def test_cli_without_a_run_is_a_clear_error(tmp_path, capsys):
                   str(tmp_path / 'o')])
   assert e.value.code == 2
   assert 'predict: error:' in capsys.readouterr().err
+
+
+def test_a_killed_prediction_s_temporaries_are_deleted_at_the_next_start(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  names = {f'.tmp{dead.pid}_case.nii.gz': 120, f'.tmp{dead.pid}_b_probabilities.nii.gz': 120,
+           f'.tmp{os.getppid()}_c.nii.gz': 120, f'.tmp{dead.pid}_d.nii.gz': 0,
+           '.tmpnotours.nii.gz': 120, f'.tmp{dead.pid}_e.txt': 120}
+  for name, age in names.items():
+    (tmp_path / name).write_bytes(b'x')
+    t = os.path.getmtime(tmp_path / name) - age
+    os.utime(tmp_path / name, (t, t))
+  result = predict.predict_files(None, [], str(tmp_path), progress=False)
+  assert result == {'written': [], 'skipped': [], 'failed': []}
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      [f'.tmp{os.getppid()}_c.nii.gz', f'.tmp{dead.pid}_d.nii.gz', '.tmpnotours.nii.gz',
+       f'.tmp{dead.pid}_e.txt'])

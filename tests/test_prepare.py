@@ -412,3 +412,33 @@ def test_tfds_builders_offline_match_prepared_arrays(tmp_path, monkeypatch):
   original = nib.load(case["label_file"])
   np.testing.assert_array_equal(P.invert_labels(vol["label"], geometry),
                                 np.asarray(original.dataobj))
+
+
+def _dead_pid():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  p = subprocess.Popen(["true"])
+  p.wait()
+  return p.pid
+
+
+def _aged(path, seconds):
+  os.makedirs(path)
+  t = os.path.getmtime(path) - seconds
+  os.utime(path, (t, t))
+  return path.name
+
+
+def test_a_killed_preparation_s_folders_are_deleted_at_the_next_start(tmp_path):
+  dead, live = _dead_pid(), os.getppid()
+  stale = [_aged(tmp_path / f".out.partial-{dead}-0123abcd", 120),
+           _aged(tmp_path / f".out.old-{dead}-4567abcd", 120),
+           _aged(tmp_path / ".out.partial-89abcdef", 2 * 86400)]  # Before names held a pid.
+  kept = [_aged(tmp_path / f".out.partial-{live}-0123abcd", 120),  # Still running.
+          _aged(tmp_path / f".out.partial-{dead}-1111abcd", 0),  # Too new to judge.
+          _aged(tmp_path / ".out.partial-22222222", 3600),
+          _aged(tmp_path / f".other.partial-{dead}-0123abcd", 120),  # Another dataset's.
+          _aged(tmp_path / "out.partial-not-ours", 120)]
+  with pytest.raises(DataError, match="dataset folder does not exist"):
+    P.prepare_dataset(tmp_path / "raw", tmp_path / "out", small_spec(), progress=False)
+  assert sorted(os.listdir(tmp_path)) == sorted(kept)
+  assert not set(stale) & set(os.listdir(tmp_path))
