@@ -258,6 +258,8 @@ def main(argv=None):
                            'checkpoint, or --checkpoint)')
   parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
   args = parser.parse_args(argv)
+  if os.path.exists(args.output) and not os.path.isdir(args.output):
+    parser.exit(2, f'predict: error: --output {args.output}: exists and is not a folder\n')
   try:
     inputs = list_inputs(args.input)
     predictor = Predictor(workdir=args.workdir, checkpoint_path=args.checkpoint,

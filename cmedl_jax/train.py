@@ -168,6 +168,11 @@ def prepare_data(config):
             f'{d.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
             f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
       continue
+    if os.path.exists(d.prepared_dir):
+      raise ValueError(
+          f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
+          f'delete it to prepare data.{side}.raw_dir there, or point data.{side}.prepared_dir '
+          'elsewhere')
     logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
     prepare.prepare_dataset(d.raw_dir, d.prepared_dir, spec,
                             val_fraction=config.data.val_fraction, seed=config.seed)

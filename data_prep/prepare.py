@@ -104,8 +104,10 @@ class PrepSpec:
       raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
     if self.interpolation not in ("linear", "cubic"):
       raise ValueError(f"interpolation must be 'linear' or 'cubic', got {self.interpolation!r}")
-    if min(self.spacing_mm) <= 0 or min(self.size) <= 0:
-      raise ValueError(f"spacing and size must be positive: {self.spacing_mm}, {self.size}")
+    if not min(self.spacing_mm) > 0:
+      raise ValueError(f"spacing must be > 0 mm, got {self.spacing_mm}")
+    if min(self.size) <= 0:
+      raise ValueError(f"size must be >= 1 pixel, got {self.size}")
     lo, hi = self.ct_window_hu
     plo, phi = self.mri_percentiles
     if not (lo < hi and 0 <= plo < phi <= 100):
@@ -533,10 +535,19 @@ def main(argv=None) -> int:
                  help="also build the TFDS datasets into OUT/tfds (data_prep.tfds_builder)")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  spec = PrepSpec(modality=args.modality, spacing_mm=tuple(args.spacing * (3 - len(args.spacing)))[:2],
-                  size=tuple(args.size * (3 - len(args.size)))[:2], ct_window_hu=tuple(args.ct_window),
-                  mri_percentiles=tuple(args.mri_percentiles),
-                  label_map=_parse_label_map(args.label_map), interpolation=args.interpolation)
+  for flag in ("spacing", "size"):
+    if len(getattr(args, flag)) > 2:
+      print(f"error: --{flag} takes 1 or 2 values, got {getattr(args, flag)}", file=sys.stderr)
+      return 2
+  try:
+    spec = PrepSpec(modality=args.modality,
+                    spacing_mm=tuple(args.spacing * (3 - len(args.spacing)))[:2],
+                    size=tuple(args.size * (3 - len(args.size)))[:2],
+                    ct_window_hu=tuple(args.ct_window), mri_percentiles=tuple(args.mri_percentiles),
+                    label_map=_parse_label_map(args.label_map), interpolation=args.interpolation)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     summary = prepare_dataset(args.dataset, args.out, spec, skip_bad=args.skip_bad,
                               val_fraction=args.val_fraction, seed=args.seed,

@@ -186,3 +186,14 @@ def test_a_killed_prediction_s_temporaries_are_deleted_at_the_next_start(tmp_pat
   assert sorted(os.listdir(tmp_path)) == sorted(
       [f'.tmp{os.getppid()}_c.nii.gz', f'.tmp{dead.pid}_d.nii.gz', '.tmpnotours.nii.gz',
        f'.tmp{dead.pid}_e.txt'])
+
+
+def test_cli_output_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+  (tmp_path / 'out.nii.gz').write_bytes(b'a file')
+  with pytest.raises(SystemExit) as e:
+    predict.main(['--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
+                  str(tmp_path / 'out.nii.gz')])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('predict: error: --output ') and 'not a folder' in err
+  assert err.count('\n') == 1

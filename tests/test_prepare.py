@@ -442,3 +442,15 @@ def test_a_killed_preparation_s_folders_are_deleted_at_the_next_start(tmp_path):
     P.prepare_dataset(tmp_path / "raw", tmp_path / "out", small_spec(), progress=False)
   assert sorted(os.listdir(tmp_path)) == sorted(kept)
   assert not set(stale) & set(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--spacing", "0"], "spacing must be > 0"), (["--spacing", "1", "-2"], "spacing must be > 0"),
+    (["--size", "0"], "size must be >= 1"), (["--spacing", "1", "1", "1"], "--spacing takes 1 or 2")])
+def test_cli_bad_spacing_or_size_is_a_one_line_error(tmp_path, capsys, flags, problem):
+  raw = toy_dataset(tmp_path / "raw", n_train=1, n_test=0)
+  rc = P.main(["--dataset", raw, "--out", str(tmp_path / "out"), "--modality", "ct",
+               "--no-progress", *flags])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: ") and problem in err and err.count("\n") == 1
+  assert not os.path.exists(tmp_path / "out")

@@ -362,3 +362,12 @@ def test_the_lock_of_a_dead_training_is_taken_over_and_released_on_error(tmp_pat
   assert taken == [{'pid': os.getpid(), 'host': socket.gethostname()}]
   assert f'of process {dead.pid} on' in caplog.text
   assert not os.path.exists(tmp_path / 'run' / 'train.lock')
+
+
+def test_a_prepared_dir_without_its_manifest_is_a_clear_error(tmp_path):
+  config = small_config(tmp_path)
+  os.makedirs(config.data.source.prepared_dir)
+  with pytest.raises(ValueError, match=r'not a complete prepared dataset .*delete it .*'
+                     r'data\.source\.prepared_dir') as e:
+    train.prepare_data(config)
+  assert 'overwrite' not in str(e.value)
