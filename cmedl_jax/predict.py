@@ -180,6 +180,17 @@ def case_id_of(path):
   return name[:-5] if name.endswith('_0000') else name
 
 
+def check_unique_cases(inputs):
+  """Raises ValueError naming two inputs of one case id (they would write one output)."""
+  seen = {}
+  for path in inputs:
+    case = case_id_of(path)
+    if case in seen:
+      raise ValueError(f'{seen[case]} and {path} are both case {case!r} (one output '
+                       f'{case}.nii.gz); rename or remove one')
+    seen[case] = path
+
+
 def list_inputs(path):
   """NIfTI files of a file or directory path, sorted."""
   if os.path.isfile(path):
@@ -212,6 +223,7 @@ def predict_files(predictor, inputs, output_dir, overwrite=False, probabilities=
                   pseudo_target=False, progress=True):
   """Predicts every input file into output_dir/{case}.nii.gz. Returns {'written', 'skipped',
   'failed': [(path, message)]}."""
+  check_unique_cases(inputs)
   os.makedirs(output_dir, exist_ok=True)
   # Temporaries of save_nifti_atomic left by a killed run.
   nifti_io.remove_stale_temporaries(output_dir, r'\.tmp(?P<pid>\d+)_.+\.nii(\.gz)?')
@@ -262,6 +274,7 @@ def main(argv=None):
     parser.exit(2, f'predict: error: --output {args.output}: exists and is not a folder\n')
   try:
     inputs = list_inputs(args.input)
+    check_unique_cases(inputs)
     predictor = Predictor(workdir=args.workdir, checkpoint_path=args.checkpoint,
                           batch_size=args.batch_size, pseudo_target=args.pseudo_target,
                           teacher=args.teacher)

@@ -105,6 +105,9 @@ def _scan_images(folder: str, ending: Optional[str]) -> dict:
       if stem[-4:] != "0000":
         continue                      # further channels: only channel 0 is used
       stem = stem[:-5]
+    if stem in cases:
+      raise DataError(os.path.join(folder, name),
+                      f"case {stem!r} has a second image; the first is {cases[stem]}")
     cases[stem] = os.path.join(folder, name)
   return cases
 

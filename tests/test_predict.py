@@ -197,3 +197,18 @@ def test_cli_output_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith('predict: error: --output ') and 'not a folder' in err
   assert err.count('\n') == 1
+
+
+def test_two_inputs_of_one_case_are_an_error_naming_both(tmp_path, capsys):
+  for name in ('case_0000.nii.gz', 'case.nii', 'other.nii.gz'):
+    (tmp_path / name).write_bytes(b'x')
+  with pytest.raises(SystemExit) as e:
+    predict.main(['--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
+                  str(tmp_path / 'out')])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert str(tmp_path / 'case_0000.nii.gz') in err and str(tmp_path / 'case.nii') in err
+  with pytest.raises(ValueError, match="both case 'case'"):
+    predict.predict_files(None, [str(tmp_path / 'case.nii'), str(tmp_path / 'case_0000.nii.gz')],
+                          str(tmp_path / 'out'), progress=False)
+  assert not os.path.exists(tmp_path / 'out')

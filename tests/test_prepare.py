@@ -454,3 +454,13 @@ def test_cli_bad_spacing_or_size_is_a_one_line_error(tmp_path, capsys, flags, pr
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith("error: ") and problem in err and err.count("\n") == 1
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_two_images_of_one_case_are_an_error_naming_both(tmp_path):
+  raw = toy_dataset(tmp_path / "raw", n_train=2, n_test=0)
+  first = os.path.join(raw, "imagesTr", "case_001_0000.nii.gz")
+  second = os.path.join(raw, "imagesTr", "case_001.nii.gz")
+  os.link(first, second)
+  with pytest.raises(DataError, match="case 'case_001' has a second image") as e:
+    P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False)
+  assert first in str(e.value) and second in str(e.value)
