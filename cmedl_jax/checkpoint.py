@@ -22,6 +22,10 @@ import orbax.checkpoint as ocp
 BEST_METRIC = 'val_dsc'
 
 
+class ConfigError(ValueError):
+  """A config the run cannot use (invalid field, resume with other fields, other data)."""
+
+
 def _manager(path, keep, best=False):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True,
@@ -112,7 +116,7 @@ def config_changes(stored, new):
 
 
 def check_resume_config(workdir, config):
-  """Raises ValueError when WORKDIR/config.json holds a config this one may not resume.
+  """Raises ConfigError when WORKDIR/config.json holds a config this one may not resume.
 
   Reads only; fields in RESUMABLE_CHANGES may differ.
   """
@@ -125,7 +129,7 @@ def check_resume_config(workdir, config):
              if not any(k == r or (r.endswith('.') and k.startswith(r))
                         for r in RESUMABLE_CHANGES)]
   if changed:
-    raise ValueError(
+    raise ConfigError(
         f'{workdir} holds a run with another config ({path}); changed: {", ".join(changed)}; '
         'use the stored values or another workdir')
 

@@ -46,6 +46,9 @@ class NonFiniteLossError(RuntimeError):
   """A loss became NaN or Inf."""
 
 
+ConfigError = checkpoint.ConfigError
+
+
 def check_workdir(workdir):
   """Creates workdir and proves it writable; a clear error otherwise."""
   try:
@@ -61,13 +64,13 @@ def check_workdir(workdir):
 
 
 def check_config(config):
-  """Raises a one-line ValueError naming the first invalid field; before any expensive work.
+  """Raises a one-line ConfigError naming the first invalid field; before any expensive work.
 
   The network sizes are not checked against data.image_size: every network pads its input to
   the multiple it needs.
   """
   def fail(field, why):
-    raise ValueError(f'{field} {why}, got {config[field.split(".")[0]][field.split(".")[1]]!r}')
+    raise ConfigError(f'{field} {why}, got {config[field.split(".")[0]][field.split(".")[1]]!r}')
 
   for field in ('optim.lr',):
     section, name = field.split('.')
@@ -164,12 +167,12 @@ def prepare_data(config):
     if prepare.is_prepared(d.prepared_dir):
       found = prepare.PrepSpec.from_dict(prepare.read_manifest(d.prepared_dir)['spec'])
       if found != spec:
-        raise ValueError(
+        raise ConfigError(
             f'{d.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
             f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
       continue
     if os.path.exists(d.prepared_dir):
-      raise ValueError(
+      raise ConfigError(
           f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
           f'delete it to prepare data.{side}.raw_dir there, or point data.{side}.prepared_dir '
           'elsewhere')

@@ -371,3 +371,14 @@ def test_a_prepared_dir_without_its_manifest_is_a_clear_error(tmp_path):
                      r'data\.source\.prepared_dir') as e:
     train.prepare_data(config)
   assert 'overwrite' not in str(e.value)
+
+
+def test_the_trainer_reports_a_config_error_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'cmedl_jax.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path / "run"}', '--config.train.num_steps=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[-1] == 'error: train.num_steps must be an int >= 1, got 0'
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
