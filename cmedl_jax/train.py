@@ -66,8 +66,8 @@ def check_workdir(workdir):
 def check_config(config):
   """Raises a one-line ConfigError naming the first invalid field; before any expensive work.
 
-  The network sizes are not checked against data.image_size: every network pads its input to
-  the multiple it needs.
+  Image size: the segmenters and generators pad their input to the multiple they need; the
+  PatchGAN discriminator's output is empty (a NaN loss) below 3 * 2**n_layers pixels.
   """
   def fail(field, why):
     raise ConfigError(f'{field} {why}, got {config[field.split(".")[0]][field.split(".")[1]]!r}')
@@ -78,11 +78,24 @@ def check_config(config):
       fail(field, 'must be > 0')
   for field in ('train.num_steps', 'train.global_batch_size', 'train.log_every',
                 'train.image_every', 'train.eval_every', 'train.checkpoint_every',
-                'train.keep_checkpoints', 'data.image_size', 'eval.batch_size'):
+                'train.keep_checkpoints', 'eval.batch_size'):
     section, name = field.split('.')
     value = config[section][name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       fail(field, 'must be an int >= 1')
+  size = config.data.image_size
+  sizes = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+  if len(sizes) not in (1, 2) or not all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+    fail('data.image_size', 'must be an int >= 1 or a pair of them')
+  try:
+    parts = ts.uses(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  smallest = 3 * 2 ** config.model.discriminator.n_layers
+  if (parts['disc_target'] or parts['disc_source']) and min(sizes) < smallest:
+    fail('data.image_size', f'must be >= {smallest} for the discriminator (3 * 2**'
+         'model.discriminator.n_layers)')
   c = config.data.context_slices
   if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
     fail('data.context_slices', 'must be an odd int >= 1')
