@@ -27,6 +27,7 @@ from cmedl_jax import metrics as seg_metrics
 from cmedl_jax import predict
 from cmedl_jax import sharding
 from cmedl_jax import train_step as ts
+from data_prep import nifti_io
 
 
 class _DropLibraryInfo(pylogging.Filter):
@@ -296,6 +297,9 @@ def _train_and_evaluate(config, workdir, on_log):
   """train_and_evaluate once the config is checked and the workdir held."""
   checkpoint.save_config(workdir, config)
   checkpoint.clean_export_leftovers(workdir)
+  # Temporaries of checkpoint.write_json_atomic and check_workdir left by a killed run.
+  for pattern in (r'.+\.json\.tmp(?P<pid>\d+)', r'\.write_probe_(?P<pid>\d+)'):
+    nifti_io.remove_stale_temporaries(workdir, pattern)
   prepare_data(config)
   mesh = sharding.make_mesh()
   info = input_pipeline.dataset_info(config.data.source.prepared_dir)

@@ -391,3 +391,22 @@ def test_config_check_accepts_the_tiny_config_down_to_its_smallest_size(tmp_path
   config.data.image_size = 12  # The tiny discriminator's smallest input (3 * 2**2).
   train.check_config(config)
 
+
+
+def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path):
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  run = tmp_path / 'run'
+  run.mkdir()
+  names = {f'validation.json.tmp{dead.pid}': 120, f'.write_probe_{dead.pid}': 120,
+           f'config.json.tmp{os.getppid()}': 120, f'preparation.json.tmp{dead.pid}': 0,
+           'notes.json.tmp': 120}
+  for name, age in names.items():
+    (run / name).write_text('{')
+    t = os.path.getmtime(run / name) - age
+    os.utime(run / name, (t, t))
+  with pytest.raises(nifti_io.DataError, match='dataset folder does not exist'):
+    train.train_and_evaluate(small_config(tmp_path), str(run))  # No data.
+  assert sorted(os.listdir(run)) == sorted(
+      ['config.json', f'config.json.tmp{os.getppid()}', f'preparation.json.tmp{dead.pid}',
+       'notes.json.tmp'])
