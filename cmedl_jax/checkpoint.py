@@ -112,7 +112,8 @@ def _flatten(tree, prefix=''):
 def config_changes(stored, new):
   """Sorted dotted names of the fields that differ between two JSON config dicts."""
   a, b = _flatten(stored), _flatten(new)
-  return sorted(k for k in a.keys() | b.keys() if a.get(k, KeyError) != b.get(k, KeyError))
+  missing = object()
+  return sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing))
 
 
 def check_resume_config(workdir, config):

@@ -149,27 +149,40 @@ class WorkdirLock:
       return None, None
 
   def __enter__(self):
-    try:
-      self._create()
-    except FileExistsError:
-      pid, host = self._holder()
-      cut_short = pid is None and time.time() - os.path.getmtime(self.path) > 10
-      if not (cut_short or (host == socket.gethostname() and not _pid_alive(pid))):
-        raise WorkdirLockedError(
-            f'{self.workdir} is in use by the training of process {pid} on host {host} '
-            f'({self.path}); wait for it to end, or delete the lock if it is not running'
-        ) from None
-      logging.warning('Taking over %s of process %s on %s, which is not running.', self.path,
-                      pid, host)
-      os.remove(self.path)
-      self._create()
+    for _ in range(3):  # The holder may release it between our tries.
+      try:
+        self._create()
+        break
+      except FileExistsError:
+        try:
+          pid, host = self._holder()
+          age = time.time() - os.path.getmtime(self.path)
+        except FileNotFoundError:
+          continue
+        cut_short = pid is None and age > 10
+        if not (cut_short or (host == socket.gethostname() and not _pid_alive(pid))):
+          raise WorkdirLockedError(
+              f'{self.workdir} is in use by the training of process {pid} on host {host} '
+              f'({self.path}); wait for it to end, or delete the lock if it is not running'
+          ) from None
+        logging.warning('Taking over %s of process %s on %s, which is not running.',
+                        self.path, pid, host)
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+    else:
+      raise WorkdirLockedError(f'{self.workdir}: could not take {self.path}')
     self.held = True
     return self
 
   def __exit__(self, *exc):
-    if self.held:
-      os.remove(self.path)
-      self.held = False
+    try:
+      if self.held and self._holder() == (os.getpid(), socket.gethostname()):
+        os.remove(self.path)
+    except FileNotFoundError:  # Deleted by hand meanwhile.
+      pass
+    self.held = False
 
 
 def prepare_data(config):

@@ -410,3 +410,15 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
   assert sorted(os.listdir(run)) == sorted(
       ['config.json', f'config.json.tmp{os.getppid()}', f'preparation.json.tmp{dead.pid}',
        'notes.json.tmp'])
+
+
+def test_the_workdir_lock_is_released_and_another_one_is_left_alone(tmp_path):
+  with train.WorkdirLock(str(tmp_path)):
+    assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getpid()
+    with pytest.raises(train.WorkdirLockedError, match=f'process {os.getpid()} '):
+      train.WorkdirLock(str(tmp_path)).__enter__()
+  assert not os.path.exists(tmp_path / 'train.lock')
+  with train.WorkdirLock(str(tmp_path)):
+    os.remove(tmp_path / 'train.lock')  # Deleted by hand, then taken by another training.
+    _write_lock(tmp_path, os.getppid())
+  assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getppid()
