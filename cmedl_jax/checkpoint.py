@@ -2,7 +2,8 @@
 
   WORKDIR/checkpoints/<step>/   full TrainState, the latest `keep` steps (resume from here).
   WORKDIR/best/<step>/          full TrainState of the best validation DSC so far.
-  WORKDIR/export/               inference network(s) only (params + batch stats) for predict.
+  WORKDIR/export/               inference network(s) only (params + batch stats) for predict;
+                                replaced whole (written aside, then renamed into place).
   WORKDIR/config.json           the run's config; WORKDIR/preparation.json the data preparation.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash
@@ -11,12 +12,18 @@ during a save never corrupts the previous checkpoint; unfinished temporaries are
 
 import json
 import os
+import shutil
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 BEST_METRIC = 'val_dsc'
+
+
+class ConfigError(ValueError):
+  """A config the run cannot use (invalid field, resume with other fields, other data)."""
 
 
 def _manager(path, keep, best=False):
@@ -84,7 +91,53 @@ def write_json_atomic(path, obj):
   os.replace(tmp, path)
 
 
+# Config fields a resumed run may change: how often it logs, writes images, validates and
+# saves, how many checkpoints it keeps, how it validates, how far it prefetches. Anything else
+# (networks, method, losses, optimiser and its schedule incl. train.num_steps, batch, data, seed)
+# would resume a different training from the stored state, so it is an error.
+RESUMABLE_CHANGES = ('train.log_every', 'train.image_every', 'train.eval_every',
+                     'train.checkpoint_every', 'train.keep_checkpoints', 'eval.', 'data.prefetch')
+
+
+def _flatten(tree, prefix=''):
+  """Nested JSON dict -> {'a.b.c': leaf}."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return out
+
+
+def config_changes(stored, new):
+  """Sorted dotted names of the fields that differ between two JSON config dicts."""
+  a, b = _flatten(stored), _flatten(new)
+  missing = object()
+  return sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing))
+
+
+def check_resume_config(workdir, config):
+  """Raises ConfigError when WORKDIR/config.json holds a config this one may not resume.
+
+  Reads only; fields in RESUMABLE_CHANGES may differ.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  changed = [k for k in config_changes(stored, json.loads(config.to_json_best_effort()))
+             if not any(k == r or (r.endswith('.') and k.startswith(r))
+                        for r in RESUMABLE_CHANGES)]
+  if changed:
+    raise ConfigError(
+        f'{workdir} holds a run with another config ({path}); changed: {", ".join(changed)}; '
+        'use the stored values or another workdir')
+
+
 def save_config(workdir, config):
+  """Writes WORKDIR/config.json, after checking a stored one may be resumed with `config`."""
+  check_resume_config(workdir, config)
   write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
 
 
@@ -94,11 +147,62 @@ def load_config(workdir):
 
 
 def export_inference(workdir, params, batch_stats):
-  """Writes the inference variables {'params', 'batch_stats'} to WORKDIR/export (atomic)."""
+  """Writes the inference variables {'params', 'batch_stats'} to WORKDIR/export, atomically.
+
+  Written whole into WORKDIR/export.tmp-<pid>, then swapped in: the old export is renamed to
+  export.old-<pid>, the new one to export, the old one deleted. A kill at any point leaves the
+  previous export or the new one whole (`export_dir` finds it; `clean_export_leftovers` puts it
+  back in place at the next training start).
+  """
   path = os.path.abspath(os.path.join(workdir, 'export'))
+  tmp, old = f'{path}.tmp-{os.getpid()}', f'{path}.old-{os.getpid()}'
+  for leftover in (tmp, old):
+    shutil.rmtree(leftover, ignore_errors=True)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, {'params': params, 'batch_stats': batch_stats}, force=True)
+  ckptr.save(tmp, {'params': params, 'batch_stats': batch_stats})
   ckptr.wait_until_finished()
+  if os.path.isdir(path):
+    os.rename(path, old)
+  os.rename(tmp, path)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_leftovers(workdir):
+  """Sibling folders of WORKDIR/export left by an interrupted export: (old ones, others)."""
+  names = [n for n in os.listdir(workdir) if n.startswith(('export.tmp-', 'export.old-',
+                                                           'export.orbax-checkpoint-tmp'))]
+  olds = sorted((n for n in names if n.startswith('export.old-') and n[11:].isdigit()),
+                key=lambda n: os.path.getmtime(os.path.join(workdir, n)))
+  return [os.path.join(workdir, n) for n in olds], [
+      os.path.join(workdir, n) for n in names if n not in olds]
+
+
+def export_dir(workdir):
+  """WORKDIR/export, or the previous export a kill left aside (export.old-<pid>); for readers."""
+  path = os.path.join(workdir, 'export')
+  if not os.path.isdir(path) and os.path.isdir(workdir):
+    olds, _ = _export_leftovers(workdir)
+    if olds:
+      return olds[-1]
+  return path
+
+
+def clean_export_leftovers(workdir):
+  """Puts a previous export a kill left aside back in place; deletes unfinished exports.
+
+  Call only while no other process exports into WORKDIR (the training holds its lock).
+  """
+  if not os.path.isdir(workdir):
+    return
+  olds, others = _export_leftovers(workdir)
+  path = os.path.join(workdir, 'export')
+  if olds and not os.path.isdir(path):
+    logging.warning('Restoring the previous export %s -> %s (an export was interrupted).',
+                    olds[-1], path)
+    os.rename(olds.pop(), path)
+  for leftover in olds + others:
+    logging.warning('Deleting %s (left by an interrupted export).', leftover)
+    shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load_inference(path):

@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from cmedl_jax import train
+from data_prep import nifti_io
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and exports.')
@@ -33,7 +34,12 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.ConfigError, train.WorkdirLockedError, train.NonFiniteLossError,
+          nifti_io.DataError) as e:
+    logging.error('%s', e)
+    raise SystemExit(f'error: {e}') from None  # One line, no traceback; exit status 1.
   logging.info('Final: %s', result)
 
 

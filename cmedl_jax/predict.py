@@ -114,7 +114,7 @@ class Predictor:
     self.nets = ts.build_networks(self.config, in_channels=self.context_slices)
 
     if checkpoint_path is None:
-      export = os.path.join(run_dir, 'export')
+      export = checkpoint.export_dir(run_dir)
       if not os.path.isdir(export):
         raise FileNotFoundError(f'{export}: no inference export (did training finish?); '
                                 'use --checkpoint with a saved state instead')
@@ -180,6 +180,17 @@ def case_id_of(path):
   return name[:-5] if name.endswith('_0000') else name
 
 
+def check_unique_cases(inputs):
+  """Raises ValueError naming two inputs of one case id (they would write one output)."""
+  seen = {}
+  for path in inputs:
+    case = case_id_of(path)
+    if case in seen:
+      raise ValueError(f'{seen[case]} and {path} are both case {case!r} (one output '
+                       f'{case}.nii.gz); rename or remove one')
+    seen[case] = path
+
+
 def list_inputs(path):
   """NIfTI files of a file or directory path, sorted."""
   if os.path.isfile(path):
@@ -212,7 +223,10 @@ def predict_files(predictor, inputs, output_dir, overwrite=False, probabilities=
                   pseudo_target=False, progress=True):
   """Predicts every input file into output_dir/{case}.nii.gz. Returns {'written', 'skipped',
   'failed': [(path, message)]}."""
+  check_unique_cases(inputs)
   os.makedirs(output_dir, exist_ok=True)
+  # Temporaries of save_nifti_atomic left by a killed run.
+  nifti_io.remove_stale_temporaries(output_dir, r'\.tmp(?P<pid>\d+)_.+\.nii(\.gz)?')
   result = {'written': [], 'skipped': [], 'failed': []}
   for path in tqdm(inputs, desc='predict', unit='case', disable=not progress):
     case = case_id_of(path)
@@ -256,8 +270,11 @@ def main(argv=None):
                            'checkpoint, or --checkpoint)')
   parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
   args = parser.parse_args(argv)
+  if os.path.exists(args.output) and not os.path.isdir(args.output):
+    parser.exit(2, f'predict: error: --output {args.output}: exists and is not a folder\n')
   try:
     inputs = list_inputs(args.input)
+    check_unique_cases(inputs)
     predictor = Predictor(workdir=args.workdir, checkpoint_path=args.checkpoint,
                           batch_size=args.batch_size, pseudo_target=args.pseudo_target,
                           teacher=args.teacher)

@@ -11,6 +11,7 @@ import json
 import logging as pylogging
 import os
 import signal
+import socket
 import time
 
 from absl import logging
@@ -26,6 +27,7 @@ from cmedl_jax import metrics as seg_metrics
 from cmedl_jax import predict
 from cmedl_jax import sharding
 from cmedl_jax import train_step as ts
+from data_prep import nifti_io
 
 
 class _DropLibraryInfo(pylogging.Filter):
@@ -45,6 +47,9 @@ class NonFiniteLossError(RuntimeError):
   """A loss became NaN or Inf."""
 
 
+ConfigError = checkpoint.ConfigError
+
+
 def check_workdir(workdir):
   """Creates workdir and proves it writable; a clear error otherwise."""
   try:
@@ -59,6 +64,127 @@ def check_workdir(workdir):
     raise OSError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
 
 
+def check_config(config):
+  """Raises a one-line ConfigError naming the first invalid field; before any expensive work.
+
+  Image size: the segmenters and generators pad their input to the multiple they need; the
+  PatchGAN discriminator's output is empty (a NaN loss) below 3 * 2**n_layers pixels.
+  """
+  def fail(field, why):
+    raise ConfigError(f'{field} {why}, got {config[field.split(".")[0]][field.split(".")[1]]!r}')
+
+  for field in ('optim.lr',):
+    section, name = field.split('.')
+    if not config[section][name] > 0:
+      fail(field, 'must be > 0')
+  for field in ('train.num_steps', 'train.global_batch_size', 'train.log_every',
+                'train.image_every', 'train.eval_every', 'train.checkpoint_every',
+                'train.keep_checkpoints', 'eval.batch_size'):
+    section, name = field.split('.')
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      fail(field, 'must be an int >= 1')
+  size = config.data.image_size
+  sizes = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+  if len(sizes) not in (1, 2) or not all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+    fail('data.image_size', 'must be an int >= 1 or a pair of them')
+  try:
+    parts = ts.uses(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  smallest = 3 * 2 ** config.model.discriminator.n_layers
+  if (parts['disc_target'] or parts['disc_source']) and min(sizes) < smallest:
+    fail('data.image_size', f'must be >= {smallest} for the discriminator (3 * 2**'
+         'model.discriminator.n_layers)')
+  c = config.data.context_slices
+  if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
+    fail('data.context_slices', 'must be an odd int >= 1')
+  devices = jax.device_count()
+  if config.train.global_batch_size % devices:
+    fail('train.global_batch_size', f'must be a multiple of the device count ({devices})')
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another training holds the workdir."""
+
+
+def _pid_alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, another user's.
+    return True
+  return True
+
+
+class WorkdirLock:
+  """WORKDIR/train.lock, {"pid", "host"} of the training that holds the workdir.
+
+  Created atomically (O_CREAT | O_EXCL); held for the whole training and removed at its end,
+  also on an error. A lock of a pid that is not alive on this host (a killed training) is taken
+  over with a warning; any other is an error naming its holder.
+  """
+
+  NAME = 'train.lock'
+
+  def __init__(self, workdir):
+    self.path = os.path.join(workdir, self.NAME)
+    self.workdir = workdir
+    self.held = False
+
+  def _create(self):
+    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, 'w') as f:
+      json.dump({'pid': os.getpid(), 'host': socket.gethostname()}, f)
+
+  def _holder(self):
+    """(pid, host) of the lock's holder; (None, None) for a lock cut short by a kill."""
+    try:
+      with open(self.path) as f:
+        holder = json.load(f)
+      return int(holder['pid']), str(holder['host'])
+    except (ValueError, KeyError, TypeError):
+      return None, None
+
+  def __enter__(self):
+    for _ in range(3):  # The holder may release it between our tries.
+      try:
+        self._create()
+        break
+      except FileExistsError:
+        try:
+          pid, host = self._holder()
+          age = time.time() - os.path.getmtime(self.path)
+        except FileNotFoundError:
+          continue
+        cut_short = pid is None and age > 10
+        if not (cut_short or (host == socket.gethostname() and not _pid_alive(pid))):
+          raise WorkdirLockedError(
+              f'{self.workdir} is in use by the training of process {pid} on host {host} '
+              f'({self.path}); wait for it to end, or delete the lock if it is not running'
+          ) from None
+        logging.warning('Taking over %s of process %s on %s, which is not running.',
+                        self.path, pid, host)
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+    else:
+      raise WorkdirLockedError(f'{self.workdir}: could not take {self.path}')
+    self.held = True
+    return self
+
+  def __exit__(self, *exc):
+    try:
+      if self.held and self._holder() == (os.getpid(), socket.gethostname()):
+        os.remove(self.path)
+    except FileNotFoundError:  # Deleted by hand meanwhile.
+      pass
+    self.held = False
+
+
 def prepare_data(config):
   """Prepares source and target datasets from their raw folders unless already prepared."""
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
@@ -68,10 +194,15 @@ def prepare_data(config):
     if prepare.is_prepared(d.prepared_dir):
       found = prepare.PrepSpec.from_dict(prepare.read_manifest(d.prepared_dir)['spec'])
       if found != spec:
-        raise ValueError(
+        raise ConfigError(
             f'{d.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
             f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
       continue
+    if os.path.exists(d.prepared_dir):
+      raise ConfigError(
+          f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
+          f'delete it to prepare data.{side}.raw_dir there, or point data.{side}.prepared_dir '
+          'elsewhere')
     logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
     prepare.prepare_dataset(d.raw_dir, d.prepared_dir, spec,
                             val_fraction=config.data.val_fraction, seed=config.seed)
@@ -166,8 +297,22 @@ def train_and_evaluate(config, workdir, on_log=None):
   without validation).
   """
   quiet_library_logs()
+  check_config(config)
+  checkpoint.check_resume_config(workdir, config)  # Before writing anything.
   check_workdir(workdir)
+  if jax.process_index() != 0:  # Multi-host: process 0 holds the workdir for all.
+    return _train_and_evaluate(config, workdir, on_log)
+  with WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, on_log)
+
+
+def _train_and_evaluate(config, workdir, on_log):
+  """train_and_evaluate once the config is checked and the workdir held."""
   checkpoint.save_config(workdir, config)
+  checkpoint.clean_export_leftovers(workdir)
+  # Temporaries of checkpoint.write_json_atomic and check_workdir left by a killed run.
+  for pattern in (r'.+\.json\.tmp(?P<pid>\d+)', r'\.write_probe_(?P<pid>\d+)'):
+    nifti_io.remove_stale_temporaries(workdir, pattern)
   prepare_data(config)
   mesh = sharding.make_mesh()
   info = input_pipeline.dataset_info(config.data.source.prepared_dir)

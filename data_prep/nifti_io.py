@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
+import shutil
+import time
 from typing import Optional
 
 import nibabel as nib
@@ -101,6 +105,9 @@ def _scan_images(folder: str, ending: Optional[str]) -> dict:
       if stem[-4:] != "0000":
         continue                      # further channels: only channel 0 is used
       stem = stem[:-5]
+    if stem in cases:
+      raise DataError(os.path.join(folder, name),
+                      f"case {stem!r} has a second image; the first is {cases[stem]}")
     cases[stem] = os.path.join(folder, name)
   return cases
 
@@ -236,3 +243,52 @@ def check_label_values(label, declared, label_path) -> None:
   if unknown:
     raise DataError(label_path, f"label values {unknown} are not declared in dataset.json "
                     f"(declared: {sorted(declared)})")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def remove_stale_temporaries(directory, pattern: str, min_age_s: float = 60.0,
+                             no_pid_min_age_s: float = 86400.0) -> list:
+  """Deletes the temporaries an interrupted writer left in `directory`; returns their paths.
+
+  Only entries whose whole name matches the regex `pattern` go, and only stale ones: older
+  than `min_age_s` (mtime) and, when the pattern has a group "pid", of a pid not alive on this
+  host; names without a pid only when older than `no_pid_min_age_s`. Files or folders.
+  """
+  try:
+    names = os.listdir(directory)
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  removed, now = [], time.time()
+  for name in names:
+    m = re.fullmatch(pattern, name)
+    if not m:
+      continue
+    path = os.path.join(directory, name)
+    pid = m.groupdict().get("pid")
+    try:
+      age = now - os.lstat(path).st_mtime
+    except FileNotFoundError:
+      continue
+    if age < (no_pid_min_age_s if pid is None else min_age_s):
+      continue
+    if pid is not None and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+      continue
+    logging.warning("deleting %s (left by an interrupted run)", path)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      try:
+        os.remove(path)
+      except FileNotFoundError:
+        pass
+    removed.append(path)
+  return removed

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -103,8 +104,10 @@ class PrepSpec:
       raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
     if self.interpolation not in ("linear", "cubic"):
       raise ValueError(f"interpolation must be 'linear' or 'cubic', got {self.interpolation!r}")
-    if min(self.spacing_mm) <= 0 or min(self.size) <= 0:
-      raise ValueError(f"spacing and size must be positive: {self.spacing_mm}, {self.size}")
+    if not min(self.spacing_mm) > 0:
+      raise ValueError(f"spacing must be > 0 mm, got {self.spacing_mm}")
+    if min(self.size) <= 0:
+      raise ValueError(f"size must be >= 1 pixel, got {self.size}")
     lo, hi = self.ct_window_hu
     plo, phi = self.mri_percentiles
     if not (lo < hi and 0 <= plo < phi <= 100):
@@ -313,6 +316,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
   """
   start_time = time.time()
   spec = spec if isinstance(spec, PrepSpec) else PrepSpec.from_dict(spec)
+  remove_stale_partials(out_dir)
   info = nifti_io.read_dataset(raw_dir)
   if not info.training and not info.test:
     raise DataError(raw_dir, "empty dataset: no images in imagesTr/ or imagesTs/")
@@ -336,7 +340,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
     raise FileExistsError(f"{out_dir}: already exists (use overwrite=True / --overwrite)")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{uuid.uuid4().hex[:8]}")
+  tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   os.makedirs(os.path.join(tmp_dir, "_cases"))
   try:
     records = {s: [] for s in SPLITS}
@@ -418,7 +422,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
         "splits": records, "summary": summary}
     _write_json(os.path.join(tmp_dir, MANIFEST), manifest)   # last: marks the folder complete
     if os.path.exists(out_dir):  # overwrite: swap, then delete the old one
-      trash = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{uuid.uuid4().hex[:8]}")
+      trash = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
       os.rename(out_dir, trash)
       os.rename(tmp_dir, out_dir)
       shutil.rmtree(trash, ignore_errors=True)
@@ -428,6 +432,18 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise
   return summary
+
+
+def remove_stale_partials(out_dir) -> list:
+  """Deletes the .OUT.partial-* / .OUT.old-* folders killed preparations of `out_dir` left.
+
+  Names hold the writer's pid: only those of a pid not running here, older than a minute
+  (names of older versions, without a pid: older than a day). Returns the deleted paths.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  name = re.escape(os.path.basename(out_dir))
+  return nifti_io.remove_stale_temporaries(
+      os.path.dirname(out_dir), rf"\.{name}\.(partial|old)-((?P<pid>\d+)-)?[0-9a-f]{{8}}")
 
 
 def read_manifest(prepared_dir) -> dict:
@@ -519,10 +535,19 @@ def main(argv=None) -> int:
                  help="also build the TFDS datasets into OUT/tfds (data_prep.tfds_builder)")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  spec = PrepSpec(modality=args.modality, spacing_mm=tuple(args.spacing * (3 - len(args.spacing)))[:2],
-                  size=tuple(args.size * (3 - len(args.size)))[:2], ct_window_hu=tuple(args.ct_window),
-                  mri_percentiles=tuple(args.mri_percentiles),
-                  label_map=_parse_label_map(args.label_map), interpolation=args.interpolation)
+  for flag in ("spacing", "size"):
+    if len(getattr(args, flag)) > 2:
+      print(f"error: --{flag} takes 1 or 2 values, got {getattr(args, flag)}", file=sys.stderr)
+      return 2
+  try:
+    spec = PrepSpec(modality=args.modality,
+                    spacing_mm=tuple(args.spacing * (3 - len(args.spacing)))[:2],
+                    size=tuple(args.size * (3 - len(args.size)))[:2],
+                    ct_window_hu=tuple(args.ct_window), mri_percentiles=tuple(args.mri_percentiles),
+                    label_map=_parse_label_map(args.label_map), interpolation=args.interpolation)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     summary = prepare_dataset(args.dataset, args.out, spec, skip_bad=args.skip_bad,
                               val_fraction=args.val_fraction, seed=args.seed,

@@ -168,3 +168,47 @@ def test_cli_without_a_run_is_a_clear_error(tmp_path, capsys):
                   str(tmp_path / 'o')])
   assert e.value.code == 2
   assert 'predict: error:' in capsys.readouterr().err
+
+
+def test_a_killed_prediction_s_temporaries_are_deleted_at_the_next_start(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  names = {f'.tmp{dead.pid}_case.nii.gz': 120, f'.tmp{dead.pid}_b_probabilities.nii.gz': 120,
+           f'.tmp{os.getppid()}_c.nii.gz': 120, f'.tmp{dead.pid}_d.nii.gz': 0,
+           '.tmpnotours.nii.gz': 120, f'.tmp{dead.pid}_e.txt': 120}
+  for name, age in names.items():
+    (tmp_path / name).write_bytes(b'x')
+    t = os.path.getmtime(tmp_path / name) - age
+    os.utime(tmp_path / name, (t, t))
+  result = predict.predict_files(None, [], str(tmp_path), progress=False)
+  assert result == {'written': [], 'skipped': [], 'failed': []}
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      [f'.tmp{os.getppid()}_c.nii.gz', f'.tmp{dead.pid}_d.nii.gz', '.tmpnotours.nii.gz',
+       f'.tmp{dead.pid}_e.txt'])
+
+
+def test_cli_output_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+  (tmp_path / 'out.nii.gz').write_bytes(b'a file')
+  with pytest.raises(SystemExit) as e:
+    predict.main(['--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
+                  str(tmp_path / 'out.nii.gz')])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('predict: error: --output ') and 'not a folder' in err
+  assert err.count('\n') == 1
+
+
+def test_two_inputs_of_one_case_are_an_error_naming_both(tmp_path, capsys):
+  for name in ('case_0000.nii.gz', 'case.nii', 'other.nii.gz'):
+    (tmp_path / name).write_bytes(b'x')
+  with pytest.raises(SystemExit) as e:
+    predict.main(['--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
+                  str(tmp_path / 'out')])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert str(tmp_path / 'case_0000.nii.gz') in err and str(tmp_path / 'case.nii') in err
+  with pytest.raises(ValueError, match="both case 'case'"):
+    predict.predict_files(None, [str(tmp_path / 'case.nii'), str(tmp_path / 'case_0000.nii.gz')],
+                          str(tmp_path / 'out'), progress=False)
+  assert not os.path.exists(tmp_path / 'out')

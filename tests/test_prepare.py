@@ -412,3 +412,55 @@ def test_tfds_builders_offline_match_prepared_arrays(tmp_path, monkeypatch):
   original = nib.load(case["label_file"])
   np.testing.assert_array_equal(P.invert_labels(vol["label"], geometry),
                                 np.asarray(original.dataobj))
+
+
+def _dead_pid():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  p = subprocess.Popen(["true"])
+  p.wait()
+  return p.pid
+
+
+def _aged(path, seconds):
+  os.makedirs(path)
+  t = os.path.getmtime(path) - seconds
+  os.utime(path, (t, t))
+  return path.name
+
+
+def test_a_killed_preparation_s_folders_are_deleted_at_the_next_start(tmp_path):
+  dead, live = _dead_pid(), os.getppid()
+  stale = [_aged(tmp_path / f".out.partial-{dead}-0123abcd", 120),
+           _aged(tmp_path / f".out.old-{dead}-4567abcd", 120),
+           _aged(tmp_path / ".out.partial-89abcdef", 2 * 86400)]  # Before names held a pid.
+  kept = [_aged(tmp_path / f".out.partial-{live}-0123abcd", 120),  # Still running.
+          _aged(tmp_path / f".out.partial-{dead}-1111abcd", 0),  # Too new to judge.
+          _aged(tmp_path / ".out.partial-22222222", 3600),
+          _aged(tmp_path / f".other.partial-{dead}-0123abcd", 120),  # Another dataset's.
+          _aged(tmp_path / "out.partial-not-ours", 120)]
+  with pytest.raises(DataError, match="dataset folder does not exist"):
+    P.prepare_dataset(tmp_path / "raw", tmp_path / "out", small_spec(), progress=False)
+  assert sorted(os.listdir(tmp_path)) == sorted(kept)
+  assert not set(stale) & set(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--spacing", "0"], "spacing must be > 0"), (["--spacing", "1", "-2"], "spacing must be > 0"),
+    (["--size", "0"], "size must be >= 1"), (["--spacing", "1", "1", "1"], "--spacing takes 1 or 2")])
+def test_cli_bad_spacing_or_size_is_a_one_line_error(tmp_path, capsys, flags, problem):
+  raw = toy_dataset(tmp_path / "raw", n_train=1, n_test=0)
+  rc = P.main(["--dataset", raw, "--out", str(tmp_path / "out"), "--modality", "ct",
+               "--no-progress", *flags])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: ") and problem in err and err.count("\n") == 1
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_two_images_of_one_case_are_an_error_naming_both(tmp_path):
+  raw = toy_dataset(tmp_path / "raw", n_train=2, n_test=0)
+  first = os.path.join(raw, "imagesTr", "case_001_0000.nii.gz")
+  second = os.path.join(raw, "imagesTr", "case_001.nii.gz")
+  os.link(first, second)
+  with pytest.raises(DataError, match="case 'case_001' has a second image") as e:
+    P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False)
+  assert first in str(e.value) and second in str(e.value)

@@ -9,6 +9,7 @@ compilation cache with the in-process run they are compared with (the `tiny_run`
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from cmedl_jax import predict
 from cmedl_jax import train
 from cmedl_jax import train_step as ts
 from configs import two_stage
+from data_prep import nifti_io
 from tiny_runs import final_state
 from tiny_runs import NUM_STEPS
 from tiny_runs import ROOT
@@ -229,3 +231,194 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
   for tag in ('source', 'label', 'pseudo_target', 'cycle_source', 'prediction/inference',
               'prediction/teacher_on_pseudo_target'):
     assert images.get(tag) == [4, 8], (tag, images)
+
+
+def test_resume_with_a_changed_network_is_an_error_before_any_write(tmp_path):
+  config = small_config(tmp_path)
+  checkpoint.save_config(str(tmp_path), config)
+  before = (tmp_path / 'config.json').read_bytes()
+  changed = small_config(tmp_path)
+  changed.model.student.base_width = 8
+  changed.train.log_every = 5  # Cadence may change on resume; not named.
+  with pytest.raises(ValueError, match=r'model\.student\.base_width') as e:
+    train.train_and_evaluate(changed, str(tmp_path))
+  assert str(tmp_path) in str(e.value) and 'log_every' not in str(e.value)
+  assert '\n' not in str(e.value)
+  assert (tmp_path / 'config.json').read_bytes() == before
+  assert sorted(os.listdir(tmp_path)) == ['config.json']
+
+
+def test_resume_may_change_logging_eval_and_checkpoint_cadence(tmp_path):
+  config = small_config(tmp_path)
+  checkpoint.save_config(str(tmp_path), config)
+  config.train.update(log_every=5, image_every=7, eval_every=9, checkpoint_every=11,
+                      keep_checkpoints=1)
+  config.eval.batch_size = 4
+  config.data.prefetch = 1
+  checkpoint.save_config(str(tmp_path), config)
+  assert checkpoint.load_config(str(tmp_path)).train.log_every == 5
+
+
+
+@pytest.mark.parametrize('field, value', [
+    ('optim.lr', 0.0), ('optim.lr', -1e-3), ('train.num_steps', 0),
+    ('train.global_batch_size', 6), ('train.log_every', 0), ('data.image_size', 0),
+    ('eval.batch_size', 0), ('data.context_slices', 2), ('data.image_size', 11),
+    ('method.name', 'cmdel')])
+def test_config_errors_name_the_field_before_any_work(tmp_path, field, value):
+  config = small_config(tmp_path / 'nothing_here')
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=rf'^{field}[ =]') as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert '\n' not in str(e.value)
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def _export_tree(value):
+  return {'student': {'w': np.full((3,), value, np.float32)}}
+
+
+def test_a_killed_re_export_keeps_the_previous_export(tmp_path, monkeypatch):
+  checkpoint.export_inference(str(tmp_path), _export_tree(1.0), {})
+  save = checkpoint.ocp.StandardCheckpointer.save
+
+  def save_then_die(self, path, *args, **kwargs):  # New files written, never put in place.
+    save(self, path, *args, **kwargs)
+    self.wait_until_finished()
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.export_inference(str(tmp_path), _export_tree(2.0), {})
+  monkeypatch.undo()
+  exported = checkpoint.load_inference(str(tmp_path / 'export'))
+  np.testing.assert_array_equal(exported['params']['student']['w'], 1.0)
+  # The next export replaces it whole and leaves no sibling behind.
+  checkpoint.export_inference(str(tmp_path), {'teacher': {'b': np.zeros(2, np.float32)}}, {})
+  exported = checkpoint.load_inference(str(tmp_path / 'export'))
+  assert set(exported['params']) == {'teacher'}
+  assert sorted(os.listdir(tmp_path)) == ['export']
+
+
+def test_a_kill_between_the_export_renames_is_recovered(tmp_path, monkeypatch):
+  checkpoint.export_inference(str(tmp_path), _export_tree(1.0), {})
+  rename = os.rename
+
+  def die_putting_the_new_one_in_place(src, dst):
+    if os.path.basename(dst) == 'export' and not os.path.exists(dst):
+      raise KeyboardInterrupt
+    rename(src, dst)
+
+  monkeypatch.setattr(os, 'rename', die_putting_the_new_one_in_place)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.export_inference(str(tmp_path), _export_tree(2.0), {})
+  monkeypatch.undo()
+  assert not os.path.exists(tmp_path / 'export')  # Old moved aside, new not yet in place.
+  # Readers (predict) find the previous export; the next training start puts it back.
+  found = checkpoint.export_dir(str(tmp_path))
+  np.testing.assert_array_equal(
+      checkpoint.load_inference(found)['params']['student']['w'], 1.0)
+  checkpoint.clean_export_leftovers(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['export']
+  np.testing.assert_array_equal(
+      checkpoint.load_inference(str(tmp_path / 'export'))['params']['student']['w'], 1.0)
+
+
+def _write_lock(workdir, pid, host=None):
+  workdir.mkdir(exist_ok=True)
+  (workdir / 'train.lock').write_text(
+      json.dumps({'pid': pid, 'host': host or socket.gethostname()}))
+
+
+def test_a_workdir_held_by_a_running_training_is_an_error(tmp_path):
+  holder = subprocess.Popen(['sleep', '60'])
+  try:
+    _write_lock(tmp_path / 'run', holder.pid)
+    with pytest.raises(RuntimeError, match=rf'in use by the training of process {holder.pid} '):
+      train.train_and_evaluate(small_config(tmp_path), str(tmp_path / 'run'))
+    assert json.loads((tmp_path / 'run' / 'train.lock').read_text())['pid'] == holder.pid
+    assert sorted(os.listdir(tmp_path / 'run')) == ['train.lock']  # Nothing else written.
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_the_lock_of_a_dead_training_is_taken_over_and_released_on_error(tmp_path, caplog):
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  _write_lock(tmp_path / 'run', dead.pid)
+  taken = []
+  lock_enter = train.WorkdirLock.__enter__
+
+  def enter(self):
+    lock_enter(self)
+    taken.append(json.loads(open(self.path).read()))
+    return self
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(train.WorkdirLock, '__enter__', enter)
+    with pytest.raises(nifti_io.DataError, match='dataset folder does not exist'):
+      train.train_and_evaluate(small_config(tmp_path), str(tmp_path / 'run'))  # No data.
+  assert taken == [{'pid': os.getpid(), 'host': socket.gethostname()}]
+  assert f'of process {dead.pid} on' in caplog.text
+  assert not os.path.exists(tmp_path / 'run' / 'train.lock')
+
+
+def test_a_prepared_dir_without_its_manifest_is_a_clear_error(tmp_path):
+  config = small_config(tmp_path)
+  os.makedirs(config.data.source.prepared_dir)
+  with pytest.raises(ValueError, match=r'not a complete prepared dataset .*delete it .*'
+                     r'data\.source\.prepared_dir') as e:
+    train.prepare_data(config)
+  assert 'overwrite' not in str(e.value)
+
+
+def test_the_trainer_reports_a_config_error_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'cmedl_jax.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path / "run"}', '--config.train.num_steps=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[-1] == 'error: train.num_steps must be an int >= 1, got 0'
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_config_check_accepts_the_tiny_config_down_to_its_smallest_size(tmp_path):
+  config = small_config(tmp_path)
+  train.check_config(config)
+  config.data.image_size = 12  # The tiny discriminator's smallest input (3 * 2**2).
+  train.check_config(config)
+
+
+
+def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path):
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  run = tmp_path / 'run'
+  run.mkdir()
+  names = {f'validation.json.tmp{dead.pid}': 120, f'.write_probe_{dead.pid}': 120,
+           f'config.json.tmp{os.getppid()}': 120, f'preparation.json.tmp{dead.pid}': 0,
+           'notes.json.tmp': 120}
+  for name, age in names.items():
+    (run / name).write_text('{')
+    t = os.path.getmtime(run / name) - age
+    os.utime(run / name, (t, t))
+  with pytest.raises(nifti_io.DataError, match='dataset folder does not exist'):
+    train.train_and_evaluate(small_config(tmp_path), str(run))  # No data.
+  assert sorted(os.listdir(run)) == sorted(
+      ['config.json', f'config.json.tmp{os.getppid()}', f'preparation.json.tmp{dead.pid}',
+       'notes.json.tmp'])
+
+
+def test_the_workdir_lock_is_released_and_another_one_is_left_alone(tmp_path):
+  with train.WorkdirLock(str(tmp_path)):
+    assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getpid()
+    with pytest.raises(train.WorkdirLockedError, match=f'process {os.getpid()} '):
+      train.WorkdirLock(str(tmp_path)).__enter__()
+  assert not os.path.exists(tmp_path / 'train.lock')
+  with train.WorkdirLock(str(tmp_path)):
+    os.remove(tmp_path / 'train.lock')  # Deleted by hand, then taken by another training.
+    _write_lock(tmp_path, os.getppid())
+  assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getppid()
