@@ -85,8 +85,14 @@ def _parse_labels(raw, path) -> dict:
   return dict(sorted(out.items()))
 
 
-def _resolve(root: str, rel: str) -> str:
-  return os.path.normpath(os.path.join(root, rel))
+def _resolve(root: str, rel, json_path: str) -> str:
+  """A dataset.json path, which must stay inside the dataset folder (no absolute or ../)."""
+  if not isinstance(rel, str) or not rel:
+    raise DataError(json_path, f"path {rel!r} is not a file name")
+  path = os.path.normpath(os.path.join(root, rel))
+  if os.path.isabs(rel) or os.path.relpath(path, root).split(os.sep)[0] == os.pardir:
+    raise DataError(json_path, f"path {rel!r} points outside the dataset folder")
+  return path
 
 
 def _scan_images(folder: str, ending: Optional[str]) -> dict:
@@ -154,11 +160,11 @@ def read_dataset(root) -> DatasetInfo:
     for entry in meta["training"]:
       if not isinstance(entry, dict) or "image" not in entry:
         raise DataError(json_path, f"malformed 'training' entry {entry!r}")
-      image = _resolve(root, entry["image"])
+      image = _resolve(root, entry["image"], json_path)
       if not os.path.exists(image):   # nnU-Net-converted MSD: X.nii.gz listed, X_0000 on disk
         alt = _scan_images(os.path.dirname(image), ending).get(case_of(image))
         image = alt or image
-      label = _resolve(root, entry["label"]) if entry.get("label") else None
+      label = _resolve(root, entry["label"], json_path) if entry.get("label") else None
       training.append(CaseFiles(case_of(image), image, label))
   else:                                                              # nnU-Net: scan
     for case_id, image in _scan_images(os.path.join(root, "imagesTr"), ending).items():
@@ -169,7 +175,8 @@ def read_dataset(root) -> DatasetInfo:
   test = []
   labels_ts = os.path.join(root, "labelsTs")
   if isinstance(meta.get("test"), list) and meta["test"]:
-    paths = [_resolve(root, t if isinstance(t, str) else t.get("image", "")) for t in meta["test"]]
+    paths = [_resolve(root, t if isinstance(t, str) else t.get("image", ""), json_path)
+             for t in meta["test"]]
   else:
     paths = list(_scan_images(os.path.join(root, "imagesTs"), ending).values())
   for image in paths:

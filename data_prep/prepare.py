@@ -318,8 +318,14 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
   spec = spec if isinstance(spec, PrepSpec) else PrepSpec.from_dict(spec)
   remove_stale_partials(out_dir)
   info = nifti_io.read_dataset(raw_dir)
-  if not info.training and not info.test:
-    raise DataError(raw_dir, "empty dataset: no images in imagesTr/ or imagesTs/")
+  if not info.training:
+    raise DataError(raw_dir, "empty dataset: no training cases (imagesTr/ or dataset.json "
+                             "'training')")
+  unlabelled = [c.case_id for c in info.training if c.label is None]
+  if unlabelled and len(unlabelled) < len(info.training):
+    # A split is labelled or not: unlabelled cases would train as all background.
+    raise DataError(raw_dir, f"{len(unlabelled)} of {len(info.training)} training cases have "
+                             f"no label (e.g. {unlabelled[:3]}); label them or remove them")
   lut, class_names = resolve_label_map(info.labels, spec.label_map,
                                        where=f"label_map for {os.path.join(raw_dir, 'dataset.json')}")
   train_ids = [c.case_id for c in info.training]
@@ -366,6 +372,11 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
           "spacing_mm": list(geometry.spacing_mm), "geometry": geometry.to_dict()})
     if not any(records.values()):
       raise DataError(raw_dir, f"empty dataset: no usable cases ({len(skipped)} skipped)")
+    for split in ("train", "validation"):
+      if assignment[split] and not records[split]:
+        raise DataError(raw_dir, f"every {split} case was skipped as bad "
+                                 f"({', '.join(sorted(assignment[split])[:5])}); fix or "
+                                 "remove them")
     H, W = spec.size
     for split, recs in records.items():
       split_dir = os.path.join(tmp_dir, split)

@@ -1,6 +1,7 @@
 """Tests for data_prep.prepare: geometry round trips, orientation invariance, bad input."""
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -464,3 +465,55 @@ def test_two_images_of_one_case_are_an_error_naming_both(tmp_path):
   with pytest.raises(DataError, match="case 'case_001' has a second image") as e:
     P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False)
   assert first in str(e.value) and second in str(e.value)
+
+
+def test_no_training_cases_is_an_error_even_with_test_cases(tmp_path):
+  """Issue 21 item 2: an empty imagesTr/ used to prepare (test split only) and exit 0."""
+  raw = toy_dataset(tmp_path / "raw", n_train=1, n_test=1)
+  os.remove(os.path.join(raw, "imagesTr", "case_000_0000.nii.gz"))
+  with pytest.raises(DataError, match="no training cases"):
+    P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False)
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_validation_split_emptied_by_skipped_cases_is_an_error(tmp_path):
+  """Issue 21 item 2: splits are drawn before bad cases are skipped; a validation split left
+  empty is an error naming its cases, not a run that fails later."""
+  raw = toy_dataset(tmp_path / "raw", n_train=3, n_test=0)
+  summary = P.prepare_dataset(raw, tmp_path / "probe", small_spec(), val_fraction=0.34, seed=1,
+                              progress=False)
+  (val_case,) = [r["case_id"] for r in P.read_manifest(tmp_path / "probe")["splits"]
+                 ["validation"]]
+  assert summary["cases"]["validation"] == 1
+  with open(os.path.join(raw, "imagesTr", f"{val_case}_0000.nii.gz"), "wb") as f:
+    f.write(b"junk")
+  with pytest.raises(DataError, match=f"every validation case was skipped.*{val_case}"):
+    P.prepare_dataset(raw, tmp_path / "out", small_spec(), val_fraction=0.34, seed=1,
+                      skip_bad=True, progress=False)
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_training_case_without_label_is_an_error(tmp_path):
+  """Issue 21 item 1: one `training` entry without "label" marked the whole split unlabelled,
+  so every source label became 0 and the student learned background."""
+  raw = toy_dataset(tmp_path / "raw", n_train=3, n_test=0, layout="msd")
+  meta = json.load(open(os.path.join(raw, "dataset.json")))
+  del meta["training"][1]["label"]
+  json.dump(meta, open(os.path.join(raw, "dataset.json"), "w"))
+  with pytest.raises(DataError, match=r"1 of 3 training cases have no label.*case_001"):
+    P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False)
+
+
+@pytest.mark.parametrize("path", ["../outside/case_000.nii.gz", "/etc/case_000.nii.gz",
+                                  "./imagesTr/../../case_000.nii.gz"])
+def test_dataset_json_paths_outside_the_folder_are_refused(tmp_path, path):
+  """Issue 21 item 12: dataset.json entries with ../ or absolute paths read files elsewhere."""
+  raw = toy_dataset(tmp_path / "raw", n_train=2, n_test=0, layout="msd")
+  os.makedirs(tmp_path / "outside")  # A readable image there: refused, not merely missing.
+  shutil.copy(os.path.join(raw, "imagesTr", "case_000.nii.gz"), tmp_path / "outside")
+  meta = json.load(open(os.path.join(raw, "dataset.json")))
+  meta["training"][0]["image"] = path
+  json.dump(meta, open(os.path.join(raw, "dataset.json"), "w"))
+  with pytest.raises(DataError, match="points outside the dataset folder") as err:
+    P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False)
+  assert "dataset.json" in str(err.value) and path in str(err.value)
