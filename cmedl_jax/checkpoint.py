@@ -119,20 +119,28 @@ def config_changes(stored, new):
 def check_resume_config(workdir, config):
   """Raises ConfigError when WORKDIR/config.json holds a config this one may not resume.
 
-  Reads only; fields in RESUMABLE_CHANGES may differ.
+  Reads only; fields in RESUMABLE_CHANGES may differ. Fields the stored config does not have
+  (added to configs/default.py after the run was started, whose defaults keep the behaviour
+  of before) take this config's values, with a warning naming them.
   """
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     return
   with open(path) as f:
     stored = json.load(f)
-  changed = [k for k in config_changes(stored, json.loads(config.to_json_best_effort()))
-             if not any(k == r or (r.endswith('.') and k.startswith(r))
-                        for r in RESUMABLE_CHANGES)]
+  known = _flatten(stored)
+  changed, added = [], []
+  for k in config_changes(stored, json.loads(config.to_json_best_effort())):
+    if any(k == r or (r.endswith('.') and k.startswith(r)) for r in RESUMABLE_CHANGES):
+      continue
+    (changed if k in known else added).append(k)
   if changed:
     raise ConfigError(
         f'{workdir} holds a run with another config ({path}); changed: {", ".join(changed)}; '
         'use the stored values or another workdir')
+  if added:
+    logging.warning('%s: resuming a run saved before the config fields %s existed; they take '
+                    'this config\'s values', workdir, ', '.join(added))
 
 
 def save_config(workdir, config):

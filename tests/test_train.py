@@ -259,6 +259,23 @@ def test_resume_may_change_logging_eval_and_checkpoint_cadence(tmp_path):
   assert checkpoint.load_config(str(tmp_path)).train.log_every == 5
 
 
+def test_resume_of_a_run_saved_before_a_config_field_existed_warns(tmp_path, caplog):
+  """A field added to configs/default.py later (its default keeps the old behaviour) does not
+  make older runs un-resumable; it is named in a warning. A field the run had is still checked."""
+  config = small_config(tmp_path)
+  checkpoint.save_config(str(tmp_path), config)
+  stored = json.loads((tmp_path / 'config.json').read_text())
+  del stored['model']['remat']
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  with caplog.at_level('WARNING'):
+    checkpoint.check_resume_config(str(tmp_path), config)
+  assert 'model.remat' in caplog.text
+  config.model.remat = True
+  config.optim.lr = 1e-3
+  with pytest.raises(ValueError, match=r'changed: optim\.lr;'):
+    checkpoint.check_resume_config(str(tmp_path), config)
+
+
 
 @pytest.mark.parametrize('field, value', [
     ('optim.lr', 0.0), ('optim.lr', -1e-3), ('train.num_steps', 0),
