@@ -216,6 +216,12 @@ def evaluate_method(method: str, pred_files: Mapping[str, str], ref_files: Mappi
     pred, _, pred_affine = load_nifti(pred_files[cid])
     check_same_grid(pred_files[cid], pred.shape, pred_affine, ref_files[cid], ref.shape,
                     ref_affine)
+    for path, volume in ((pred_files[cid], pred), (ref_files[cid], ref)):
+      unknown = sorted(set(np.unique(volume).tolist()) - {0} - set(classes.values()))
+      if unknown:
+        print(f"warning: {path}: labels {unknown} are not among the evaluated classes "
+              f"{dict(classes)}; their {int(np.isin(volume, unknown).sum())} voxels count as "
+              "background", file=sys.stderr)
     per_class = metrics.evaluate_case(pred, ref, spacing, classes, tolerance_mm)
     for name, label in classes.items():
       row = {"method": method, "case": cid, "class": name, **per_class[name]}

@@ -222,12 +222,13 @@ def save_nifti_atomic(array, reference, path, dtype):
 def predict_files(predictor, inputs, output_dir, overwrite=False, probabilities=False,
                   pseudo_target=False, progress=True):
   """Predicts every input file into output_dir/{case}.nii.gz. Returns {'written', 'skipped',
-  'failed': [(path, message)]}."""
+  'failed': [(path, message)], 'warned': [(path, why its intensities look like another
+  modality)]}."""
   check_unique_cases(inputs)
   os.makedirs(output_dir, exist_ok=True)
   # Temporaries of save_nifti_atomic left by a killed run.
   nifti_io.remove_stale_temporaries(output_dir, r'\.tmp(?P<pid>\d+)_.+\.nii(\.gz)?')
-  result = {'written': [], 'skipped': [], 'failed': []}
+  result = {'written': [], 'skipped': [], 'failed': [], 'warned': []}
   for path in tqdm(inputs, desc='predict', unit='case', disable=not progress):
     case = case_id_of(path)
     out = os.path.join(output_dir, f'{case}.nii.gz')
@@ -237,6 +238,10 @@ def predict_files(predictor, inputs, output_dir, overwrite=False, probabilities=
     try:
       image, affine = nifti_io.load_volume(path, 'image')
       reference = nib.load(path)
+      doubt = prepare.modality_mismatch(image, predictor.spec)
+      if doubt:
+        result['warned'].append((path, doubt))
+        tqdm.write(f'warning: {path}: {doubt}', file=sys.stderr)
       pred = predictor.predict_array(image, affine)
     except (nifti_io.DataError, ValueError, OSError) as e:
       result['failed'].append((path, str(e)))

@@ -25,6 +25,8 @@ import nibabel as nib
 import numpy as np
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
+# Plausible voxel spacing of a medical volume, mm: outside it the header is wrong (units).
+SPACING_RANGE_MM = (0.01, 100.0)
 AFFINE_ATOL_MM = 1e-3  # image/label affines must agree to this (mm), plus 1e-5 relative.
 
 
@@ -195,11 +197,11 @@ def read_dataset(root) -> DatasetInfo:
       test=tuple(sorted(test, key=lambda c: c.case_id)))
 
 
-def load_volume(path, what: str = "image"):
+def load_volume(path, what: str = "image", spacing_range_mm=SPACING_RANGE_MM):
   """Loads a 3D NIfTI volume. Returns (array float32 or label int64 [X,Y,Z], affine 4x4).
 
   A trailing singleton 4th axis is dropped. Raises DataError for a missing or unreadable
-  file, 2D or 4D data and non-finite voxels.
+  file, 2D or 4D data, non-finite voxels and a voxel spacing outside `spacing_range_mm`.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -218,8 +220,16 @@ def load_volume(path, what: str = "image"):
     raise DataError(path, f"cannot read {what} as NIfTI ({type(e).__name__}: {e})") from None
   data = data.reshape(shape)
   affine = np.asarray(img.affine, np.float64)
-  if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-    raise DataError(path, "affine is singular or not finite")
+  if not np.all(np.isfinite(affine)):
+    raise DataError(path, "affine is not finite")
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  lo, hi = spacing_range_mm
+  if spacing.min() < lo or spacing.max() > hi:
+    raise DataError(path, f"voxel spacing {[float(f'{v:.4g}') for v in spacing]} mm is outside "
+                          f"the plausible {lo}..{hi} mm (wrong header units?); fix the header "
+                          "or widen the range (prepare --spacing-range)")
+  if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    raise DataError(path, "affine is singular")
   if what == "label":
     if np.issubdtype(data.dtype, np.floating):
       if not np.all(np.isfinite(data)):

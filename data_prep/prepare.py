@@ -147,6 +147,23 @@ def intensity_window(image: np.ndarray, spec: PrepSpec) -> tuple:
   return float(lo), float(hi)
 
 
+# CT in HU holds air (about -1000 HU) in any scan of a body; magnitude MRI is >= 0.
+CT_AIR_CEILING_HU = -500.0
+MRI_FLOOR = -100.0
+
+
+def modality_mismatch(image: np.ndarray, spec: PrepSpec) -> Optional[str]:
+  """Why `image` [X,Y,Z] does not look like the modality `spec` prepares, or None."""
+  lowest = float(np.percentile(image, 1))
+  if spec.modality == "ct" and lowest > CT_AIR_CEILING_HU:
+    return (f"1 % of its voxels are below {lowest:.0f}, but CT in HU has air near -1000 HU: "
+            "is this CT? The model was trained on CT")
+  if spec.modality == "mri" and lowest < MRI_FLOOR:
+    return (f"1 % of its voxels are below {lowest:.0f} (like CT in HU): is this MRI? The model "
+            "was trained on MRI")
+  return None
+
+
 def normalize_intensity(image: np.ndarray, window) -> np.ndarray:
   """Clips to window (low, high) and scales linearly to [-1, 1]; float32."""
   lo, hi = float(window[0]), float(window[1])
@@ -241,9 +258,10 @@ def prepare_label(label: np.ndarray, geometry: Geometry) -> np.ndarray:
   return geo.resample_labels(geo.canonical_zyx(np.asarray(label), geometry), geometry)
 
 
-def prepare_case(case: nifti_io.CaseFiles, spec: PrepSpec, declared, lut):
+def prepare_case(case: nifti_io.CaseFiles, spec: PrepSpec, declared, lut,
+                 spacing_range_mm=nifti_io.SPACING_RANGE_MM):
   """Loads, checks and prepares one case. Returns (image, label or None, Geometry)."""
-  image, affine = nifti_io.load_volume(case.image, "image")
+  image, affine = nifti_io.load_volume(case.image, "image", spacing_range_mm)
   label = None
   if case.label is not None:
     raw_label, label_affine = nifti_io.load_volume(case.label, "label")
@@ -298,7 +316,8 @@ def _progress(iterable, total, enabled):
 
 def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, splits=None,
                     val_fraction: float = 0.2, seed: int = 0, overwrite: bool = False,
-                    progress: bool = True) -> dict:
+                    progress: bool = True,
+                    spacing_range_mm=nifti_io.SPACING_RANGE_MM) -> dict:
   """Prepares every case of a raw dataset folder into `out_dir` (atomically).
 
   Args:
@@ -309,6 +328,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
       stopping.
     splits: optional {"train": [case ids], "validation": [case ids]} for the imagesTr cases;
       default: a `val_fraction` split drawn with `seed`. Test = imagesTs.
+    spacing_range_mm: (min, max) plausible voxel spacing; a case outside is a DataError.
   Returns:
     Summary dict (also stored in the manifest under "summary").
   Raises:
@@ -353,7 +373,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
     skipped = []
     for case in _progress(cases, len(cases), progress):
       try:
-        image, label, geometry = prepare_case(case, spec, info.labels, lut)
+        image, label, geometry = prepare_case(case, spec, info.labels, lut, spacing_range_mm)
       except DataError as e:
         if not skip_bad:
           raise
@@ -538,6 +558,8 @@ def main(argv=None) -> int:
   p.add_argument("--label-map", nargs="*", help="NAME=CLASS or VALUE=CLASS, e.g. tumor=1")
   p.add_argument("--interpolation", choices=("linear", "cubic"), default="linear")
   p.add_argument("--skip-bad", action="store_true", help="skip bad cases with a warning")
+  p.add_argument("--spacing-range", type=float, nargs=2, default=list(nifti_io.SPACING_RANGE_MM),
+                 metavar=("MIN", "MAX"), help="plausible voxel spacing of the inputs, mm")
   p.add_argument("--val-fraction", type=float, default=0.2)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--overwrite", action="store_true")
@@ -562,7 +584,8 @@ def main(argv=None) -> int:
   try:
     summary = prepare_dataset(args.dataset, args.out, spec, skip_bad=args.skip_bad,
                               val_fraction=args.val_fraction, seed=args.seed,
-                              overwrite=args.overwrite, progress=not args.no_progress)
+                              overwrite=args.overwrite, progress=not args.no_progress,
+                              spacing_range_mm=tuple(args.spacing_range))
   except (DataError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -199,3 +199,17 @@ def test_wilcoxon_handles_ties_and_nonfinite():
   rows_b[0]["dice"] = math.inf
   [w] = evaluate.wilcoxon_tests(rows_a, rows_b, ("case", "class"), "case", ("dice",))
   assert w["n_pairs"] == 3 and w["n_excluded_nonfinite"] == 1
+
+
+def test_labels_outside_the_classes_are_named_in_a_warning(folders, tmp_path, capsys):
+  """Issue 21 item 4: a predicted label that is not among the classes was ignored silently."""
+  pred = reference(0)
+  pred[0:3, 0:3, 0:2] = 3  # 18 voxels of an undeclared label
+  save(f"{tmp_path}/pred/case_001.nii.gz", pred)
+  evaluate.evaluate_method("m", {"case_001": f"{tmp_path}/pred/case_001.nii.gz"},
+                           {"case_001": f"{folders}/ref/case_001.nii.gz"},
+                           {"tumor": 1, "organ": 2}, tolerance_mm=1.0)
+  err = capsys.readouterr().err
+  assert f"{tmp_path}/pred/case_001.nii.gz: labels [3] are not among" in err
+  assert "18 voxels" in err
+  assert "ref/case_001" not in err  # The reference has only declared labels.

@@ -212,3 +212,16 @@ def test_two_inputs_of_one_case_are_an_error_naming_both(tmp_path, capsys):
     predict.predict_files(None, [str(tmp_path / 'case.nii'), str(tmp_path / 'case_0000.nii.gz')],
                           str(tmp_path / 'out'), progress=False)
   assert not os.path.exists(tmp_path / 'out')
+
+
+def test_an_mri_given_to_a_ct_model_is_named_in_a_warning(run_dir, tmp_path, capsys):
+  """Issue 21 item 4: an MRI predicted by a CT model gave all background without a word."""
+  root, workdir = run_dir
+  mri = sorted((root / 'raw' / 'thorax_t2w' / 'imagesTs').glob('*.nii.gz'))[0]
+  predictor = predict.Predictor(workdir=str(workdir))
+  result = predict.predict_files(predictor, [str(mri), str(ct_test_case(root))],
+                                 str(tmp_path), progress=False)
+  assert [p for p, _ in result['warned']] == [str(mri)]  # The CT case raises no doubt.
+  assert len(result['written']) == 2
+  err = capsys.readouterr().err
+  assert f'warning: {mri}: ' in err and 'is this CT?' in err

@@ -517,3 +517,18 @@ def test_dataset_json_paths_outside_the_folder_are_refused(tmp_path, path):
   with pytest.raises(DataError, match="points outside the dataset folder") as err:
     P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False)
   assert "dataset.json" in str(err.value) and path in str(err.value)
+
+
+@pytest.mark.parametrize("voxel_mm", [1e5, 1e-9])
+def test_absurd_voxel_spacing_is_an_error_naming_the_file(tmp_path, voxel_mm):
+  """Issue 21 item 4: a 1e5 mm or 1e-9 mm spacing used to prepare into a constant image."""
+  raw = toy_dataset(tmp_path / "raw", n_train=3, n_test=0)
+  path = os.path.join(raw, "imagesTr", "case_001_0000.nii.gz")
+  img = nib.load(path)
+  _write_nifti(path, np.asarray(img.dataobj), np.diag([voxel_mm, voxel_mm, 4.0, 1.0]))
+  with pytest.raises(DataError, match=r"case_001_0000.nii.gz.*voxel spacing .* outside"):
+    P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False)
+  # The range is configurable (CLI --spacing-range): the check passes, the next one fails.
+  with pytest.raises(DataError, match="label affine differs" if voxel_mm > 1 else "singular"):
+    P.prepare_dataset(raw, tmp_path / "out", small_spec(), progress=False,
+                      spacing_range_mm=(1e-12, 1e6))
