@@ -1,0 +1,104 @@
+"""The environment a run trains in, recorded in WORKDIR/environment.json.
+
+Same config, seed, code, package versions, XLA flags and machine type give bit-identical
+results; a different CPU type, device count or package version gives results that agree only
+statistically (floating-point reduction orders and kernels differ). A resumed run that finds a
+different environment says so.
+"""
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+
+from absl import logging
+import jax
+
+from cmedl_jax import checkpoint
+
+FILE = 'environment.json'
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'scipy', 'nibabel',
+            'tensorflow-cpu', 'tensorflow', 'ml-collections', 'clu')
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _version(package):
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _cpu_model():
+  """The CPU's model name (Linux /proc/cpuinfo), else platform.processor()."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or None
+
+
+def _git(*args):
+  try:
+    out = subprocess.run(['git', '-C', _REPO, *args], capture_output=True, text=True,
+                         timeout=10, check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip()
+
+
+def describe():
+  """{python, cpu, packages, devices, xla_flags, git} of this process."""
+  devices = jax.devices()
+  commit = _git('rev-parse', 'HEAD')
+  return {
+      'python': platform.python_version(),
+      'machine': platform.machine(),
+      'cpu': _cpu_model(),
+      'packages': {p: v for p in PACKAGES if (v := _version(p)) is not None},
+      'devices': {'platform': devices[0].platform, 'kind': devices[0].device_kind,
+                  'count': len(devices), 'processes': jax.process_count()},
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'git': None if commit is None else {
+          'commit': commit,
+          'dirty': bool(_git('status', '--porcelain', '--untracked-files=no'))},
+  }
+
+
+def differences(old, new, prefix=''):
+  """['field: old -> new', ...] between two describe() records."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += differences(a, b, f'{prefix}{key}.')
+    elif a != b:
+      out.append(f'{prefix}{key}: {a!r} -> {b!r}')
+  return out
+
+
+def record(workdir, write=True):
+  """Describes this environment; warns when WORKDIR/environment.json (a run being resumed)
+  holds another one; writes the new record (process 0 only: `write`). Returns the warnings."""
+  path = os.path.join(workdir, FILE)
+  current = describe()
+  changes = []
+  if os.path.isfile(path):
+    with open(path) as f:
+      changes = differences(json.load(f).get('current', {}), current)
+  if changes:
+    logging.warning('Resuming %s in another environment (results will agree with an '
+                    'uninterrupted run only statistically): %s', workdir, '; '.join(changes))
+  if write:
+    history = []
+    if os.path.isfile(path):
+      with open(path) as f:
+        history = json.load(f).get('history', [])
+    if not history or changes:
+      history.append(current)
+    checkpoint.write_json_atomic(path, {'current': current, 'history': history})
+  return changes
