@@ -19,12 +19,17 @@ import orbax.checkpoint as ocp
 BEST_METRIC = 'val_dsc'
 
 
-def _manager(path, keep, best=False):
+def _manager(path, keep, best=False, item_handlers=None):
+  # With several processes orbax synchronises each save at barriers named by the step: the
+  # latest and best managers, which may save the same step at once, need their own names.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True,
       best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode='max',
-      keep_checkpoints_without_metrics=not best)
-  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+      keep_checkpoints_without_metrics=not best,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='best' if best else 'latest'))
+  return ocp.CheckpointManager(os.path.abspath(path), options=options,
+                               item_handlers=item_handlers)
 
 
 class Checkpoints:
@@ -66,12 +71,24 @@ class Checkpoints:
     self.best.close()
 
 
+def _on_first_device(metadata):
+  """Restore target for a checkpoint's metadata tree: every array whole on this process's first
+  device, whichever devices and processes saved it (their sharding may not exist here)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+
+
 def restore_state(directory, abstract_state, step=None):
-  """A TrainState from a checkpoint directory (.../checkpoints or .../best), latest step."""
-  mngr = _manager(directory, None)
+  """A TrainState from a checkpoint directory (.../checkpoints or .../best), latest step.
+
+  abstract_state None: a raw tree (nested dicts) on this process's first device.
+  """
+  mngr = _manager(directory, None, item_handlers=ocp.StandardCheckpointHandler())
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'{directory}: no checkpoint found')
+  if abstract_state is None:
+    abstract_state = _on_first_device(mngr.item_metadata(step))
   state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
   mngr.close()
   return state
@@ -101,8 +118,16 @@ def export_inference(workdir, params, batch_stats):
   ckptr.wait_until_finished()
 
 
-def load_inference(path):
-  """{'params', 'batch_stats'} from an export directory, as host arrays."""
+def restore_tree(path):
+  """Raw tree (nested dicts) on this process's first device of a checkpoint step directory
+  (RUN/checkpoints/800, RUN/best/400) or an export (RUN/export), whatever topology saved it."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'default')):  # A CheckpointManager step directory.
+    return restore_state(os.path.dirname(path), None, step=int(os.path.basename(path)))
   ckptr = ocp.StandardCheckpointer()
-  variables = ckptr.restore(os.path.abspath(path))
-  return jax.tree.map(lambda x: x, variables)
+  return ckptr.restore(path, _on_first_device(ckptr.metadata(path).item_metadata))
+
+
+def load_inference(path):
+  """{'params', 'batch_stats'} from an export directory."""
+  return restore_tree(path)
