@@ -23,6 +23,7 @@ from clu import parameter_overview
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+import orbax.checkpoint as ocp
 
 from cmedl_jax import checkpoint
 from cmedl_jax import input_pipeline
@@ -43,6 +44,9 @@ def quiet_library_logs():
   logger = logging.get_absl_logger()
   if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
     logger.addFilter(_DropLibraryInfo())
+
+
+PREPARE_TIMEOUT_S = 24 * 3600  # How long processes 1.. wait for process 0 to prepare the data.
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,7 +77,10 @@ def prepare_data(config):
     return _prepare_data(config)
   if jax.process_index() == 0:
     _prepare_data(config)
-  multihost_utils.sync_global_devices('cmedl_jax:prepare_data')
+  # A barrier of the distributed runtime, not a collective (sync_global_devices): the first
+  # collective gives up after 30 s, a preparation can take longer.
+  ocp.multihost.get_barrier_sync_fn()(key='cmedl_jax_prepare_data',
+                                      timeout_ms=PREPARE_TIMEOUT_S * 1000)
   if jax.process_index() != 0:
     _prepare_data(config, prepare_missing=False)
 
