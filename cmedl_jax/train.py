@@ -182,10 +182,11 @@ class _StopFlag:
 
     Every process must call this at every step: all of them then stop at the same step.
     """
+    local = self.signal  # Once: a signal arriving during the gather counts at the next step.
     if jax.process_count() == 1:
-      return self.signal
-    got = multihost_utils.process_allgather(np.int32(self.signal is not None))
-    return self.signal or ('SIGTERM/SIGINT (another process)' if got.any() else None)
+      return local
+    got = multihost_utils.process_allgather(np.int32(local is not None))
+    return local or ('SIGTERM/SIGINT (another process)' if got.any() else None)
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
