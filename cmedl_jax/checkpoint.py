@@ -26,12 +26,17 @@ class ConfigError(ValueError):
   """A config the run cannot use (invalid field, resume with other fields, other data)."""
 
 
-def _manager(path, keep, best=False):
+def _manager(path, keep, best=False, item_handlers=None):
+  # With several processes orbax synchronises each save at barriers named by the step: the
+  # latest and best managers, which may save the same step at once, need their own names.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True,
       best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode='max',
-      keep_checkpoints_without_metrics=not best)
-  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+      keep_checkpoints_without_metrics=not best,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='best' if best else 'latest'))
+  return ocp.CheckpointManager(os.path.abspath(path), options=options,
+                               item_handlers=item_handlers)
 
 
 class Checkpoints:
@@ -73,12 +78,24 @@ class Checkpoints:
     self.best.close()
 
 
+def _on_first_device(metadata):
+  """Restore target for a checkpoint's metadata tree: every array whole on this process's first
+  device, whichever devices and processes saved it (their sharding may not exist here)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+
+
 def restore_state(directory, abstract_state, step=None):
-  """A TrainState from a checkpoint directory (.../checkpoints or .../best), latest step."""
-  mngr = _manager(directory, None)
+  """A TrainState from a checkpoint directory (.../checkpoints or .../best), latest step.
+
+  abstract_state None: a raw tree (nested dicts) on this process's first device.
+  """
+  mngr = _manager(directory, None, item_handlers=ocp.StandardCheckpointHandler())
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'{directory}: no checkpoint found')
+  if abstract_state is None:
+    abstract_state = _on_first_device(mngr.item_metadata(step))
   state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
   mngr.close()
   return state
@@ -154,25 +171,29 @@ def load_config(workdir):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def export_inference(workdir, params, batch_stats):
+def export_inference(workdir, params, batch_stats, tag=0):
   """Writes the inference variables {'params', 'batch_stats'} to WORKDIR/export, atomically.
 
-  Written whole into WORKDIR/export.tmp-<pid>, then swapped in: the old export is renamed to
-  export.old-<pid>, the new one to export, the old one deleted. A kill at any point leaves the
+  Written whole into WORKDIR/export.tmp-<tag> (every process calls this, as orbax expects; the
+  name is the same on all of them), then swapped in by process 0: the old export is renamed to
+  export.old-<tag>, the new one to export, the old one deleted. A kill at any point leaves the
   previous export or the new one whole (`export_dir` finds it; `clean_export_leftovers` puts it
-  back in place at the next training start).
+  back in place at the next training start). tag: a number, e.g. the step.
   """
   path = os.path.abspath(os.path.join(workdir, 'export'))
-  tmp, old = f'{path}.tmp-{os.getpid()}', f'{path}.old-{os.getpid()}'
-  for leftover in (tmp, old):
-    shutil.rmtree(leftover, ignore_errors=True)
+  tmp, old = f'{path}.tmp-{int(tag)}', f'{path}.old-{int(tag)}'
+  primary = jax.process_index() == 0
+  if primary:
+    for leftover in (tmp, old):
+      shutil.rmtree(leftover, ignore_errors=True)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(tmp, {'params': params, 'batch_stats': batch_stats})
   ckptr.wait_until_finished()
-  if os.path.isdir(path):
-    os.rename(path, old)
-  os.rename(tmp, path)
-  shutil.rmtree(old, ignore_errors=True)
+  if primary:
+    if os.path.isdir(path):
+      os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_leftovers(workdir):
@@ -213,8 +234,16 @@ def clean_export_leftovers(workdir):
     shutil.rmtree(leftover, ignore_errors=True)
 
 
-def load_inference(path):
-  """{'params', 'batch_stats'} from an export directory, as host arrays."""
+def restore_tree(path):
+  """Raw tree (nested dicts) on this process's first device of a checkpoint step directory
+  (RUN/checkpoints/800, RUN/best/400) or an export (RUN/export), whatever topology saved it."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'default')):  # A CheckpointManager step directory.
+    return restore_state(os.path.dirname(path), None, step=int(os.path.basename(path)))
   ckptr = ocp.StandardCheckpointer()
-  variables = ckptr.restore(os.path.abspath(path))
-  return jax.tree.map(lambda x: x, variables)
+  return ckptr.restore(path, _on_first_device(ckptr.metadata(path).item_metadata))
+
+
+def load_inference(path):
+  """{'params', 'batch_stats'} from an export directory."""
+  return restore_tree(path)

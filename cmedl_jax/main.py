@@ -5,9 +5,14 @@ r"""Trains CMEDL (or a baseline) from a config file.
       --config.train.num_steps=5000
 
 Several GPUs of one host: nothing to add (all local devices form the 'data' mesh axis).
-Multi-host (TPU pod slice, SLURM GPU cluster): run the same command on every host with
---jax_distributed, which calls jax.distributed.initialize() (it reads the coordinator from the
-environment on Cloud TPU and SLURM).
+Several processes (hosts): run the same command in every process with --jax_distributed, which
+calls jax.distributed.initialize(). Under SLURM (srun), Open MPI and on Cloud TPU it finds the
+coordinator, the process count and this process's id itself; elsewhere give them:
+
+  python -m cmedl_jax.main --config=... --workdir=SHARED/run --jax_distributed \
+      --coordinator_address=HOST0:PORT --num_processes=2 --process_id=0   # 1 on the other
+
+(--coordinator_address may also come from JAX_COORDINATOR_ADDRESS.)
 """
 
 from absl import app
@@ -22,6 +27,13 @@ from data_prep import nifti_io
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and exports.')
 flags.DEFINE_bool('jax_distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+flags.DEFINE_string('coordinator_address', None,
+                    'With --jax_distributed: HOST:PORT of process 0 (default: auto-detected).')
+flags.DEFINE_integer('num_processes', None,
+                     'With --jax_distributed: number of processes (default: auto-detected).')
+flags.DEFINE_integer('process_id', None,
+                     'With --jax_distributed: this process, 0..num_processes-1 (default: '
+                     'auto-detected).')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -30,8 +42,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if any(v is not None for v in given) and not FLAGS.jax_distributed:
+    raise app.UsageError('--coordinator_address/--num_processes/--process_id need '
+                         '--jax_distributed')
   if FLAGS.jax_distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:

@@ -23,7 +23,6 @@ import sys
 import jax
 import nibabel as nib
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from cmedl_jax import checkpoint
@@ -40,16 +39,18 @@ def predict_volume(infer_fn, volume, batch_size, context_slices, mesh):
   """Labels [Z,H,W] uint8 and probabilities [Z,H,W,K] of a prepared volume [Z,H,W].
 
   infer_fn: [B,H,W,C] sharded batch -> probabilities [B,H,W,K]. Slices go in batches of
-  `batch_size` (rounded up to a multiple of the mesh size; the last one zero-padded).
+  `batch_size` (rounded up to a multiple of the mesh size; the last one zero-padded). With
+  several processes every process calls this with the whole volume and gets the whole result.
   """
   slices = input_pipeline.context_stack(volume, context_slices)
   batch_size = sharding.round_up(batch_size, mesh.size)
+  data = sharding.data_sharded(mesh)
   probs = []
   for i in range(0, slices.shape[0], batch_size):
     chunk = slices[i:i + batch_size]
     n = chunk.shape[0]
     chunk = np.pad(chunk, [(0, batch_size - n), (0, 0), (0, 0), (0, 0)])
-    probs.append(np.asarray(jax.device_get(infer_fn(sharding.shard_batch(chunk, mesh))))[:n])
+    probs.append(sharding.to_host(infer_fn(sharding.from_host(chunk, data)))[:n])
   probs = np.concatenate(probs, 0)
   return probs.argmax(-1).astype(np.uint8), probs
 
@@ -68,10 +69,7 @@ def _run_dir_of(path):
 
 def _restore_tree(path):
   """Raw pytree (nested dicts) of an orbax checkpoint directory."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'default')):  # A CheckpointManager step directory.
-    path = os.path.join(path, 'default')
-  return ocp.StandardCheckpointer().restore(path)
+  return checkpoint.restore_tree(path)
 
 
 class Predictor:
@@ -131,8 +129,8 @@ class Predictor:
         if 'translator' not in full['params']:
           raise ValueError(f'{run_dir}: this method has no translator')
         params = dict(params, translator=full['params']['translator'])
-    self.params = jax.device_put(params, sharding.replicated(self.mesh))
-    self.batch_stats = jax.device_put(stats, sharding.replicated(self.mesh))
+    self.params = sharding.from_host(params, sharding.replicated(self.mesh))
+    self.batch_stats = sharding.from_host(stats, sharding.replicated(self.mesh))
     config, nets = self.config, self.nets
     self._probs = jax.jit(lambda p, s, x: jax.nn.softmax(
         ts.infer_logits(p, s, x, config=config, nets=nets), -1))

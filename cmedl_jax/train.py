@@ -4,6 +4,10 @@ Prepares the data if needed, builds the mesh, state and jitted step, then loops:
 batches -> train_step -> scalars/images to TensorBoard (clu) -> whole-volume validation ->
 orbax checkpoints. Resumes from WORKDIR/checkpoints automatically; SIGTERM/SIGINT save and exit;
 a NaN/Inf loss stops the run naming the loss and the step.
+
+Several processes (`main --jax_distributed`) run this same function: every process computes
+everything (jitted programs span all devices) and saves the orbax checkpoints together; process
+0 alone prepares the data and writes the JSON records, TensorBoard and the export's metadata.
 """
 
 import functools
@@ -18,10 +22,12 @@ from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
+import orbax.checkpoint as ocp
 
 from cmedl_jax import checkpoint
+from cmedl_jax import environment
 from cmedl_jax import input_pipeline
 from cmedl_jax import metrics as seg_metrics
 from cmedl_jax import predict
@@ -43,6 +49,9 @@ def quiet_library_logs():
     logger.addFilter(_DropLibraryInfo())
 
 
+PREPARE_TIMEOUT_S = 24 * 3600  # How long processes 1.. wait for process 0 to prepare the data.
+
+
 class NonFiniteLossError(RuntimeError):
   """A loss became NaN or Inf."""
 
@@ -54,7 +63,7 @@ def check_workdir(workdir):
   """Creates workdir and proves it writable; a clear error otherwise."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_probe_{os.getpid()}')
+    probe = os.path.join(workdir, f'.write_probe_{jax.process_index()}_{os.getpid()}')
     with open(probe, 'wb') as f:
       f.write(b'0' * 4096)
       f.flush()
@@ -186,7 +195,24 @@ class WorkdirLock:
 
 
 def prepare_data(config):
-  """Prepares source and target datasets from their raw folders unless already prepared."""
+  """Prepares source and target datasets from their raw folders unless already prepared.
+
+  With several processes, process 0 prepares while the others wait, then they check the
+  prepared data's spec (the prepared folders must be on a filesystem all processes share).
+  """
+  if jax.process_count() == 1:
+    return _prepare_data(config)
+  if jax.process_index() == 0:
+    _prepare_data(config)
+  # A barrier of the distributed runtime, not a collective (sync_global_devices): the first
+  # collective gives up after 30 s, a preparation can take longer.
+  ocp.multihost.get_barrier_sync_fn()(key='cmedl_jax_prepare_data',
+                                      timeout_ms=PREPARE_TIMEOUT_S * 1000)
+  if jax.process_index() != 0:
+    _prepare_data(config, prepare_missing=False)
+
+
+def _prepare_data(config, prepare_missing=True):
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
   for side in ('source', 'target'):
     d = config.data[side]
@@ -198,6 +224,10 @@ def prepare_data(config):
             f'{d.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
             f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
       continue
+    if not prepare_missing:
+      raise FileNotFoundError(
+          f'{d.prepared_dir}: not prepared on process {jax.process_index()} after process 0 '
+          'prepared it; data.*.prepared_dir must be on a filesystem all processes share')
     if os.path.exists(d.prepared_dir):
       raise ConfigError(
           f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
@@ -217,14 +247,17 @@ def _labels_to_unit(labels, num_classes):
   return (np.asarray(labels, np.float32) / max(num_classes - 1, 1))[..., None]
 
 
-def image_summaries(config, state, src, eval_fn, max_images=3):
-  """Source, pseudo-target, cycle, student/teacher predictions and label, [N,H,W,1] in [0,1]."""
-  x = jax.device_get(src['image'])[:max_images]
-  out = jax.device_get(eval_fn(state, jnp.asarray(x)))
+def image_summaries(config, state, src, eval_fn, mesh, max_images=3):
+  """Source, pseudo-target, cycle, student/teacher predictions and label, [N,H,W,1] in [0,1].
+
+  Every process calls this (eval_fn runs on all devices); process 0's writer writes them.
+  """
+  x = sharding.to_host(src['image'])[:max_images]
+  out = sharding.to_host(eval_fn(state, sharding.from_host(x, sharding.replicated(mesh))))
   c = config.data.context_slices // 2
   k = config.data.num_classes
   images = {'source': _to_unit(x[..., c:c + 1]),
-            'label': _labels_to_unit(jax.device_get(src['label'])[:max_images], k)}
+            'label': _labels_to_unit(sharding.to_host(src['label'])[:max_images], k)}
   if 'logits' in out:
     images['prediction/inference'] = _labels_to_unit(out['logits'].argmax(-1), k)
   if 'pseudo_target' in out:
@@ -276,6 +309,17 @@ class _StopFlag:
     del frame
     self.signal = signal.Signals(signum).name
 
+  def any_process(self):
+    """The signal's name if this or (with several processes) any process got one, else None.
+
+    Every process must call this at every step: all of them then stop at the same step.
+    """
+    local = self.signal  # Once: a signal arriving during the gather counts at the next step.
+    if jax.process_count() == 1:
+      return local
+    got = multihost_utils.process_allgather(np.int32(local is not None))
+    return local or ('SIGTERM/SIGINT (another process)' if got.any() else None)
+
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
@@ -308,19 +352,24 @@ def train_and_evaluate(config, workdir, on_log=None):
 
 def _train_and_evaluate(config, workdir, on_log):
   """train_and_evaluate once the config is checked and the workdir held."""
-  checkpoint.save_config(workdir, config)
-  checkpoint.clean_export_leftovers(workdir)
-  # Temporaries of checkpoint.write_json_atomic and check_workdir left by a killed run.
-  for pattern in (r'.+\.json\.tmp(?P<pid>\d+)', r'\.write_probe_(?P<pid>\d+)'):
-    nifti_io.remove_stale_temporaries(workdir, pattern)
+  primary = jax.process_index() == 0
+  if primary:
+    checkpoint.save_config(workdir, config)
+    checkpoint.clean_export_leftovers(workdir)
+    # Temporaries of checkpoint.write_json_atomic and check_workdir left by a killed run.
+    for pattern in (r'.+\.json\.tmp(?P<pid>\d+)', r'\.write_probe_(?P<pid>\d+)'):
+      nifti_io.remove_stale_temporaries(workdir, pattern)
+  environment.record(workdir, write=primary)
   prepare_data(config)
   mesh = sharding.make_mesh()
   info = input_pipeline.dataset_info(config.data.source.prepared_dir)
   in_channels = config.data.context_slices
   image_shape = (*info['image_size'], in_channels)
   nets = ts.build_networks(config, in_channels)
-  checkpoint.write_json_atomic(os.path.join(workdir, 'preparation.json'),
-                               input_pipeline.preparation_record(config.data.source.prepared_dir))
+  if primary:
+    checkpoint.write_json_atomic(
+        os.path.join(workdir, 'preparation.json'),
+        input_pipeline.preparation_record(config.data.source.prepared_dir))
 
   init = functools.partial(ts.create_train_state, config, nets, image_shape=image_shape)
   key = jax.random.PRNGKey(config.seed)
@@ -343,7 +392,7 @@ def _train_and_evaluate(config, workdir, on_log):
   data_sharding = sharding.data_sharded(mesh)
   step_fn = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
                     in_shardings=(state_sharding, data_sharding, data_sharding),
-                    out_shardings=(state_sharding, None), donate_argnums=0)
+                    out_shardings=(state_sharding, replicated), donate_argnums=0)
   infer = jax.jit(lambda st, x: jax.nn.softmax(ts.infer_logits(
       st.params, st.batch_stats, x, config=config, nets=nets), -1))
   eval_images = jax.jit(functools.partial(ts.eval_step, config=config, nets=nets,
@@ -364,7 +413,7 @@ def _train_and_evaluate(config, workdir, on_log):
   # TensorBoard event files on process 0 (the console line below is ours, with steps/s and ETA).
   writer = metric_writers.MultiWriter(
       [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))]
-      if jax.process_index() == 0 else [])
+      if primary else [])
 
   num_steps = config.train.num_steps
   val = dict(val_history[-1]) if val_history else {}
@@ -382,12 +431,13 @@ def _train_and_evaluate(config, workdir, on_log):
         state, metrics = step_fn(state, src, tgt)
         step += 1
         if pending is not None:
-          _check_finite(jax.device_get(pending[1]), pending[0])
+          _check_finite(sharding.to_host(pending[1]), pending[0])
         pending = (step, metrics)
         last = step == num_steps
+        stop_signal = stop.any_process()
 
         if step % config.train.log_every == 0 or last:
-          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          scalars = {k: float(v) for k, v in sharding.to_host(metrics).items()}
           _check_finite(scalars, step)
           now = time.time()
           steps_per_sec = (step - steps_last) / max(now - t_last, 1e-9)
@@ -407,10 +457,10 @@ def _train_and_evaluate(config, workdir, on_log):
           t_last, steps_last, data_wait = now, step, 0.0
 
         if step % config.train.image_every == 0 or last:
-          writer.write_images(step, image_summaries(config, state, src, eval_images))
+          writer.write_images(step, image_summaries(config, state, src, eval_images, mesh))
 
         if val_volumes and (step % config.train.eval_every == 0 or last):
-          _check_finite(jax.device_get(metrics), step)
+          _check_finite(sharding.to_host(metrics), step)
           val = validate(config, state, infer, val_volumes, mesh)
           writer.write_scalars(step, val)
           if on_log is not None:
@@ -418,19 +468,20 @@ def _train_and_evaluate(config, workdir, on_log):
           logging.info('step %d validation: %s', step,
                        '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
           val_history.append({'step': step, **val})
-          checkpoint.write_json_atomic(os.path.join(workdir, 'validation.json'), val_history)
+          if primary:
+            checkpoint.write_json_atomic(os.path.join(workdir, 'validation.json'), val_history)
           if np.isfinite(val['val_dsc']):
             ckpts.save_if_best(step, state, val)
 
-        if step % config.train.checkpoint_every == 0 or last or stop.signal:
-          _check_finite(jax.device_get(metrics), step)
+        if step % config.train.checkpoint_every == 0 or last or stop_signal:
+          _check_finite(sharding.to_host(metrics), step)
           ckpts.save(step, state)
-        if stop.signal:
-          logging.warning('Received %s: saved step %d, exiting.', stop.signal, step)
+        if stop_signal:
+          logging.warning('Received %s: saved step %d, exiting.', stop_signal, step)
           break
     if step >= num_steps and config.method.name != 'translator_only':
       params, stats = inference_variables(config, state)
-      checkpoint.export_inference(workdir, params, stats)
+      checkpoint.export_inference(workdir, params, stats, tag=step)
   finally:
     # Also on an error (e.g. a NaN loss): finish the checkpoints already being written.
     train_iter.close()
@@ -458,7 +509,7 @@ def inference_variables(config, state):
            'two_channel': ('translator', 'student')}.get(m, ('student',))
   params = {k: state.params[k] for k in names}
   stats = {k: state.batch_stats[k] for k in names if k in state.batch_stats}
-  return jax.device_get(params), jax.device_get(stats)
+  return sharding.to_host(params), sharding.to_host(stats)
 
 
 def _load_translator_init(config, state, replicated):
@@ -473,7 +524,7 @@ def _load_translator_init(config, state, replicated):
     if name in params:
       if name not in other['params']:
         raise ValueError(f'{path}: has no {name!r} parameters to initialise from')
-      params[name] = jax.device_put(other['params'][name], replicated)
+      params[name] = sharding.from_host(other['params'][name], replicated)
   logging.info('Translator initialised from %s', path)
   return state.replace(params=params)
 

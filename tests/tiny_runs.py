@@ -91,14 +91,18 @@ def run_main(root, workdir, interrupt=None, extra=()):
   The subprocess inherits the session's XLA flags and compilation cache (tests/conftest.py).
   Returns the CompletedProcess.
   """
-  args = [f'--config={ROOT / "configs" / "tiny.py"}:unet,cyclegan', f'--workdir={workdir}']
-  args += [f'--config.{k}={v}' for k, v in overrides(root).items()] + list(extra)
   program = ['-m', 'cmedl_jax.main']
   if interrupt:
     program = ['-c', _INTERRUPTING_MAIN, interrupt[0], str(interrupt[1])]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, *program, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
+  return subprocess.run([sys.executable, *program, *main_args(root, workdir, extra)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=900)
+
+
+def main_args(root, workdir, extra=()):
+  """Flags of `python -m cmedl_jax.main` for the tiny config on `root`, then `extra`."""
+  args = [f'--config={ROOT / "configs" / "tiny.py"}:unet,cyclegan', f'--workdir={workdir}']
+  return args + [f'--config.{k}={v}' for k, v in overrides(root).items()] + list(extra)
 
 
 def final_state(workdir, directory='checkpoints'):

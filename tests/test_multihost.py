@@ -1,0 +1,135 @@
+"""Multi-process training with real processes: 2 processes x 2 CPU devices (jax.distributed on a
+localhost coordinator, gloo collectives) train the tiny config with checkpoints, validation and
+image summaries, are both killed mid-run, resume, and end where 1 process x 4 devices ends.
+"""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cmedl_jax import input_pipeline
+from cmedl_jax import checkpoint
+from cmedl_jax import train_step as ts
+from tiny_runs import main_args
+from tiny_runs import NUM_STEPS
+from tiny_runs import ROOT
+from tiny_runs import small_config
+from tiny_runs import steps_saved
+from tiny_runs import write_phantoms
+
+_DEVICES = '--xla_force_host_platform_device_count'
+# Adam's eps = 1 makes an update ~ lr * gradient, as in
+# test_train_step.py::test_one_device_equals_eight_devices, so parameters compare gradients.
+_EPS = ('--config.optim.eps=1.0',)
+_TIMEOUT = 300  # Seconds for any one run.
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _start(root, workdir, log, devices, extra=()):
+  """`python -m cmedl_jax.main` with `devices` CPU devices, output to the file `log`."""
+  flags = [f for f in os.environ['XLA_FLAGS'].split() if not f.startswith(_DEVICES)]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=' '.join(flags + [f'{_DEVICES}={devices}']))
+  with open(log, 'w') as f:
+    return subprocess.Popen(
+        [sys.executable, '-m', 'cmedl_jax.main', *main_args(root, workdir, _EPS + tuple(extra))],
+        cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _start_pair(root, workdir, logs):
+  """Processes 0 and 1 of a 2-process run, 2 devices each."""
+  address = f'localhost:{_free_port()}'
+  return [_start(root, workdir, log, 2, ['--jax_distributed', f'--coordinator_address={address}',
+                                         '--num_processes=2', f'--process_id={i}'])
+          for i, log in enumerate(logs)]
+
+
+def _tail(log):
+  return f'--- {log.name}:\n' + log.read_text()[-3000:]
+
+
+def _wait(procs, logs):
+  deadline = time.time() + _TIMEOUT
+  for p, log in zip(procs, logs):
+    p.wait(timeout=max(deadline - time.time(), 1))
+    assert p.returncode == 0, _tail(log)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_and_equal_one_process(tmp_path):
+  write_phantoms(tmp_path, n=5, seed=0, slices=6)  # Prepared by process 0 of the first run.
+  multi, single = tmp_path / 'multi', tmp_path / 'single'
+  logs = [tmp_path / f'{name}.log' for name in ('killed0', 'killed1', 'resumed0', 'resumed1',
+                                                 'single')]
+  procs = []
+  try:
+    # Both processes SIGKILLed as soon as checkpoint 3 is committed (during step 4).
+    procs += _start_pair(tmp_path, multi, logs[:2])
+    deadline = time.time() + _TIMEOUT
+    while not (multi / 'checkpoints' / '3').is_dir():
+      assert all(p.poll() is None for p in procs), ''.join(map(_tail, logs[:2]))
+      assert time.time() < deadline, 'no checkpoint 3 in time'
+      time.sleep(0.05)
+    for p in procs:
+      p.kill()
+      p.wait()
+    assert steps_saved(multi) == [3]
+    assert not os.path.exists(multi / 'export')
+    # Both resume from step 3 and finish: checkpoints, validation, images and the export.
+    procs += _start_pair(tmp_path, multi, logs[2:4])
+    _wait(procs[2:], logs[2:4])
+    for log in logs[2:4]:
+      assert 'JAX process' in log.read_text() and 'Starting at step 3 of 8.' in log.read_text()
+    # The same program in 1 process with 4 devices.
+    procs.append(_start(tmp_path, single, logs[4], 4))
+    _wait(procs[4:], logs[4:])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+  assert steps_saved(multi) == [3, 6, 8]
+  assert len(steps_saved(multi, 'best')) == 1
+  assert os.path.isdir(multi / 'export')
+  assert [r['step'] for r in json.loads((multi / 'validation.json').read_text())] == [4, 8]
+  # Process 0 alone writes TensorBoard: one event file per run.
+  assert len(glob.glob(str(multi / 'events.out.tfevents.*'))) == 2
+
+  # Parameters as 1 process x 4 devices, at step 3 (saved before the kill) to
+  # test_one_device_equals_eight_devices's tolerance: updates from the initial parameters,
+  # relative to the tensor's largest update, plus one float32 ulp of its largest parameter
+  # (norm scales near 1 differ by an ulp). At the end (step 8, after the kill) 10 times that:
+  # the runs drift apart (measured at step 8: up to 4.7% of a translator tensor's largest
+  # update in one session, ulps in another; the resumed 2-process run itself is bit-exact
+  # against an uninterrupted one), while a wrong sharding changes updates by ~100%.
+  config = small_config(tmp_path)
+  c = config.data.context_slices
+  shape = (*input_pipeline.dataset_info(config.data.source.prepared_dir)['image_size'], c)
+  nets = ts.build_networks(config, c)
+  init = jax.jit(lambda r: ts.create_train_state(config, nets, r, shape)[0].params)(
+      jax.random.PRNGKey(config.seed))
+  for step, factor in ((3, 1), (NUM_STEPS, 10)):
+    one = checkpoint.restore_state(str(single / 'checkpoints'), None, step=step)
+    two = checkpoint.restore_state(str(multi / 'checkpoints'), None, step=step)
+    assert int(one['step']) == int(two['step']) == step
+    assert jax.tree.structure(one['params']) == jax.tree.structure(two['params'])
+    for a, b, a0 in zip(jax.tree.leaves(one['params']), jax.tree.leaves(two['params']),
+                        jax.tree.leaves(init)):
+      a, b, a0 = np.asarray(a), np.asarray(b), np.asarray(a0)
+      atol = 5e-3 * np.abs(a - a0).max() + 4e-8 + np.spacing(np.abs(a0).max())
+      np.testing.assert_allclose(a - a0, b - a0, rtol=0, atol=factor * atol, err_msg=step)
+    for a, b in zip(jax.tree.leaves(one['batch_stats']), jax.tree.leaves(two['batch_stats'])):
+      np.testing.assert_allclose(a, b, rtol=factor * 1e-4, atol=factor * 1e-6, err_msg=step)
