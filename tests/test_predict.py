@@ -182,7 +182,7 @@ def test_a_killed_prediction_s_temporaries_are_deleted_at_the_next_start(tmp_pat
     t = os.path.getmtime(tmp_path / name) - age
     os.utime(tmp_path / name, (t, t))
   result = predict.predict_files(None, [], str(tmp_path), progress=False)
-  assert result == {'written': [], 'skipped': [], 'failed': []}
+  assert result == {'written': [], 'skipped': [], 'failed': [], 'warned': []}
   assert sorted(os.listdir(tmp_path)) == sorted(
       [f'.tmp{os.getppid()}_c.nii.gz', f'.tmp{dead.pid}_d.nii.gz', '.tmpnotours.nii.gz',
        f'.tmp{dead.pid}_e.txt'])

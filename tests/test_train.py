@@ -425,8 +425,8 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
   with pytest.raises(nifti_io.DataError, match='dataset folder does not exist'):
     train.train_and_evaluate(small_config(tmp_path), str(run))  # No data.
   assert sorted(os.listdir(run)) == sorted(
-      ['config.json', f'config.json.tmp{os.getppid()}', f'preparation.json.tmp{dead.pid}',
-       'notes.json.tmp'])
+      ['config.json', 'environment.json', f'config.json.tmp{os.getppid()}',
+       f'preparation.json.tmp{dead.pid}', 'notes.json.tmp'])
 
 
 def test_the_workdir_lock_is_released_and_another_one_is_left_alone(tmp_path):
