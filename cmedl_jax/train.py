@@ -118,16 +118,6 @@ class WorkdirLockedError(RuntimeError):
   """Another training holds the workdir."""
 
 
-def _pid_alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # Alive, another user's.
-    return True
-  return True
-
-
 class WorkdirLock:
   """WORKDIR/train.lock, {"pid", "host"} of the training that holds the workdir.
 
@@ -169,7 +159,7 @@ class WorkdirLock:
         except FileNotFoundError:
           continue
         cut_short = pid is None and age > 10
-        if not (cut_short or (host == socket.gethostname() and not _pid_alive(pid))):
+        if not (cut_short or (host == socket.gethostname() and not nifti_io.pid_alive(pid))):
           raise WorkdirLockedError(
               f'{self.workdir} is in use by the training of process {pid} on host {host} '
               f'({self.path}); wait for it to end, or delete the lock if it is not running'

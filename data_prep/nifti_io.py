@@ -262,7 +262,8 @@ def check_label_values(label, declared, label_path) -> None:
                     f"(declared: {sorted(declared)})")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` runs on this host."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -297,7 +298,7 @@ def remove_stale_temporaries(directory, pattern: str, min_age_s: float = 60.0,
       continue
     if age < (no_pid_min_age_s if pid is None else min_age_s):
       continue
-    if pid is not None and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+    if pid is not None and (int(pid) == os.getpid() or pid_alive(int(pid))):
       continue
     logging.warning("deleting %s (left by an interrupted run)", path)
     if os.path.isdir(path) and not os.path.islink(path):
