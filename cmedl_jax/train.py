@@ -347,7 +347,8 @@ def _train_and_evaluate(config, workdir, on_log):
     checkpoint.save_config(workdir, config)
     checkpoint.clean_export_leftovers(workdir)
     # Temporaries of checkpoint.write_json_atomic and check_workdir left by a killed run.
-    for pattern in (r'.+\.json\.tmp(?P<pid>\d+)', r'\.write_probe_(?P<pid>\d+)'):
+    # Probe names: .write_probe_<process index>_<pid> (.write_probe_<pid> before multi-process).
+    for pattern in (r'.+\.json\.tmp(?P<pid>\d+)', r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
       nifti_io.remove_stale_temporaries(workdir, pattern)
   environment.record(workdir, write=primary)
   prepare_data(config)

@@ -137,14 +137,14 @@ def test_two_stage_training_end_to_end(tiny_data, tmp_path):
   stage1 = small_config(tiny_data, num_steps=2, image_every=1, checkpoint_every=2)
   two_stage.apply_stage(stage1, 'stage1')
   train.train_and_evaluate(stage1, str(tmp_path / 'stage1'))
-  saved = predict._restore_tree(str(tmp_path / 'stage1' / 'checkpoints' / '2'))  # pylint: disable=protected-access
+  saved = checkpoint.restore_tree(str(tmp_path / 'stage1' / 'checkpoints' / '2'))
   assert 'student' not in saved['params']
   stage2 = small_config(tiny_data, num_steps=2, checkpoint_every=2)
   two_stage.apply_stage(stage2, 'stage2')
   stage2.method.translator_init = str(tmp_path / 'stage1')
   result = train.train_and_evaluate(stage2, str(tmp_path / 'stage2'))
   assert np.isfinite(result['val_dsc'])
-  final = predict._restore_tree(str(tmp_path / 'stage2' / 'checkpoints' / '2'))  # pylint: disable=protected-access
+  final = checkpoint.restore_tree(str(tmp_path / 'stage2' / 'checkpoints' / '2'))
   for a, b in zip(jax.tree.leaves(saved['params']['translator']),
                   jax.tree.leaves(final['params']['translator'])):
     np.testing.assert_array_equal(a, b)
@@ -413,6 +413,7 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
   run = tmp_path / 'run'
   run.mkdir()
   names = {f'validation.json.tmp{dead.pid}': 120, f'.write_probe_{dead.pid}': 120,
+           f'.write_probe_0_{dead.pid}': 120,  # check_workdir's name: process index, pid.
            f'config.json.tmp{os.getppid()}': 120, f'preparation.json.tmp{dead.pid}': 0,
            'notes.json.tmp': 120}
   for name, age in names.items():
