@@ -67,11 +67,6 @@ def _run_dir_of(path):
     path = parent
 
 
-def _restore_tree(path):
-  """Raw pytree (nested dicts) of an orbax checkpoint directory."""
-  return checkpoint.restore_tree(path)
-
-
 class Predictor:
   """A trained run's test-time network with the run's data preparation.
 
@@ -116,15 +111,15 @@ class Predictor:
       if not os.path.isdir(export):
         raise FileNotFoundError(f'{export}: no inference export (did training finish?); '
                                 'use --checkpoint with a saved state instead')
-      variables = _restore_tree(export)
+      variables = checkpoint.restore_tree(export)
       full = None
     else:
-      full = _restore_tree(checkpoint_path)
+      full = checkpoint.restore_tree(checkpoint_path)
       variables = {'params': full['params'], 'batch_stats': full.get('batch_stats', {})}
     params, stats = variables['params'], variables.get('batch_stats', {})
     if pseudo_target:
       if 'translator' not in params:
-        full = full or _restore_tree(os.path.join(run_dir, 'checkpoints',
+        full = full or checkpoint.restore_tree(os.path.join(run_dir, 'checkpoints',
                                                   str(self._latest_step(run_dir))))
         if 'translator' not in full['params']:
           raise ValueError(f'{run_dir}: this method has no translator')

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cmedl_jax import checkpoint
 from cmedl_jax import predict
 from cmedl_jax import train_step as ts
 from data_prep import prepare
@@ -81,7 +82,7 @@ def test_prediction_overlays_an_lps_anisotropic_oddly_sized_input(run_dir, tmp_p
   np.testing.assert_array_equal(fake.affine, ref.affine)
 
   # Both equal the networks applied directly (the final checkpoint holds the exported student).
-  tree = predict._restore_tree(str(workdir / 'checkpoints' / '8'))  # pylint: disable=protected-access
+  tree = checkpoint.restore_tree(str(workdir / 'checkpoints' / '8'))
   want_p, want_fake = direct(predictor, np.asarray(ref.dataobj, np.float32), ref.affine, tree)
   np.testing.assert_allclose(p, want_p, atol=2e-5)
   np.testing.assert_allclose(np.asarray(fake.dataobj), want_fake, atol=2e-5)
@@ -104,7 +105,7 @@ def test_teacher_prediction_is_the_teacher_on_the_translation(run_dir):
   got = by_teacher.predict_array(image, src.affine)['probabilities']
   student = predict.Predictor(workdir=str(workdir)).predict_array(image, src.affine)
   assert not np.allclose(got, student['probabilities'], atol=1e-4)
-  tree = predict._restore_tree(str(workdir / 'checkpoints' / '8'))  # pylint: disable=protected-access
+  tree = checkpoint.restore_tree(str(workdir / 'checkpoints' / '8'))
   want, _ = direct(by_teacher, image, src.affine, tree, name='teacher')
   np.testing.assert_allclose(got, want, atol=2e-5)
 
