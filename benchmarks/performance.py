@@ -116,7 +116,7 @@ print("RESULT " + json.dumps(dict(size=size, batch=batch, remat=remat,
 _PREDICT_WORKER = r'''
 import json, sys, time
 import jax, numpy as np
-from cmedl_jax import predict, sharding, train_step as ts
+from cmedl_jax import inference, sharding, train_step as ts
 from configs import cmedl
 size, slices, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 config = cmedl.get_config("unet,cyclegan")
@@ -127,9 +127,9 @@ mesh = sharding.make_mesh()
 infer = jax.jit(lambda x: jax.nn.softmax(ts.infer_logits(state.params, state.batch_stats, x,
                                                          config=config, nets=nets), -1))
 volume = np.random.default_rng(0).uniform(-1, 1, (slices, size, size)).astype(np.float32)
-predict.predict_volume(infer, volume[:batch], batch, 1, mesh)  # Compile.
+inference.predict_volume(infer, volume[:batch], batch, 1, mesh)  # Compile.
 t0 = time.perf_counter()
-predict.predict_volume(infer, volume, batch, 1, mesh)
+inference.predict_volume(infer, volume, batch, 1, mesh)
 print("RESULT " + json.dumps(dict(seconds=time.perf_counter() - t0, slices=slices)))
 '''
 

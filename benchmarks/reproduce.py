@@ -211,10 +211,10 @@ def predict_and_evaluate(r, root):
       f'{workdir}/study_run.json'):
     with open(eval_path) as f:
       return json.load(f)
-  from cmedl_jax import predict  # pylint: disable=g-import-not-at-top
+  from cmedl_jax import inference, predict  # pylint: disable=g-import-not-at-top
   dataset_dir = f"{root}/data/phantoms/{SOURCE_KIND[r['setting']]}"
   pseudo = r['method'] in ('cmedl', 'stage2') and r['seed'] == 0
-  predictor = predict.Predictor(workdir=workdir, pseudo_target=pseudo, teacher=teacher)
+  predictor = inference.Predictor(workdir=workdir, pseudo_target=pseudo, teacher=teacher)
   out_dir = f'{workdir}/test_predictions{suffix}'
   inputs = predict.list_inputs(f'{dataset_dir}/imagesTs')
   result = predict.predict_files(predictor, inputs, out_dir, overwrite=True,

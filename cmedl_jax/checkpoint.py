@@ -19,6 +19,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from data_prep import nifti_io
+
 BEST_METRIC = 'val_dsc'
 
 
@@ -101,13 +103,6 @@ def restore_state(directory, abstract_state, step=None):
   return state
 
 
-def write_json_atomic(path, obj):
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 # Config fields a resumed run may change: how often it logs, writes images, validates and
 # saves, how many checkpoints it keeps, how it validates, how far it prefetches. Anything else
 # (networks, method, losses, optimiser and its schedule incl. train.num_steps, batch, data, seed)
@@ -163,7 +158,8 @@ def check_resume_config(workdir, config):
 def save_config(workdir, config):
   """Writes WORKDIR/config.json, after checking a stored one may be resumed with `config`."""
   check_resume_config(workdir, config)
-  write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+  nifti_io.write_json(os.path.join(workdir, 'config.json'),
+                     json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
 
 
 def load_config(workdir):

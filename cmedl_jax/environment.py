@@ -15,7 +15,7 @@ import subprocess
 from absl import logging
 import jax
 
-from cmedl_jax import checkpoint
+from data_prep import nifti_io
 
 FILE = 'environment.json'
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'scipy', 'nibabel',
@@ -100,5 +100,5 @@ def record(workdir, write=True):
         history = json.load(f).get('history', [])
     if not history or changes:
       history.append(current)
-    checkpoint.write_json_atomic(path, {'current': current, 'history': history})
+    nifti_io.write_json(path, {'current': current, 'history': history}, indent=2, sort_keys=True)
   return changes

@@ -105,17 +105,6 @@ class SplitArrays:
     return np.ascontiguousarray(images), np.asarray(self.labels[idx])
 
 
-def context_stack(volume: np.ndarray, context_slices: int) -> np.ndarray:
-  """Prepared volume [Z,H,W] -> [Z,H,W,k] with the k neighbouring slices (clamped) as channels."""
-  if context_slices < 1 or context_slices % 2 == 0:
-    raise ValueError(f"context_slices must be odd and >= 1, got {context_slices}")
-  volume = np.asarray(volume, np.float32)
-  half = context_slices // 2
-  z = np.arange(volume.shape[0])
-  nb = np.clip(z[:, None] + np.arange(-half, half + 1)[None, :], 0, volume.shape[0] - 1)
-  return np.ascontiguousarray(volume[nb].transpose(0, 2, 3, 1))
-
-
 def dataset_info(prepared_dir) -> dict:
   """What the trainer needs from a prepared manifest.
 

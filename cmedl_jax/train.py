@@ -30,7 +30,7 @@ from cmedl_jax import checkpoint
 from cmedl_jax import environment
 from cmedl_jax import input_pipeline
 from cmedl_jax import metrics as seg_metrics
-from cmedl_jax import predict
+from cmedl_jax import inference
 from cmedl_jax import sharding
 from cmedl_jax import train_step as ts
 from data_prep import nifti_io
@@ -268,7 +268,7 @@ def validate(config, state, infer_fn, volumes, mesh):
   per_case = []
   classes = {f'class_{k}': k for k in range(1, config.data.num_classes)}
   for vol in volumes:
-    pred, _ = predict.predict_volume(functools.partial(infer_fn, state), vol['image'],
+    pred, _ = inference.predict_volume(functools.partial(infer_fn, state), vol['image'],
                              config.eval.batch_size, config.data.context_slices, mesh)
     per_case.append(seg_metrics.evaluate_case(pred, vol['label'], vol['spacing_mm'], classes,
                                               tolerance_mm=config.eval.tolerance_mm))
@@ -346,9 +346,9 @@ def _train_and_evaluate(config, workdir, on_log):
   if primary:
     checkpoint.save_config(workdir, config)
     checkpoint.clean_export_leftovers(workdir)
-    # Temporaries of checkpoint.write_json_atomic and check_workdir left by a killed run.
-    # Probe names: .write_probe_<process index>_<pid> (.write_probe_<pid> before multi-process).
-    for pattern in (r'.+\.json\.tmp(?P<pid>\d+)', r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
+    # Temporaries of atomic writes and check_workdir left by a killed run. Probe names:
+    # .write_probe_<process index>_<pid> (.write_probe_<pid> before multi-process).
+    for pattern in (nifti_io.TEMPORARY_PATTERN, r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
       nifti_io.remove_stale_temporaries(workdir, pattern)
   environment.record(workdir, write=primary)
   prepare_data(config)
@@ -358,9 +358,9 @@ def _train_and_evaluate(config, workdir, on_log):
   image_shape = (*info['image_size'], in_channels)
   nets = ts.build_networks(config, in_channels)
   if primary:
-    checkpoint.write_json_atomic(
-        os.path.join(workdir, 'preparation.json'),
-        input_pipeline.preparation_record(config.data.source.prepared_dir))
+    nifti_io.write_json(os.path.join(workdir, 'preparation.json'),
+                        input_pipeline.preparation_record(config.data.source.prepared_dir),
+                        indent=2, sort_keys=True)
 
   init = functools.partial(ts.create_train_state, config, nets, image_shape=image_shape)
   key = jax.random.PRNGKey(config.seed)
@@ -460,7 +460,8 @@ def _train_and_evaluate(config, workdir, on_log):
                        '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
           val_history.append({'step': step, **val})
           if primary:
-            checkpoint.write_json_atomic(os.path.join(workdir, 'validation.json'), val_history)
+            nifti_io.write_json(os.path.join(workdir, 'validation.json'), val_history, indent=2,
+                                sort_keys=True)
           if np.isfinite(val['val_dsc']):
             ckpts.save_if_best(step, state, val)
 

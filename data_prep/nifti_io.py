@@ -1,4 +1,12 @@
-"""Reading MSD / nnU-Net v2 dataset folders and their NIfTI volumes.
+"""The one home of file conventions: NIfTI endings, case ids, reading, atomic writes.
+
+Case ids (one rule, everywhere): a NIfTI file's case id is its name without `.nii.gz` / `.nii`;
+an image file (not a label or prediction) may also carry nnU-Net's channel suffix `_XXXX` (four
+digits), which is dropped, and of several channels only `_0000` is read.
+Atomic writes: every file is written to `.tmp<pid>_<name>` beside it, then renamed into place,
+so a reader never sees half a file; `remove_stale_temporaries` deletes those a kill left.
+
+Dataset folders (MSD / nnU-Net v2):
 
 A dataset folder holds `dataset.json`, `imagesTr/`, `labelsTr/`, optionally `imagesTs/` and
 `labelsTs/`. Two `dataset.json` dialects are understood:
@@ -13,6 +21,7 @@ Every problem raises `DataError` naming the file and what is wrong.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -57,11 +66,114 @@ class DatasetInfo:
   test: tuple                   # tuple[CaseFiles]; label None when there is no labelsTs.
 
 
-def _strip_ending(name: str) -> Optional[str]:
-  for ending in NIFTI_ENDINGS:
-    if name.endswith(ending):
-      return name[: -len(ending)]
+def strip_ending(name: str, ending: Optional[str] = None) -> Optional[str]:
+  """File name without its NIfTI ending (or the given one); None if it has none."""
+  for e in ((ending,) if ending else NIFTI_ENDINGS):
+    if name.endswith(e):
+      return name[: -len(e)]
   return None
+
+
+_CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+
+
+def case_id(filename, image: bool = False, ending: Optional[str] = None) -> Optional[str]:
+  """Case id of a NIfTI file name (None if not NIfTI): 'x/lung_001_0000.nii.gz' -> 'lung_001'
+  with image=True (nnU-Net channel suffix dropped); labels and predictions keep their name."""
+  stem = strip_ending(os.path.basename(os.fspath(filename)), ending)
+  if stem is not None and image:
+    stem = _CHANNEL_SUFFIX.sub("", stem)
+  return stem
+
+
+def channel_of(filename) -> int:
+  """nnU-Net channel of an image file name (`_0001` -> 1); 0 without a suffix."""
+  m = _CHANNEL_SUFFIX.search(strip_ending(os.path.basename(os.fspath(filename))) or "")
+  return int(m.group(1)) if m else 0
+
+
+def list_cases(directory, image: bool = False, ending: Optional[str] = None,
+               missing_ok: bool = False) -> dict:
+  """{case id: path} of the NIfTI files in `directory`, sorted by name.
+
+  image=True: only channel 0 of each case (`_0000`, or no suffix). Hidden files (e.g. macOS
+  `._lung_001.nii.gz`) are skipped. Raises DataError for a missing folder (unless missing_ok),
+  one without NIfTI files, or two files of one case.
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    if missing_ok:
+      return {}
+    raise DataError(directory, "folder does not exist")
+  cases = {}
+  for name in sorted(os.listdir(directory)):
+    cid = case_id(name, image, ending)
+    if cid is None or name.startswith(".") or (image and channel_of(name) != 0):
+      continue
+    if cid in cases:
+      raise DataError(os.path.join(directory, name), f"case {cid!r} has a second "
+                      f"{'image' if image else 'file'}; the first is {cases[cid]}")
+    cases[cid] = os.path.join(directory, name)
+  if not cases and not missing_ok:
+    raise DataError(directory, f"no NIfTI files ({', '.join(ending and [ending] or NIFTI_ENDINGS)})")
+  return cases
+
+
+def temporary_path(path) -> str:
+  """Where an atomic write of `path` writes first: `.tmp<pid>_<name>` in the same folder."""
+  directory, name = os.path.split(os.path.abspath(os.fspath(path)))
+  return os.path.join(directory, f".tmp{os.getpid()}_{name}")
+
+
+TEMPORARY_PATTERN = r"\.tmp(?P<pid>\d+)_.+"  # Names `temporary_path` gives (for clean-ups).
+
+
+def atomic_write(path, data) -> None:
+  """Writes str (UTF-8) or bytes to `path` via `temporary_path(path)`; creates the folder."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = temporary_path(path)
+  try:
+    if isinstance(data, str):
+      with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(data)
+    else:
+      with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path, obj, indent=1, sort_keys=False) -> None:
+  """Writes `obj` as JSON, atomically (`json.dumps` options as given)."""
+  atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys))
+
+
+def save_npy(path, array) -> None:
+  """Writes a .npy file atomically."""
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  atomic_write(path, buffer.getvalue())
+
+
+def save_nifti_like(array, reference, path, dtype) -> None:
+  """Writes `array` as NIfTI with the affine and header of nibabel image `reference`, atomically.
+
+  The header's data type becomes `dtype`, its scaling is reset (slope 1, intercept 0).
+  """
+  header = reference.header.copy()
+  header.set_data_dtype(dtype)
+  img = nib.Nifti1Image(np.asarray(array, dtype), reference.affine, header)
+  img.header.set_slope_inter(1.0, 0.0)
+  tmp = temporary_path(path)
+  try:
+    nib.save(img, tmp)  # Same ending as `path`: nibabel compresses by the name.
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _parse_labels(raw, path) -> dict:
@@ -97,32 +209,9 @@ def _resolve(root: str, rel, json_path: str) -> str:
   return path
 
 
-def _scan_images(folder: str, ending: Optional[str]) -> dict:
-  """{case_id: path} for the channel-0 images in `folder` (nnU-Net `_0000` or MSD names)."""
-  cases = {}
-  if not os.path.isdir(folder):
-    return cases
-  for name in sorted(os.listdir(folder)):
-    if name.startswith("."):          # e.g. macOS "._lung_001.nii.gz" in MSD tarballs
-      continue
-    stem = _strip_ending(name) if ending is None else (
-        name[: -len(ending)] if name.endswith(ending) else None)
-    if stem is None:
-      continue
-    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-      if stem[-4:] != "0000":
-        continue                      # further channels: only channel 0 is used
-      stem = stem[:-5]
-    if stem in cases:
-      raise DataError(os.path.join(folder, name),
-                      f"case {stem!r} has a second image; the first is {cases[stem]}")
-    cases[stem] = os.path.join(folder, name)
-  return cases
-
-
-def _label_path(folder: str, case_id: str, ending: Optional[str]) -> Optional[str]:
+def _label_path(folder: str, case: str, ending: Optional[str]) -> Optional[str]:
   for e in ((ending,) if ending else NIFTI_ENDINGS):
-    path = os.path.join(folder, case_id + e)
+    path = os.path.join(folder, case + e)
     if os.path.exists(path):
       return path
   return None
@@ -154,8 +243,10 @@ def read_dataset(root) -> DatasetInfo:
     raise DataError(json_path, f"file_ending {ending!r} is not NIfTI (.nii/.nii.gz)")
 
   def case_of(image_path):
-    stem = _strip_ending(os.path.basename(image_path)) or os.path.basename(image_path)
-    return stem[:-5] if stem.endswith("_0000") else stem
+    return case_id(image_path, image=True) or os.path.basename(image_path)
+
+  def scan(folder):
+    return list_cases(folder, image=True, ending=ending, missing_ok=True)
 
   training = []
   if isinstance(meta.get("training"), list) and meta["training"]:   # MSD listing
@@ -164,15 +255,15 @@ def read_dataset(root) -> DatasetInfo:
         raise DataError(json_path, f"malformed 'training' entry {entry!r}")
       image = _resolve(root, entry["image"], json_path)
       if not os.path.exists(image):   # nnU-Net-converted MSD: X.nii.gz listed, X_0000 on disk
-        alt = _scan_images(os.path.dirname(image), ending).get(case_of(image))
+        alt = scan(os.path.dirname(image)).get(case_of(image))
         image = alt or image
       label = _resolve(root, entry["label"], json_path) if entry.get("label") else None
       training.append(CaseFiles(case_of(image), image, label))
   else:                                                              # nnU-Net: scan
-    for case_id, image in _scan_images(os.path.join(root, "imagesTr"), ending).items():
-      training.append(CaseFiles(case_id, image,
-                                _label_path(os.path.join(root, "labelsTr"), case_id, ending)
-                                or os.path.join(root, "labelsTr", case_id + (ending or ".nii.gz"))))
+    for case, image in scan(os.path.join(root, "imagesTr")).items():
+      training.append(CaseFiles(case, image,
+                                _label_path(os.path.join(root, "labelsTr"), case, ending)
+                                or os.path.join(root, "labelsTr", case + (ending or ".nii.gz"))))
 
   test = []
   labels_ts = os.path.join(root, "labelsTs")
@@ -180,11 +271,11 @@ def read_dataset(root) -> DatasetInfo:
     paths = [_resolve(root, t if isinstance(t, str) else t.get("image", ""), json_path)
              for t in meta["test"]]
   else:
-    paths = list(_scan_images(os.path.join(root, "imagesTs"), ending).values())
+    paths = list(scan(os.path.join(root, "imagesTs")).values())
   for image in paths:
-    case_id = case_of(image)
-    label = _label_path(labels_ts, case_id, ending) if os.path.isdir(labels_ts) else None
-    test.append(CaseFiles(case_id, image, label))
+    case = case_of(image)
+    label = _label_path(labels_ts, case, ending) if os.path.isdir(labels_ts) else None
+    test.append(CaseFiles(case, image, label))
 
   ids = [c.case_id for c in training] + [c.case_id for c in test]
   dupes = sorted({i for i in ids if ids.count(i) > 1})
@@ -197,11 +288,11 @@ def read_dataset(root) -> DatasetInfo:
       test=tuple(sorted(test, key=lambda c: c.case_id)))
 
 
-def load_volume(path, what: str = "image", spacing_range_mm=SPACING_RANGE_MM):
-  """Loads a 3D NIfTI volume. Returns (array float32 or label int64 [X,Y,Z], affine 4x4).
+def read_nifti(path, what: str = "image", ndims=(3,)):
+  """(nibabel image, data array) of a NIfTI file, a trailing singleton 4th axis dropped.
 
-  A trailing singleton 4th axis is dropped. Raises DataError for a missing or unreadable
-  file, 2D or 4D data, non-finite voxels and a voxel spacing outside `spacing_range_mm`.
+  Raises DataError for a missing or unreadable file and for data whose number of dimensions is
+  not in `ndims`. The only place a NIfTI file is opened.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -211,14 +302,25 @@ def load_volume(path, what: str = "image", spacing_range_mm=SPACING_RANGE_MM):
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
       shape = shape[:3]
-    if len(shape) != 3:
-      raise DataError(path, f"{what} must be a 3D volume, got {len(img.shape)}D shape {img.shape}")
+    if len(shape) not in ndims:
+      dims = " or ".join(f"{n}D" for n in ndims)
+      raise DataError(path, f"{what} must be a {dims} volume, got {len(img.shape)}D shape "
+                            f"{img.shape}")
     data = np.asanyarray(img.dataobj)
   except DataError:
     raise
   except Exception as e:  # nibabel raises several types for corrupt files
     raise DataError(path, f"cannot read {what} as NIfTI ({type(e).__name__}: {e})") from None
-  data = data.reshape(shape)
+  return img, data.reshape(shape)
+
+
+def load_volume(path, what: str = "image", spacing_range_mm=SPACING_RANGE_MM):
+  """Loads a 3D NIfTI volume. Returns (array float32 or label int64 [X,Y,Z], affine 4x4).
+
+  A trailing singleton 4th axis is dropped. Raises DataError for a missing or unreadable
+  file, 2D or 4D data, non-finite voxels and a voxel spacing outside `spacing_range_mm`.
+  """
+  img, data = read_nifti(path, what)
   affine = np.asarray(img.affine, np.float64)
   if not np.all(np.isfinite(affine)):
     raise DataError(path, "affine is not finite")
@@ -273,7 +375,7 @@ def pid_alive(pid: int) -> bool:
   return True
 
 
-def remove_stale_temporaries(directory, pattern: str, min_age_s: float = 60.0,
+def remove_stale_temporaries(directory, pattern: str = TEMPORARY_PATTERN, min_age_s: float = 60.0,
                              no_pid_min_age_s: float = 86400.0) -> list:
   """Deletes the temporaries an interrupted writer left in `directory`; returns their paths.
 

@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import ndimage
 
+from cmedl_jax import inference
 from cmedl_jax import input_pipeline as ip
 from data_prep import prepare as P
 from data_prep import synthetic as S
@@ -222,11 +223,11 @@ def test_context_slices_are_neighbours_in_the_same_case(prepared):
 
 def test_context_stack_closed_form():
   vol = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 2, 3), np.float32)
-  out = ip.context_stack(vol, 3)
+  out = inference.context_stack(vol, 3)
   assert out.shape == (4, 2, 3, 3)
   np.testing.assert_array_equal(out[:, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
   with pytest.raises(ValueError):
-    ip.context_stack(vol, 2)
+    inference.context_stack(vol, 2)
 
 
 def test_eval_volumes_and_dataset_info(prepared):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cmedl_jax import checkpoint
+from cmedl_jax import inference
 from cmedl_jax import predict
 from cmedl_jax import train_step as ts
 from data_prep import prepare
@@ -61,7 +62,7 @@ def direct(predictor, image, affine, tree, name='student'):
 def test_prediction_overlays_an_lps_anisotropic_oddly_sized_input(run_dir, tmp_path):
   root, workdir = run_dir
   source = lps_odd_input(root, tmp_path)
-  predictor = predict.Predictor(workdir=str(workdir), pseudo_target=True)
+  predictor = inference.Predictor(workdir=str(workdir), pseudo_target=True)
   out_dir = tmp_path / 'out'
   result = predict.predict_files(predictor, [str(source)], str(out_dir), probabilities=True,
                                  pseudo_target=True, progress=False)
@@ -101,9 +102,9 @@ def test_teacher_prediction_is_the_teacher_on_the_translation(run_dir):
   root, workdir = run_dir
   src = nib.load(ct_test_case(root))
   image = np.asarray(src.dataobj, np.float32)
-  by_teacher = predict.Predictor(workdir=str(workdir), teacher=True)
+  by_teacher = inference.Predictor(workdir=str(workdir), teacher=True)
   got = by_teacher.predict_array(image, src.affine)['probabilities']
-  student = predict.Predictor(workdir=str(workdir)).predict_array(image, src.affine)
+  student = inference.Predictor(workdir=str(workdir)).predict_array(image, src.affine)
   assert not np.allclose(got, student['probabilities'], atol=1e-4)
   tree = checkpoint.restore_tree(str(workdir / 'checkpoints' / '8'))
   want, _ = direct(by_teacher, image, src.affine, tree, name='teacher')
@@ -135,7 +136,7 @@ def test_cli_predicts_from_the_export_any_checkpoint_and_the_teacher(run_dir, tm
   image = np.asarray(src.dataobj, np.float32)
   for name, kwargs in (('best', dict(checkpoint_path=str(workdir / 'best' / best))),
                        ('teacher', dict(workdir=str(workdir), teacher=True))):
-    want = predict.Predictor(**kwargs).predict_array(image, src.affine)['probabilities']
+    want = inference.Predictor(**kwargs).predict_array(image, src.affine)['probabilities']
     np.testing.assert_allclose(probs[name], want, atol=1e-6, err_msg=name)
   assert not np.allclose(probs['teacher'], probs['export'], atol=1e-4)
 
@@ -219,7 +220,7 @@ def test_an_mri_given_to_a_ct_model_is_named_in_a_warning(run_dir, tmp_path, cap
   """Issue 21 item 4: an MRI predicted by a CT model gave all background without a word."""
   root, workdir = run_dir
   mri = sorted((root / 'raw' / 'thorax_t2w' / 'imagesTs').glob('*.nii.gz'))[0]
-  predictor = predict.Predictor(workdir=str(workdir))
+  predictor = inference.Predictor(workdir=str(workdir))
   result = predict.predict_files(predictor, [str(mri), str(ct_test_case(root))],
                                  str(tmp_path), progress=False)
   assert [p for p, _ in result['warned']] == [str(mri)]  # The CT case raises no doubt.

@@ -1,0 +1,157 @@
+"""Inference: a trained network over whole volumes, sharded over all devices.
+
+`context_stack` builds a volume's 2D(.5) inputs, `predict_volume` runs a jitted function over
+them in batches split over the mesh, `Predictor` loads a run's test-time network (or its
+teacher) with the run's data preparation and segments raw volumes on their own voxel grid.
+The trainer's validation and the prediction CLI (`predict.py`) both use this module.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from cmedl_jax import checkpoint
+from cmedl_jax import sharding
+from cmedl_jax import train_step as ts
+from data_prep import prepare
+
+
+def context_stack(volume: np.ndarray, context_slices: int) -> np.ndarray:
+  """Prepared volume [Z,H,W] -> [Z,H,W,k]: the k neighbouring slices (clamped) as channels."""
+  if context_slices < 1 or context_slices % 2 == 0:
+    raise ValueError(f'context_slices must be odd and >= 1, got {context_slices}')
+  volume = np.asarray(volume, np.float32)
+  half = context_slices // 2
+  z = np.arange(volume.shape[0])
+  nb = np.clip(z[:, None] + np.arange(-half, half + 1)[None, :], 0, volume.shape[0] - 1)
+  return np.ascontiguousarray(volume[nb].transpose(0, 2, 3, 1))
+
+
+def predict_volume(infer_fn, volume, batch_size, context_slices, mesh):
+  """Labels [Z,H,W] uint8 and probabilities [Z,H,W,K] of a prepared volume [Z,H,W].
+
+  infer_fn: [B,H,W,C] sharded batch -> probabilities [B,H,W,K]. Slices go in batches of
+  `batch_size` (rounded up to a multiple of the mesh size; the last one zero-padded). With
+  several processes every process calls this with the whole volume and gets the whole result.
+  """
+  slices = context_stack(volume, context_slices)
+  batch_size = sharding.round_up(batch_size, mesh.size)
+  data = sharding.data_sharded(mesh)
+  probs = []
+  for i in range(0, slices.shape[0], batch_size):
+    chunk = slices[i:i + batch_size]
+    n = chunk.shape[0]
+    chunk = np.pad(chunk, [(0, batch_size - n), (0, 0), (0, 0), (0, 0)])
+    probs.append(sharding.to_host(infer_fn(sharding.from_host(chunk, data)))[:n])
+  probs = np.concatenate(probs, 0)
+  return probs.argmax(-1).astype(np.uint8), probs
+
+
+def _run_dir_of(path):
+  """The run directory (holding config.json) at or above `path`."""
+  path = os.path.abspath(path)
+  while True:
+    if os.path.isfile(os.path.join(path, 'config.json')):
+      return path
+    parent = os.path.dirname(path)
+    if parent == path:
+      raise FileNotFoundError('no config.json found at or above the checkpoint path')
+    path = parent
+
+
+class Predictor:
+  """A trained run's test-time network with the run's data preparation.
+
+  Args:
+    workdir: a run directory (uses WORKDIR/export); or
+    checkpoint_path: a saved state (e.g. WORKDIR/best/400 or WORKDIR/checkpoints/800).
+    batch_size: slices per batch (global, over all devices).
+    pseudo_target: also compute the translator's output (needs a full checkpoint).
+    teacher: segment with the run's teacher on the translator's output instead of the
+      method's test-time network (e.g. how good a CMEDL run's teacher is); uses the latest
+      checkpoint of `workdir` (or `checkpoint_path`).
+  """
+
+  def __init__(self, workdir=None, checkpoint_path=None, batch_size=None, pseudo_target=False,
+               teacher=False):
+    if (workdir is None) == (checkpoint_path is None):
+      raise ValueError('give exactly one of workdir and checkpoint_path')
+    run_dir = workdir if workdir is not None else _run_dir_of(checkpoint_path)
+    for name in ('config.json', 'preparation.json'):
+      if not os.path.isfile(os.path.join(run_dir, name)):
+        raise FileNotFoundError(f'{run_dir}: no {name} (not a cmedl-jax run directory?)')
+    self.config = checkpoint.load_config(run_dir)
+    if teacher:
+      parts = ts.uses(self.config)
+      if not (parts['teacher'] and parts['translator']):
+        raise ValueError(f'{run_dir}: method {self.config.method.name} has no teacher and '
+                         'translator')
+      if checkpoint_path is None:
+        checkpoint_path = os.path.join(run_dir, 'checkpoints', str(self._latest_step(run_dir)))
+      self.config.method.name = 'pmri_teacher'  # Test time = the teacher on G(x).
+    with open(os.path.join(run_dir, 'preparation.json')) as f:
+      record = json.load(f)
+    self.spec = prepare.PrepSpec.from_dict(record['spec'])
+    self.num_classes = self.config.data.num_classes
+    self.context_slices = self.config.data.context_slices
+    self.batch_size = batch_size or self.config.eval.batch_size
+    self.mesh = sharding.make_mesh()
+    self.nets = ts.build_networks(self.config, in_channels=self.context_slices)
+
+    if checkpoint_path is None:
+      export = checkpoint.export_dir(run_dir)
+      if not os.path.isdir(export):
+        raise FileNotFoundError(f'{export}: no inference export (did training finish?); '
+                                'use --checkpoint with a saved state instead')
+      variables = checkpoint.restore_tree(export)
+      full = None
+    else:
+      full = checkpoint.restore_tree(checkpoint_path)
+      variables = {'params': full['params'], 'batch_stats': full.get('batch_stats', {})}
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    if pseudo_target:
+      if 'translator' not in params:
+        full = full or checkpoint.restore_tree(os.path.join(run_dir, 'checkpoints',
+                                                  str(self._latest_step(run_dir))))
+        if 'translator' not in full['params']:
+          raise ValueError(f'{run_dir}: this method has no translator')
+        params = dict(params, translator=full['params']['translator'])
+    self.params = sharding.from_host(params, sharding.replicated(self.mesh))
+    self.batch_stats = sharding.from_host(stats, sharding.replicated(self.mesh))
+    config, nets = self.config, self.nets
+    self._probs = jax.jit(lambda p, s, x: jax.nn.softmax(
+        ts.infer_logits(p, s, x, config=config, nets=nets), -1))
+    self._translate = None
+    if pseudo_target:
+      self._translate = jax.jit(lambda p, x: nets.translator.apply({'params': p['translator']}, x))
+
+  @staticmethod
+  def _latest_step(run_dir):
+    steps = [int(d) for d in os.listdir(os.path.join(run_dir, 'checkpoints')) if d.isdigit()]
+    if not steps:
+      raise FileNotFoundError(f'{run_dir}/checkpoints: no checkpoint')
+    return max(steps)
+
+  def predict_array(self, image, affine):
+    """Segments one volume.
+
+    image: [X,Y,Z] raw intensities (HU for CT) in any orientation; affine: 4x4 voxel->mm.
+    Returns {'labels': uint8 [X,Y,Z], 'probabilities': float32 [X,Y,Z,K],
+             'pseudo_target': float32 [X,Y,Z] (only with pseudo_target=True)} on the input grid.
+    """
+    prepared, geometry = prepare.prepare_volume(image, affine, self.spec)
+    _, probs = predict_volume(lambda x: self._probs(self.params, self.batch_stats, x),
+                              prepared, self.batch_size, self.context_slices, self.mesh)
+    # As nnU-Net: probabilities are resampled onto the input grid (linear; outside the prepared
+    # field of view background has probability 1), and the labels are their argmax there.
+    probs = np.stack([prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
+                      for k in range(probs.shape[-1])], -1).astype(np.float32)
+    out = {'labels': probs.argmax(-1).astype(np.uint8), 'probabilities': probs}
+    if self._translate is not None:
+      _, fake = predict_volume(lambda x: self._translate(self.params, x)[..., :1], prepared,
+                               self.batch_size, self.context_slices, self.mesh)
+      out['pseudo_target'] = prepare.invert_image(fake[..., 0], geometry,
+                                                  fill_value=-1.0).astype(np.float32)
+    return out
