@@ -47,16 +47,16 @@ def run_python(code_or_args, env_extra=None, timeout=1800):
 _SCALING_WORKER = r'''
 import functools, json, sys, time
 import jax, numpy as np
-from cmedl_jax import sharding, train_step as ts
+from cmedl_jax import method, sharding, train_state, train_step as ts
 from configs import demo
 sys.path.insert(0, "benchmarks")
 from train_step import synthetic_batch
 size, batch, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 config = demo.get_config()
 config.data.image_size, config.train.global_batch_size = size, batch
-nets = ts.build_networks(config, in_channels=1)
+nets = method.build_networks(config, in_channels=1)
 mesh = sharding.make_mesh()
-state, tx = ts.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
+state, tx = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
 state = jax.device_put(state, sharding.replicated(mesh))
 src = sharding.shard_batch(synthetic_batch(batch, size, 1), mesh)
 tgt = sharding.shard_batch(synthetic_batch(batch, size, 2), mesh)
@@ -78,16 +78,16 @@ print("RESULT " + json.dumps(dict(devices=jax.device_count(), step_s=float(np.me
 _MEMORY_WORKER = r'''
 import functools, json, sys
 import jax, numpy as np
-from cmedl_jax import train_step as ts
+from cmedl_jax import method, train_state, train_step as ts
 from configs import cmedl
 size, batch, remat = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 config = cmedl.get_config("unet,cyclegan")
 config.data.image_size, config.train.global_batch_size = size, batch
 config.model.remat = remat
-nets = ts.build_networks(config, in_channels=1)
-state = jax.eval_shape(lambda r: ts.create_train_state(config, nets, r, (size, size, 1))[0],
+nets = method.build_networks(config, in_channels=1)
+state = jax.eval_shape(lambda r: train_state.create_train_state(config, nets, r, (size, size, 1))[0],
                        jax.random.PRNGKey(0))
-tx = ts.make_optimizer(config)
+tx = train_state.make_optimizer(config)
 img = jax.ShapeDtypeStruct((batch, size, size, 1), "float32")
 lab = jax.ShapeDtypeStruct((batch, size, size), "int32")
 has = jax.ShapeDtypeStruct((batch,), "float32")
@@ -97,8 +97,8 @@ compiled = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx
 m = compiled.memory_analysis()
 # What JAX keeps from the generator-side forward pass for its backward pass (the VJP's
 # residuals, parameters included): the activation memory an accelerator has to hold.
-g = {k: v for k, v in state.params.items() if k not in ts.DISCRIMINATORS}
-d = {k: v for k, v in state.params.items() if k in ts.DISCRIMINATORS}
+g = {k: v for k, v in state.params.items() if k not in method.DISCRIMINATORS}
+d = {k: v for k, v in state.params.items() if k in method.DISCRIMINATORS}
 def residuals(g, d, stats, src, tgt):
   loss = lambda p: ts.generator_losses(p, d, stats, config, nets, src, tgt,
                                        jax.random.PRNGKey(0))[0]
@@ -116,16 +116,16 @@ print("RESULT " + json.dumps(dict(size=size, batch=batch, remat=remat,
 _PREDICT_WORKER = r'''
 import json, sys, time
 import jax, numpy as np
-from cmedl_jax import inference, sharding, train_step as ts
+from cmedl_jax import inference, method, sharding, train_state
 from configs import cmedl
 size, slices, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 config = cmedl.get_config("unet,cyclegan")
 config.data.image_size = size
-nets = ts.build_networks(config, in_channels=1)
-state, _ = ts.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
+nets = method.build_networks(config, in_channels=1)
+state, _ = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
 mesh = sharding.make_mesh()
-infer = jax.jit(lambda x: jax.nn.softmax(ts.infer_logits(state.params, state.batch_stats, x,
-                                                         config=config, nets=nets), -1))
+infer = jax.jit(lambda x: jax.nn.softmax(method.infer_logits(
+    state.params, state.batch_stats, x, nets=nets, test_time=method.get(config).test_time), -1))
 volume = np.random.default_rng(0).uniform(-1, 1, (slices, size, size)).astype(np.float32)
 inference.predict_volume(infer, volume[:batch], batch, 1, mesh)  # Compile.
 t0 = time.perf_counter()

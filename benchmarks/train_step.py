@@ -106,11 +106,11 @@ def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
   import functools
   import jax
   sys.path.insert(0, ROOT)
-  from cmedl_jax import train_step as ts
+  from cmedl_jax import method, train_state, train_step as ts
 
   config = config_for(pair, size, batch, dtype)
-  nets = ts.build_networks(config, in_channels=1)
-  state, tx = ts.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
+  nets = method.build_networks(config, in_channels=1)
+  state, tx = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
   src = jax.device_put(synthetic_batch(batch, size, 1))
   tgt = jax.device_put(synthetic_batch(batch, size, 2))
   step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),

@@ -62,6 +62,7 @@ class Checkpoints:
     self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
   def latest_step(self):
+    """The latest saved step, or None."""
     return self.latest.latest_step()
 
   def restore_latest(self, abstract_state):
@@ -240,6 +241,46 @@ def restore_tree(path):
   return ckptr.restore(path, _on_first_device(ckptr.metadata(path).item_metadata))
 
 
-def load_inference(path):
-  """{'params', 'batch_stats'} from an export directory."""
-  return restore_tree(path)
+def load_variables(path):
+  """{'params', 'batch_stats'} of an export (RUN/export) or a saved state (RUN/best/400)."""
+  tree = restore_tree(path)
+  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}
+
+
+def load_export(workdir):
+  """{'params', 'batch_stats'} of the run's inference export; a clear error without one."""
+  path = export_dir(workdir)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: no inference export (did training finish?); use '
+                            '--checkpoint with a saved state instead')
+  return load_variables(path)
+
+
+def latest_checkpoint(workdir):
+  """WORKDIR/checkpoints/<latest step>; FileNotFoundError without one."""
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(
+      directory) else []
+  if not steps:
+    raise FileNotFoundError(f'{directory}: no checkpoint')
+  return os.path.join(directory, str(max(steps)))
+
+
+def run_dir_of(path):
+  """The run directory (holding config.json) at or above a checkpoint path."""
+  path = os.path.abspath(path)
+  while not os.path.isfile(os.path.join(path, 'config.json')):
+    parent = os.path.dirname(path)
+    if parent == path:
+      raise FileNotFoundError('no config.json found at or above the checkpoint path')
+    path = parent
+  return path
+
+
+def load_run(run_dir):
+  """(config, data preparation record) of a run directory; a clear error if it is none."""
+  for name in ('config.json', 'preparation.json'):
+    if not os.path.isfile(os.path.join(run_dir, name)):
+      raise FileNotFoundError(f'{run_dir}: no {name} (not a cmedl-jax run directory?)')
+  with open(os.path.join(run_dir, 'preparation.json')) as f:
+    return load_config(run_dir), json.load(f)

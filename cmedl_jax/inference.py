@@ -6,15 +6,12 @@ teacher) with the run's data preparation and segments raw volumes on their own v
 The trainer's validation and the prediction CLI (`predict.py`) both use this module.
 """
 
-import json
-import os
-
 import jax
 import numpy as np
 
 from cmedl_jax import checkpoint
+from cmedl_jax import method
 from cmedl_jax import sharding
-from cmedl_jax import train_step as ts
 from data_prep import prepare
 
 
@@ -49,18 +46,6 @@ def predict_volume(infer_fn, volume, batch_size, context_slices, mesh):
   return probs.argmax(-1).astype(np.uint8), probs
 
 
-def _run_dir_of(path):
-  """The run directory (holding config.json) at or above `path`."""
-  path = os.path.abspath(path)
-  while True:
-    if os.path.isfile(os.path.join(path, 'config.json')):
-      return path
-    parent = os.path.dirname(path)
-    if parent == path:
-      raise FileNotFoundError('no config.json found at or above the checkpoint path')
-    path = parent
-
-
 class Predictor:
   """A trained run's test-time network with the run's data preparation.
 
@@ -78,61 +63,31 @@ class Predictor:
                teacher=False):
     if (workdir is None) == (checkpoint_path is None):
       raise ValueError('give exactly one of workdir and checkpoint_path')
-    run_dir = workdir if workdir is not None else _run_dir_of(checkpoint_path)
-    for name in ('config.json', 'preparation.json'):
-      if not os.path.isfile(os.path.join(run_dir, name)):
-        raise FileNotFoundError(f'{run_dir}: no {name} (not a cmedl-jax run directory?)')
-    self.config = checkpoint.load_config(run_dir)
+    run_dir = workdir if workdir is not None else checkpoint.run_dir_of(checkpoint_path)
+    self.config, record = checkpoint.load_run(run_dir)
+    self.spec = prepare.PrepSpec.from_dict(record['spec'])
+    self.test_time = method.get(self.config).test_time
     if teacher:
-      parts = ts.uses(self.config)
-      if not (parts['teacher'] and parts['translator']):
+      u = method.parts(self.config)
+      if not (u['teacher'] and u['translator']):
         raise ValueError(f'{run_dir}: method {self.config.method.name} has no teacher and '
                          'translator')
-      if checkpoint_path is None:
-        checkpoint_path = os.path.join(run_dir, 'checkpoints', str(self._latest_step(run_dir)))
-      self.config.method.name = 'pmri_teacher'  # Test time = the teacher on G(x).
-    with open(os.path.join(run_dir, 'preparation.json')) as f:
-      record = json.load(f)
-    self.spec = prepare.PrepSpec.from_dict(record['spec'])
+      self.test_time = method.TEACHER_ON_TRANSLATION
+      checkpoint_path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
     self.num_classes = self.config.data.num_classes
     self.context_slices = self.config.data.context_slices
     self.batch_size = batch_size or self.config.eval.batch_size
     self.mesh = sharding.make_mesh()
-    self.nets = ts.build_networks(self.config, in_channels=self.context_slices)
-
-    if checkpoint_path is None:
-      export = checkpoint.export_dir(run_dir)
-      if not os.path.isdir(export):
-        raise FileNotFoundError(f'{export}: no inference export (did training finish?); '
-                                'use --checkpoint with a saved state instead')
-      variables = checkpoint.restore_tree(export)
-      full = None
-    else:
-      full = checkpoint.restore_tree(checkpoint_path)
-      variables = {'params': full['params'], 'batch_stats': full.get('batch_stats', {})}
-    params, stats = variables['params'], variables.get('batch_stats', {})
-    if pseudo_target:
-      if 'translator' not in params:
-        full = full or checkpoint.restore_tree(os.path.join(run_dir, 'checkpoints',
-                                                  str(self._latest_step(run_dir))))
-        if 'translator' not in full['params']:
-          raise ValueError(f'{run_dir}: this method has no translator')
-        params = dict(params, translator=full['params']['translator'])
+    self.nets = method.build_networks(self.config, in_channels=self.context_slices)
+    params, stats = _load_variables(run_dir, checkpoint_path, pseudo_target)
     self.params = sharding.from_host(params, sharding.replicated(self.mesh))
     self.batch_stats = sharding.from_host(stats, sharding.replicated(self.mesh))
-    config, nets = self.config, self.nets
+    nets, test_time = self.nets, self.test_time
     self._probs = jax.jit(lambda p, s, x: jax.nn.softmax(
-        ts.infer_logits(p, s, x, config=config, nets=nets), -1))
+        method.infer_logits(p, s, x, nets=nets, test_time=test_time), -1))
     self._translate = None
     if pseudo_target:
-      self._translate = jax.jit(lambda p, x: nets.translator.apply({'params': p['translator']}, x))
-
-  @staticmethod
-  def _latest_step(run_dir):
-    steps = [int(d) for d in os.listdir(os.path.join(run_dir, 'checkpoints')) if d.isdigit()]
-    if not steps:
-      raise FileNotFoundError(f'{run_dir}/checkpoints: no checkpoint')
-    return max(steps)
+      self._translate = jax.jit(lambda p, x: method.translate(nets, p, x))
 
   def predict_array(self, image, affine):
     """Segments one volume.
@@ -155,3 +110,19 @@ class Predictor:
       out['pseudo_target'] = prepare.invert_image(fake[..., 0], geometry,
                                                   fill_value=-1.0).astype(np.float32)
     return out
+
+
+def _load_variables(run_dir, checkpoint_path, pseudo_target):
+  """(params, batch_stats) from the run's export or `checkpoint_path`; with pseudo_target also
+  the translator (from the latest checkpoint when the export lacks it)."""
+  if checkpoint_path is None:
+    variables = checkpoint.load_export(run_dir)
+  else:
+    variables = checkpoint.load_variables(checkpoint_path)
+  params, stats = variables['params'], variables['batch_stats']
+  if pseudo_target and 'translator' not in params:
+    full = checkpoint.load_variables(checkpoint_path or checkpoint.latest_checkpoint(run_dir))
+    if 'translator' not in full['params']:
+      raise ValueError(f'{run_dir}: this method has no translator')
+    params = dict(params, translator=full['params']['translator'])
+  return params, stats

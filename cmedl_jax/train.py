@@ -29,9 +29,11 @@ import orbax.checkpoint as ocp
 from cmedl_jax import checkpoint
 from cmedl_jax import environment
 from cmedl_jax import input_pipeline
+from cmedl_jax import method
 from cmedl_jax import metrics as seg_metrics
 from cmedl_jax import inference
 from cmedl_jax import sharding
+from cmedl_jax import train_state
 from cmedl_jax import train_step as ts
 from data_prep import nifti_io
 
@@ -99,7 +101,7 @@ def check_config(config):
       isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
     fail('data.image_size', 'must be an int >= 1 or a pair of them')
   try:
-    parts = ts.uses(config)
+    parts = method.parts(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   smallest = 3 * 2 ** config.model.discriminator.n_layers
@@ -344,136 +346,41 @@ def _train_and_evaluate(config, workdir, on_log):
   """train_and_evaluate once the config is checked and the workdir held."""
   primary = jax.process_index() == 0
   if primary:
-    checkpoint.save_config(workdir, config)
-    checkpoint.clean_export_leftovers(workdir)
-    # Temporaries of atomic writes and check_workdir left by a killed run. Probe names:
-    # .write_probe_<process index>_<pid> (.write_probe_<pid> before multi-process).
-    for pattern in (nifti_io.TEMPORARY_PATTERN, r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
-      nifti_io.remove_stale_temporaries(workdir, pattern)
+    _start_workdir(config, workdir)
   environment.record(workdir, write=primary)
   prepare_data(config)
   mesh = sharding.make_mesh()
-  info = input_pipeline.dataset_info(config.data.source.prepared_dir)
   in_channels = config.data.context_slices
-  image_shape = (*info['image_size'], in_channels)
-  nets = ts.build_networks(config, in_channels)
+  image_shape = (*input_pipeline.dataset_info(config.data.source.prepared_dir)['image_size'],
+                 in_channels)
+  nets = method.build_networks(config, in_channels)
   if primary:
     nifti_io.write_json(os.path.join(workdir, 'preparation.json'),
                         input_pipeline.preparation_record(config.data.source.prepared_dir),
                         indent=2, sort_keys=True)
-
-  init = functools.partial(ts.create_train_state, config, nets, image_shape=image_shape)
-  key = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(lambda r: init(r)[0], key)
-  tx = ts.make_optimizer(config)
-  replicated = sharding.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
-  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_sharding)
-  state = ckpts.restore_latest(abstract_sharded)
-  if state is None:
-    state = jax.jit(lambda r: init(r)[0], out_shardings=state_sharding)(key)
-    state = _load_translator_init(config, state, replicated)
-    logging.info('Initialised a new state.')
-    parameter_overview.log_parameter_overview(state.params)
+  state, state_sharding = _initial_state(config, nets, image_shape, mesh, ckpts)
   start_step = int(jax.device_get(state.step))
   logging.info('Starting at step %d of %d.', start_step, config.train.num_steps)
-
-  data_sharding = sharding.data_sharded(mesh)
-  step_fn = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
-                    in_shardings=(state_sharding, data_sharding, data_sharding),
-                    out_shardings=(state_sharding, replicated), donate_argnums=0)
-  infer = jax.jit(lambda st, x: jax.nn.softmax(ts.infer_logits(
-      st.params, st.batch_stats, x, config=config, nets=nets), -1))
-  eval_images = jax.jit(functools.partial(ts.eval_step, config=config, nets=nets,
-                                          with_translations=True))
-  val_volumes = []
-  if config.method.name != 'translator_only':
-    val_volumes = input_pipeline.load_eval_volumes(config.data.source.prepared_dir, 'validation')
-    if config.eval.max_volumes:
-      val_volumes = val_volumes[:config.eval.max_volumes]
-  val_history = _read_validation_history(workdir, start_step)
-
+  programs = _Programs(config, nets, mesh, state_sharding)
   train_iter = input_pipeline.create_train_iterator(
       config.data.source.prepared_dir, config.data.target.prepared_dir,
       global_batch_size=config.train.global_batch_size, seed=config.seed,
       start_step=start_step, foreground_ratio=config.data.foreground_ratio,
       augment=config.data.augment, context_slices=config.data.context_slices,
       target_labels=config.data.target_labels, mesh=mesh, prefetch=config.data.prefetch)
-  # TensorBoard event files on process 0 (the console line below is ours, with steps/s and ETA).
+  # TensorBoard event files on process 0 (the console line is ours, with steps/s and ETA).
   writer = metric_writers.MultiWriter(
-      [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))]
-      if primary else [])
-
-  num_steps = config.train.num_steps
-  val = dict(val_history[-1]) if val_history else {}
-  val.pop('step', None)
-  t_start = t_last = time.time()
-  steps_last, data_wait = start_step, 0.0
-  pending = None  # (step, metrics) of the previous step, checked while the next one runs.
-  step = start_step
+      [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))] if primary else [])
+  t_start = time.time()
   try:
-    with _StopFlag() as stop:
-      while step < num_steps:
-        t0 = time.time()
-        src, tgt = next(train_iter)
-        data_wait += time.time() - t0
-        state, metrics = step_fn(state, src, tgt)
-        step += 1
-        if pending is not None:
-          _check_finite(sharding.to_host(pending[1]), pending[0])
-        pending = (step, metrics)
-        last = step == num_steps
-        stop_signal = stop.any_process()
-
-        if step % config.train.log_every == 0 or last:
-          scalars = {k: float(v) for k, v in sharding.to_host(metrics).items()}
-          _check_finite(scalars, step)
-          now = time.time()
-          steps_per_sec = (step - steps_last) / max(now - t_last, 1e-9)
-          scalars.update({f'lr/{g}': float(v)
-                          for g, v in ts.learning_rates(config, step).items()})
-          scalars['perf/steps_per_sec'] = steps_per_sec
-          scalars['perf/data_wait_fraction'] = data_wait / max(now - t_last, 1e-9)
-          writer.write_scalars(step, scalars)
-          if on_log is not None:
-            on_log(step, scalars)
-          eta = (num_steps - step) / max(steps_per_sec, 1e-9)
-          logging.info('step %d/%d  %.2f steps/s  ETA %s  data wait %.0f%%  %s', step,
-                       num_steps, steps_per_sec, _hms(eta),
-                       100 * scalars['perf/data_wait_fraction'],
-                       '  '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in scalars.items()
-                                 if k.startswith('loss/')))
-          t_last, steps_last, data_wait = now, step, 0.0
-
-        if step % config.train.image_every == 0 or last:
-          writer.write_images(step, image_summaries(config, state, src, eval_images, mesh))
-
-        if val_volumes and (step % config.train.eval_every == 0 or last):
-          _check_finite(sharding.to_host(metrics), step)
-          val = validate(config, state, infer, val_volumes, mesh)
-          writer.write_scalars(step, val)
-          if on_log is not None:
-            on_log(step, val)
-          logging.info('step %d validation: %s', step,
-                       '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
-          val_history.append({'step': step, **val})
-          if primary:
-            nifti_io.write_json(os.path.join(workdir, 'validation.json'), val_history, indent=2,
-                                sort_keys=True)
-          if np.isfinite(val['val_dsc']):
-            ckpts.save_if_best(step, state, val)
-
-        if step % config.train.checkpoint_every == 0 or last or stop_signal:
-          _check_finite(sharding.to_host(metrics), step)
-          ckpts.save(step, state)
-        if stop_signal:
-          logging.warning('Received %s: saved step %d, exiting.', stop_signal, step)
-          break
-    if step >= num_steps and config.method.name != 'translator_only':
-      params, stats = inference_variables(config, state)
-      checkpoint.export_inference(workdir, params, stats, tag=step)
+    step, state, val = _train_loop(config, workdir, state, start_step, programs, train_iter,
+                                   writer, ckpts, mesh, on_log)
+    test_time = method.get(config).test_time
+    if step >= config.train.num_steps and test_time is not None:
+      params, stats = method.test_time_variables(test_time, state.params, state.batch_stats)
+      checkpoint.export_inference(workdir, sharding.to_host(params), sharding.to_host(stats),
+                                  tag=step)
   finally:
     # Also on an error (e.g. a NaN loss): finish the checkpoints already being written.
     train_iter.close()
@@ -484,6 +391,145 @@ def _train_and_evaluate(config, workdir, on_log):
   return {'step': step, **val}
 
 
+def _start_workdir(config, workdir):
+  """Process 0, before training: the config record; leftovers of a killed run removed."""
+  checkpoint.save_config(workdir, config)
+  checkpoint.clean_export_leftovers(workdir)
+  # Temporaries of atomic writes and check_workdir left by a killed run. Probe names:
+  # .write_probe_<process index>_<pid> (.write_probe_<pid> before multi-process).
+  for pattern in (nifti_io.TEMPORARY_PATTERN, r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
+    nifti_io.remove_stale_temporaries(workdir, pattern)
+
+
+def _initial_state(config, nets, image_shape, mesh, ckpts):
+  """(state, its sharding): the latest checkpoint's, else a new one (initialised under jit,
+  replicated on the mesh), with the translator of `method.translator_init` if set."""
+  init = functools.partial(train_state.create_train_state, config, nets,
+                           image_shape=image_shape)
+  key = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(lambda r: init(r)[0], key)
+  replicated = sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_sharding)
+  state = ckpts.restore_latest(abstract_sharded)
+  if state is None:
+    state = jax.jit(lambda r: init(r)[0], out_shardings=state_sharding)(key)
+    state = _load_translator_init(config, state, replicated)
+    logging.info('Initialised a new state.')
+    parameter_overview.log_parameter_overview(state.params)
+  return state, state_sharding
+
+
+class _Programs:
+  """The run's jitted programs: the train step (state donated), test-time probabilities, and
+  the image summaries' outputs."""
+
+  def __init__(self, config, nets, mesh, state_sharding):
+    replicated, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    tx = train_state.make_optimizer(config)
+    self.step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
+                        in_shardings=(state_sharding, data, data),
+                        out_shardings=(state_sharding, replicated), donate_argnums=0)
+    test_time = method.get(config).test_time
+    self.probabilities = jax.jit(lambda st, x: jax.nn.softmax(method.infer_logits(
+        st.params, st.batch_stats, x, nets=nets, test_time=test_time), -1))
+    self.eval_images = jax.jit(functools.partial(ts.eval_step, config=config, nets=nets,
+                                                 with_translations=True))
+
+
+class _Progress:
+  """Console lines (steps/s, ETA, data wait, losses) and TensorBoard scalars every log step."""
+
+  def __init__(self, config, writer, on_log, start_step):
+    self.config, self.writer, self.on_log = config, writer, on_log
+    self.t_last, self.steps_last, self.data_wait = time.time(), start_step, 0.0
+
+  def log(self, step, metrics):
+    config, num_steps = self.config, self.config.train.num_steps
+    scalars = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+    _check_finite(scalars, step)
+    now = time.time()
+    steps_per_sec = (step - self.steps_last) / max(now - self.t_last, 1e-9)
+    scalars.update({f'lr/{g}': float(v)
+                    for g, v in train_state.learning_rates(config, step).items()})
+    scalars['perf/steps_per_sec'] = steps_per_sec
+    scalars['perf/data_wait_fraction'] = self.data_wait / max(now - self.t_last, 1e-9)
+    self.writer.write_scalars(step, scalars)
+    if self.on_log is not None:
+      self.on_log(step, scalars)
+    eta = (num_steps - step) / max(steps_per_sec, 1e-9)
+    logging.info('step %d/%d  %.2f steps/s  ETA %s  data wait %.0f%%  %s', step, num_steps,
+                 steps_per_sec, _hms(eta), 100 * scalars['perf/data_wait_fraction'],
+                 '  '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in scalars.items()
+                           if k.startswith('loss/')))
+    self.t_last, self.steps_last, self.data_wait = now, step, 0.0
+
+
+def _train_loop(config, workdir, state, step, programs, train_iter, writer, ckpts, mesh, on_log):
+  """Steps from `step` to train.num_steps (or a stop signal): logs, image summaries,
+  validation, checkpoints. Returns (last step, state, last validation metrics)."""
+  train = config.train
+  val_volumes = _validation_volumes(config)
+  val_history = _read_validation_history(workdir, step)
+  val = {k: v for k, v in (val_history[-1] if val_history else {}).items() if k != 'step'}
+  progress = _Progress(config, writer, on_log, step)
+  pending = None  # (step, metrics) of the previous step, checked while the next one runs.
+  with _StopFlag() as stop:
+    while step < train.num_steps:
+      t0 = time.time()
+      src, tgt = next(train_iter)
+      progress.data_wait += time.time() - t0
+      state, metrics = programs.step(state, src, tgt)
+      step += 1
+      if pending is not None:
+        _check_finite(sharding.to_host(pending[1]), pending[0])
+      pending = (step, metrics)
+      last = step == train.num_steps
+      stop_signal = stop.any_process()
+      if step % train.log_every == 0 or last:
+        progress.log(step, metrics)
+      if step % train.image_every == 0 or last:
+        writer.write_images(step, image_summaries(config, state, src, programs.eval_images,
+                                                  mesh))
+      if val_volumes and (step % train.eval_every == 0 or last):
+        _check_finite(sharding.to_host(metrics), step)
+        val = _validate_and_record(config, workdir, state, step, programs, val_volumes,
+                                   val_history, writer, ckpts, mesh, on_log)
+      if step % train.checkpoint_every == 0 or last or stop_signal:
+        _check_finite(sharding.to_host(metrics), step)
+        ckpts.save(step, state)
+      if stop_signal:
+        logging.warning('Received %s: saved step %d, exiting.', stop_signal, step)
+        break
+  return step, state, val
+
+
+def _validation_volumes(config):
+  """Whole prepared validation volumes of the source (none without a test-time network)."""
+  if method.get(config).test_time is None:
+    return []
+  volumes = input_pipeline.load_eval_volumes(config.data.source.prepared_dir, 'validation')
+  return volumes[:config.eval.max_volumes] if config.eval.max_volumes else volumes
+
+
+def _validate_and_record(config, workdir, state, step, programs, volumes, history, writer,
+                         ckpts, mesh, on_log):
+  """Validates, logs, appends to WORKDIR/validation.json and keeps the best checkpoint."""
+  val = validate(config, state, programs.probabilities, volumes, mesh)
+  writer.write_scalars(step, val)
+  if on_log is not None:
+    on_log(step, val)
+  logging.info('step %d validation: %s', step, '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
+  history.append({'step': step, **val})
+  if jax.process_index() == 0:
+    nifti_io.write_json(os.path.join(workdir, 'validation.json'), history, indent=2,
+                        sort_keys=True)
+  if np.isfinite(val['val_dsc']):
+    ckpts.save_if_best(step, state, val)
+  return val
+
+
 def _read_validation_history(workdir, start_step):
   """Validation records of earlier steps of this run (WORKDIR/validation.json), for resuming."""
   path = os.path.join(workdir, 'validation.json')
@@ -492,16 +538,6 @@ def _read_validation_history(workdir, start_step):
   with open(path) as f:
     history = json.load(f)
   return [r for r in history if r['step'] <= start_step]
-
-
-def inference_variables(config, state):
-  """(params, batch_stats) of the networks the test-time method uses."""
-  m = config.method.name
-  names = {'pmri_teacher': ('translator', 'teacher'),
-           'two_channel': ('translator', 'student')}.get(m, ('student',))
-  params = {k: state.params[k] for k in names}
-  stats = {k: state.batch_stats[k] for k in names if k in state.batch_stats}
-  return sharding.to_host(params), sharding.to_host(stats)
 
 
 def _load_translator_init(config, state, replicated):

@@ -17,7 +17,8 @@ import pytest
 
 from cmedl_jax import input_pipeline
 from cmedl_jax import checkpoint
-from cmedl_jax import train_step as ts
+from cmedl_jax import method
+from cmedl_jax import train_state
 from tiny_runs import main_args
 from tiny_runs import NUM_STEPS
 from tiny_runs import ROOT
@@ -118,8 +119,8 @@ def test_two_processes_resume_and_equal_one_process(tmp_path):
   config = small_config(tmp_path)
   c = config.data.context_slices
   shape = (*input_pipeline.dataset_info(config.data.source.prepared_dir)['image_size'], c)
-  nets = ts.build_networks(config, c)
-  init = jax.jit(lambda r: ts.create_train_state(config, nets, r, shape)[0].params)(
+  nets = method.build_networks(config, c)
+  init = jax.jit(lambda r: train_state.create_train_state(config, nets, r, shape)[0].params)(
       jax.random.PRNGKey(config.seed))
   for step, factor in ((3, 1), (NUM_STEPS, 10)):
     one = checkpoint.restore_state(str(single / 'checkpoints'), None, step=step)

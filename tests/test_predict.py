@@ -11,8 +11,8 @@ import pytest
 
 from cmedl_jax import checkpoint
 from cmedl_jax import inference
+from cmedl_jax import method
 from cmedl_jax import predict
-from cmedl_jax import train_step as ts
 from data_prep import prepare
 
 
@@ -44,7 +44,7 @@ def lps_odd_input(root, out_dir):
 def direct(predictor, image, affine, tree, name='student'):
   """Probabilities and pseudo-target of `image` computed here from the checkpoint's networks:
   prepare, apply, map back onto the input grid (as predict documents it)."""
-  nets = ts.build_networks(predictor.config, in_channels=1)
+  nets = method.build_networks(predictor.config, in_channels=1)
   prepared, geometry = prepare.prepare_volume(image, affine, predictor.spec)
   x = prepared[..., None]  # [Z, H, W, 1]
   p, stats = tree['params'], tree['batch_stats']

@@ -23,7 +23,7 @@ from cmedl_jax import curves
 from cmedl_jax import input_pipeline
 from cmedl_jax import predict
 from cmedl_jax import train
-from cmedl_jax import train_step as ts
+from cmedl_jax import train_state
 from configs import two_stage
 from data_prep import nifti_io
 from tiny_runs import final_state
@@ -178,7 +178,7 @@ def test_a_run_keeps_its_latest_checkpoints_best_and_export(tiny_run):
   assert {r['step']: r['val_dsc'] for r in history}[best[0]] == max(r['val_dsc'] for r in history)
   assert int(final_state(workdir, 'best')['step']) == best[0]
   # The export is the final state's test-time network (the student).
-  exported = checkpoint.load_inference(str(workdir / 'export'))
+  exported = checkpoint.load_variables(str(workdir / 'export'))
   final = final_state(workdir)
   assert set(exported['params']) == {'student'}
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(
@@ -215,7 +215,7 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
     assert np.isfinite(scalars[tag][1]).all(), tag
   config = small_config(tiny_run[0])
   for g in groups:
-    want = [float(ts.learning_rates(config, s)[g]) for s in logged]
+    want = [float(train_state.learning_rates(config, s)[g]) for s in logged]
     np.testing.assert_allclose(scalars[f'lr/{g}'][1], want, rtol=1e-6, err_msg=g)
   np.testing.assert_allclose(
       scalars['loss/total_generator_side'][1],
@@ -306,11 +306,11 @@ def test_a_killed_re_export_keeps_the_previous_export(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     checkpoint.export_inference(str(tmp_path), _export_tree(2.0), {})
   monkeypatch.undo()
-  exported = checkpoint.load_inference(str(tmp_path / 'export'))
+  exported = checkpoint.load_variables(str(tmp_path / 'export'))
   np.testing.assert_array_equal(exported['params']['student']['w'], 1.0)
   # The next export replaces it whole and leaves no sibling behind.
   checkpoint.export_inference(str(tmp_path), {'teacher': {'b': np.zeros(2, np.float32)}}, {})
-  exported = checkpoint.load_inference(str(tmp_path / 'export'))
+  exported = checkpoint.load_variables(str(tmp_path / 'export'))
   assert set(exported['params']) == {'teacher'}
   assert sorted(os.listdir(tmp_path)) == ['export']
 
@@ -332,11 +332,11 @@ def test_a_kill_between_the_export_renames_is_recovered(tmp_path, monkeypatch):
   # Readers (predict) find the previous export; the next training start puts it back.
   found = checkpoint.export_dir(str(tmp_path))
   np.testing.assert_array_equal(
-      checkpoint.load_inference(found)['params']['student']['w'], 1.0)
+      checkpoint.load_variables(found)['params']['student']['w'], 1.0)
   checkpoint.clean_export_leftovers(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['export']
   np.testing.assert_array_equal(
-      checkpoint.load_inference(str(tmp_path / 'export'))['params']['student']['w'], 1.0)
+      checkpoint.load_variables(str(tmp_path / 'export'))['params']['student']['w'], 1.0)
 
 
 def _write_lock(workdir, pid, host=None):
@@ -412,10 +412,11 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
   dead.wait()
   run = tmp_path / 'run'
   run.mkdir()
-  names = {f'validation.json.tmp{dead.pid}': 120, f'.write_probe_{dead.pid}': 120,
+  # Atomic writes' temporaries: .tmp<pid>_<name> (data_prep.nifti_io.temporary_path).
+  names = {f'.tmp{dead.pid}_validation.json': 120, f'.write_probe_{dead.pid}': 120,
            f'.write_probe_0_{dead.pid}': 120,  # check_workdir's name: process index, pid.
-           f'config.json.tmp{os.getppid()}': 120, f'preparation.json.tmp{dead.pid}': 0,
-           'notes.json.tmp': 120}
+           f'.tmp{os.getppid()}_config.json': 120, f'.tmp{dead.pid}_preparation.json': 0,
+           '.tmp_notes.json': 120}
   for name, age in names.items():
     (run / name).write_text('{')
     t = os.path.getmtime(run / name) - age
@@ -423,8 +424,8 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
   with pytest.raises(nifti_io.DataError, match='dataset folder does not exist'):
     train.train_and_evaluate(small_config(tmp_path), str(run))  # No data.
   assert sorted(os.listdir(run)) == sorted(
-      ['config.json', 'environment.json', f'config.json.tmp{os.getppid()}',
-       f'preparation.json.tmp{dead.pid}', 'notes.json.tmp'])
+      ['config.json', 'environment.json', f'.tmp{os.getppid()}_config.json',
+       f'.tmp{dead.pid}_preparation.json', '.tmp_notes.json'])
 
 
 def test_the_workdir_lock_is_released_and_another_one_is_left_alone(tmp_path):

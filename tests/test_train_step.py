@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from cmedl_jax import losses
+from cmedl_jax import method
 from cmedl_jax import sharding
+from cmedl_jax import train_state
 from cmedl_jax import train_step as ts
 from configs import tiny
 
@@ -41,10 +43,10 @@ def make_batch(seed, n=8, has_label=1.0, channels=1):
 
 def setup(config, devices=None, channels=1):
   """Networks, a replicated initial state (initialised under jit), the jitted step, the mesh."""
-  nets = ts.build_networks(config, in_channels=channels)
-  tx = ts.make_optimizer(config)
+  nets = method.build_networks(config, in_channels=channels)
+  tx = train_state.make_optimizer(config)
   mesh = sharding.make_mesh(devices or jax.devices()[:1])
-  init = jax.jit(lambda r: ts.create_train_state(config, nets, r, (H, W, channels))[0],
+  init = jax.jit(lambda r: train_state.create_train_state(config, nets, r, (H, W, channels))[0],
                  out_shardings=sharding.replicated(mesh))
   state = init(jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx))
@@ -90,15 +92,15 @@ METHODS = {
 
 
 def method_config(key):
-  _, arg, method = METHODS[key]
+  _, arg, fields = METHODS[key]
   config = tiny.get_config(arg)
-  config.method.update(method)
+  config.method.update(fields)
   return config
 
 
 @pytest.mark.parametrize('key', list(METHODS))
 def test_every_method_steps_and_trains_its_groups(key):
-  u = ts.uses(method_config(key))
+  u = method.parts(method_config(key))
   state, new_state, metrics = run_method(key)
   assert all(np.isfinite(v) for v in metrics.values()), metrics
   assert int(new_state.step) == 1
@@ -143,16 +145,16 @@ TERM_CONFIGS = {'cyclegan_hint': ('unet,cyclegan', {}),
 
 
 def terms_config(key, weights):
-  arg, method = TERM_CONFIGS[key]
+  arg, fields = TERM_CONFIGS[key]
   config = tiny.get_config(arg)
-  config.method.update(method)
+  config.method.update(fields)
   config.loss.update(weights)
   return config
 
 
 def split_params(state):
-  g = {k: v for k, v in state.params.items() if k not in ts.DISCRIMINATORS}
-  d = {k: v for k, v in state.params.items() if k in ts.DISCRIMINATORS}
+  g = {k: v for k, v in state.params.items() if k not in method.DISCRIMINATORS}
+  d = {k: v for k, v in state.params.items() if k in method.DISCRIMINATORS}
   return g, d
 
 
@@ -369,7 +371,7 @@ def test_pspnet_student_densefcn_teacher_on_context_slices():
   for tap in taps:
     assert s_feats[tap].shape[1:3] == (H // 8, W // 8), (tap, s_feats[tap].shape)
     assert t_feats[tap].shape[1:3] == (H, W)
-  adapted = ts.hint_adapters(config, t_feats).apply({'params': p['adapters']},
+  adapted = method.hint_adapters(config, t_feats).apply({'params': p['adapters']},
                                                     {t: s_feats[t] for t in taps})
   hint = np.mean([np.mean((np.asarray(adapted[t]) - np.asarray(jax.image.resize(
       t_feats[t][:8], adapted[t].shape, 'bilinear'))) ** 2) for t in taps])
@@ -404,7 +406,7 @@ def test_bfloat16_step_matches_float32():
 def test_eval_step_equals_the_networks_applied_directly():
   config = method_config('cmedl_cyclegan')
   _, state, _ = run_method('cmedl_cyclegan')
-  nets = ts.build_networks(config, in_channels=1)
+  nets = method.build_networks(config, in_channels=1)
   x = make_batch(1, n=2)['image']
   out = jax.jit(functools.partial(ts.eval_step, config=config, nets=nets,
                                   with_translations=True))(state, x)
@@ -426,9 +428,10 @@ def test_test_time_network_of_each_method(key):
   """two_channel: the student on [x, G(x)]; pmri_teacher: the teacher on G(x)."""
   config = method_config(key)
   _, state, _ = run_method(key)
-  nets = ts.build_networks(config, in_channels=1)
+  nets = method.build_networks(config, in_channels=1)
   x = make_batch(1, n=2)['image']
-  got = ts.infer_logits(state.params, state.batch_stats, x, config=config, nets=nets)
+  got = method.infer_logits(state.params, state.batch_stats, x, nets=nets,
+                            test_time=method.get(config).test_time)
   p, stats = state.params, state.batch_stats
   fake = nets.translator.apply({'params': p['translator']}, x)
   name, inputs = {'two_channel': ('student', jnp.concatenate([x, fake], -1)),
