@@ -15,9 +15,9 @@ Classes: from a dataset.json "labels" table (MSD {"1": "tumor"} or nnU-Net v2
 {"tumor": 1}; background 0 skipped) or `name=label,...`; by default every nonzero label
 present in the first reference set, named `label_<k>`.
 
-Metrics (see `cmedl_jax.metrics` for definitions and empty-mask conventions): dice,
-surface_dice at `--tolerance-mm` (default 2.0 mm; area convention of surface-distance),
-hd95, hd and assd in mm (boundary-voxel convention of MONAI/medpy).
+Metrics (see `cmedl_jax.evaluation.metrics` for definitions and empty-mask conventions):
+dice, surface_dice at `--tolerance-mm` (default 2.0 mm; area convention of
+surface-distance), hd95, hd and assd in mm (boundary-voxel convention of MONAI/medpy).
 
 Outputs in --out (each written atomically):
   cases.csv        one row per method x case x class (+ false-positive component count)
@@ -53,7 +53,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cmedl_jax import metrics
+from cmedl_jax.evaluation import metrics
 
 METRICS = metrics.METRIC_NAMES
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from cmedl_jax import checkpoint
 from cmedl_jax import environment
 from cmedl_jax import input_pipeline
-from cmedl_jax import metrics as seg_metrics
+from cmedl_jax.evaluation import metrics as seg_metrics
 from cmedl_jax import inference
 from cmedl_jax import sharding
 from cmedl_jax import train_step as ts

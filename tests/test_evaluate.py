@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from cmedl_jax import evaluate
-from cmedl_jax import metrics
+from cmedl_jax.evaluation import metrics
 
 SPACING = (0.8, 0.8, 2.5)
 SHAPE = (20, 20, 8)
