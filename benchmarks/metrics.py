@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cmedl_jax import metrics  # noqa: E402
+from cmedl_jax.evaluation import metrics  # noqa: E402
 
 SHAPE = (512, 512, 128)
 SPACING_MM = (0.8, 0.8, 2.5)

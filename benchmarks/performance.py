@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import train_step as step_bench  # noqa: E402  (benchmarks/train_step.py)
-from cmedl_jax import evaluate  # noqa: E402
+from data_prep import nifti_io  # noqa: E402
 
 FAST_CONV = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 SCALING_DEVICES = (1, 2, 4, 8)
@@ -366,9 +366,9 @@ def main(argv=None):
                        {'XLA_FLAGS': FAST_CONV})
   raw = dict(peak=peak, steps=steps, scaling=scaling, memory=memory, prediction=pred)
   # The numbers behind the text, beside it.
-  evaluate.atomic_write(os.path.splitext(args.out)[0] + '.json', json.dumps(raw, indent=1))
+  nifti_io.atomic_write(os.path.splitext(args.out)[0] + '.json', json.dumps(raw, indent=1))
   text = write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred)
-  evaluate.atomic_write(args.out, text + f'\nThe whole report took {time.time() - t0:.0f} s '
+  nifti_io.atomic_write(args.out, text + f'\nThe whole report took {time.time() - t0:.0f} s '
                         'to generate.\n')
   print(f'wrote {args.out} in {time.time() - t0:.0f} s')
 

@@ -30,8 +30,13 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cmedl_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmedl_jax.evaluation import cases as eval_cases  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmedl_jax.evaluation import metrics as seg_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmedl_jax.evaluation import plots as eval_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmedl_jax.evaluation import report as eval_report  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmedl_jax.evaluation import statistics as eval_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import study  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_prep import nifti_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Phantom sets: kind -> (training cases, test cases, seed). CT and MRI never share patients.
 DATASETS = {
@@ -168,8 +173,8 @@ def train(r, root, extra):
 
 
 def write_json(path, obj):
-  """Writes obj as JSON atomically (inf/NaN as strings, as cmedl_jax.evaluate does)."""
-  evaluate.atomic_write(path, json.dumps(evaluate._json_safe(obj), indent=1))  # pylint: disable=protected-access
+  """Writes obj as JSON atomically (inf/NaN as strings, as cmedl_jax.evaluation.report does)."""
+  nifti_io.write_json(path, eval_report.json_safe(obj))
 
 
 def tumor_types(dataset_dir, case, ref):
@@ -182,7 +187,7 @@ def tumor_types(dataset_dir, case, ref):
     return None
   with open(meta_path) as f:
     kinds = {t['instance_id']: t['type'] for t in json.load(f).get('tumors', [])}
-  instances, _, _ = evaluate.load_nifti(inst_path)
+  instances, _, _ = eval_cases.load_nifti(inst_path)
   comps, _ = ndimage.label(ref > 0, np.ones((3,) * ref.ndim, bool))
   out = []
   for k, sl in enumerate(ndimage.find_objects(comps), start=1):
@@ -221,16 +226,16 @@ def predict_and_evaluate(r, root):
                                  pseudo_target=pseudo, progress=False)
   if result['failed']:
     raise RuntimeError(f"{r['name']}: prediction failed: {result['failed']}")
-  classes = evaluate.parse_classes(f'{dataset_dir}/dataset.json')
-  refs = evaluate.list_cases(f'{dataset_dir}/labelsTs')
+  classes = eval_cases.parse_classes(f'{dataset_dir}/dataset.json')
+  refs = nifti_io.list_cases(f'{dataset_dir}/labelsTs')
   preds = {c: f'{out_dir}/{c}.nii.gz' for c in refs}
   thorax = 'tumor' in classes
-  case_rows, tumor_rows = evaluate.evaluate_method(
-      r['name'], preds, refs, classes, evaluate.DEFAULT_TOLERANCE_MM,
+  case_rows, tumor_rows = eval_cases.evaluate_method(
+      r['name'], preds, refs, classes, eval_cases.DEFAULT_TOLERANCE_MM,
       tumor_classes=['tumor'] if thorax else [])
   if thorax:
     for case in refs:
-      ref, _, _ = evaluate.load_nifti(refs[case])
+      ref, _, _ = eval_cases.load_nifti(refs[case])
       types = tumor_types(dataset_dir, case, ref)
       rows = [t for t in tumor_rows if t['case'] == case]
       for t in rows:
@@ -253,7 +258,7 @@ def _rows(record, key, r):
   out = []
   for row in record[key]:
     row = dict(row)
-    for m in evaluate.METRICS:
+    for m in seg_metrics.METRIC_NAMES:
       row[m] = _num(row[m])
     row.update(seed=r['seed'], run=r['name'])
     out.append(row)
@@ -261,7 +266,7 @@ def _rows(record, key, r):
 
 
 def _ms(values, digits=3):
-  d = evaluate.describe(values)
+  d = eval_stats.describe(values)
   if not d['n_finite']:
     return 'n/a'
   s = f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f}" if d['n_finite'] > 1 else \
@@ -279,7 +284,7 @@ def _p(rows_a, rows_b, keys, level, metric='dice'):
   keys = tuple(keys) + ('pair_class',)
   if not rows_a or not rows_b:
     return float('nan'), 0, float('nan')
-  w = evaluate.wilcoxon_tests(pool(rows_a), pool(rows_b), keys, level, [metric])
+  w = eval_stats.wilcoxon_tests(pool(rows_a), pool(rows_b), keys, level, [metric])
   index = {tuple(r[k] for k in keys): r[metric] for r in pool(rows_a)}
   diffs = [r[metric] - index[k] for r in pool(rows_b)
            if (k := tuple(r[k2] for k2 in keys)) in index
@@ -371,7 +376,7 @@ def box_plot(groups, path, by_type=True):
     ax.set_ylim(-0.02, 1.0)
     ax.set_ylabel('DSC')
     ax.set_title(title, fontsize=9)
-  evaluate.save_figure(fig, path)
+  eval_plots.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -400,19 +405,19 @@ def overlay_figure(root, records, path, names, setting='informative'):
   fig, axes = plt.subplots(len(picks), len(cols), figsize=(2.3 * len(cols), 2.4 * len(picks)),
                            squeeze=False)
   for i, (case, kind) in enumerate(picks):
-    image, zooms = evaluate._canonical(f'{dataset_dir}/imagesTs/{case}_0000.nii.gz', False)  # pylint: disable=protected-access
-    ref, _ = evaluate._canonical(f'{dataset_dir}/labelsTs/{case}.nii.gz', True)  # pylint: disable=protected-access
+    image, zooms = eval_plots.canonical(f'{dataset_dir}/imagesTs/{case}_0000.nii.gz', False)
+    ref, _ = eval_plots.canonical(f'{dataset_dir}/labelsTs/{case}.nii.gz', True)
     k = int(np.argmax((ref > 0).sum(axis=(0, 1))))
     fake_path = f'{root}/runs/{cmedl_run}/test_predictions/{case}_pseudo_target.nii.gz'
     panels = [(image[:, :, k], None, 'gray', (-1000, 500) if setting == 'informative' else None)]
     if os.path.isfile(fake_path):
-      panels.append((evaluate._canonical(fake_path, False)[0][:, :, k], None, 'gray', (-1, 1)))  # pylint: disable=protected-access
+      panels.append((eval_plots.canonical(fake_path, False)[0][:, :, k], None, 'gray', (-1, 1)))
     else:
       panels.append((np.zeros_like(image[:, :, k]), None, 'gray', (0, 1)))
     panels.append((image[:, :, k], ref[:, :, k], 'gray', panels[0][3]))
     for name in names:
       pred_path = f'{root}/runs/{name}/test_predictions/{case}.nii.gz'
-      pred = evaluate._canonical(pred_path, True)[0] if os.path.isfile(pred_path) else None  # pylint: disable=protected-access
+      pred = eval_plots.canonical(pred_path, True)[0] if os.path.isfile(pred_path) else None
       panels.append((image[:, :, k], None if pred is None else pred[:, :, k], 'gray',
                      panels[0][3]))
     for j, (img, mask, cmap, window) in enumerate(panels):
@@ -429,7 +434,7 @@ def overlay_figure(root, records, path, names, setting='informative'):
         ax.set_title(cols[j].replace('informative-', ''), fontsize=7)
     axes[i][0].set_ylabel(f'{case}\n({kind}), slice {k}', fontsize=7)
   fig.suptitle('green: reference, red: prediction', fontsize=8)
-  evaluate.save_figure(fig, path)
+  eval_plots.save_figure(fig, path)
   plt.close(fig)
   return True
 
@@ -583,8 +588,8 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
         b = [r['dice'] for r in arch[key]['cases']]
         p = _p(base['cases'], arch[key]['cases'], ('seed', 'case', 'class'), 'case') if base \
             else (float('nan'), 0, 0)
-        da = evaluate.describe(a)['mean'] if a else float('nan')
-        db = evaluate.describe(b)['mean']
+        da = eval_stats.describe(a)['mean'] if a else float('nan')
+        db = eval_stats.describe(b)['mean']
         lines.append(f"| {seg} | {i2i} | {_ms(a) if a else 'n/a'} | {_ms(b)} | "
                      f"{db - da:+.3f} | {_fmt_p(p[0])} |")
     parts.append('## 2. Architectural flexibility (seed 0)\n\nReduced grid: every segmenter with '
@@ -655,7 +660,7 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
             'ROOT/data/phantoms/KIND/dataset.json --out RUN/eval`.']
   parts.append('\n'.join(lines) + '\n')
   parts.append(REAL_DATA)
-  evaluate.atomic_write(out, '\n'.join(parts))
+  nifti_io.atomic_write(out, '\n'.join(parts))
   print(f'reproduce: wrote {out}', flush=True)
   copy_run_records(root, runs, os.path.join(os.path.dirname(os.path.abspath(out)),
                                             'RESULTS_runs'))
@@ -675,11 +680,11 @@ def copy_run_records(root, runs, dest):
       src = f"{root}/runs/{r['name']}/{name}"
       if os.path.isfile(src):
         with open(src, 'rb') as f:
-          evaluate.atomic_write(os.path.join(dest, r['name'], name), f.read())
+          nifti_io.atomic_write(os.path.join(dest, r['name'], name), f.read())
 
 
 def _mean_dice(g):
-  return evaluate.describe(r['dice'] for r in g['cases'])['mean'] if g and g['cases'] \
+  return eval_stats.describe(r['dice'] for r in g['cases'])['mean'] if g and g['cases'] \
       else float('nan')
 
 

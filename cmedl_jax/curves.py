@@ -14,7 +14,8 @@ import sys
 
 import numpy as np
 
-from cmedl_jax import evaluate
+from cmedl_jax.evaluation import plots
+from data_prep import nifti_io
 
 PREFIXES = ('loss/', 'val_', 'grad_norm/')
 
@@ -45,9 +46,7 @@ def read_scalars(workdir):
 
 def plot_curves(scalars, path):
   """One panel per loss / validation metric / gradient norm; writes PNG `path`."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plots.pyplot()
   tags = [t for p in PREFIXES for t in sorted(scalars) if t.startswith(p)]
   cols = 4
   rows = -(-len(tags) // cols)
@@ -61,7 +60,7 @@ def plot_curves(scalars, path):
   for ax in list(axes.flat)[len(tags):]:
     ax.axis('off')
   fig.tight_layout()
-  evaluate.save_figure(fig, path)
+  plots.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -89,7 +88,7 @@ def main(argv=None):
     parser.exit(2, f'curves: error: {e}\n')
   plot_curves(scalars, args.out + '.png')
   text = curves_markdown(scalars, os.path.basename(args.out) + '.png', args.workdir)
-  evaluate.atomic_write(args.out + '.md', text)
+  nifti_io.atomic_write(args.out + '.md', text)
   print(f'curves: wrote {args.out}.png and {args.out}.md')
   return 0
 

@@ -29,12 +29,12 @@ import orbax.checkpoint as ocp
 from cmedl_jax import checkpoint
 from cmedl_jax import environment
 from cmedl_jax import input_pipeline
-from cmedl_jax import method
-from cmedl_jax import metrics as seg_metrics
 from cmedl_jax import inference
+from cmedl_jax import method
 from cmedl_jax import sharding
 from cmedl_jax import train_state
 from cmedl_jax import train_step as ts
+from cmedl_jax.evaluation import metrics as seg_metrics
 from data_prep import nifti_io
 
 

@@ -1,4 +1,4 @@
-"""Tests of cmedl_jax.evaluate on tiny NIfTI folders written here."""
+"""Tests of cmedl_jax.evaluate and cmedl_jax.evaluation on tiny NIfTI folders written here."""
 import csv
 import json
 import math
@@ -10,7 +10,10 @@ import pytest
 from scipy import stats
 
 from cmedl_jax import evaluate
-from cmedl_jax import metrics
+from cmedl_jax.evaluation import cases
+from cmedl_jax.evaluation import metrics
+from cmedl_jax.evaluation import statistics
+from data_prep import nifti_io
 
 SPACING = (0.8, 0.8, 2.5)
 SHAPE = (20, 20, 8)
@@ -82,7 +85,7 @@ def test_cli_end_to_end(folders, capsys):
     ref = nib.load(folders / "ref" / f"{row['case']}.nii.gz").get_fdata()
     label = {"tumor": 1, "organ": 2}[row["class"]]
     expected = metrics.evaluate_pair(pred == label, ref == label, SPACING, 1.0)
-    for m in evaluate.METRICS:
+    for m in metrics.METRIC_NAMES:
       assert float(row[m]) == pytest.approx(expected[m], rel=1e-12), (row, m)
     if row["method"] == "pred_a" and row["class"] == "tumor":
       assert row["n_fp_components"] == "1"
@@ -120,13 +123,13 @@ def test_cli_end_to_end(folders, capsys):
 
   plots = sorted(os.listdir(out / "plots"))
   assert [p for p in plots if p.startswith("box_")] == sorted(
-      f"box_{m}.png" for m in evaluate.METRICS)
+      f"box_{m}.png" for m in metrics.METRIC_NAMES)
   overlays = [p for p in plots if p.startswith("overlay_")]
   assert len(overlays) == 6 and "overlay_pred_a_worst_case_003.png" in overlays
   with open(out / "plots" / overlays[0], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert "## Paired tests" in (out / "summary.md").read_text()
-  assert not [p for p in os.listdir(out) if p.startswith(".tmp_")]
+  assert not [p for p in os.listdir(out) + os.listdir(out / "plots") if p.startswith(".tmp")]
 
 
 def test_default_classes_and_python_api(folders, tmp_path):
@@ -160,44 +163,44 @@ def test_shape_affine_and_missing_errors(folders, tmp_path):
 def test_non_integer_labels_rejected(tmp_path):
   save(f"{tmp_path}/x.nii.gz", np.full(SHAPE, 0.5), dtype=np.float32)
   with pytest.raises(ValueError, match=r"x\.nii\.gz: label volume holds non-integer"):
-    evaluate.load_nifti(f"{tmp_path}/x.nii.gz")
+    cases.load_nifti(f"{tmp_path}/x.nii.gz")
   save(f"{tmp_path}/y.nii.gz", np.full(SHAPE, 2.0), dtype=np.float32)
-  data, spacing, _ = evaluate.load_nifti(f"{tmp_path}/y.nii.gz")
+  data, spacing, _ = cases.load_nifti(f"{tmp_path}/y.nii.gz")
   assert data.dtype == np.uint8 and spacing == SPACING  # float32 zooms -> exact decimals
 
 
 def test_case_ids_and_classes(tmp_path):
-  assert evaluate.case_id("lung_001.nii.gz") == "lung_001"
-  assert evaluate.case_id("lung_001_0000.nii.gz", image=True) == "lung_001"
-  assert evaluate.case_id("lung_001_0000.nii") == "lung_001_0000"
-  assert evaluate.case_id("notes.txt") is None
+  assert nifti_io.case_id("lung_001.nii.gz") == "lung_001"
+  assert nifti_io.case_id("lung_001_0000.nii.gz", image=True) == "lung_001"
+  assert nifti_io.case_id("lung_001_0000.nii") == "lung_001_0000"
+  assert nifti_io.case_id("notes.txt") is None
   msd = tmp_path / "msd.json"
   msd.write_text(json.dumps({"labels": {"0": "background", "1": "tumor", "2": "heart"}}))
-  assert evaluate.parse_classes(str(msd)) == {"tumor": 1, "heart": 2}
-  assert evaluate.parse_classes("tumor=1, liver=3") == {"tumor": 1, "liver": 3}
+  assert cases.parse_classes(str(msd)) == {"tumor": 1, "heart": 2}
+  assert cases.parse_classes("tumor=1, liver=3") == {"tumor": 1, "liver": 3}
   region = tmp_path / "region.json"
   region.write_text(json.dumps({"labels": {"background": 0, "whole": [1, 2]}}))
   with pytest.raises(ValueError, match="region"):
-    evaluate.parse_classes(str(region))
+    cases.parse_classes(str(region))
   with pytest.raises(ValueError, match="name=label"):
-    evaluate.parse_classes("tumor")
+    cases.parse_classes("tumor")
 
 
 def test_describe_counts_inf_and_nan():
-  d = evaluate.describe([1.0, 2.0, math.inf, 4.0, float("nan")])
+  d = statistics.describe([1.0, 2.0, math.inf, 4.0, float("nan")])
   assert (d["n"], d["n_finite"], d["n_inf"], d["n_nan"]) == (5, 3, 1, 1)
   assert d["mean"] == pytest.approx(7 / 3)
   assert d["median"] == 2.0 and d["iqr"] == pytest.approx(1.5)
-  assert math.isnan(evaluate.describe([math.inf])["mean"])
+  assert math.isnan(statistics.describe([math.inf])["mean"])
 
 
 def test_wilcoxon_handles_ties_and_nonfinite():
   rows_a = [{"case": c, "class": "t", "dice": v} for c, v in zip("abcd", [0.5, 0.6, 0.7, 0.8])]
   rows_b = [{"case": c, "class": "t", "dice": v} for c, v in zip("abcd", [0.5, 0.6, 0.7, 0.8])]
-  [w] = evaluate.wilcoxon_tests(rows_a, rows_b, ("case", "class"), "case", ("dice",))
+  [w] = statistics.wilcoxon_tests(rows_a, rows_b, ("case", "class"), "case", ("dice",))
   assert math.isnan(w["p_value"]) and w["n_pairs"] == 4  # all differences zero
   rows_b[0]["dice"] = math.inf
-  [w] = evaluate.wilcoxon_tests(rows_a, rows_b, ("case", "class"), "case", ("dice",))
+  [w] = statistics.wilcoxon_tests(rows_a, rows_b, ("case", "class"), "case", ("dice",))
   assert w["n_pairs"] == 3 and w["n_excluded_nonfinite"] == 1
 
 
@@ -206,9 +209,9 @@ def test_labels_outside_the_classes_are_named_in_a_warning(folders, tmp_path, ca
   pred = reference(0)
   pred[0:3, 0:3, 0:2] = 3  # 18 voxels of an undeclared label
   save(f"{tmp_path}/pred/case_001.nii.gz", pred)
-  evaluate.evaluate_method("m", {"case_001": f"{tmp_path}/pred/case_001.nii.gz"},
-                           {"case_001": f"{folders}/ref/case_001.nii.gz"},
-                           {"tumor": 1, "organ": 2}, tolerance_mm=1.0)
+  cases.evaluate_method("m", {"case_001": f"{tmp_path}/pred/case_001.nii.gz"},
+                        {"case_001": f"{folders}/ref/case_001.nii.gz"},
+                        {"tumor": 1, "organ": 2}, tolerance_mm=1.0)
   err = capsys.readouterr().err
   assert f"{tmp_path}/pred/case_001.nii.gz: labels [3] are not among" in err
   assert "18 voxels" in err

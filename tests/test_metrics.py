@@ -1,4 +1,4 @@
-"""Tests of cmedl_jax.metrics against closed forms, scipy formulations and surface-distance."""
+"""Tests of cmedl_jax.evaluation.metrics: closed forms, scipy formulations, surface-distance."""
 import math
 import warnings
 
@@ -7,7 +7,7 @@ import pytest
 import surface_distance
 from scipy import ndimage
 
-from cmedl_jax import metrics
+from cmedl_jax.evaluation import metrics
 
 SPACING_3D = (0.8, 0.8, 2.5)
 

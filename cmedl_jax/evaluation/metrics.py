@@ -47,8 +47,8 @@ both empty             1.0    1.0           0.0
 exactly one empty      0.0    0.0           inf
 =====================  =====  ============  ===================
 
-Summaries (`cmedl_jax.evaluate`) compute mean/sd/median/IQR over finite values and
-report the number of infinite values separately.
+Summaries (`cmedl_jax.evaluation.statistics`) compute mean/sd/median/IQR over finite
+values and report the number of infinite values separately.
 
 Per-tumor rule (`evaluate_tumors`): the reference is split into connected components
 (default full connectivity: 26-neighbourhood in 3D, 8 in 2D). For each reference
