@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import prepare as P
-from data_prep import synthetic as S
+from tests.fixtures import synthetic as S
 from data_prep.nifti_io import DataError
 
 
