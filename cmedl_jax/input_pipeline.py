@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data_prep import prepare as prep
+from data_prep import manifest as manifest_lib
 from data_prep.geometry import Geometry
 
 DATA_AXIS = "data"
@@ -68,7 +68,7 @@ class SplitArrays:
   """Memory-mapped slices of one split of a prepared dataset."""
 
   def __init__(self, prepared_dir, split: str):
-    self.manifest = prep.read_manifest(prepared_dir)
+    self.manifest = manifest_lib.read_manifest(prepared_dir)
     if split not in self.manifest["splits"]:
       raise ValueError(f"{prepared_dir}: no split {split!r}")
     d = os.path.join(os.fspath(prepared_dir), split)
@@ -112,7 +112,7 @@ def dataset_info(prepared_dir) -> dict:
   2.5D), "image_size" (H, W), "in_plane_spacing_mm" (y, x), "modality", "num_slices" {split: n},
   "num_cases" {split: n}}.
   """
-  m = prep.read_manifest(prepared_dir)
+  m = manifest_lib.read_manifest(prepared_dir)
   return {"num_classes": m["num_classes"], "class_names": list(m["class_names"]),
           "channels": m["channels"], "image_size": tuple(m["size"]),
           "in_plane_spacing_mm": tuple(m["in_plane_spacing_mm"]),
@@ -123,7 +123,7 @@ def dataset_info(prepared_dir) -> dict:
 
 def preparation_record(prepared_dir) -> dict:
   """JSON-able record of how a prepared dataset was made (spec, classes, splits, summary)."""
-  m = prep.read_manifest(prepared_dir)
+  m = manifest_lib.read_manifest(prepared_dir)
   return {"prepared_dir": os.path.abspath(os.fspath(prepared_dir)), "version": m["version"],
           "spec": m["spec"], "dataset": m["dataset"], "num_classes": m["num_classes"],
           "class_names": m["class_names"],

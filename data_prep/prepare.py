@@ -49,12 +49,9 @@ import numpy as np
 from data_prep import geometry as geo
 from data_prep import nifti_io
 from data_prep.geometry import Geometry, invert_image, invert_labels  # re-exported
+from data_prep.manifest import (ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS,  # re-exported
+                                is_prepared, read_manifest)
 from data_prep.nifti_io import DataError
-
-FORMAT_VERSION = 1
-MANIFEST = "prepared.json"
-SPLITS = ("train", "validation", "test")
-ARRAYS = ("images", "labels", "case_index", "slice_index", "has_foreground")
 
 __all__ = ["PrepSpec", "Geometry", "DataError", "prepare_volume", "prepare_label", "invert_labels",
            "invert_image", "normalize_intensity", "resolve_label_map", "prepare_dataset",
@@ -444,7 +441,7 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
         "skipped": skipped, "seconds": round(seconds, 3),
         "seconds_per_case": round(seconds / max(n_cases, 1), 3)}
     manifest = {
-        "format": "cmedl_jax.prepared", "version": FORMAT_VERSION, "spec": spec.to_dict(),
+        "format": FORMAT, "version": FORMAT_VERSION, "spec": spec.to_dict(),
         "dataset": {"name": info.name, "modality": info.modality, "raw_dir": summary["raw_dir"],
                     "labels": {str(k): v for k, v in info.labels.items()}},
         "label_lut": {str(k): v for k, v in lut.items()},
@@ -475,25 +472,6 @@ def remove_stale_partials(out_dir) -> list:
   name = re.escape(os.path.basename(out_dir))
   return nifti_io.remove_stale_temporaries(
       os.path.dirname(out_dir), rf"\.{name}\.(partial|old)-((?P<pid>\d+)-)?[0-9a-f]{{8}}")
-
-
-def read_manifest(prepared_dir) -> dict:
-  """Reads `prepared.json`; raises DataError when the folder is not a complete preparation."""
-  path = os.path.join(os.fspath(prepared_dir), MANIFEST)
-  if not os.path.isfile(path):
-    raise DataError(path, "not a complete prepared dataset (no prepared.json); run "
-                    "`python -m data_prep.prepare` first")
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != "cmedl_jax.prepared" or manifest.get("version") != FORMAT_VERSION:
-    raise DataError(path, f"unsupported prepared format/version "
-                    f"{manifest.get('format')}/{manifest.get('version')}")
-  return manifest
-
-
-def is_prepared(prepared_dir) -> bool:
-  """True when `prepared_dir` holds a complete preparation (its prepared.json exists)."""
-  return os.path.isfile(os.path.join(os.fspath(prepared_dir), MANIFEST))
 
 
 def spec_from_config(config, side: str) -> PrepSpec:

@@ -29,7 +29,7 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import prepare as prep
+from data_prep import manifest as manifest_lib
 
 BUILDER_VERSION = "1.0.0"
 
@@ -44,7 +44,8 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, prepared_dir=None, **kwargs):
     self._prepared_dir = os.fspath(prepared_dir) if prepared_dir is not None else None
-    self._manifest = prep.read_manifest(prepared_dir) if prepared_dir is not None else None
+    self._manifest = (manifest_lib.read_manifest(prepared_dir) if prepared_dir is not None
+                      else None)
     super().__init__(**kwargs)
 
   def _size(self):
@@ -83,7 +84,7 @@ class PreparedSlices(_PreparedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return self._splits(prep.SPLITS)
+    return self._splits(manifest_lib.SPLITS)
 
   def _generate_examples(self, split):
     images, labels = self._split_arrays(split)
@@ -142,7 +143,7 @@ def build(prepared_dir, data_dir=None, file_format="array_record", volumes=True)
   config = tfds.download.DownloadConfig(manual_dir=prepared_dir, try_download_gcs=False)
   builders = {}
   classes = [PreparedSlices] + ([PreparedVolumes] if volumes else [])
-  manifest = prep.read_manifest(prepared_dir)
+  manifest = manifest_lib.read_manifest(prepared_dir)
   for cls in classes:
     if cls is PreparedVolumes and not (manifest["splits"]["validation"]
                                        or manifest["splits"]["test"]):
