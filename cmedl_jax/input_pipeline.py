@@ -48,7 +48,11 @@ from data_prep import manifest as manifest_lib
 from data_prep.geometry import Geometry
 
 DATA_AXIS = "data"
-DEFAULT_AUGMENT = dict(flip=True, flip_ud=False, rotate_deg=10.0, scale=0.1, intensity=0.1)
+# Defaults; configs/default.py's data section uses these. Augmentation keys: module doc.
+DEFAULT_AUGMENT = dict(flip=True, rotate_deg=10.0, scale=0.1, intensity=0.1)
+_AUGMENT_OFF = dict(flip_ud=False)  # Known augmentation keys that are off unless given.
+FOREGROUND_RATIO = 0.5  # Probability that an example is drawn from slices with foreground.
+PREFETCH = 2            # Batches prepared ahead of the consumer.
 _SOURCE_STREAM, _TARGET_STREAM = 0x5EED0, 0x5EED1
 
 
@@ -156,7 +160,7 @@ def load_eval_volumes(prepared_dir, split: str = "validation") -> list:
 def _augment_params(augment) -> Optional[dict]:
   if augment is False:
     return None
-  cfg = dict(DEFAULT_AUGMENT)
+  cfg = dict(DEFAULT_AUGMENT, **_AUGMENT_OFF)
   if augment is not None:
     given = dict(augment.to_dict() if hasattr(augment, "to_dict") else augment)
     if given.pop("enabled", True) is False:
@@ -337,9 +341,9 @@ class _BatchIterator:
 
 
 def create_train_iterator(source_dir, target_dir, *, global_batch_size: int, seed: int,
-                          start_step: int = 0, foreground_ratio: float = 0.5,
+                          start_step: int = 0, foreground_ratio: float = FOREGROUND_RATIO,
                           augment=None, context_slices: int = 1, target_labels: bool = True,
-                          mesh=None, prefetch: int = 2, num_steps: Optional[int] = None,
+                          mesh=None, prefetch: int = PREFETCH, num_steps: Optional[int] = None,
                           split: str = "train", augment_on: str = "auto",
                           num_workers: Optional[int] = None):
   """Unpaired (source, target) training batches.

@@ -53,6 +53,13 @@ from data_prep.manifest import (ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS
                                 is_prepared, read_manifest)
 from data_prep.nifti_io import DataError
 
+# Defaults, chosen for thorax (module doc); configs/default.py's data section uses these.
+CT_WINDOW_HU = (-1000.0, 500.0)  # HU mapped to [-1, 1].
+MRI_PERCENTILES = (0.5, 99.5)    # Per-volume percentiles mapped to [-1, 1].
+SPACING_MM = 1.5                 # In-plane spacing, mm.
+IMAGE_SIZE = 256                 # In-plane size, pixels (square).
+VAL_FRACTION = 0.2               # Fraction of the imagesTr cases held out for validation.
+
 __all__ = ["PrepSpec", "Geometry", "DataError", "prepare_volume", "prepare_label", "invert_labels",
            "invert_image", "normalize_intensity", "resolve_label_map", "prepare_dataset",
            "read_manifest", "is_prepared", "spec_from_config"]
@@ -75,10 +82,10 @@ class PrepSpec:
       fraction of the percentile window.
   """
   modality: str = "ct"
-  spacing_mm: tuple = (1.5, 1.5)
-  size: tuple = (256, 256)
-  ct_window_hu: tuple = (-1000.0, 500.0)
-  mri_percentiles: tuple = (0.5, 99.5)
+  spacing_mm: tuple = (SPACING_MM, SPACING_MM)
+  size: tuple = (IMAGE_SIZE, IMAGE_SIZE)
+  ct_window_hu: tuple = CT_WINDOW_HU
+  mri_percentiles: tuple = MRI_PERCENTILES
   label_map: Optional[Mapping] = None
   interpolation: str = "linear"
   body_threshold_hu: float = -500.0
@@ -458,7 +465,7 @@ def _move_into_place(tmp_dir: str, out_dir: str) -> None:
 
 
 def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, splits=None,
-                    val_fraction: float = 0.2, seed: int = 0, overwrite: bool = False,
+                    val_fraction: float = VAL_FRACTION, seed: int = 0, overwrite: bool = False,
                     progress: bool = True,
                     spacing_range_mm=nifti_io.SPACING_RANGE_MM) -> dict:
   """Prepares every case of a raw dataset folder into `out_dir` (atomically).
@@ -572,16 +579,17 @@ def main(argv=None) -> int:
   p.add_argument("--dataset", required=True, help="raw MSD / nnU-Net dataset folder")
   p.add_argument("--out", required=True, help="output folder (prepared dataset)")
   p.add_argument("--modality", required=True, choices=("ct", "mri"))
-  p.add_argument("--spacing", type=float, nargs="+", default=[1.5], help="in-plane mm (1 or 2)")
-  p.add_argument("--size", type=int, nargs="+", default=[256], help="in-plane size (1 or 2)")
-  p.add_argument("--ct-window", type=float, nargs=2, default=[-1000.0, 500.0])
-  p.add_argument("--mri-percentiles", type=float, nargs=2, default=[0.5, 99.5])
+  p.add_argument("--spacing", type=float, nargs="+", default=[SPACING_MM],
+                 help="in-plane mm (1 or 2)")
+  p.add_argument("--size", type=int, nargs="+", default=[IMAGE_SIZE], help="in-plane size (1 or 2)")
+  p.add_argument("--ct-window", type=float, nargs=2, default=list(CT_WINDOW_HU))
+  p.add_argument("--mri-percentiles", type=float, nargs=2, default=list(MRI_PERCENTILES))
   p.add_argument("--label-map", nargs="*", help="NAME=CLASS or VALUE=CLASS, e.g. tumor=1")
-  p.add_argument("--interpolation", choices=("linear", "cubic"), default="linear")
+  p.add_argument("--interpolation", choices=("linear", "cubic"), default=PrepSpec.interpolation)
   p.add_argument("--skip-bad", action="store_true", help="skip bad cases with a warning")
   p.add_argument("--spacing-range", type=float, nargs=2, default=list(nifti_io.SPACING_RANGE_MM),
                  metavar=("MIN", "MAX"), help="plausible voxel spacing of the inputs, mm")
-  p.add_argument("--val-fraction", type=float, default=0.2)
+  p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--no-progress", action="store_true")
