@@ -340,6 +340,65 @@ class _BatchIterator:
       pass
 
 
+def _check_arguments(global_batch_size: int, seed: int, foreground_ratio: float,
+                     context_slices: int, mesh) -> None:
+  """ValueError for arguments of `create_train_iterator` that no batch could satisfy."""
+  if context_slices < 1 or context_slices % 2 == 0:
+    raise ValueError(f'context_slices must be odd and >= 1, got {context_slices}')
+  if not 0.0 <= foreground_ratio <= 1.0:
+    raise ValueError(f'foreground_ratio must be in [0, 1], got {foreground_ratio}')
+  if seed < 0:
+    raise ValueError(f'seed must be >= 0, got {seed}')
+  process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch {global_batch_size} is not divisible by {process_count} '
+                     'processes')
+  if mesh is not None and global_batch_size % mesh.shape[DATA_AXIS]:
+    raise ValueError(f'global batch {global_batch_size} is not divisible by the {DATA_AXIS!r} '
+                     f'mesh axis ({mesh.shape[DATA_AXIS]} devices)')
+
+
+def _warps_on_device(augment: Optional[dict], augment_on: str) -> bool:
+  """Whether the warps run on the device ("auto" = "device"); False without augmentation."""
+  if augment_on not in ('auto', 'host', 'device'):
+    raise ValueError(f"augment_on must be 'auto', 'host' or 'device', got {augment_on!r}")
+  if augment_on == 'auto':  # the jax warp was ~2x faster than TF's even on 2 CPU cores
+    augment_on = 'device'
+  return augment is not None and augment_on == 'device'
+
+
+def _open_sides(source_dir, target_dir, split: str):
+  """(source, target) SplitArrays; ValueError when their slices differ in size."""
+  source, target = SplitArrays(source_dir, split), SplitArrays(target_dir, split)
+  if source.images.shape[1:] != target.images.shape[1:]:
+    raise ValueError(f'source slices {source.images.shape[1:]} and target slices '
+                     f'{target.images.shape[1:]} differ in size; prepare both with one size')
+  return source, target
+
+
+def _placement(mesh):
+  """(sharding, to_jax): batches sharded on the mesh's data axis, or on the first device."""
+  if mesh is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return sharding, lambda x: jax.device_put(x, sharding)
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return sharding, lambda x: jax.make_array_from_process_local_data(sharding, x)
+
+
+def _batch_maker(streams, mesh, on_device: bool):
+  """make(step) -> (source, target) batch of jax Arrays (warped there when on_device)."""
+  sharding, to_jax = _placement(mesh)
+  warp = jax.jit(_device_augment, out_shardings=sharding) if on_device else None
+
+  def make(step):
+    batch = tuple(jax.tree.map(to_jax, s.batch(step)) for s in streams)
+    if warp is not None:
+      batch = tuple(warp(side) for side in batch)
+    return batch
+
+  return make
+
+
 def create_train_iterator(source_dir, target_dir, *, global_batch_size: int, seed: int,
                           start_step: int = 0, foreground_ratio: float = FOREGROUND_RATIO,
                           augment=None, context_slices: int = 1, target_labels: bool = True,
@@ -372,56 +431,19 @@ def create_train_iterator(source_dir, target_dir, *, global_batch_size: int, see
     An iterator of (src, tgt) dicts {"image": [B,H,W,k] f32, "label": [B,H,W] i32,
     "has_label": [B] f32}; `close()` stops its threads.
   """
-  if context_slices < 1 or context_slices % 2 == 0:
-    raise ValueError(f"context_slices must be odd and >= 1, got {context_slices}")
-  if not 0.0 <= foreground_ratio <= 1.0:
-    raise ValueError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
-  if seed < 0:
-    raise ValueError(f"seed must be >= 0, got {seed}")
-  process_count, process_index = jax.process_count(), jax.process_index()
-  if global_batch_size % process_count:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} "
-                     "processes")
-  if mesh is not None and global_batch_size % mesh.shape[DATA_AXIS]:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by the {DATA_AXIS!r} "
-                     f"mesh axis ({mesh.shape[DATA_AXIS]} devices)")
-  local = global_batch_size // process_count
+  _check_arguments(global_batch_size, seed, foreground_ratio, context_slices, mesh)
   aug = _augment_params(augment)
-  if augment_on not in ("auto", "host", "device"):
-    raise ValueError(f"augment_on must be 'auto', 'host' or 'device', got {augment_on!r}")
-  if augment_on == "auto":  # the jax warp was ~2x faster than TF's even on 2 CPU cores
-    augment_on = "device"
-  on_device = aug is not None and augment_on == "device"
-  source, target = SplitArrays(source_dir, split), SplitArrays(target_dir, split)
-  if source.images.shape[1:] != target.images.shape[1:]:
-    raise ValueError(f"source slices {source.images.shape[1:]} and target slices "
-                     f"{target.images.shape[1:]} differ in size; prepare both with one size")
+  on_device = _warps_on_device(aug, augment_on)
+  source, target = _open_sides(source_dir, target_dir, split)
   tf_augment = _make_tf_augment() if (aug is not None and not on_device) else None
-  common = dict(seed=seed, global_batch_size=global_batch_size, process_index=process_index,
-                local_batch_size=local, foreground_ratio=float(foreground_ratio), augment=aug,
+  common = dict(seed=seed, global_batch_size=global_batch_size,
+                process_index=jax.process_index(),
+                local_batch_size=global_batch_size // jax.process_count(),
+                foreground_ratio=float(foreground_ratio), augment=aug,
                 context_slices=int(context_slices), on_device=on_device, tf_augment=tf_augment)
   streams = (_Stream(source, stream=_SOURCE_STREAM, use_labels=True, **common),
              _Stream(target, stream=_TARGET_STREAM, use_labels=target_labels, **common))
-
-  if mesh is not None:
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-    def to_jax(x):
-      return jax.make_array_from_process_local_data(sharding, x)
-  else:
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def to_jax(x):
-      return jax.device_put(x, sharding)
-
-  warp = jax.jit(_device_augment, out_shardings=sharding) if on_device else None
-
-  def make(step):
-    batch = tuple(jax.tree.map(to_jax, s.batch(step)) for s in streams)
-    if warp is not None:
-      batch = tuple(warp(side) for side in batch)
-    return batch
-
   workers = num_workers or max(1, min(4, os.cpu_count() or 1))
   stop = None if num_steps is None else int(start_step) + int(num_steps)
-  return _BatchIterator(make, int(start_step), stop, ahead=max(prefetch, workers), workers=workers)
+  return _BatchIterator(_batch_maker(streams, mesh, on_device), int(start_step), stop,
+                        ahead=max(prefetch, workers), workers=workers)
