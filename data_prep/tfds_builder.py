@@ -41,6 +41,7 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {BUILDER_VERSION: "Slices / volumes of a data_prep.prepare folder."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = ("Prepare the NIfTI dataset with `python -m data_prep.prepare` "
                                   "and pass the prepared folder as manual_dir.")
+  DESCRIPTION = ''  # Subclasses: with {} for the dataset's name.
 
   def __init__(self, *, prepared_dir=None, **kwargs):
     self._prepared_dir = os.fspath(prepared_dir) if prepared_dir is not None else None
@@ -48,11 +49,19 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                       else None)
     super().__init__(**kwargs)
 
-  def _size(self):
+  def _features(self, h: int, w: int) -> dict:
+    """{name: tfds feature} of one example of H x W slices."""
+    raise NotImplementedError
+
+  def _info(self):
     if self._manifest is None:
       raise ValueError("construct with prepared_dir=... to build; to read an existing build use "
                        "tfds.builder_from_directory")
-    return tuple(self._manifest["size"])
+    return self.dataset_info_from_configs(
+        description=self.DESCRIPTION.format(self._manifest['dataset']['name']),
+        features=tfds.features.FeaturesDict(self._features(*self._manifest['size'])),
+        disable_shuffling=True,  # example i of a split = row i of the prepared arrays
+        metadata=tfds.core.MetadataDict(prepared=_metadata(self._manifest)))
 
   def _splits(self, splits):
     return {s: self._generate_examples(split=s) for s in splits
@@ -67,20 +76,17 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class PreparedSlices(_PreparedBuilder, skip_registration=True):
   """2D slices of a prepared dataset."""
 
-  def _info(self):
-    h, w = self._size()
-    return self.dataset_info_from_configs(
-        description=f"2D slices of prepared dataset {self._manifest['dataset']['name']}",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(h, w), dtype=np.float32),
-            "label": tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
-            "case_id": tfds.features.Text(),
-            "slice_index": tfds.features.Scalar(dtype=np.int32),
-            "spacing_mm": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-            "has_foreground": tfds.features.Scalar(dtype=np.bool_),
-        }),
-        disable_shuffling=True,  # example i of a split = row i of the prepared arrays
-        metadata=tfds.core.MetadataDict(prepared=_metadata(self._manifest)))
+  DESCRIPTION = '2D slices of prepared dataset {}'
+
+  def _features(self, h, w):
+    return {
+        'image': tfds.features.Tensor(shape=(h, w), dtype=np.float32),
+        'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
+        'case_id': tfds.features.Text(),
+        'slice_index': tfds.features.Scalar(dtype=np.int32),
+        'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+        'has_foreground': tfds.features.Scalar(dtype=np.bool_),
+    }
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -101,20 +107,17 @@ class PreparedSlices(_PreparedBuilder, skip_registration=True):
 class PreparedVolumes(_PreparedBuilder, skip_registration=True):
   """Whole prepared volumes with their geometry (validation and test)."""
 
-  def _info(self):
-    h, w = self._size()
-    return self.dataset_info_from_configs(
-        description=f"Prepared volumes of dataset {self._manifest['dataset']['name']}",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(None, h, w), dtype=np.float32),
-            "label": tfds.features.Tensor(shape=(None, h, w), dtype=np.uint8),
-            "case_id": tfds.features.Text(),
-            "has_label": tfds.features.Scalar(dtype=np.bool_),
-            "spacing_mm": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-            "geometry": tfds.features.Text(),
-        }),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(prepared=_metadata(self._manifest)))
+  DESCRIPTION = 'Prepared volumes of dataset {}'
+
+  def _features(self, h, w):
+    return {
+        'image': tfds.features.Tensor(shape=(None, h, w), dtype=np.float32),
+        'label': tfds.features.Tensor(shape=(None, h, w), dtype=np.uint8),
+        'case_id': tfds.features.Text(),
+        'has_label': tfds.features.Scalar(dtype=np.bool_),
+        'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+        'geometry': tfds.features.Text(),
+    }
 
   def _split_generators(self, dl_manager):
     del dl_manager
