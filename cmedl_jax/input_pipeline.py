@@ -44,11 +44,15 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data_prep import prepare as prep
+from data_prep import manifest as manifest_lib
 from data_prep.geometry import Geometry
 
 DATA_AXIS = "data"
-DEFAULT_AUGMENT = dict(flip=True, flip_ud=False, rotate_deg=10.0, scale=0.1, intensity=0.1)
+# Defaults; configs/default.py's data section uses these. Augmentation keys: module doc.
+DEFAULT_AUGMENT = dict(flip=True, rotate_deg=10.0, scale=0.1, intensity=0.1)
+_AUGMENT_OFF = dict(flip_ud=False)  # Known augmentation keys that are off unless given.
+FOREGROUND_RATIO = 0.5  # Probability that an example is drawn from slices with foreground.
+PREFETCH = 2            # Batches prepared ahead of the consumer.
 _SOURCE_STREAM, _TARGET_STREAM = 0x5EED0, 0x5EED1
 
 
@@ -68,7 +72,7 @@ class SplitArrays:
   """Memory-mapped slices of one split of a prepared dataset."""
 
   def __init__(self, prepared_dir, split: str):
-    self.manifest = prep.read_manifest(prepared_dir)
+    self.manifest = manifest_lib.read_manifest(prepared_dir)
     if split not in self.manifest["splits"]:
       raise ValueError(f"{prepared_dir}: no split {split!r}")
     d = os.path.join(os.fspath(prepared_dir), split)
@@ -112,7 +116,7 @@ def dataset_info(prepared_dir) -> dict:
   2.5D), "image_size" (H, W), "in_plane_spacing_mm" (y, x), "modality", "num_slices" {split: n},
   "num_cases" {split: n}}.
   """
-  m = prep.read_manifest(prepared_dir)
+  m = manifest_lib.read_manifest(prepared_dir)
   return {"num_classes": m["num_classes"], "class_names": list(m["class_names"]),
           "channels": m["channels"], "image_size": tuple(m["size"]),
           "in_plane_spacing_mm": tuple(m["in_plane_spacing_mm"]),
@@ -123,7 +127,7 @@ def dataset_info(prepared_dir) -> dict:
 
 def preparation_record(prepared_dir) -> dict:
   """JSON-able record of how a prepared dataset was made (spec, classes, splits, summary)."""
-  m = prep.read_manifest(prepared_dir)
+  m = manifest_lib.read_manifest(prepared_dir)
   return {"prepared_dir": os.path.abspath(os.fspath(prepared_dir)), "version": m["version"],
           "spec": m["spec"], "dataset": m["dataset"], "num_classes": m["num_classes"],
           "class_names": m["class_names"],
@@ -156,7 +160,7 @@ def load_eval_volumes(prepared_dir, split: str = "validation") -> list:
 def _augment_params(augment) -> Optional[dict]:
   if augment is False:
     return None
-  cfg = dict(DEFAULT_AUGMENT)
+  cfg = dict(DEFAULT_AUGMENT, **_AUGMENT_OFF)
   if augment is not None:
     given = dict(augment.to_dict() if hasattr(augment, "to_dict") else augment)
     if given.pop("enabled", True) is False:
@@ -336,10 +340,69 @@ class _BatchIterator:
       pass
 
 
+def _check_arguments(global_batch_size: int, seed: int, foreground_ratio: float,
+                     context_slices: int, mesh) -> None:
+  """ValueError for arguments of `create_train_iterator` that no batch could satisfy."""
+  if context_slices < 1 or context_slices % 2 == 0:
+    raise ValueError(f'context_slices must be odd and >= 1, got {context_slices}')
+  if not 0.0 <= foreground_ratio <= 1.0:
+    raise ValueError(f'foreground_ratio must be in [0, 1], got {foreground_ratio}')
+  if seed < 0:
+    raise ValueError(f'seed must be >= 0, got {seed}')
+  process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch {global_batch_size} is not divisible by {process_count} '
+                     'processes')
+  if mesh is not None and global_batch_size % mesh.shape[DATA_AXIS]:
+    raise ValueError(f'global batch {global_batch_size} is not divisible by the {DATA_AXIS!r} '
+                     f'mesh axis ({mesh.shape[DATA_AXIS]} devices)')
+
+
+def _warps_on_device(augment: Optional[dict], augment_on: str) -> bool:
+  """Whether the warps run on the device ("auto" = "device"); False without augmentation."""
+  if augment_on not in ('auto', 'host', 'device'):
+    raise ValueError(f"augment_on must be 'auto', 'host' or 'device', got {augment_on!r}")
+  if augment_on == 'auto':  # the jax warp was ~2x faster than TF's even on 2 CPU cores
+    augment_on = 'device'
+  return augment is not None and augment_on == 'device'
+
+
+def _open_sides(source_dir, target_dir, split: str):
+  """(source, target) SplitArrays; ValueError when their slices differ in size."""
+  source, target = SplitArrays(source_dir, split), SplitArrays(target_dir, split)
+  if source.images.shape[1:] != target.images.shape[1:]:
+    raise ValueError(f'source slices {source.images.shape[1:]} and target slices '
+                     f'{target.images.shape[1:]} differ in size; prepare both with one size')
+  return source, target
+
+
+def _placement(mesh):
+  """(sharding, to_jax): batches sharded on the mesh's data axis, or on the first device."""
+  if mesh is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return sharding, lambda x: jax.device_put(x, sharding)
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return sharding, lambda x: jax.make_array_from_process_local_data(sharding, x)
+
+
+def _batch_maker(streams, mesh, on_device: bool):
+  """make(step) -> (source, target) batch of jax Arrays (warped there when on_device)."""
+  sharding, to_jax = _placement(mesh)
+  warp = jax.jit(_device_augment, out_shardings=sharding) if on_device else None
+
+  def make(step):
+    batch = tuple(jax.tree.map(to_jax, s.batch(step)) for s in streams)
+    if warp is not None:
+      batch = tuple(warp(side) for side in batch)
+    return batch
+
+  return make
+
+
 def create_train_iterator(source_dir, target_dir, *, global_batch_size: int, seed: int,
-                          start_step: int = 0, foreground_ratio: float = 0.5,
+                          start_step: int = 0, foreground_ratio: float = FOREGROUND_RATIO,
                           augment=None, context_slices: int = 1, target_labels: bool = True,
-                          mesh=None, prefetch: int = 2, num_steps: Optional[int] = None,
+                          mesh=None, prefetch: int = PREFETCH, num_steps: Optional[int] = None,
                           split: str = "train", augment_on: str = "auto",
                           num_workers: Optional[int] = None):
   """Unpaired (source, target) training batches.
@@ -368,56 +431,19 @@ def create_train_iterator(source_dir, target_dir, *, global_batch_size: int, see
     An iterator of (src, tgt) dicts {"image": [B,H,W,k] f32, "label": [B,H,W] i32,
     "has_label": [B] f32}; `close()` stops its threads.
   """
-  if context_slices < 1 or context_slices % 2 == 0:
-    raise ValueError(f"context_slices must be odd and >= 1, got {context_slices}")
-  if not 0.0 <= foreground_ratio <= 1.0:
-    raise ValueError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
-  if seed < 0:
-    raise ValueError(f"seed must be >= 0, got {seed}")
-  process_count, process_index = jax.process_count(), jax.process_index()
-  if global_batch_size % process_count:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} "
-                     "processes")
-  if mesh is not None and global_batch_size % mesh.shape[DATA_AXIS]:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by the {DATA_AXIS!r} "
-                     f"mesh axis ({mesh.shape[DATA_AXIS]} devices)")
-  local = global_batch_size // process_count
+  _check_arguments(global_batch_size, seed, foreground_ratio, context_slices, mesh)
   aug = _augment_params(augment)
-  if augment_on not in ("auto", "host", "device"):
-    raise ValueError(f"augment_on must be 'auto', 'host' or 'device', got {augment_on!r}")
-  if augment_on == "auto":  # the jax warp was ~2x faster than TF's even on 2 CPU cores
-    augment_on = "device"
-  on_device = aug is not None and augment_on == "device"
-  source, target = SplitArrays(source_dir, split), SplitArrays(target_dir, split)
-  if source.images.shape[1:] != target.images.shape[1:]:
-    raise ValueError(f"source slices {source.images.shape[1:]} and target slices "
-                     f"{target.images.shape[1:]} differ in size; prepare both with one size")
+  on_device = _warps_on_device(aug, augment_on)
+  source, target = _open_sides(source_dir, target_dir, split)
   tf_augment = _make_tf_augment() if (aug is not None and not on_device) else None
-  common = dict(seed=seed, global_batch_size=global_batch_size, process_index=process_index,
-                local_batch_size=local, foreground_ratio=float(foreground_ratio), augment=aug,
+  common = dict(seed=seed, global_batch_size=global_batch_size,
+                process_index=jax.process_index(),
+                local_batch_size=global_batch_size // jax.process_count(),
+                foreground_ratio=float(foreground_ratio), augment=aug,
                 context_slices=int(context_slices), on_device=on_device, tf_augment=tf_augment)
   streams = (_Stream(source, stream=_SOURCE_STREAM, use_labels=True, **common),
              _Stream(target, stream=_TARGET_STREAM, use_labels=target_labels, **common))
-
-  if mesh is not None:
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-    def to_jax(x):
-      return jax.make_array_from_process_local_data(sharding, x)
-  else:
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def to_jax(x):
-      return jax.device_put(x, sharding)
-
-  warp = jax.jit(_device_augment, out_shardings=sharding) if on_device else None
-
-  def make(step):
-    batch = tuple(jax.tree.map(to_jax, s.batch(step)) for s in streams)
-    if warp is not None:
-      batch = tuple(warp(side) for side in batch)
-    return batch
-
   workers = num_workers or max(1, min(4, os.cpu_count() or 1))
   stop = None if num_steps is None else int(start_step) + int(num_steps)
-  return _BatchIterator(make, int(start_step), stop, ahead=max(prefetch, workers), workers=workers)
+  return _BatchIterator(_batch_maker(streams, mesh, on_device), int(start_step), stop,
+                        ahead=max(prefetch, workers), workers=workers)

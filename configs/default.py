@@ -10,6 +10,9 @@ Run: python -m cmedl_jax.main --config=configs/cmedl.py --workdir=runs/x
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from cmedl_jax import input_pipeline
+from data_prep import prepare
+
 
 def get_config(arg=None):
   """Returns the default config. `arg` is unused (kept for the `file.py:arg` convention)."""
@@ -38,20 +41,21 @@ def get_config(arg=None):
   c.data.num_classes = 2                 # Including background.
   # Label remapping, raw label name (from dataset.json) -> class index; same on both sides.
   c.data.label_map = ml_collections.ConfigDict({'tumor': 1})
-  c.data.spacing_mm = 1.5                # In-plane spacing after resampling, mm.
-  c.data.image_size = 256                # In-plane size after crop/pad (square), voxels.
-  c.data.ct_window_hu = (-1000.0, 500.0)  # CT clip window in HU, mapped to [-1, 1].
-  c.data.mri_percentiles = (0.5, 99.5)   # MRI clip percentiles (per volume), mapped to [-1, 1].
-  c.data.val_fraction = 0.2              # Fraction of imagesTr cases held out for validation.
-  c.data.foreground_ratio = 0.5          # Fraction of training slices drawn with foreground.
+  # Defaults of the preparation (data_prep/prepare.py) and the input pipeline (cmedl_jax/
+  # input_pipeline.py), written there once.
+  c.data.spacing_mm = prepare.SPACING_MM  # In-plane spacing after resampling, mm.
+  c.data.image_size = prepare.IMAGE_SIZE  # In-plane size after crop/pad (square), voxels.
+  c.data.ct_window_hu = prepare.CT_WINDOW_HU  # CT clip window in HU, mapped to [-1, 1].
+  c.data.mri_percentiles = prepare.MRI_PERCENTILES  # MRI clip percentiles (per volume) -> [-1, 1].
+  c.data.val_fraction = prepare.VAL_FRACTION  # Fraction of imagesTr cases held out for validation.
+  c.data.foreground_ratio = input_pipeline.FOREGROUND_RATIO  # Fraction drawn with foreground.
   c.data.context_slices = 1              # 2.5D input: k neighbouring slices as channels (odd).
-  c.data.augment = ml_collections.ConfigDict(dict(
-      flip=True,             # Random left-right flip.
-      rotate_deg=10.0,       # Max absolute in-plane rotation, degrees.
-      scale=0.1,             # Max relative isotropic scale change.
-      intensity=0.1,         # Max intensity shift and relative contrast change (in [-1,1] units).
-  ))
-  c.data.prefetch = 2                    # Batches prefetched onto the devices.
+  # Augmentation: flip (random left-right flip; True = probability 0.5), rotate_deg (max absolute
+  # in-plane rotation, degrees), scale (max relative isotropic scale change), intensity (max
+  # intensity shift and relative contrast change, in [-1, 1] units); flip_ud (up-down flip, off)
+  # may be added.
+  c.data.augment = ml_collections.ConfigDict(input_pipeline.DEFAULT_AUGMENT)
+  c.data.prefetch = input_pipeline.PREFETCH  # Batches prefetched onto the devices.
 
   # ------------------------------------------------------------------------------- models
   c.model = ml_collections.ConfigDict()

@@ -217,73 +217,91 @@ def _label_path(folder: str, case: str, ending: Optional[str]) -> Optional[str]:
   return None
 
 
-def read_dataset(root) -> DatasetInfo:
-  """Reads `root/dataset.json` and lists the cases. Raises DataError on any problem."""
-  root = os.fspath(root)
+def _load_dataset_json(root: str):
+  """(path, object) of `root/dataset.json`; DataError when missing, malformed or without labels."""
   if not os.path.isdir(root):
-    raise DataError(root, "dataset folder does not exist")
-  json_path = os.path.join(root, "dataset.json")
+    raise DataError(root, 'dataset folder does not exist')
+  json_path = os.path.join(root, 'dataset.json')
   if not os.path.isfile(json_path):
-    raise DataError(json_path, "missing dataset.json")
+    raise DataError(json_path, 'missing dataset.json')
   try:
     with open(json_path) as f:
       meta = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(json_path, f"malformed JSON ({e})") from None
+    raise DataError(json_path, f'malformed JSON ({e})') from None
   if not isinstance(meta, dict):
-    raise DataError(json_path, "top level must be an object")
-  if "labels" not in meta:
+    raise DataError(json_path, 'top level must be an object')
+  if 'labels' not in meta:
     raise DataError(json_path, "missing key 'labels'")
-  labels = _parse_labels(meta["labels"], json_path)
-  channels = meta.get("channel_names", meta.get("modality"))
-  if not isinstance(channels, dict) or "0" not in channels:
-    raise DataError(json_path, "missing 'channel_names' (nnU-Net) or 'modality' (MSD) with key '0'")
-  ending = meta.get("file_ending")
-  if ending is not None and ending not in NIFTI_ENDINGS:
-    raise DataError(json_path, f"file_ending {ending!r} is not NIfTI (.nii/.nii.gz)")
+  return json_path, meta
 
-  def case_of(image_path):
-    return case_id(image_path, image=True) or os.path.basename(image_path)
 
-  def scan(folder):
-    return list_cases(folder, image=True, ending=ending, missing_ok=True)
+def _image_case(image_path) -> str:
+  """Case id of an image path (its file name when it is not NIfTI)."""
+  return case_id(image_path, image=True) or os.path.basename(image_path)
 
+
+def _scan_images(folder, ending) -> dict:
+  """{case id: channel-0 image} of `folder`; {} when it does not exist."""
+  return list_cases(folder, image=True, ending=ending, missing_ok=True)
+
+
+def _training_cases(root: str, meta: dict, json_path: str, ending) -> list:
+  """[CaseFiles] of the MSD 'training' listing, or of a scan of imagesTr/ (nnU-Net)."""
+  if not (isinstance(meta.get('training'), list) and meta['training']):
+    return [CaseFiles(case, image, _label_path(os.path.join(root, 'labelsTr'), case, ending)
+                      or os.path.join(root, 'labelsTr', case + (ending or '.nii.gz')))
+            for case, image in _scan_images(os.path.join(root, 'imagesTr'), ending).items()]
   training = []
-  if isinstance(meta.get("training"), list) and meta["training"]:   # MSD listing
-    for entry in meta["training"]:
-      if not isinstance(entry, dict) or "image" not in entry:
-        raise DataError(json_path, f"malformed 'training' entry {entry!r}")
-      image = _resolve(root, entry["image"], json_path)
-      if not os.path.exists(image):   # nnU-Net-converted MSD: X.nii.gz listed, X_0000 on disk
-        alt = scan(os.path.dirname(image)).get(case_of(image))
-        image = alt or image
-      label = _resolve(root, entry["label"], json_path) if entry.get("label") else None
-      training.append(CaseFiles(case_of(image), image, label))
-  else:                                                              # nnU-Net: scan
-    for case, image in scan(os.path.join(root, "imagesTr")).items():
-      training.append(CaseFiles(case, image,
-                                _label_path(os.path.join(root, "labelsTr"), case, ending)
-                                or os.path.join(root, "labelsTr", case + (ending or ".nii.gz"))))
+  for entry in meta['training']:
+    if not isinstance(entry, dict) or 'image' not in entry:
+      raise DataError(json_path, f"malformed 'training' entry {entry!r}")
+    image = _resolve(root, entry['image'], json_path)
+    if not os.path.exists(image):   # nnU-Net-converted MSD: X.nii.gz listed, X_0000 on disk
+      alt = _scan_images(os.path.dirname(image), ending).get(_image_case(image))
+      image = alt or image
+    label = _resolve(root, entry['label'], json_path) if entry.get('label') else None
+    training.append(CaseFiles(_image_case(image), image, label))
+  return training
 
-  test = []
-  labels_ts = os.path.join(root, "labelsTs")
-  if isinstance(meta.get("test"), list) and meta["test"]:
-    paths = [_resolve(root, t if isinstance(t, str) else t.get("image", ""), json_path)
-             for t in meta["test"]]
+
+def _test_cases(root: str, meta: dict, json_path: str, ending) -> list:
+  """[CaseFiles] of the 'test' listing or of imagesTs/; labels from labelsTs/ when it exists."""
+  labels_ts = os.path.join(root, 'labelsTs')
+  if isinstance(meta.get('test'), list) and meta['test']:
+    paths = [_resolve(root, t if isinstance(t, str) else t.get('image', ''), json_path)
+             for t in meta['test']]
   else:
-    paths = list(scan(os.path.join(root, "imagesTs")).values())
+    paths = list(_scan_images(os.path.join(root, 'imagesTs'), ending).values())
+  has_labels = os.path.isdir(labels_ts)
+  cases = []
   for image in paths:
-    case = case_of(image)
-    label = _label_path(labels_ts, case, ending) if os.path.isdir(labels_ts) else None
-    test.append(CaseFiles(case, image, label))
+    case = _image_case(image)
+    label = _label_path(labels_ts, case, ending) if has_labels else None
+    cases.append(CaseFiles(case, image, label))
+  return cases
 
+
+def read_dataset(root) -> DatasetInfo:
+  """Reads `root/dataset.json` and lists the cases. Raises DataError on any problem."""
+  root = os.fspath(root)
+  json_path, meta = _load_dataset_json(root)
+  labels = _parse_labels(meta['labels'], json_path)
+  channels = meta.get('channel_names', meta.get('modality'))
+  if not isinstance(channels, dict) or '0' not in channels:
+    raise DataError(json_path, "missing 'channel_names' (nnU-Net) or 'modality' (MSD) with key '0'")
+  ending = meta.get('file_ending')
+  if ending is not None and ending not in NIFTI_ENDINGS:
+    raise DataError(json_path, f'file_ending {ending!r} is not NIfTI (.nii/.nii.gz)')
+  training = _training_cases(root, meta, json_path, ending)
+  test = _test_cases(root, meta, json_path, ending)
   ids = [c.case_id for c in training] + [c.case_id for c in test]
   dupes = sorted({i for i in ids if ids.count(i) > 1})
   if dupes:
-    raise DataError(json_path, f"case ids used more than once: {dupes[:5]}")
+    raise DataError(json_path, f'case ids used more than once: {dupes[:5]}')
   return DatasetInfo(
-      root=root, name=str(meta.get("name", os.path.basename(os.path.normpath(root)))),
-      modality=str(channels["0"]), labels=labels,
+      root=root, name=str(meta.get('name', os.path.basename(os.path.normpath(root)))),
+      modality=str(channels['0']), labels=labels,
       training=tuple(sorted(training, key=lambda c: c.case_id)),
       test=tuple(sorted(test, key=lambda c: c.case_id)))
 

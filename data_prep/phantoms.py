@@ -30,13 +30,14 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from data_prep import nifti_io
 
 GENERATOR_VERSION = "1.0.0"
 KINDS = ("thorax_ct", "thorax_t2w", "abdomen_t1w", "abdomen_t2w")
@@ -809,33 +810,104 @@ def generate_case(kind, rng, size=None, spacing=None, slices=None, slice_spacing
 
 def _nifti_gz_bytes(data, affine, descrip):
   img = nib.Nifti1Image(data, affine)
-  img.header.set_xyzt_units("mm", "sec")
+  img.header.set_xyzt_units('mm', 'sec')
   img.set_qform(affine, code=1)
   img.set_sform(affine, code=1)
-  img.header["descrip"] = descrip.encode()[:79]
+  img.header['descrip'] = descrip.encode()[:79]
   return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
-def _atomic_write(path: Path, data: bytes):
-  """Writes a temp file in the same folder, then os.replace (readers never see half a file)."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _json_bytes(obj):
-  return (json.dumps(obj, indent=2) + "\n").encode()
+def _json_text(obj) -> str:
+  """The phantoms' JSON files: indent 2, a final newline."""
+  return json.dumps(obj, indent=2) + '\n'
 
 
 def case_seed(seed: int, kind: str, index: int) -> np.random.SeedSequence:
   """Seed of case `index` of `kind`: distinct patients across kinds for the same seed."""
   return np.random.SeedSequence([int(seed), 7919 + KINDS.index(kind), int(index)])
+
+
+def _check_counts(n, n_test):
+  """n_test (default max(2, n // 4)); ValueError unless n >= 1 and n_test >= 0 are integers."""
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f'n must be an integer >= 1, got {n!r}')
+  n_test = max(2, n // 4) if n_test is None else n_test
+  if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)) or n_test < 0:
+    raise ValueError(f'n_test must be an integer >= 0, got {n_test!r}')
+  return n_test
+
+
+def _make_out_dir(out: Path) -> Path:
+  """Creates the dataset folder `out`; OSError naming it when it cannot be written."""
+  if out.exists() and not out.is_dir():
+    raise OSError(f'{out}: exists and is not a directory')
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise OSError(f'{out}: cannot create output directory ({e.strerror or e})') from None
+  if not os.access(out, os.W_OK | os.X_OK):
+    raise OSError(f'{out}: output directory is not writable')
+  return out
+
+
+def _subdirs(kind) -> list:
+  thorax = kind.startswith('thorax')
+  return (['imagesTr', 'labelsTr', 'tissuesTr', 'imagesTs', 'labelsTs', 'tissuesTs',
+           'phantom_meta'] + (['instancesTr', 'instancesTs'] if thorax else []))
+
+
+def _clear_stale(out: Path, kind: str, ids: list) -> None:
+  """Removes dataset.json and our case files of `kind` not in `ids` (from earlier runs)."""
+  if (out / 'dataset.json').exists():
+    os.remove(out / 'dataset.json')
+  wanted = set(ids)
+  own = re.compile(rf'^{re.escape(kind)}_(\d+)(_0000)?\.(nii\.gz|json)$')
+  for d in _subdirs(kind):
+    (out / d).mkdir(exist_ok=True)
+    for f in os.listdir(out / d):
+      m = own.match(f)
+      if m and f'{kind}_{m.group(1)}' not in wanted:
+        os.remove(out / d / f)
+
+
+def _write_case(out: Path, kind: str, seed: int, index: int, case: str, split: str,
+                grid: Grid) -> dict:
+  """Generates and writes case `index` (split "Tr" or "Ts"); returns its dataset.json entry."""
+  c = generate_phantom(kind, np.random.default_rng(case_seed(seed, kind, index)), grid)
+  desc = f'cmedl-jax phantom {kind} v{GENERATOR_VERSION}'
+  rel = {'image': f'images{split}/{case}_0000.nii.gz', 'label': f'labels{split}/{case}.nii.gz',
+         'tissues': f'tissues{split}/{case}.nii.gz'}
+  if kind.startswith('thorax'):
+    rel['instances'] = f'instances{split}/{case}.nii.gz'
+  for what, path in rel.items():
+    nifti_io.atomic_write(out / path, _nifti_gz_bytes(getattr(c, what), c.affine, desc))
+  meta = dict(case_id=case, split='train' if split == 'Tr' else 'test', seed=int(seed),
+              case_index=index, image=f"./{rel['image']}", label=f"./{rel['label']}",
+              tissues=f"./{rel['tissues']}", **c.meta)
+  if 'instances' in rel:
+    meta['instances'] = f"./{rel['instances']}"
+  nifti_io.atomic_write(out / f'phantom_meta/{case}.json', _json_text(meta))
+  return {'image': f"./{rel['image']}", 'label': f"./{rel['label']}"}
+
+
+def _dataset_json(kind: str, seed: int, grid: Grid, training: list, test: list) -> dict:
+  """dataset.json: nnU-Net v2 and MSD keys, and a "phantom" block."""
+  thorax = kind.startswith('thorax')
+  channel, modality = _MODALITY[kind]
+  return {
+      'name': f'Phantom_{kind}', 'description': _DESCRIPTIONS[kind],
+      'reference': 'synthetic (cmedl-jax data_prep/phantoms.py)', 'licence': 'CC0-1.0',
+      'release': GENERATOR_VERSION, 'tensorImageSize': '3D',
+      'channel_names': {'0': channel}, 'modality': {'0': modality},
+      'labels': dict(THORAX_LABELS if thorax else ABDOMEN_LABELS), 'numTraining': len(training),
+      'numTest': len(test), 'file_ending': '.nii.gz', 'training': training, 'test': test,
+      'phantom': {'kind': kind, 'seed': int(seed), 'generator_version': GENERATOR_VERSION,
+                  'orientation': grid.orientation, 'shape': list(grid.shape),
+                  'spacing_mm': list(grid.zooms), 'z_supersample': Z_SUPERSAMPLE,
+                  'tissue_codes': dict(TISSUES), 'meta_dir': './phantom_meta',
+                  'tissues_dirs': ['./tissuesTr', './tissuesTs'],
+                  'instances_dirs': ['./instancesTr', './instancesTs'] if thorax else []},
+  }
 
 
 def write_dataset(kind, n, seed, out, n_test=None, size=None, spacing=None, slices=None,
@@ -844,72 +916,21 @@ def write_dataset(kind, n, seed, out, n_test=None, size=None, spacing=None, slic
   dataset folder `out` (created; our stale case files and dataset.json are removed first;
   dataset.json is written last). Returns Path(out). Raises ValueError / OSError."""
   _check_kind(kind)
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-    raise ValueError(f"n must be an integer >= 1, got {n!r}")
-  n_test = max(2, n // 4) if n_test is None else n_test
-  if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)) or n_test < 0:
-    raise ValueError(f"n_test must be an integer >= 0, got {n_test!r}")
+  n_test = _check_counts(n, n_test)
   grid = make_grid(kind, size, spacing, slices, slice_spacing)
-  out = Path(out)
-  if out.exists() and not out.is_dir():
-    raise OSError(f"{out}: exists and is not a directory")
-  out.mkdir(parents=True, exist_ok=True)
-  if not os.access(out, os.W_OK | os.X_OK):
-    raise OSError(f"{out}: directory is not writable")
-  thorax = kind.startswith("thorax")
-  subdirs = ["imagesTr", "labelsTr", "tissuesTr", "imagesTs", "labelsTs", "tissuesTs",
-             "phantom_meta"] + (["instancesTr", "instancesTs"] if thorax else [])
-  if (out / "dataset.json").exists():
-    os.remove(out / "dataset.json")
+  out = _make_out_dir(Path(out))
   digits = max(3, len(str(n + n_test - 1)))
-  ids = [f"{kind}_{i:0{digits}d}" for i in range(n + n_test)]
-  wanted = set(ids)
-  own = re.compile(rf"^{re.escape(kind)}_(\d+)(_0000)?\.(nii\.gz|json)$")
-  for d in subdirs:
-    (out / d).mkdir(exist_ok=True)
-    for f in os.listdir(out / d):       # remove our own stale cases from earlier runs
-      m = own.match(f)
-      if m and f"{kind}_{m.group(1)}" not in wanted:
-        os.remove(out / d / f)
-  channel, modality = _MODALITY[kind]
+  ids = [f'{kind}_{i:0{digits}d}' for i in range(n + n_test)]
+  _clear_stale(out, kind, ids)
   training, test = [], []
   t0 = time.perf_counter()
   for i, case in enumerate(ids):
-    split = "Tr" if i < n else "Ts"
-    c = generate_phantom(kind, np.random.default_rng(case_seed(seed, kind, i)), grid)
-    desc = f"cmedl-jax phantom {kind} v{GENERATOR_VERSION}"
-    img_rel, lab_rel = f"images{split}/{case}_0000.nii.gz", f"labels{split}/{case}.nii.gz"
-    _atomic_write(out / img_rel, _nifti_gz_bytes(c.image, c.affine, desc))
-    _atomic_write(out / lab_rel, _nifti_gz_bytes(c.label, c.affine, desc))
-    _atomic_write(out / f"tissues{split}/{case}.nii.gz", _nifti_gz_bytes(c.tissues, c.affine, desc))
-    if thorax:
-      _atomic_write(out / f"instances{split}/{case}.nii.gz",
-                    _nifti_gz_bytes(c.instances, c.affine, desc))
-    meta = dict(case_id=case, split="train" if split == "Tr" else "test", seed=int(seed),
-                case_index=i, image=f"./{img_rel}", label=f"./{lab_rel}",
-                tissues=f"./tissues{split}/{case}.nii.gz", **c.meta)
-    if thorax:
-      meta["instances"] = f"./instances{split}/{case}.nii.gz"
-    _atomic_write(out / f"phantom_meta/{case}.json", _json_bytes(meta))
-    (training if split == "Tr" else test).append({"image": f"./{img_rel}", "label": f"./{lab_rel}"})
+    split = 'Tr' if i < n else 'Ts'
+    (training if split == 'Tr' else test).append(_write_case(out, kind, seed, i, case, split, grid))
     if verbose:
-      print(f"  {case}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-  labels = THORAX_LABELS if thorax else ABDOMEN_LABELS
-  dataset = {
-      "name": f"Phantom_{kind}", "description": _DESCRIPTIONS[kind],
-      "reference": "synthetic (cmedl-jax data_prep/phantoms.py)", "licence": "CC0-1.0",
-      "release": GENERATOR_VERSION, "tensorImageSize": "3D",
-      "channel_names": {"0": channel}, "modality": {"0": modality},
-      "labels": dict(labels), "numTraining": n, "numTest": n_test, "file_ending": ".nii.gz",
-      "training": training, "test": test,
-      "phantom": {"kind": kind, "seed": int(seed), "generator_version": GENERATOR_VERSION,
-                  "orientation": grid.orientation, "shape": list(grid.shape),
-                  "spacing_mm": list(grid.zooms), "z_supersample": Z_SUPERSAMPLE,
-                  "tissue_codes": dict(TISSUES), "meta_dir": "./phantom_meta",
-                  "tissues_dirs": ["./tissuesTr", "./tissuesTs"],
-                  "instances_dirs": ["./instancesTr", "./instancesTs"] if thorax else []},
-  }
-  _atomic_write(out / "dataset.json", _json_bytes(dataset))
+      print(f'  {case}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
+  nifti_io.atomic_write(out / 'dataset.json', _json_text(_dataset_json(kind, seed, grid, training,
+                                                                       test)))
   return out
 
 
@@ -963,15 +984,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     grid = make_grid(args.kind, args.size, args.spacing, args.slices, args.slice_spacing)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-      raise OSError(f"{out}: exists and is not a directory")
-    try:
-      out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise OSError(f"{out}: cannot create output directory ({e.strerror or e})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-      raise OSError(f"{out}: output directory is not writable")
+    out = _make_out_dir(Path(args.out))
   except (ValueError, OSError) as e:
     p.error(str(e))
   t0 = time.perf_counter()

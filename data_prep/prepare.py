@@ -49,12 +49,16 @@ import numpy as np
 from data_prep import geometry as geo
 from data_prep import nifti_io
 from data_prep.geometry import Geometry, invert_image, invert_labels  # re-exported
+from data_prep.manifest import (ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS,  # re-exported
+                                is_prepared, read_manifest)
 from data_prep.nifti_io import DataError
 
-FORMAT_VERSION = 1
-MANIFEST = "prepared.json"
-SPLITS = ("train", "validation", "test")
-ARRAYS = ("images", "labels", "case_index", "slice_index", "has_foreground")
+# Defaults, chosen for thorax (module doc); configs/default.py's data section uses these.
+CT_WINDOW_HU = (-1000.0, 500.0)  # HU mapped to [-1, 1].
+MRI_PERCENTILES = (0.5, 99.5)    # Per-volume percentiles mapped to [-1, 1].
+SPACING_MM = 1.5                 # In-plane spacing, mm.
+IMAGE_SIZE = 256                 # In-plane size, pixels (square).
+VAL_FRACTION = 0.2               # Fraction of the imagesTr cases held out for validation.
 
 __all__ = ["PrepSpec", "Geometry", "DataError", "prepare_volume", "prepare_label", "invert_labels",
            "invert_image", "normalize_intensity", "resolve_label_map", "prepare_dataset",
@@ -78,10 +82,10 @@ class PrepSpec:
       fraction of the percentile window.
   """
   modality: str = "ct"
-  spacing_mm: tuple = (1.5, 1.5)
-  size: tuple = (256, 256)
-  ct_window_hu: tuple = (-1000.0, 500.0)
-  mri_percentiles: tuple = (0.5, 99.5)
+  spacing_mm: tuple = (SPACING_MM, SPACING_MM)
+  size: tuple = (IMAGE_SIZE, IMAGE_SIZE)
+  ct_window_hu: tuple = CT_WINDOW_HU
+  mri_percentiles: tuple = MRI_PERCENTILES
   label_map: Optional[Mapping] = None
   interpolation: str = "linear"
   body_threshold_hu: float = -500.0
@@ -290,20 +294,6 @@ def assign_splits(case_ids, val_fraction: float, seed: int) -> dict:
   return {"train": [i for i in ids if i not in val], "validation": [i for i in ids if i in val]}
 
 
-def _save_npy(path, array):
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-  os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _progress(iterable, total, enabled):
   if not enabled:
     return iterable
@@ -311,11 +301,171 @@ def _progress(iterable, total, enabled):
     from tqdm.auto import tqdm
   except ImportError:  # pragma: no cover
     return iterable
-  return tqdm(iterable, total=total, desc="preparing", unit="case")
+  return tqdm(iterable, total=total, desc='preparing', unit='case')
+
+
+def _read_raw_dataset(raw_dir) -> nifti_io.DatasetInfo:
+  """`read_dataset`, and its training cases are either all labelled or all unlabelled."""
+  info = nifti_io.read_dataset(raw_dir)
+  if not info.training:
+    raise DataError(raw_dir, 'empty dataset: no training cases (imagesTr/ or dataset.json '
+                             "'training')")
+  unlabelled = [c.case_id for c in info.training if c.label is None]
+  if unlabelled and len(unlabelled) < len(info.training):
+    # A split is labelled or not: unlabelled cases would train as all background.
+    raise DataError(raw_dir, f'{len(unlabelled)} of {len(info.training)} training cases have '
+                             f'no label (e.g. {unlabelled[:3]}); label them or remove them')
+  return info
+
+
+def _assign_all_splits(info, splits, val_fraction: float, seed: int) -> dict:
+  """{split: [case id]}: train / validation as given or drawn, test = the test cases."""
+  train_ids = [c.case_id for c in info.training]
+  if splits is None:
+    assignment = assign_splits(train_ids, val_fraction, seed)
+  else:
+    assignment = {'train': list(splits.get('train', [])),
+                  'validation': list(splits.get('validation', []))}
+    unknown = set(assignment['train'] + assignment['validation']) - set(train_ids)
+    if unknown:
+      raise ValueError(f'splits name cases not in imagesTr: {sorted(unknown)}')
+  assignment['test'] = [c.case_id for c in info.test]
+  return assignment
+
+
+def _sibling(out_dir: str, kind: str) -> str:
+  """A fresh hidden sibling of `out_dir`: `.OUT.{kind}-{pid}-{8 hex}` (kind partial or old)."""
+  name = f'.{os.path.basename(out_dir)}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  return os.path.join(os.path.dirname(out_dir), name)
+
+
+def _case_record(case: nifti_io.CaseFiles, image, label, geometry: Geometry) -> dict:
+  """The manifest entry of one prepared case (image [Z,H,W], label [Z,H,W] or None)."""
+  return {'case_id': case.case_id, 'image_file': case.image, 'label_file': case.label,
+          'has_label': label is not None, 'num_slices': int(image.shape[0]),
+          'foreground_slices': int((label.reshape(label.shape[0], -1).max(1) > 0).sum())
+                               if label is not None else 0,
+          'spacing_mm': list(geometry.spacing_mm), 'geometry': geometry.to_dict()}
+
+
+def _prepare_cases(cases, split_of: dict, prepare_one, case_dir: str, skip_bad: bool,
+                   progress: bool):
+  """Prepares each case into `case_dir` ({id}_image.npy, {id}_label.npy).
+
+  Returns ({split: [case record]}, [skipped case]); `prepare_one(case)` -> (image, label, geometry).
+  """
+  records = {s: [] for s in SPLITS}
+  skipped = []
+  for case in _progress(cases, len(cases), progress):
+    try:
+      image, label, geometry = prepare_one(case)
+    except DataError as e:
+      if not skip_bad:
+        raise
+      logging.warning('skipping case %s: %s', case.case_id, e)
+      skipped.append({'case_id': case.case_id, 'file': e.path, 'problem': e.problem})
+      continue
+    stem = os.path.join(case_dir, case.case_id)
+    np.save(stem + '_image.npy', image)
+    if label is not None:
+      np.save(stem + '_label.npy', label)
+    records[split_of[case.case_id]].append(_case_record(case, image, label, geometry))
+  return records, skipped
+
+
+def _check_usable(raw_dir, assignment: dict, records: dict, skipped: list) -> None:
+  """DataError when no case, or no train / validation case of an assigned split, is left."""
+  if not any(records.values()):
+    raise DataError(raw_dir, f'empty dataset: no usable cases ({len(skipped)} skipped)')
+  for split in ('train', 'validation'):
+    if assignment[split] and not records[split]:
+      raise DataError(raw_dir, f'every {split} case was skipped as bad '
+                               f"({', '.join(sorted(assignment[split])[:5])}); fix or "
+                               'remove them')
+
+
+def _new_array(path: str, dtype, shape):
+  """A .npy of `shape` memory-mapped for writing; an in-memory array when it is empty."""
+  if shape[0]:
+    return np.lib.format.open_memmap(path, 'w+', dtype, shape)
+  return np.zeros(shape, dtype)
+
+
+def _write_split(split_dir: str, case_dir: str, records: list, size) -> None:
+  """Concatenates a split's prepared cases into its arrays (see the module doc).
+
+  Sets each record's "offset" (its first row). size: (H, W) pixels.
+  """
+  os.makedirs(split_dir)
+  path = {name: os.path.join(split_dir, f'{name}.npy') for name in ARRAYS}
+  n = sum(r['num_slices'] for r in records)
+  images = _new_array(path['images'], np.float32, (n,) + tuple(size))
+  labels = _new_array(path['labels'], np.uint8, (n,) + tuple(size))
+  case_index, slice_index = np.zeros(n, np.int32), np.zeros(n, np.int32)
+  has_fg = np.zeros(n, bool)
+  offset = 0
+  for k, r in enumerate(records):
+    stem, m = os.path.join(case_dir, r['case_id']), r['num_slices']
+    images[offset:offset + m] = np.load(stem + '_image.npy')
+    if r['has_label']:
+      lab = np.load(stem + '_label.npy')
+      labels[offset:offset + m] = lab
+      has_fg[offset:offset + m] = lab.reshape(m, -1).max(1) > 0
+    case_index[offset:offset + m] = k
+    slice_index[offset:offset + m] = np.arange(m)
+    r['offset'] = offset
+    offset += m
+  if n:
+    images.flush()
+    labels.flush()
+  else:
+    nifti_io.save_npy(path['images'], images)
+    nifti_io.save_npy(path['labels'], labels)
+  nifti_io.save_npy(path['case_index'], case_index)
+  nifti_io.save_npy(path['slice_index'], slice_index)
+  nifti_io.save_npy(path['has_foreground'], has_fg)
+
+
+def _summary(info, out_dir: str, class_names: list, records: dict, skipped: list,
+             seconds: float) -> dict:
+  """What `prepare_dataset` returns (and the manifest keeps under "summary")."""
+  n_cases = sum(len(r) for r in records.values())
+  return {
+      'dataset': info.name, 'modality': info.modality, 'raw_dir': os.path.abspath(info.root),
+      'out_dir': out_dir, 'num_classes': len(class_names), 'class_names': class_names,
+      'cases': {s: len(records[s]) for s in SPLITS},
+      'slices': {s: sum(r['num_slices'] for r in records[s]) for s in SPLITS},
+      'foreground_slices': {s: sum(r['foreground_slices'] for r in records[s]) for s in SPLITS},
+      'skipped': skipped, 'seconds': round(seconds, 3),
+      'seconds_per_case': round(seconds / max(n_cases, 1), 3)}
+
+
+def _manifest(spec: PrepSpec, info, lut: dict, class_names: list, records: dict,
+              summary: dict) -> dict:
+  """The content of prepared.json."""
+  return {
+      'format': FORMAT, 'version': FORMAT_VERSION, 'spec': spec.to_dict(),
+      'dataset': {'name': info.name, 'modality': info.modality, 'raw_dir': summary['raw_dir'],
+                  'labels': {str(k): v for k, v in info.labels.items()}},
+      'label_lut': {str(k): v for k, v in lut.items()},
+      'num_classes': len(class_names), 'class_names': class_names, 'channels': 1,
+      'size': list(spec.size), 'in_plane_spacing_mm': list(spec.spacing_mm),
+      'splits': records, 'summary': summary}
+
+
+def _move_into_place(tmp_dir: str, out_dir: str) -> None:
+  """Renames the complete `tmp_dir` to `out_dir`; an old `out_dir` is swapped out, then deleted."""
+  if os.path.exists(out_dir):
+    trash = _sibling(out_dir, 'old')
+    os.rename(out_dir, trash)
+    os.rename(tmp_dir, out_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+  else:
+    os.rename(tmp_dir, out_dir)
 
 
 def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, splits=None,
-                    val_fraction: float = 0.2, seed: int = 0, overwrite: bool = False,
+                    val_fraction: float = VAL_FRACTION, seed: int = 0, overwrite: bool = False,
                     progress: bool = True,
                     spacing_range_mm=nifti_io.SPACING_RANGE_MM) -> dict:
   """Prepares every case of a raw dataset folder into `out_dir` (atomically).
@@ -337,128 +487,33 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
   start_time = time.time()
   spec = spec if isinstance(spec, PrepSpec) else PrepSpec.from_dict(spec)
   remove_stale_partials(out_dir)
-  info = nifti_io.read_dataset(raw_dir)
-  if not info.training:
-    raise DataError(raw_dir, "empty dataset: no training cases (imagesTr/ or dataset.json "
-                             "'training')")
-  unlabelled = [c.case_id for c in info.training if c.label is None]
-  if unlabelled and len(unlabelled) < len(info.training):
-    # A split is labelled or not: unlabelled cases would train as all background.
-    raise DataError(raw_dir, f"{len(unlabelled)} of {len(info.training)} training cases have "
-                             f"no label (e.g. {unlabelled[:3]}); label them or remove them")
-  lut, class_names = resolve_label_map(info.labels, spec.label_map,
-                                       where=f"label_map for {os.path.join(raw_dir, 'dataset.json')}")
-  train_ids = [c.case_id for c in info.training]
-  if splits is None:
-    assignment = assign_splits(train_ids, val_fraction, seed)
-  else:
-    assignment = {"train": list(splits.get("train", [])),
-                  "validation": list(splits.get("validation", []))}
-    unknown = set(assignment["train"] + assignment["validation"]) - set(train_ids)
-    if unknown:
-      raise ValueError(f"splits name cases not in imagesTr: {sorted(unknown)}")
-  assignment["test"] = [c.case_id for c in info.test]
+  info = _read_raw_dataset(raw_dir)
+  where = f"label_map for {os.path.join(raw_dir, 'dataset.json')}"
+  lut, class_names = resolve_label_map(info.labels, spec.label_map, where=where)
+  assignment = _assign_all_splits(info, splits, val_fraction, seed)
   split_of = {cid: s for s, ids in assignment.items() for cid in ids}
   cases = [c for c in info.training + info.test if c.case_id in split_of]
-
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir}: already exists (use overwrite=True / --overwrite)")
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  os.makedirs(os.path.join(tmp_dir, "_cases"))
-  try:
-    records = {s: [] for s in SPLITS}
-    skipped = []
-    for case in _progress(cases, len(cases), progress):
-      try:
-        image, label, geometry = prepare_case(case, spec, info.labels, lut, spacing_range_mm)
-      except DataError as e:
-        if not skip_bad:
-          raise
-        logging.warning("skipping case %s: %s", case.case_id, e)
-        skipped.append({"case_id": case.case_id, "file": e.path, "problem": e.problem})
-        continue
-      stem = os.path.join(tmp_dir, "_cases", case.case_id)
-      np.save(stem + "_image.npy", image)
-      if label is not None:
-        np.save(stem + "_label.npy", label)
-      records[split_of[case.case_id]].append({
-          "case_id": case.case_id, "image_file": case.image, "label_file": case.label,
-          "has_label": label is not None, "num_slices": int(image.shape[0]),
-          "foreground_slices": int((label.reshape(label.shape[0], -1).max(1) > 0).sum())
-                               if label is not None else 0,
-          "spacing_mm": list(geometry.spacing_mm), "geometry": geometry.to_dict()})
-    if not any(records.values()):
-      raise DataError(raw_dir, f"empty dataset: no usable cases ({len(skipped)} skipped)")
-    for split in ("train", "validation"):
-      if assignment[split] and not records[split]:
-        raise DataError(raw_dir, f"every {split} case was skipped as bad "
-                                 f"({', '.join(sorted(assignment[split])[:5])}); fix or "
-                                 "remove them")
-    H, W = spec.size
-    for split, recs in records.items():
-      split_dir = os.path.join(tmp_dir, split)
-      os.makedirs(split_dir)
-      n = sum(r["num_slices"] for r in recs)
-      images = np.lib.format.open_memmap(os.path.join(split_dir, "images.npy"), "w+",
-                                         np.float32, (n, H, W)) if n else np.zeros((0, H, W), np.float32)
-      labels = np.lib.format.open_memmap(os.path.join(split_dir, "labels.npy"), "w+",
-                                         np.uint8, (n, H, W)) if n else np.zeros((0, H, W), np.uint8)
-      case_index, slice_index = np.zeros(n, np.int32), np.zeros(n, np.int32)
-      has_fg = np.zeros(n, bool)
-      offset = 0
-      for k, r in enumerate(recs):
-        stem = os.path.join(tmp_dir, "_cases", r["case_id"])
-        m = r["num_slices"]
-        images[offset:offset + m] = np.load(stem + "_image.npy")
-        if r["has_label"]:
-          lab = np.load(stem + "_label.npy")
-          labels[offset:offset + m] = lab
-          has_fg[offset:offset + m] = lab.reshape(m, -1).max(1) > 0
-        case_index[offset:offset + m] = k
-        slice_index[offset:offset + m] = np.arange(m)
-        r["offset"] = offset
-        offset += m
-      if n:
-        images.flush()
-        labels.flush()
-        del images, labels
-      else:
-        np.save(os.path.join(split_dir, "images.npy"), images)
-        np.save(os.path.join(split_dir, "labels.npy"), labels)
-      np.save(os.path.join(split_dir, "case_index.npy"), case_index)
-      np.save(os.path.join(split_dir, "slice_index.npy"), slice_index)
-      np.save(os.path.join(split_dir, "has_foreground.npy"), has_fg)
-    shutil.rmtree(os.path.join(tmp_dir, "_cases"))
+    raise FileExistsError(f'{out_dir}: already exists (use overwrite=True / --overwrite)')
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  tmp_dir = _sibling(out_dir, 'partial')
+  case_dir = os.path.join(tmp_dir, '_cases')
+  os.makedirs(case_dir)
 
-    n_cases = sum(len(r) for r in records.values())
-    seconds = time.time() - start_time
-    summary = {
-        "dataset": info.name, "modality": info.modality, "raw_dir": os.path.abspath(raw_dir),
-        "out_dir": out_dir, "num_classes": len(class_names), "class_names": class_names,
-        "cases": {s: len(records[s]) for s in SPLITS},
-        "slices": {s: sum(r["num_slices"] for r in records[s]) for s in SPLITS},
-        "foreground_slices": {s: sum(r["foreground_slices"] for r in records[s]) for s in SPLITS},
-        "skipped": skipped, "seconds": round(seconds, 3),
-        "seconds_per_case": round(seconds / max(n_cases, 1), 3)}
-    manifest = {
-        "format": "cmedl_jax.prepared", "version": FORMAT_VERSION, "spec": spec.to_dict(),
-        "dataset": {"name": info.name, "modality": info.modality, "raw_dir": summary["raw_dir"],
-                    "labels": {str(k): v for k, v in info.labels.items()}},
-        "label_lut": {str(k): v for k, v in lut.items()},
-        "num_classes": len(class_names), "class_names": class_names, "channels": 1,
-        "size": list(spec.size), "in_plane_spacing_mm": list(spec.spacing_mm),
-        "splits": records, "summary": summary}
-    _write_json(os.path.join(tmp_dir, MANIFEST), manifest)   # last: marks the folder complete
-    if os.path.exists(out_dir):  # overwrite: swap, then delete the old one
-      trash = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-      os.rename(out_dir, trash)
-      os.rename(tmp_dir, out_dir)
-      shutil.rmtree(trash, ignore_errors=True)
-    else:
-      os.rename(tmp_dir, out_dir)
+  def prepare_one(case):
+    return prepare_case(case, spec, info.labels, lut, spacing_range_mm)
+
+  try:
+    records, skipped = _prepare_cases(cases, split_of, prepare_one, case_dir, skip_bad, progress)
+    _check_usable(raw_dir, assignment, records, skipped)
+    for split, split_records in records.items():
+      _write_split(os.path.join(tmp_dir, split), case_dir, split_records, spec.size)
+    shutil.rmtree(case_dir)
+    summary = _summary(info, out_dir, class_names, records, skipped, time.time() - start_time)
+    manifest = _manifest(spec, info, lut, class_names, records, summary)
+    nifti_io.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)  # last: complete
+    _move_into_place(tmp_dir, out_dir)
   except BaseException:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise
@@ -477,44 +532,17 @@ def remove_stale_partials(out_dir) -> list:
       os.path.dirname(out_dir), rf"\.{name}\.(partial|old)-((?P<pid>\d+)-)?[0-9a-f]{{8}}")
 
 
-def read_manifest(prepared_dir) -> dict:
-  """Reads `prepared.json`; raises DataError when the folder is not a complete preparation."""
-  path = os.path.join(os.fspath(prepared_dir), MANIFEST)
-  if not os.path.isfile(path):
-    raise DataError(path, "not a complete prepared dataset (no prepared.json); run "
-                    "`python -m data_prep.prepare` first")
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != "cmedl_jax.prepared" or manifest.get("version") != FORMAT_VERSION:
-    raise DataError(path, f"unsupported prepared format/version "
-                    f"{manifest.get('format')}/{manifest.get('version')}")
-  return manifest
-
-
-def is_prepared(prepared_dir) -> bool:
-  """True when `prepared_dir` holds a complete preparation (its prepared.json exists)."""
-  return os.path.isfile(os.path.join(os.fspath(prepared_dir), MANIFEST))
-
-
 def spec_from_config(config, side: str) -> PrepSpec:
-  """PrepSpec from an ml_collections config: `config.data` fields and `config.data[side]`.
+  """PrepSpec of `config.data[side]` (side 'source' or 'target'; see configs/default.py).
 
-  Uses data.spacing_mm, data.image_size (int or pair), data.ct_window_hu, data.mri_percentiles,
-  data.label_map, data.interpolation (optional) and data[side].modality (optional label_map
-  per side overrides the shared one).
+  Reads data[side].modality and the shared data.spacing_mm (mm), data.image_size (pixels),
+  data.ct_window_hu (HU), data.mri_percentiles and data.label_map; interpolation stays linear.
   """
   d = config.data
-  s = d[side]
-  label_map = s.get("label_map", None) if hasattr(s, "get") else None
-  if label_map is None:
-    label_map = d.get("label_map", None)
-  if label_map is not None and hasattr(label_map, "to_dict"):
-    label_map = label_map.to_dict()
-  return PrepSpec(modality=s.modality, spacing_mm=d.spacing_mm, size=d.image_size,
-                  ct_window_hu=tuple(d.get("ct_window_hu", (-1000.0, 500.0))),
-                  mri_percentiles=tuple(d.get("mri_percentiles", (0.5, 99.5))),
-                  label_map=dict(label_map) if label_map else None,
-                  interpolation=d.get("interpolation", "linear"))
+  label_map = d.label_map.to_dict() if hasattr(d.label_map, 'to_dict') else d.label_map
+  return PrepSpec(modality=d[side].modality, spacing_mm=d.spacing_mm, size=d.image_size,
+                  ct_window_hu=tuple(d.ct_window_hu), mri_percentiles=tuple(d.mri_percentiles),
+                  label_map=dict(label_map) if label_map else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,16 +579,17 @@ def main(argv=None) -> int:
   p.add_argument("--dataset", required=True, help="raw MSD / nnU-Net dataset folder")
   p.add_argument("--out", required=True, help="output folder (prepared dataset)")
   p.add_argument("--modality", required=True, choices=("ct", "mri"))
-  p.add_argument("--spacing", type=float, nargs="+", default=[1.5], help="in-plane mm (1 or 2)")
-  p.add_argument("--size", type=int, nargs="+", default=[256], help="in-plane size (1 or 2)")
-  p.add_argument("--ct-window", type=float, nargs=2, default=[-1000.0, 500.0])
-  p.add_argument("--mri-percentiles", type=float, nargs=2, default=[0.5, 99.5])
+  p.add_argument("--spacing", type=float, nargs="+", default=[SPACING_MM],
+                 help="in-plane mm (1 or 2)")
+  p.add_argument("--size", type=int, nargs="+", default=[IMAGE_SIZE], help="in-plane size (1 or 2)")
+  p.add_argument("--ct-window", type=float, nargs=2, default=list(CT_WINDOW_HU))
+  p.add_argument("--mri-percentiles", type=float, nargs=2, default=list(MRI_PERCENTILES))
   p.add_argument("--label-map", nargs="*", help="NAME=CLASS or VALUE=CLASS, e.g. tumor=1")
-  p.add_argument("--interpolation", choices=("linear", "cubic"), default="linear")
+  p.add_argument("--interpolation", choices=("linear", "cubic"), default=PrepSpec.interpolation)
   p.add_argument("--skip-bad", action="store_true", help="skip bad cases with a warning")
   p.add_argument("--spacing-range", type=float, nargs=2, default=list(nifti_io.SPACING_RANGE_MM),
                  metavar=("MIN", "MAX"), help="plausible voxel spacing of the inputs, mm")
-  p.add_argument("--val-fraction", type=float, default=0.2)
+  p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--no-progress", action="store_true")

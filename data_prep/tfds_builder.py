@@ -29,7 +29,7 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import prepare as prep
+from data_prep import manifest as manifest_lib
 
 BUILDER_VERSION = "1.0.0"
 
@@ -41,17 +41,27 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {BUILDER_VERSION: "Slices / volumes of a data_prep.prepare folder."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = ("Prepare the NIfTI dataset with `python -m data_prep.prepare` "
                                   "and pass the prepared folder as manual_dir.")
+  DESCRIPTION = ''  # Subclasses: with {} for the dataset's name.
 
   def __init__(self, *, prepared_dir=None, **kwargs):
     self._prepared_dir = os.fspath(prepared_dir) if prepared_dir is not None else None
-    self._manifest = prep.read_manifest(prepared_dir) if prepared_dir is not None else None
+    self._manifest = (manifest_lib.read_manifest(prepared_dir) if prepared_dir is not None
+                      else None)
     super().__init__(**kwargs)
 
-  def _size(self):
+  def _features(self, h: int, w: int) -> dict:
+    """{name: tfds feature} of one example of H x W slices."""
+    raise NotImplementedError
+
+  def _info(self):
     if self._manifest is None:
       raise ValueError("construct with prepared_dir=... to build; to read an existing build use "
                        "tfds.builder_from_directory")
-    return tuple(self._manifest["size"])
+    return self.dataset_info_from_configs(
+        description=self.DESCRIPTION.format(self._manifest['dataset']['name']),
+        features=tfds.features.FeaturesDict(self._features(*self._manifest['size'])),
+        disable_shuffling=True,  # example i of a split = row i of the prepared arrays
+        metadata=tfds.core.MetadataDict(prepared=_metadata(self._manifest)))
 
   def _splits(self, splits):
     return {s: self._generate_examples(split=s) for s in splits
@@ -66,24 +76,21 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class PreparedSlices(_PreparedBuilder, skip_registration=True):
   """2D slices of a prepared dataset."""
 
-  def _info(self):
-    h, w = self._size()
-    return self.dataset_info_from_configs(
-        description=f"2D slices of prepared dataset {self._manifest['dataset']['name']}",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(h, w), dtype=np.float32),
-            "label": tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
-            "case_id": tfds.features.Text(),
-            "slice_index": tfds.features.Scalar(dtype=np.int32),
-            "spacing_mm": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-            "has_foreground": tfds.features.Scalar(dtype=np.bool_),
-        }),
-        disable_shuffling=True,  # example i of a split = row i of the prepared arrays
-        metadata=tfds.core.MetadataDict(prepared=_metadata(self._manifest)))
+  DESCRIPTION = '2D slices of prepared dataset {}'
+
+  def _features(self, h, w):
+    return {
+        'image': tfds.features.Tensor(shape=(h, w), dtype=np.float32),
+        'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
+        'case_id': tfds.features.Text(),
+        'slice_index': tfds.features.Scalar(dtype=np.int32),
+        'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+        'has_foreground': tfds.features.Scalar(dtype=np.bool_),
+    }
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return self._splits(prep.SPLITS)
+    return self._splits(manifest_lib.SPLITS)
 
   def _generate_examples(self, split):
     images, labels = self._split_arrays(split)
@@ -100,20 +107,17 @@ class PreparedSlices(_PreparedBuilder, skip_registration=True):
 class PreparedVolumes(_PreparedBuilder, skip_registration=True):
   """Whole prepared volumes with their geometry (validation and test)."""
 
-  def _info(self):
-    h, w = self._size()
-    return self.dataset_info_from_configs(
-        description=f"Prepared volumes of dataset {self._manifest['dataset']['name']}",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(None, h, w), dtype=np.float32),
-            "label": tfds.features.Tensor(shape=(None, h, w), dtype=np.uint8),
-            "case_id": tfds.features.Text(),
-            "has_label": tfds.features.Scalar(dtype=np.bool_),
-            "spacing_mm": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-            "geometry": tfds.features.Text(),
-        }),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(prepared=_metadata(self._manifest)))
+  DESCRIPTION = 'Prepared volumes of dataset {}'
+
+  def _features(self, h, w):
+    return {
+        'image': tfds.features.Tensor(shape=(None, h, w), dtype=np.float32),
+        'label': tfds.features.Tensor(shape=(None, h, w), dtype=np.uint8),
+        'case_id': tfds.features.Text(),
+        'has_label': tfds.features.Scalar(dtype=np.bool_),
+        'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+        'geometry': tfds.features.Text(),
+    }
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -142,7 +146,7 @@ def build(prepared_dir, data_dir=None, file_format="array_record", volumes=True)
   config = tfds.download.DownloadConfig(manual_dir=prepared_dir, try_download_gcs=False)
   builders = {}
   classes = [PreparedSlices] + ([PreparedVolumes] if volumes else [])
-  manifest = prep.read_manifest(prepared_dir)
+  manifest = manifest_lib.read_manifest(prepared_dir)
   for cls in classes:
     if cls is PreparedVolumes and not (manifest["splits"]["validation"]
                                        or manifest["splits"]["test"]):

@@ -10,7 +10,7 @@ from scipy import ndimage
 from cmedl_jax import inference
 from cmedl_jax import input_pipeline as ip
 from data_prep import prepare as P
-from data_prep import synthetic as S
+from tests.fixtures import synthetic as S
 
 SIZE = 32
 CT_TUMOR = (400.0 + 1000.0) / 1500.0 * 2.0 - 1.0   # 0.867 in [-1, 1] (window -1000..500 HU)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import prepare as P
-from data_prep import synthetic as S
+from tests.fixtures import synthetic as S
 from data_prep.nifti_io import DataError
 
 
@@ -257,6 +257,19 @@ def test_cli_prints_summary_and_fails_cleanly(tmp_path, capsys):
   rc = P.main(["--dataset", str(tmp_path / "missing"), "--out", str(tmp_path / "o2"),
                "--modality", "ct", "--no-progress"])
   assert rc == 1 and "missing" in capsys.readouterr().err
+
+
+def test_spec_from_config_reads_the_data_section():
+  from configs import default, equal_teacher  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.lock()
+  for side, modality in (('source', 'ct'), ('target', 'mri')):
+    assert P.spec_from_config(config, side) == P.PrepSpec(
+        modality=modality, spacing_mm=(1.5, 1.5), size=(256, 256), ct_window_hu=(-1000, 500),
+        mri_percentiles=(0.5, 99.5), label_map={'tumor': 1}, interpolation='linear')
+  spec = P.spec_from_config(equal_teacher.get_config(), 'target')
+  assert spec.modality == 'mri' and spec.label_map == {
+      'liver': 1, 'spleen': 2, 'kidney_left': 3, 'kidney_right': 4}
 
 
 # ----------------------------------------------------------------------------- bad input
