@@ -210,6 +210,20 @@ def contextual_loss(x: jax.Array, y: jax.Array,
 # ---------------------------------------------------------------------------
 
 
+def _check_segmentation_inputs(logits, labels, num_classes, include_background):
+  if logits.shape[-1] != num_classes:
+    raise ValueError(
+        f"segmentation_loss: logits have {logits.shape[-1]} classes, num_classes={num_classes}")
+  if labels.shape != logits.shape[:-1]:
+    raise ValueError(
+        f"segmentation_loss: labels shape {labels.shape} != logits shape without classes "
+        f"{logits.shape[:-1]}")
+  if num_classes - (0 if include_background else 1) < 1:
+    raise ValueError(
+        f"segmentation_loss: no class enters the Dice (num_classes={num_classes}, "
+        f"include_background={include_background})")
+
+
 def segmentation_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
                       ce_weight: float = 1.0, dice_weight: float = 1.0,
                       mask: Optional[jax.Array] = None, *,
@@ -239,18 +253,8 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
   Returns:
     (total, {"ce": ce, "dice": dice_loss}), float32 scalars.
   """
-  if logits.shape[-1] != num_classes:
-    raise ValueError(
-        f"segmentation_loss: logits have {logits.shape[-1]} classes, num_classes={num_classes}")
-  if labels.shape != logits.shape[:-1]:
-    raise ValueError(
-        f"segmentation_loss: labels shape {labels.shape} != logits shape without classes "
-        f"{logits.shape[:-1]}")
+  _check_segmentation_inputs(logits, labels, num_classes, include_background)
   first = 0 if include_background else 1
-  if num_classes - first < 1:
-    raise ValueError(
-        f"segmentation_loss: no class enters the Dice (num_classes={num_classes}, "
-        f"include_background={include_background})")
   logits = _f32(logits)
   labels = jnp.asarray(labels, jnp.int32)
   n = logits.shape[0]
@@ -285,6 +289,30 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
 _HINT_KINDS = ("l2", "l1", "cosine")
 
 
+def _hint_pair(student_feats, teacher_feats, tap, adapters_out):
+  """(student, teacher) features [N,h,w,C] of one tap, checked."""
+  if adapters_out is not None and tap in adapters_out:
+    s = adapters_out[tap]
+  elif tap in student_feats:
+    s = student_feats[tap]
+  else:
+    raise KeyError(f"hint_loss: tap {tap!r} not in student features {sorted(student_feats)}")
+  if tap not in teacher_feats:
+    raise KeyError(f"hint_loss: tap {tap!r} not in teacher features {sorted(teacher_feats)}")
+  t = teacher_feats[tap]
+  if s.ndim != 4 or t.ndim != 4:
+    raise ValueError(
+        f"hint_loss: tap {tap!r}: expected [N, h, w, C] features, got student {s.shape}, "
+        f"teacher {t.shape}")
+  if s.shape[0] != t.shape[0]:
+    raise ValueError(f"hint_loss: tap {tap!r}: batch sizes differ: {s.shape} vs {t.shape}")
+  if s.shape[-1] != t.shape[-1]:
+    raise ValueError(
+        f"hint_loss: tap {tap!r}: student width {s.shape[-1]} != teacher width "
+        f"{t.shape[-1]}; apply HintAdapters to the student features first")
+  return s, t
+
+
 def hint_loss(student_feats: Mapping[str, jax.Array], teacher_feats: Mapping[str, jax.Array],
               taps: Sequence[str], kind: str = "l2",
               adapters_out: Optional[Mapping[str, jax.Array]] = None):
@@ -315,25 +343,7 @@ def hint_loss(student_feats: Mapping[str, jax.Array], teacher_feats: Mapping[str
     raise ValueError("hint_loss: taps is empty")
   per_tap = {}
   for tap in taps:
-    if adapters_out is not None and tap in adapters_out:
-      s = adapters_out[tap]
-    elif tap in student_feats:
-      s = student_feats[tap]
-    else:
-      raise KeyError(f"hint_loss: tap {tap!r} not in student features {sorted(student_feats)}")
-    if tap not in teacher_feats:
-      raise KeyError(f"hint_loss: tap {tap!r} not in teacher features {sorted(teacher_feats)}")
-    t = teacher_feats[tap]
-    if s.ndim != 4 or t.ndim != 4:
-      raise ValueError(
-          f"hint_loss: tap {tap!r}: expected [N, h, w, C] features, got student {s.shape}, "
-          f"teacher {t.shape}")
-    if s.shape[0] != t.shape[0]:
-      raise ValueError(f"hint_loss: tap {tap!r}: batch sizes differ: {s.shape} vs {t.shape}")
-    if s.shape[-1] != t.shape[-1]:
-      raise ValueError(
-          f"hint_loss: tap {tap!r}: student width {s.shape[-1]} != teacher width "
-          f"{t.shape[-1]}; apply HintAdapters to the student features first")
+    s, t = _hint_pair(student_feats, teacher_feats, tap, adapters_out)
     s = _f32(s)
     t = _f32(t)
     if t.shape[1:3] != s.shape[1:3]:
