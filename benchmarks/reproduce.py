@@ -443,7 +443,7 @@ REAL_DATA = """\
 ## The same study on real data
 
 The study's configs are the project's ordinary configs with smaller sizes; on real data use
-`configs/cmedl.py` and its baselines at full size (256x256 at 1.5 mm, U-Net width 32 / depth 4,
+`configs/cmedl.py` and `configs/baseline.py` at full size (256x256 at 1.5 mm, U-Net width 32 / depth 4,
 CycleGAN ngf 64 / 9 blocks; see README "Own data"). Each dataset folder is in the MSD / nnU-Net
 layout (`dataset.json`, `imagesTr/`, `labelsTr/`, `imagesTs/`, `labelsTs/`).
 
@@ -452,10 +452,10 @@ layout (`dataset.json`, `imagesTr/`, `labelsTr/`, `imagesTs/`, `labelsTs/`).
 D="--config.data.source.raw_dir=data/Task06_Lung --config.data.source.prepared_dir=data/prepared/lung_ct \\
    --config.data.target.raw_dir=data/my_lung_t2w --config.data.target.prepared_dir=data/prepared/lung_t2w"
 for seed in 0 1 2; do
-  python -m cmedl_jax.main --config=configs/student_only.py:unet      --workdir=runs/lung/student_only-s$seed $D --config.seed=$seed
-  python -m cmedl_jax.main --config=configs/cmedl.py:unet,cyclegan     --workdir=runs/lung/cmedl-s$seed        $D --config.seed=$seed
-  python -m cmedl_jax.main --config=configs/two_channel.py:unet       --workdir=runs/lung/two_channel-s$seed  $D --config.seed=$seed
-  python -m cmedl_jax.main --config=configs/pmri_teacher.py:unet      --workdir=runs/lung/pmri_teacher-s$seed $D --config.seed=$seed
+  python -m cmedl_jax.main --config=configs/baseline.py:student_only,unet --workdir=runs/lung/student_only-s$seed $D --config.seed=$seed
+  python -m cmedl_jax.main --config=configs/cmedl.py:unet,cyclegan        --workdir=runs/lung/cmedl-s$seed        $D --config.seed=$seed
+  python -m cmedl_jax.main --config=configs/baseline.py:two_channel,unet  --workdir=runs/lung/two_channel-s$seed  $D --config.seed=$seed
+  python -m cmedl_jax.main --config=configs/baseline.py:pmri_teacher,unet --workdir=runs/lung/pmri_teacher-s$seed $D --config.seed=$seed
 done
 for m in student_only cmedl two_channel pmri_teacher; do
   python -m cmedl_jax.predict --workdir=runs/lung/$m-s0 --input data/Task06_Lung/imagesTs --output runs/lung/$m-s0/test_predictions

@@ -1,31 +1,38 @@
 """CMEDL, informative teacher: CT student, T2w MRI teacher (the paper's main setting).
 
-Arg: "SEGMENTER[,TRANSLATOR]" picks the student/teacher network and the I2I network, e.g.
+Arg (configs/args.py): "SEGMENTER[,TRANSLATOR]" picks the student/teacher network and the I2I
+network, e.g.
   --config=configs/cmedl.py:densefcn,cut   (segmenter: unet|densefcn|pspnet; i2i: cyclegan|cut)
 """
 
+from cmedl_jax import models
+from configs import args
 from configs import default
 
-SEGMENTERS = ('unet', 'densefcn', 'pspnet')
-TRANSLATORS = ('cyclegan', 'cut')
+ARG = {'segmenter': models.SEGMENTERS, 'translator': models.TRANSLATORS}
 
 
-def apply_arg(config, arg):
-  """Sets student, teacher and translator from "SEGMENTER[,TRANSLATOR]" (empty: keep)."""
-  parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
-  if len(parts) > 2:
-    raise ValueError(f'config arg {arg!r}: expected "SEGMENTER[,TRANSLATOR]"')
-  if parts:
-    if parts[0] not in SEGMENTERS:
-      raise ValueError(f'config arg {arg!r}: segmenter must be one of {SEGMENTERS}')
-    config.model.student.name = parts[0]
-    config.model.teacher.name = parts[0]
-  if len(parts) == 2:
-    if parts[1] not in TRANSLATORS:
-      raise ValueError(f'config arg {arg!r}: translator must be one of {TRANSLATORS}')
-    config.model.translator.name = parts[1]
+def get_config(arg=None, config_file=__file__):
+  """The default config with the networks `arg` names (errors name `config_file`)."""
+  return set_networks(default.get_config(), **args.parse(config_file, arg, ARG))
+
+
+def set_networks(config, segmenter=None, translator=None):
+  """Sets student and teacher to `segmenter` and the translator to `translator` (None: keep)."""
+  if segmenter:
+    config.model.student.name = segmenter
+    config.model.teacher.name = segmenter
+  if translator:
+    config.model.translator.name = translator
   return config
 
 
-def get_config(arg=None):
-  return apply_arg(default.get_config(), arg)
+def set_sizes(config, segmenter, translator, discriminator, nce):
+  """Updates the fields (configs/default.py) of both segmenters by the dict `segmenter`, and
+  those of the translator, the discriminators and PatchNCE by theirs (in place; returns it)."""
+  config.model.student.update(segmenter)
+  config.model.teacher.update(segmenter)
+  config.model.translator.update(translator)
+  config.model.discriminator.update(discriminator)
+  config.model.nce.update(nce)
+  return config

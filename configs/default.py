@@ -11,6 +11,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from cmedl_jax import input_pipeline
+from cmedl_jax import models
 from data_prep import prepare
 
 
@@ -65,15 +66,21 @@ def get_config(arg=None):
   # larger batches or images, about one more forward pass of compute. Same results.
   c.model.remat = False
   # Segmenters: name in {'unet', 'densefcn', 'pspnet'}; unset fields take the network's
-  # defaults (cmedl_jax/models/__init__.py).
+  # defaults (its module's field defaults: models.UNet, models.DenseFCN, models.PSPNet).
   c.model.student = segmenter_config('unet')
   c.model.teacher = segmenter_config('unet')
-  # Translator: 'cyclegan' (two generators + cycle), 'cut' (one generator + PatchNCE).
-  c.model.translator = ml_collections.ConfigDict(dict(name='cyclegan', ngf=64, n_blocks=9))
-  c.model.discriminator = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
-  # CUT's PatchNCE: generator layers tapped, patches per layer, MLP width, temperature.
+  # Translator: 'cyclegan' (two generators + cycle), 'cut' (one generator + PatchNCE); the
+  # generator's width and residual blocks, default: models.ResnetGenerator's.
+  c.model.translator = ml_collections.ConfigDict(dict(
+      name='cyclegan', ngf=models.ResnetGenerator.ngf, n_blocks=models.ResnetGenerator.n_blocks))
+  # PatchGAN discriminators: width, strided conv layers (default: models.PatchGAN's).
+  c.model.discriminator = ml_collections.ConfigDict(dict(
+      ndf=models.PatchGAN.ndf, n_layers=models.PatchGAN.n_layers))
+  # CUT's PatchNCE: generator layers tapped, patches per layer, MLP width (default:
+  # models.PatchSampleMLP's), temperature.
   c.model.nce = ml_collections.ConfigDict(dict(
-      layers=(0, 4, 8, 12, 16), num_patches=256, num_features=256, temperature=0.07))
+      layers=(0, 4, 8, 12, 16), num_patches=256,
+      num_features=models.PatchSampleMLP.num_features, temperature=0.07))
 
   # ------------------------------------------------------------------------------- method
   c.method = ml_collections.ConfigDict()
@@ -140,7 +147,7 @@ def get_config(arg=None):
 
 
 def segmenter_config(name):
-  """A segmenter's fields; None = the network's default (see cmedl_jax/models)."""
+  """A segmenter's fields; None = the network's default (its module's, see cmedl_jax/models)."""
   return ml_collections.ConfigDict(dict(
       name=name,
       # U-Net: width of the first level (doubles per level), levels, 'transpose' | 'resize' up.

@@ -11,16 +11,14 @@ from configs import cmedl
 
 
 def get_config(arg=None):
-  config = cmedl.get_config(arg)
+  config = cmedl.get_config(arg, __file__)
   config.data.source.prepared_dir = 'data/prepared/demo_thorax_ct'
   config.data.target.prepared_dir = 'data/prepared/demo_thorax_t2w'
   config.data.image_size = 96
   config.data.spacing_mm = 4.0
-  config.model.student.update(base_width=8, depth=3)
-  config.model.teacher.update(base_width=8, depth=3)
-  config.model.translator.update(ngf=8, n_blocks=3)
-  config.model.discriminator.update(ndf=8, n_layers=2)
-  config.model.nce.update(layers=(0, 4, 8), num_patches=64, num_features=64)
+  cmedl.set_sizes(config, segmenter=dict(base_width=8, depth=3),
+                  translator=dict(ngf=8, n_blocks=3), discriminator=dict(ndf=8, n_layers=2),
+                  nce=dict(layers=(0, 4, 8), num_patches=64, num_features=64))
   config.method.contextual_points = 256
   config.optim.lr = 1e-3
   config.train.update(global_batch_size=8, num_steps=600, log_every=25, image_every=200,

@@ -7,7 +7,7 @@ from configs import cmedl
 
 
 def get_config(arg=None):
-  return apply_setting(cmedl.get_config(arg))
+  return apply_setting(cmedl.get_config(arg, __file__))
 
 
 def apply_setting(config):

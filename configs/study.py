@@ -1,9 +1,10 @@
 """The phantom reproduction study (benchmarks/reproduce.py): the paper's comparisons, small.
 
-Arg: "SETTING,METHOD[,SEGMENTER[,TRANSLATOR]]"
+Arg (configs/args.py): "SETTING,METHOD[,SEGMENTER[,TRANSLATOR]]"
   SETTING    informative (CT student, T2w teacher) | weak (T2w student, CT teacher) |
              equal (abdominal T1w student, T2w teacher, 4 organs)
-  METHOD     cmedl | student_only | two_channel | pmri_teacher | stage1 | stage2 (two-stage)
+  METHOD     cmedl | student_only | two_channel | pmri_teacher (configs/baseline.py) |
+             stage1 | stage2 (configs/two_stage.py)
   SEGMENTER  unet | densefcn | pspnet;  TRANSLATOR  cyclegan | cut
 e.g.  python -m cmedl_jax.main --config=configs/study.py:informative,cmedl,unet,cyclegan \
           --workdir=runs/study/runs/informative-cmedl-s0
@@ -14,11 +15,11 @@ ngf 8 and 3 residual blocks, batch 8, `STEPS` steps. Data under `ROOT/data` (pha
 prepared folders, one per dataset kind), as written by benchmarks/reproduce.py.
 """
 
+from configs import args
+from configs import baseline
 from configs import cmedl
+from configs import default
 from configs import equal_teacher
-from configs import pmri_teacher
-from configs import student_only
-from configs import two_channel
 from configs import two_stage
 from configs import weak_teacher
 
@@ -26,10 +27,8 @@ ROOT = 'runs/study'
 STEPS = 500
 SETTINGS = {'informative': None, 'weak': weak_teacher.apply_setting,
             'equal': equal_teacher.apply_setting}
-METHODS = {'cmedl': None, 'student_only': student_only.apply_method,
-           'two_channel': two_channel.apply_method, 'pmri_teacher': pmri_teacher.apply_method,
-           'stage1': lambda c: two_stage.apply_stage(c, 'stage1'),
-           'stage2': lambda c: two_stage.apply_stage(c, 'stage2')}
+METHODS = ('cmedl',) + baseline.METHODS + two_stage.STAGES
+ARG = {'setting': tuple(SETTINGS), 'method': METHODS, **cmedl.ARG}
 # Small networks of each kind (fields as in configs/default.py).
 SEGMENTER_SIZES = {
     'unet': dict(base_width=8, depth=3),
@@ -48,24 +47,21 @@ def set_root(config, root):
 
 
 def get_config(arg='informative,cmedl'):
-  parts = [p.strip() for p in (arg or '').split(',')]
-  if len(parts) < 2 or parts[0] not in SETTINGS or parts[1] not in METHODS:
-    raise ValueError(f'config arg {arg!r}: expected "SETTING,METHOD[,SEGMENTER[,TRANSLATOR]]" '
-                     f'with SETTING in {tuple(SETTINGS)} and METHOD in {tuple(METHODS)}')
-  setting, method, rest = parts[0], parts[1], ','.join(parts[2:])
-  config = cmedl.get_config(rest)
+  given = args.parse(__file__, arg, ARG, required=('setting', 'method'))
+  setting, method = given.pop('setting'), given.pop('method')
+  config = cmedl.set_networks(default.get_config(), **given)
   if SETTINGS[setting] is not None:
     SETTINGS[setting](config)
-  if METHODS[method] is not None:
-    METHODS[method](config)
+  if method in baseline.METHODS:
+    baseline.apply_method(config, method)
+  elif method in two_stage.STAGES:
+    two_stage.apply_stage(config, method)
   set_root(config, ROOT)
   config.data.image_size = 64
   config.data.spacing_mm = 6.0
-  for net in (config.model.student, config.model.teacher):
-    net.update(SEGMENTER_SIZES[net.name])
-  config.model.translator.update(ngf=8, n_blocks=3)
-  config.model.discriminator.update(ndf=8, n_layers=2)
-  config.model.nce.update(layers=(0, 4, 8), num_patches=64, num_features=64)
+  cmedl.set_sizes(config, segmenter=SEGMENTER_SIZES[config.model.student.name],
+                  translator=dict(ngf=8, n_blocks=3), discriminator=dict(ndf=8, n_layers=2),
+                  nce=dict(layers=(0, 4, 8), num_patches=64, num_features=64))
   config.method.contextual_points = 256
   config.optim.lr = 1e-3
   config.train.update(global_batch_size=8, num_steps=STEPS, log_every=50, image_every=STEPS,

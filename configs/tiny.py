@@ -7,13 +7,11 @@ from configs import cmedl
 
 
 def get_config(arg=None):
-  config = cmedl.get_config(arg)
+  config = cmedl.get_config(arg, __file__)
   config.data.image_size = 32
-  config.model.student.update(base_width=4, depth=2)
-  config.model.teacher.update(base_width=4, depth=2)
-  config.model.translator.update(ngf=4, n_blocks=1)
-  config.model.discriminator.update(ndf=4, n_layers=2)
-  config.model.nce.update(layers=(0, 4, 8), num_patches=16, num_features=32)
+  cmedl.set_sizes(config, segmenter=dict(base_width=4, depth=2),
+                  translator=dict(ngf=4, n_blocks=1), discriminator=dict(ndf=4, n_layers=2),
+                  nce=dict(layers=(0, 4, 8), num_patches=16, num_features=32))
   config.method.contextual_points = 64
   config.method.contextual_patch = 3
   config.train.update(global_batch_size=8, num_steps=4, log_every=1, image_every=2,

@@ -1,18 +1,25 @@
 """Ablation: translator trained first (stage 1), then frozen while teacher and student train.
 
-Arg: "STAGE[,SEGMENTER[,TRANSLATOR]]", STAGE in {stage1, stage2}. Stage 2 needs
+Arg (configs/args.py): "[STAGE[,SEGMENTER[,TRANSLATOR]]]", STAGE stage1 | stage2 (the default),
+SEGMENTER and TRANSLATOR as in configs/cmedl.py. Stage 2 needs
   --config.method.translator_init=WORKDIR_OF_STAGE1
   python -m cmedl_jax.main --config=configs/two_stage.py:stage1 --workdir=runs/ts1
   python -m cmedl_jax.main --config=configs/two_stage.py:stage2 --workdir=runs/ts2 \
       --config.method.translator_init=runs/ts1
 """
 
+from configs import args
 from configs import cmedl
+from configs import default
+
+STAGES = ('stage1', 'stage2')
+ARG = {'stage': STAGES, **cmedl.ARG}
 
 
 def get_config(arg=None):
-  stage, _, rest = (arg or 'stage2').partition(',')
-  return apply_stage(cmedl.get_config(rest), stage)
+  given = args.parse(__file__, arg, ARG)
+  stage = given.pop('stage', 'stage2')
+  return apply_stage(cmedl.set_networks(default.get_config(), **given), stage)
 
 
 def apply_stage(config, stage):
@@ -23,5 +30,5 @@ def apply_stage(config, stage):
   elif stage == 'stage2':
     config.method.freeze_translator = True
   else:
-    raise ValueError(f'two-stage: stage must be stage1 or stage2, got {stage!r}')
+    raise ValueError(f'two-stage: stage must be one of {STAGES}, got {stage!r}')
   return config
