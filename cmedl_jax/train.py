@@ -210,11 +210,7 @@ def _prepare_data(config, prepare_missing=True):
     d = config.data[side]
     spec = prepare.spec_from_config(config, side)
     if prepare.is_prepared(d.prepared_dir):
-      found = prepare.PrepSpec.from_dict(prepare.read_manifest(d.prepared_dir)['spec'])
-      if found != spec:
-        raise ConfigError(
-            f'{d.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
-            f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
+      _check_prepared(d, side, spec, prepare.read_manifest(d.prepared_dir))
       continue
     if not prepare_missing:
       raise FileNotFoundError(
@@ -228,6 +224,22 @@ def _prepare_data(config, prepare_missing=True):
     logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
     prepare.prepare_dataset(d.raw_dir, d.prepared_dir, spec,
                             val_fraction=config.data.val_fraction, seed=config.seed)
+
+
+def _check_prepared(data, side, spec, manifest):
+  """ConfigError unless the prepared folder was made from data.<side>.raw_dir with `spec`."""
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  found = prepare.PrepSpec.from_dict(manifest['spec'])
+  if found != spec:
+    raise ConfigError(
+        f'{data.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
+        f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
+  made_from = manifest['dataset'].get('raw_dir')
+  if made_from and os.path.realpath(made_from) != os.path.realpath(data.raw_dir):
+    raise ConfigError(
+        f'{data.prepared_dir} was prepared from {made_from}, but data.{side}.raw_dir is '
+        f'{os.path.abspath(data.raw_dir)}; point data.{side}.prepared_dir elsewhere or delete '
+        'it (it is prepared again at the next start)')
 
 
 def _to_unit(images):

@@ -9,6 +9,7 @@ compilation cache with the in-process run they are compared with (the `tiny_run`
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,6 +118,18 @@ def test_prepared_data_of_another_spec_is_an_error(tiny_data):
   config = small_config(tiny_data)
   config.data.image_size = 48
   with pytest.raises(ValueError, match=r'prepared_dir elsewhere or delete it'):
+    train.prepare_data(config)
+
+
+def test_prepared_data_of_another_raw_folder_is_an_error(tiny_data, tmp_path):
+  """A prepared folder is reused only for the raw folder it was made from (a copy elsewhere,
+  perhaps other patients, is not silently taken for it)."""
+  config = small_config(tiny_data)
+  other = tmp_path / 'copy_of_ct'
+  shutil.copytree(config.data.source.raw_dir, other)
+  config.data.source.raw_dir = str(other)
+  with pytest.raises(ValueError, match=r'was prepared from .*thorax_ct, but data.source.raw_dir '
+                     r'is .*copy_of_ct; point data.source.prepared_dir elsewhere'):
     train.prepare_data(config)
 
 
