@@ -11,6 +11,7 @@ the pair sharing one crop). Goal: under 0.1 s.
 
   python benchmarks/metrics.py [--repeats 7]
 """
+
 import argparse
 import os
 import statistics
@@ -49,28 +50,34 @@ def time_it(fn, repeats):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument('--repeats', type=int, default=7)
   args = parser.parse_args()
   pred, ref = make_volumes()
-  print(f"volume {SHAPE}, spacing {SPACING_MM} mm, tumor {int(ref.sum())} voxels, "
-        f"prediction {int(pred.sum())} voxels")
+  print(
+    f'volume {SHAPE}, spacing {SPACING_MM} mm, tumor {int(ref.sum())} voxels, '
+    f'prediction {int(pred.sum())} voxels'
+  )
 
   def three_metrics():
-    return (metrics.dice(pred, ref),
-            metrics.hausdorff(pred, ref, SPACING_MM, 95.0, convention="voxel"),
-            metrics.surface_dice(pred, ref, SPACING_MM, 2.0, convention="area"))
+    return (
+      metrics.dice(pred, ref),
+      metrics.hausdorff(pred, ref, SPACING_MM, 95.0, convention='voxel'),
+      metrics.surface_dice(pred, ref, SPACING_MM, 2.0, convention='area'),
+    )
 
   dsc, hd95, sdsc = three_metrics()
-  print(f"DSC {dsc:.4f}  HD95 {hd95:.3f} mm  sDSC@2mm {sdsc:.4f}")
+  print(f'DSC {dsc:.4f}  HD95 {hd95:.3f} mm  sDSC@2mm {sdsc:.4f}')
   t_three = time_it(three_metrics, args.repeats)
   t_pair = time_it(lambda: metrics.evaluate_pair(pred, ref, SPACING_MM, 2.0), args.repeats)
   t_dice = time_it(lambda: metrics.dice(pred, ref), args.repeats)
-  print(f"dice + hd95 + surface_dice (3 calls): {t_three * 1e3:.1f} ms (median of "
-        f"{args.repeats})  goal < {GOAL_S * 1e3:.0f} ms: "
-        f"{'met' if t_three < GOAL_S else 'NOT met'}")
-  print(f"evaluate_pair (all 5 metrics, shared crop): {t_pair * 1e3:.1f} ms")
-  print(f"dice alone: {t_dice * 1e3:.1f} ms")
+  print(
+    f'dice + hd95 + surface_dice (3 calls): {t_three * 1e3:.1f} ms (median of '
+    f'{args.repeats})  goal < {GOAL_S * 1e3:.0f} ms: '
+    f'{"met" if t_three < GOAL_S else "NOT met"}'
+  )
+  print(f'evaluate_pair (all 5 metrics, shared crop): {t_pair * 1e3:.1f} ms')
+  print(f'dice alone: {t_dice * 1e3:.1f} ms')
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   main()

@@ -11,6 +11,7 @@ throughput); the input pipeline and metric benchmarks; prediction speed; and XLA
 for the default config as batch and image size grow. `--quick` shrinks everything (a smoke run,
 figures not meant for the report). Takes about 15 minutes on 2 cores at the defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,23 @@ SCALING_DEVICES = (1, 2, 4, 8)
 def run_python(code_or_args, env_extra=None, timeout=1800):
   """Runs python with the given arguments; returns the last 'RESULT ' json line (or raises)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT, **(env_extra or {}))
-  proc = subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  proc = subprocess.run(
+    [sys.executable, *code_or_args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
     raise RuntimeError(f'{code_or_args[:2]} failed ({proc.returncode}): {proc.stderr[-3000:]}')
-  return json.loads(lines[-1][len('RESULT '):]), proc.stdout
+  return json.loads(lines[-1][len('RESULT ') :]), proc.stdout
 
 
 # ---------------------------------------------------------------------------- workers
 
-_SCALING_WORKER = r'''
+_SCALING_WORKER = r"""
 import functools, json, sys, time
 import jax, numpy as np
 from cmedl_jax import method, sharding, train_state, train_step as ts
@@ -73,9 +80,9 @@ for _ in range(steps):
 params = sum(x.size for x in jax.tree.leaves(state.params))
 print("RESULT " + json.dumps(dict(devices=jax.device_count(), step_s=float(np.median(times)),
                                   losses=first, params=int(params))))
-'''
+"""
 
-_MEMORY_WORKER = r'''
+_MEMORY_WORKER = r"""
 import functools, json, sys
 import jax, numpy as np
 from cmedl_jax import method, train_state, train_step as ts
@@ -111,9 +118,9 @@ print("RESULT " + json.dumps(dict(size=size, batch=batch, remat=remat,
                                   output=m.output_size_in_bytes, temp=m.temp_size_in_bytes,
                                   alias=m.alias_size_in_bytes, residual=residual,
                                   generator_params=g_params)))
-'''
+"""
 
-_PREDICT_WORKER = r'''
+_PREDICT_WORKER = r"""
 import json, sys, time
 import jax, numpy as np
 from cmedl_jax import inference, method, sharding, train_state
@@ -131,22 +138,27 @@ inference.predict_volume(infer, volume[:batch], batch, 1, mesh)  # Compile.
 t0 = time.perf_counter()
 inference.predict_volume(infer, volume, batch, 1, mesh)
 print("RESULT " + json.dumps(dict(seconds=time.perf_counter() - t0, slices=slices)))
-'''
+"""
 
 
 # ---------------------------------------------------------------------------- sections
+
 
 def train_step_rows(args):
   rows = []
   common = dict(size=args.size, batch=1, steps=args.steps, breakdown=False, xla_flags=FAST_CONV)
   for pair in args.pairs.split(','):
     rows.append(step_bench.run_worker('jax', pair, types.SimpleNamespace(**common)))
-  rows.append(step_bench.run_worker('jax', 'unet:cyclegan',
-                                    types.SimpleNamespace(**common, dtype='bfloat16')))
+  rows.append(
+    step_bench.run_worker('jax', 'unet:cyclegan', types.SimpleNamespace(**common, dtype='bfloat16'))
+  )
   default_flags = dict(common, xla_flags=os.environ.get('XLA_FLAGS', ''))
-  rows.append(dict(step_bench.run_worker('jax', 'unet:cyclegan',
-                                         types.SimpleNamespace(**default_flags)),
-                   flags='jax 0.10.2 default'))
+  rows.append(
+    dict(
+      step_bench.run_worker('jax', 'unet:cyclegan', types.SimpleNamespace(**default_flags)),
+      flags='jax 0.10.2 default',
+    )
+  )
   if step_bench.torch_available():
     rows.append(step_bench.run_worker('torch', 'unet:cyclegan', types.SimpleNamespace(**common)))
   return rows
@@ -156,8 +168,10 @@ def scaling_rows(args):
   out = []
   for n in SCALING_DEVICES:
     flags = f'--xla_force_host_platform_device_count={n} {FAST_CONV}'
-    result, _ = run_python(['-c', _SCALING_WORKER, str(args.scaling_size), '8', str(args.steps)],
-                           {'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'})
+    result, _ = run_python(
+      ['-c', _SCALING_WORKER, str(args.scaling_size), '8', str(args.steps)],
+      {'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'},
+    )
     out.append(result)
   return out
 
@@ -165,8 +179,9 @@ def scaling_rows(args):
 def memory_rows(args):
   out = []
   for size, batch, remat in args.memory_grid:
-    result, _ = run_python(['-c', _MEMORY_WORKER, str(size), str(batch), str(int(remat))],
-                           {'XLA_FLAGS': FAST_CONV})
+    result, _ = run_python(
+      ['-c', _MEMORY_WORKER, str(size), str(batch), str(int(remat))], {'XLA_FLAGS': FAST_CONV}
+    )
     out.append(result)
   return out
 
@@ -177,8 +192,13 @@ def _mb(x):
 
 def _row(steps, pair, framework, dtype='float32', flags=None):
   for r in steps:
-    if (r.get('pair') == pair and r.get('framework') == framework and 'error' not in r
-        and r.get('dtype', 'float32') == dtype and r.get('flags') == flags):
+    if (
+      r.get('pair') == pair
+      and r.get('framework') == framework
+      and 'error' not in r
+      and r.get('dtype', 'float32') == dtype
+      and r.get('flags') == flags
+    ):
       return r
   return None
 
@@ -190,38 +210,53 @@ def goals(steps, ref_flops, peak_g):
   default = _row(steps, 'unet:cyclegan', 'jax', flags='jax 0.10.2 default')
   if jax_row and torch_row:
     ratio = jax_row['step_s'] / torch_row['step_s']
-    out.append(f'- JAX / eager PyTorch step time, U-Net + CycleGAN: {ratio:.2f} (goal: at most '
-               f'1; {"met" if ratio <= 1 else "not met"}).' + (
-                   f' With jax 0.10.2\'s default XLA:CPU flags it is '
-                   f'{default["step_s"] / torch_row["step_s"]:.2f}: its YNNPACK convolutions are '
-                   'the loss (docs/TRAIN_STEP_BENCHMARK.md).' if default else ''))
+    out.append(
+      f'- JAX / eager PyTorch step time, U-Net + CycleGAN: {ratio:.2f} (goal: at most '
+      f'1; {"met" if ratio <= 1 else "not met"}).'
+      + (
+        f" With jax 0.10.2's default XLA:CPU flags it is "
+        f'{default["step_s"] / torch_row["step_s"]:.2f}: its YNNPACK convolutions are '
+        'the loss (docs/TRAIN_STEP_BENCHMARK.md).'
+        if default
+        else ''
+      )
+    )
   dense = _row(steps, 'densefcn:cyclegan', 'jax')
   if dense and jax_row:
     gfs = ref_flops['densefcn:cyclegan'] / dense['step_s'] / 1e9
-    out.append(f'- FC-DenseNet103 falls short: {gfs:.0f} GFLOP/s ({100 * gfs / peak_g:.0f}% of '
-               f'peak), {dense["compile_s"]:.0f} s to compile and {_mb(dense["xla_bytes"])} MB, '
-               f'against {_mb(jax_row["xla_bytes"])} MB for U-Net. Its dense blocks concatenate '
-               'ever wider stacks of thin (growth 16) feature maps, small convolutions that use '
-               'the cores poorly, and keep every stack for the backward pass; not profiled yet.')
+    out.append(
+      f'- FC-DenseNet103 falls short: {gfs:.0f} GFLOP/s ({100 * gfs / peak_g:.0f}% of '
+      f'peak), {dense["compile_s"]:.0f} s to compile and {_mb(dense["xla_bytes"])} MB, '
+      f'against {_mb(jax_row["xla_bytes"])} MB for U-Net. Its dense blocks concatenate '
+      'ever wider stacks of thin (growth 16) feature maps, small convolutions that use '
+      'the cores poorly, and keep every stack for the backward pass; not profiled yet.'
+    )
   return out + ['']
 
 
 def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred):
   peak_g = max(peak.values())
-  lines = ['# Performance', '',
-           f'Generated by `python benchmarks/performance.py` on {time.strftime("%Y-%m-%d")}: '
-           f'{os.cpu_count()} CPU cores, jax {args.jax_version}, float32 unless said, '
-           f'load average {os.getloadavg()[0]:.1f} at the end. Figures are one run each on this '
-           'machine with nothing else running; expect a few per cent of noise.', '',
-           f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, jax '
-           f'{peak["jax"]:.0f} GFLOP/s; "%peak" below divides by {peak_g:.0f}.', '',
-           '## Joint train step (translator(s), discriminators, teacher, student, Adam)', '',
-           f'Full-size networks (`configs/cmedl.py`), {args.size}x{args.size}, batch 1, median of '
-           f'{args.steps} steps after a warm-up, XLA flag `{FAST_CONV}` unless said '
-           '(`python -m cmedl_jax.main` sets it). GFLOP = XLA `cost_analysis` of the JAX step; '
-           'XLA MB = arguments + outputs + temporaries - aliased (buffer assignment).', '',
-           '| pairing | impl | compile s | step s | GFLOP | GFLOP/s | %peak | XLA MB | peak RSS MB |',
-           '|---|---|---|---|---|---|---|---|---|']
+  lines = [
+    '# Performance',
+    '',
+    f'Generated by `python benchmarks/performance.py` on {time.strftime("%Y-%m-%d")}: '
+    f'{os.cpu_count()} CPU cores, jax {args.jax_version}, float32 unless said, '
+    f'load average {os.getloadavg()[0]:.1f} at the end. Figures are one run each on this '
+    'machine with nothing else running; expect a few per cent of noise.',
+    '',
+    f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, jax '
+    f'{peak["jax"]:.0f} GFLOP/s; "%peak" below divides by {peak_g:.0f}.',
+    '',
+    '## Joint train step (translator(s), discriminators, teacher, student, Adam)',
+    '',
+    f'Full-size networks (`configs/cmedl.py`), {args.size}x{args.size}, batch 1, median of '
+    f'{args.steps} steps after a warm-up, XLA flag `{FAST_CONV}` unless said '
+    '(`python -m cmedl_jax.main` sets it). GFLOP = XLA `cost_analysis` of the JAX step; '
+    'XLA MB = arguments + outputs + temporaries - aliased (buffer assignment).',
+    '',
+    '| pairing | impl | compile s | step s | GFLOP | GFLOP/s | %peak | XLA MB | peak RSS MB |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
   ref_flops = {}
   for r in steps:
     if 'error' in r:
@@ -238,92 +273,145 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
     gfs = flops / r['step_s'] / 1e9
     xla = _mb(r['xla_bytes']) if r.get('xla_bytes') else '-'
     compile_s = f'{r["compile_s"]:.1f}' if r['framework'] == 'jax' else '-'
-    lines.append(f'| {r["pair"]} | {impl} | {compile_s} | {r["step_s"]:.2f} | '
-                 f'{flops / 1e9:,.0f} | {gfs:.0f} | {100 * gfs / peak_g:.0f}% | {xla} | '
-                 f'{r["rss_mb"]:,.0f} |')
-  lines += ['', 'bf16: compute in bfloat16, parameters and losses float32 '
-            '(`--config.model.dtype=bfloat16`); on XLA:CPU it is no faster than float32 (row '
-            'above), it is meant for accelerators. Rematerialisation: see the memory section.',
-            '']
+    lines.append(
+      f'| {r["pair"]} | {impl} | {compile_s} | {r["step_s"]:.2f} | '
+      f'{flops / 1e9:,.0f} | {gfs:.0f} | {100 * gfs / peak_g:.0f}% | {xla} | '
+      f'{r["rss_mb"]:,.0f} |'
+    )
+  lines += [
+    '',
+    'bf16: compute in bfloat16, parameters and losses float32 '
+    '(`--config.model.dtype=bfloat16`); on XLA:CPU it is no faster than float32 (row '
+    'above), it is meant for accelerators. Rematerialisation: see the memory section.',
+    '',
+  ]
   lines += goals(steps, ref_flops, peak_g)
-  lines += ['## Data-parallel scaling on forced CPU devices', '',
-            f'`configs/demo.py` networks at {args.scaling_size}x{args.scaling_size}, global batch 8 '
-            'sharded over N devices of this 2-core machine (`--xla_force_host_platform_device_'
-            'count=N`). Same global batch, so the losses must agree; the cores do not grow with '
-            'N, so throughput measures the cost of partitioning, not a speed-up.', '',
-            '| devices | step s | slices/s | largest loss difference vs 1 device |',
-            '|---|---|---|---|']
+  lines += [
+    '## Data-parallel scaling on forced CPU devices',
+    '',
+    f'`configs/demo.py` networks at {args.scaling_size}x{args.scaling_size}, global batch 8 '
+    'sharded over N devices of this 2-core machine (`--xla_force_host_platform_device_'
+    'count=N`). Same global batch, so the losses must agree; the cores do not grow with '
+    'N, so throughput measures the cost of partitioning, not a speed-up.',
+    '',
+    '| devices | step s | slices/s | largest loss difference vs 1 device |',
+    '|---|---|---|---|',
+  ]
   base = {k: v for k, v in scaling[0]['losses'].items() if k.startswith('loss/')}
   for r in scaling:
     diff = max(abs(r['losses'][k] - base[k]) / max(abs(base[k]), 1e-12) for k in base)
-    lines.append(f'| {r["devices"]} | {r["step_s"]:.3f} | {8 / r["step_s"]:.1f} | '
-                 f'{diff:.1e} (relative) |')
+    lines.append(
+      f'| {r["devices"]} | {r["step_s"]:.3f} | {8 / r["step_s"]:.1f} | {diff:.1e} (relative) |'
+    )
   params = scaling[0]['params']
-  full = next((r for r in steps if r.get('pair') == 'unet:cyclegan' and 'params' in r
-               and r['framework'] == 'jax'), None)
+  full = next(
+    (
+      r
+      for r in steps
+      if r.get('pair') == 'unet:cyclegan' and 'params' in r and r['framework'] == 'jax'
+    ),
+    None,
+  )
   if full:
     n_params = sum(full['params'].values())
     grad_bytes = 4 * n_params
-    lines += ['', '**On paper, 8 GPUs / a TPU slice.** Data parallelism all-reduces every '
-              f'gradient once per step: for the full U-Net + CycleGAN model {n_params:,} '
-              f'float32 parameters = {grad_bytes / 2**20:,.0f} MB per step (a ring all-reduce '
-              f'moves about 2x that per device), against {ref_flops["unet:cyclegan"] / 1e9:,.0f} '
-              f'GFLOP of compute per {args.size}x{args.size} slice. At 8 slices per device, an '
-              'H100-class GPU (~400 TFLOP/s bf16 dense, ~50% achieved) computes for '
-              f'{8 * ref_flops["unet:cyclegan"] / 200e12 * 1e3:.0f} ms while NVLink (~450 GB/s) '
-              f'moves the gradients in {2 * grad_bytes / 450e9 * 1e3:.1f} ms: communication is '
-              'a few per cent, and XLA overlaps it with the backward pass. Over 100 Gb/s '
-              f'Ethernet between hosts the same all-reduce takes {2 * grad_bytes / 12.5e9 * 1e3:.0f}'
-              ' ms, so multi-host runs want a larger per-device batch. '
-              f'(The scaling model above has {params:,} parameters.)']
-  lines += ['', '## Input pipeline', '', 'Output of `python benchmarks/input_pipeline.py`:', '',
-            '```', pipeline_text.strip(), '```', '']
+    lines += [
+      '',
+      '**On paper, 8 GPUs / a TPU slice.** Data parallelism all-reduces every '
+      f'gradient once per step: for the full U-Net + CycleGAN model {n_params:,} '
+      f'float32 parameters = {grad_bytes / 2**20:,.0f} MB per step (a ring all-reduce '
+      f'moves about 2x that per device), against {ref_flops["unet:cyclegan"] / 1e9:,.0f} '
+      f'GFLOP of compute per {args.size}x{args.size} slice. At 8 slices per device, an '
+      'H100-class GPU (~400 TFLOP/s bf16 dense, ~50% achieved) computes for '
+      f'{8 * ref_flops["unet:cyclegan"] / 200e12 * 1e3:.0f} ms while NVLink (~450 GB/s) '
+      f'moves the gradients in {2 * grad_bytes / 450e9 * 1e3:.1f} ms: communication is '
+      'a few per cent, and XLA overlaps it with the backward pass. Over 100 Gb/s '
+      f'Ethernet between hosts the same all-reduce takes {2 * grad_bytes / 12.5e9 * 1e3:.0f}'
+      ' ms, so multi-host runs want a larger per-device batch. '
+      f'(The scaling model above has {params:,} parameters.)',
+    ]
+  lines += [
+    '',
+    '## Input pipeline',
+    '',
+    'Output of `python benchmarks/input_pipeline.py`:',
+    '',
+    '```',
+    pipeline_text.strip(),
+    '```',
+    '',
+  ]
   if full:
     need = 2 / full['step_s']
-    lines += [f'The full step at {args.size}x{args.size}, batch 1, consumes 2 slices '
-              f'(source + target) per {full["step_s"]:.1f} s = {need:.2f} slices/s, far less '
-              'than the iterator delivers (above); the trainer reports the wait '
-              '(`perf/data_wait_fraction`; 1-2% in the demo, where a step takes 0.7 s).', '']
-  lines += ['## Metrics', '', 'Output of `python benchmarks/metrics.py`:', '', '```',
-            metrics_text.strip(), '```', '', '## Prediction', '',
-            f'Full-size U-Net student, {pred["slices"]} slices of {args.size}x{args.size}, batch '
-            f'16: {pred["seconds"]:.1f} s per volume = {60 / pred["seconds"]:.1f} volumes/min on '
-            'the network alone; preparation and inversion add about 1.4 s for a 512x512x128 CT '
-            '(input pipeline output above) plus reading and writing the NIfTI files.', '',
-            '## Peak memory (XLA buffer assignment) of the default config', '',
-            'U-Net + CycleGAN, float32; compile only. Parameters, Adam states and the pool are '
-            'the arguments; temporaries are the activations kept for the backward pass and the '
-            'work buffers. Residuals: what JAX keeps from the generator-side forward pass for its '
-            'backward pass (parameters included), counted before XLA optimises.', '',
-            '| size | batch | remat | arguments MB | temporaries MB | total MB | residuals MB |',
-            '|---|---|---|---|---|---|---|']
+    lines += [
+      f'The full step at {args.size}x{args.size}, batch 1, consumes 2 slices '
+      f'(source + target) per {full["step_s"]:.1f} s = {need:.2f} slices/s, far less '
+      'than the iterator delivers (above); the trainer reports the wait '
+      '(`perf/data_wait_fraction`; 1-2% in the demo, where a step takes 0.7 s).',
+      '',
+    ]
+  lines += [
+    '## Metrics',
+    '',
+    'Output of `python benchmarks/metrics.py`:',
+    '',
+    '```',
+    metrics_text.strip(),
+    '```',
+    '',
+    '## Prediction',
+    '',
+    f'Full-size U-Net student, {pred["slices"]} slices of {args.size}x{args.size}, batch '
+    f'16: {pred["seconds"]:.1f} s per volume = {60 / pred["seconds"]:.1f} volumes/min on '
+    'the network alone; preparation and inversion add about 1.4 s for a 512x512x128 CT '
+    '(input pipeline output above) plus reading and writing the NIfTI files.',
+    '',
+    '## Peak memory (XLA buffer assignment) of the default config',
+    '',
+    'U-Net + CycleGAN, float32; compile only. Parameters, Adam states and the pool are '
+    'the arguments; temporaries are the activations kept for the backward pass and the '
+    'work buffers. Residuals: what JAX keeps from the generator-side forward pass for its '
+    'backward pass (parameters included), counted before XLA optimises.',
+    '',
+    '| size | batch | remat | arguments MB | temporaries MB | total MB | residuals MB |',
+    '|---|---|---|---|---|---|---|',
+  ]
   for r in memory:
     total = r['argument'] + r['output'] + r['temp'] - r['alias']
-    lines.append(f'| {r["size"]} | {r["batch"]} | {"on" if r["remat"] else "off"} | '
-                 f'{_mb(r["argument"])} | {_mb(r["temp"])} | {_mb(total)} | '
-                 f'{_mb(r["residual"])} |')
-  lines += ['', 'The arguments (parameters, the two Adam moments, the batch) stay nearly '
-            'constant; the temporaries grow with batch and with the number of pixels.', '']
+    lines.append(
+      f'| {r["size"]} | {r["batch"]} | {"on" if r["remat"] else "off"} | '
+      f'{_mb(r["argument"])} | {_mb(r["temp"])} | {_mb(total)} | '
+      f'{_mb(r["residual"])} |'
+    )
+  lines += [
+    '',
+    'The arguments (parameters, the two Adam moments, the batch) stay nearly '
+    'constant; the temporaries grow with batch and with the number of pixels.',
+    '',
+  ]
   pairs = {(r['size'], r['batch']): {} for r in memory}
   for r in memory:
     pairs[(r['size'], r['batch'])][r['remat']] = r
   for (size, batch), by in pairs.items():
     if True in by and False in by:
       off, on = by[False], by[True]
-      lines += [f'**Rematerialisation** (`--config.model.remat=True`: `nn.remat` around every '
-                'U-Net conv-BN-ReLU, ResNet-generator block, FC-DenseNet dense block and PSPNet '
-                f'residual block) at {size}x{size}, batch {batch}: JAX keeps '
-                f'{_mb(on["residual"])} MB of residuals instead of {_mb(off["residual"])} MB '
-                f'({100 * (1 - on["residual"] / off["residual"]):.0f}% less; of which '
-                f'{_mb(on["generator_params"])} MB are the parameters themselves), but XLA:CPU\'s '
-                f'temporaries are {_mb(on["temp"])} MB vs {_mb(off["temp"])} MB: the CPU '
-                'compiler drops the optimisation barriers that jax.checkpoint emits and then '
-                'merges the recomputation with the forward pass (common-subexpression '
-                'elimination), so on CPU remat changes neither memory nor speed. The saving is '
-                'meant for GPU and TPU, where XLA keeps the barriers (not measured here: no '
-                'accelerator lent). tests/test_models.py checks that remat gives the same '
-                'parameters and gradients with fewer residuals, tests/test_train_step.py that '
-                'the whole step is unchanged.', '']
+      lines += [
+        f'**Rematerialisation** (`--config.model.remat=True`: `nn.remat` around every '
+        'U-Net conv-BN-ReLU, ResNet-generator block, FC-DenseNet dense block and PSPNet '
+        f'residual block) at {size}x{size}, batch {batch}: JAX keeps '
+        f'{_mb(on["residual"])} MB of residuals instead of {_mb(off["residual"])} MB '
+        f'({100 * (1 - on["residual"] / off["residual"]):.0f}% less; of which '
+        f"{_mb(on['generator_params'])} MB are the parameters themselves), but XLA:CPU's "
+        f'temporaries are {_mb(on["temp"])} MB vs {_mb(off["temp"])} MB: the CPU '
+        'compiler drops the optimisation barriers that jax.checkpoint emits and then '
+        'merges the recomputation with the forward pass (common-subexpression '
+        'elimination), so on CPU remat changes neither memory nor speed. The saving is '
+        'meant for GPU and TPU, where XLA keeps the barriers (not measured here: no '
+        'accelerator lent). tests/test_models.py checks that remat gives the same '
+        'parameters and gradients with fewer residuals, tests/test_train_step.py that '
+        'the whole step is unchanged.',
+        '',
+      ]
       break
   return '\n'.join(lines)
 
@@ -337,10 +425,18 @@ def main(argv=None):
   ap.add_argument('--quick', action='store_true', help='tiny sizes: a smoke run of the script')
   args = ap.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
+
   args.jax_version = jax.__version__
   args.scaling_size = 96
-  args.memory_grid = [(256, 1, False), (256, 2, False), (256, 4, False), (128, 1, False),
-                      (384, 1, False), (256, 1, True), (256, 4, True)]
+  args.memory_grid = [
+    (256, 1, False),
+    (256, 2, False),
+    (256, 4, False),
+    (128, 1, False),
+    (384, 1, False),
+    (256, 1, True),
+    (256, 4, True),
+  ]
   pred_shape = (256, 128)
   if args.quick:
     args.size, args.steps, args.pairs, args.scaling_size = 64, 1, 'unet:cyclegan', 32
@@ -355,21 +451,28 @@ def main(argv=None):
   print('memory ...', flush=True)
   memory = memory_rows(args)
   print('input pipeline, metrics, prediction ...', flush=True)
-  pipe = subprocess.run([sys.executable, 'benchmarks/input_pipeline.py'] +
-                        (['--cases', '2', '--batches', '5'] if args.quick else []),
-                        cwd=ROOT, capture_output=True, text=True,
-                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  pipe = subprocess.run(
+    [sys.executable, 'benchmarks/input_pipeline.py']
+    + (['--cases', '2', '--batches', '5'] if args.quick else []),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'),
+  )
   pipeline_text = '\n'.join(l for l in pipe.stdout.splitlines() if not l.startswith('workdir'))
-  metrics_text = subprocess.run([sys.executable, 'benchmarks/metrics.py'], cwd=ROOT,
-                                capture_output=True, text=True).stdout
-  pred, _ = run_python(['-c', _PREDICT_WORKER, str(pred_shape[0]), str(pred_shape[1]), '16'],
-                       {'XLA_FLAGS': FAST_CONV})
+  metrics_text = subprocess.run(
+    [sys.executable, 'benchmarks/metrics.py'], cwd=ROOT, capture_output=True, text=True
+  ).stdout
+  pred, _ = run_python(
+    ['-c', _PREDICT_WORKER, str(pred_shape[0]), str(pred_shape[1]), '16'], {'XLA_FLAGS': FAST_CONV}
+  )
   raw = dict(peak=peak, steps=steps, scaling=scaling, memory=memory, prediction=pred)
   # The numbers behind the text, beside it.
   nifti_io.atomic_write(os.path.splitext(args.out)[0] + '.json', json.dumps(raw, indent=1))
   text = write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred)
-  nifti_io.atomic_write(args.out, text + f'\nThe whole report took {time.time() - t0:.0f} s '
-                        'to generate.\n')
+  nifti_io.atomic_write(
+    args.out, text + f'\nThe whole report took {time.time() - t0:.0f} s to generate.\n'
+  )
   print(f'wrote {args.out} in {time.time() - t0:.0f} s')
 
 

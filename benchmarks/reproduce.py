@@ -40,70 +40,105 @@ from data_prep import nifti_io  # pylint: disable=g-import-not-at-top,wrong-impo
 
 # Phantom sets: kind -> (training cases, test cases, seed). CT and MRI never share patients.
 DATASETS = {
-    'thorax_ct': (30, 10, 0), 'thorax_t2w': (24, 8, 1),
-    'abdomen_t1w': (20, 8, 2), 'abdomen_t2w': (20, 4, 3),
+  'thorax_ct': (30, 10, 0),
+  'thorax_t2w': (24, 8, 1),
+  'abdomen_t1w': (20, 8, 2),
+  'abdomen_t2w': (20, 4, 3),
 }
 TINY_DATASETS = {'thorax_ct': (6, 3, 0), 'thorax_t2w': (6, 2, 1)}
 TINY_PHANTOM_GRID = dict(size=48, spacing=8.0, slices=12)
 # The tiny check's networks are those of configs/tiny.py (a pipeline check, not a study).
-TINY_OVERRIDES = {'data.image_size': 32, 'data.spacing_mm': 12.0, 'train.num_steps': 4,
-                  'eval.batch_size': 8, 'model.student.base_width': 4, 'model.student.depth': 2,
-                  'model.teacher.base_width': 4, 'model.teacher.depth': 2,
-                  'model.translator.ngf': 4, 'model.translator.n_blocks': 1,
-                  'model.discriminator.ndf': 4, 'method.contextual_points': 64}
+TINY_OVERRIDES = {
+  'data.image_size': 32,
+  'data.spacing_mm': 12.0,
+  'train.num_steps': 4,
+  'eval.batch_size': 8,
+  'model.student.base_width': 4,
+  'model.student.depth': 2,
+  'model.teacher.base_width': 4,
+  'model.teacher.depth': 2,
+  'model.translator.ngf': 4,
+  'model.translator.n_blocks': 1,
+  'model.discriminator.ndf': 4,
+  'method.contextual_points': 64,
+}
 SOURCE_KIND = {'informative': 'thorax_ct', 'weak': 'thorax_t2w', 'equal': 'abdomen_t1w'}
 TEACHER_KIND = {'informative': 'thorax_t2w', 'weak': 'thorax_ct', 'equal': 'abdomen_t2w'}
-PAPER = ('The paper (377 CT and 82 T2w MRI of different patients, 609 test tumors, full-size '
-         'networks) reports CMEDL significantly (p < 0.001) more accurate than the non-CMEDL '
-         'methods: DSC 0.77 vs 0.73 for lung tumors on CT with a T2w teacher, 0.84 vs 0.81 on '
-         'MRI with a CT teacher, and 0.90 vs 0.88 for MRI multi-organ segmentation with an MRI '
-         'teacher.')
+PAPER = (
+  'The paper (377 CT and 82 T2w MRI of different patients, 609 test tumors, full-size '
+  'networks) reports CMEDL significantly (p < 0.001) more accurate than the non-CMEDL '
+  'methods: DSC 0.77 vs 0.73 for lung tumors on CT with a T2w teacher, 0.84 vs 0.81 on '
+  'MRI with a CT teacher, and 0.90 vs 0.88 for MRI multi-organ segmentation with an MRI '
+  'teacher.'
+)
 
 
 def run(name, group, setting, method, seg='unet', i2i='cyclegan', seed=0, **overrides):
   """One training run of the study: a config arg of configs/study.py plus overrides."""
-  return dict(name=name, group=group, setting=setting, method=method, seg=seg, i2i=i2i,
-              seed=seed, overrides={'seed': seed, **overrides})
+  return dict(
+    name=name,
+    group=group,
+    setting=setting,
+    method=method,
+    seg=seg,
+    i2i=i2i,
+    seed=seed,
+    overrides={'seed': seed, **overrides},
+  )
 
 
 def study_runs():
   """All runs, most important first (a partial study still answers question 1)."""
   runs = []
   for seed in (0, 1, 2):
-    runs += [run(f'informative-student_only-s{seed}', 'main', 'informative', 'student_only',
-                 seed=seed),
-             run(f'informative-cmedl-s{seed}', 'main', 'informative', 'cmedl', seed=seed)]
+    runs += [
+      run(f'informative-student_only-s{seed}', 'main', 'informative', 'student_only', seed=seed),
+      run(f'informative-cmedl-s{seed}', 'main', 'informative', 'cmedl', seed=seed),
+    ]
     if seed < 2:
-      runs += [run(f'informative-two_channel-s{seed}', 'main', 'informative', 'two_channel',
-                   seed=seed),
-               run(f'informative-pmri_teacher-s{seed}', 'main', 'informative', 'pmri_teacher',
-                   seed=seed)]
-  runs += [run('arch-unet-cut-cmedl', 'arch', 'informative', 'cmedl', i2i='cut'),
-           run('arch-densefcn-student_only', 'arch', 'informative', 'student_only', 'densefcn'),
-           run('arch-densefcn-cyclegan-cmedl', 'arch', 'informative', 'cmedl', 'densefcn'),
-           run('arch-pspnet-student_only', 'arch', 'informative', 'student_only', 'pspnet'),
-           run('arch-pspnet-cyclegan-cmedl', 'arch', 'informative', 'cmedl', 'pspnet'),
-           run('weak-student_only', 'weak', 'weak', 'student_only'),
-           run('weak-cmedl', 'weak', 'weak', 'cmedl'),
-           run('equal-student_only', 'equal', 'equal', 'student_only'),
-           run('equal-cmedl', 'equal', 'equal', 'cmedl'),
-           run('ablation-distill_none', 'ablation', 'informative', 'cmedl',
-               **{'method.distill': 'none'}),
-           run('ablation-distill_kl', 'ablation', 'informative', 'cmedl',
-               **{'method.distill': 'kl'}),
-           run('ablation-taps_last', 'ablation', 'informative', 'cmedl',
-               **{'method.hint_taps': ('last',)}),
-           run('ablation-teacher_grad', 'ablation', 'informative', 'cmedl',
-               **{'method.teacher_stop_gradient': False}),
-           run('ablation-two_stage-stage1', 'ablation', 'informative', 'stage1'),
-           run('ablation-two_stage', 'ablation', 'informative', 'stage2',
-               **{'method.translator_init': '{root}/runs/ablation-two_stage-stage1'})]
+      runs += [
+        run(f'informative-two_channel-s{seed}', 'main', 'informative', 'two_channel', seed=seed),
+        run(f'informative-pmri_teacher-s{seed}', 'main', 'informative', 'pmri_teacher', seed=seed),
+      ]
+  runs += [
+    run('arch-unet-cut-cmedl', 'arch', 'informative', 'cmedl', i2i='cut'),
+    run('arch-densefcn-student_only', 'arch', 'informative', 'student_only', 'densefcn'),
+    run('arch-densefcn-cyclegan-cmedl', 'arch', 'informative', 'cmedl', 'densefcn'),
+    run('arch-pspnet-student_only', 'arch', 'informative', 'student_only', 'pspnet'),
+    run('arch-pspnet-cyclegan-cmedl', 'arch', 'informative', 'cmedl', 'pspnet'),
+    run('weak-student_only', 'weak', 'weak', 'student_only'),
+    run('weak-cmedl', 'weak', 'weak', 'cmedl'),
+    run('equal-student_only', 'equal', 'equal', 'student_only'),
+    run('equal-cmedl', 'equal', 'equal', 'cmedl'),
+    run('ablation-distill_none', 'ablation', 'informative', 'cmedl', **{'method.distill': 'none'}),
+    run('ablation-distill_kl', 'ablation', 'informative', 'cmedl', **{'method.distill': 'kl'}),
+    run(
+      'ablation-taps_last', 'ablation', 'informative', 'cmedl', **{'method.hint_taps': ('last',)}
+    ),
+    run(
+      'ablation-teacher_grad',
+      'ablation',
+      'informative',
+      'cmedl',
+      **{'method.teacher_stop_gradient': False},
+    ),
+    run('ablation-two_stage-stage1', 'ablation', 'informative', 'stage1'),
+    run(
+      'ablation-two_stage',
+      'ablation',
+      'informative',
+      'stage2',
+      **{'method.translator_init': '{root}/runs/ablation-two_stage-stage1'},
+    ),
+  ]
   return runs
 
 
 def tiny_runs():
-  return [run('informative-student_only-s0', 'main', 'informative', 'student_only'),
-          run('informative-cmedl-s0', 'main', 'informative', 'cmedl')]
+  return [
+    run('informative-student_only-s0', 'main', 'informative', 'student_only'),
+    run('informative-cmedl-s0', 'main', 'informative', 'cmedl'),
+  ]
 
 
 # ------------------------------------------------------------------------------- running
@@ -115,9 +150,14 @@ def _flag_value(value):
 
 def train_command(r, root, extra):
   """The exact `cmedl_jax.main` command line (a list) of run `r`."""
-  arg = f"{r['setting']},{r['method']},{r['seg']},{r['i2i']}"
-  cmd = [sys.executable, '-m', 'cmedl_jax.main', f'--config=configs/study.py:{arg}',
-         f"--workdir={root}/runs/{r['name']}"]
+  arg = f'{r["setting"]},{r["method"]},{r["seg"]},{r["i2i"]}'
+  cmd = [
+    sys.executable,
+    '-m',
+    'cmedl_jax.main',
+    f'--config=configs/study.py:{arg}',
+    f'--workdir={root}/runs/{r["name"]}',
+  ]
   overrides = dict(r['overrides'])
   if os.path.normpath(root) != os.path.normpath(study.ROOT):
     for side in ('source', 'target'):
@@ -136,7 +176,7 @@ def shown(cmd):
 
 
 def finished(r, root):
-  workdir = f"{root}/runs/{r['name']}"
+  workdir = f'{root}/runs/{r["name"]}'
   if r['method'] == 'stage1':
     return os.path.isfile(f'{workdir}/study_run.json')
   return os.path.isdir(f'{workdir}/export') and os.path.isfile(f'{workdir}/study_run.json')
@@ -144,6 +184,7 @@ def finished(r, root):
 
 def write_phantoms(root, datasets, grid):
   from data_prep import phantoms  # pylint: disable=g-import-not-at-top
+
   for kind, (n_train, n_test, seed) in datasets.items():
     out = f'{root}/data/phantoms/{kind}'
     if os.path.isfile(f'{out}/dataset.json'):
@@ -154,22 +195,28 @@ def write_phantoms(root, datasets, grid):
 
 def train(r, root, extra):
   """Trains run `r` unless finished; the log goes to RUN/train.log."""
-  workdir = f"{root}/runs/{r['name']}"
+  workdir = f'{root}/runs/{r["name"]}'
   if finished(r, root):
     return
   os.makedirs(workdir, exist_ok=True)
   cmd = train_command(r, root, extra)
-  print(f"reproduce: training {r['name']}: {shown(cmd)}", flush=True)
+  print(f'reproduce: training {r["name"]}: {shown(cmd)}', flush=True)
   t0 = time.time()
   with open(f'{workdir}/train.log', 'a') as log:
     rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   seconds = time.time() - t0
   if rc != 0:
-    raise RuntimeError(f"run {r['name']} failed (exit {rc}); see {workdir}/train.log")
-  write_json(f'{workdir}/study_run.json',
-                  {'command': shown(cmd), 'seconds': round(seconds, 1), 'returncode': rc,
-                   'commit': _git_commit()})
-  print(f"reproduce: {r['name']} done in {seconds:.0f} s", flush=True)
+    raise RuntimeError(f'run {r["name"]} failed (exit {rc}); see {workdir}/train.log')
+  write_json(
+    f'{workdir}/study_run.json',
+    {
+      'command': shown(cmd),
+      'seconds': round(seconds, 1),
+      'returncode': rc,
+      'commit': _git_commit(),
+    },
+  )
+  print(f'reproduce: {r["name"]} done in {seconds:.0f} s', flush=True)
 
 
 def write_json(path, obj):
@@ -181,6 +228,7 @@ def tumor_types(dataset_dir, case, ref):
   """Type ('peripheral' | 'juxta_mediastinal') of each reference component, in the order of
   metrics.evaluate_tumors (raster order of the 26-connected components of `ref`)."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
+
   meta_path = f'{dataset_dir}/phantom_meta/{case}.json'
   inst_path = f'{dataset_dir}/instancesTs/{case}.nii.gz'
   if not (os.path.isfile(meta_path) and os.path.isfile(inst_path)):
@@ -199,7 +247,7 @@ def tumor_types(dataset_dir, case, ref):
 
 def teacher_run(r):
   """The pseudo-run 'the teacher of CMEDL run r on pseudo-target images' (same seed, group)."""
-  return dict(r, name=f"{r['name']}#teacher", method='cmedl_teacher')
+  return dict(r, name=f'{r["name"]}#teacher', method='cmedl_teacher')
 
 
 def predict_and_evaluate(r, root):
@@ -213,26 +261,34 @@ def predict_and_evaluate(r, root):
   suffix = '_teacher' if teacher else ''
   eval_path = f'{workdir}/test_eval{suffix}.json'
   if os.path.isfile(eval_path) and os.path.getmtime(eval_path) >= os.path.getmtime(
-      f'{workdir}/study_run.json'):
+    f'{workdir}/study_run.json'
+  ):
     with open(eval_path) as f:
       return json.load(f)
   from cmedl_jax import inference, predict  # pylint: disable=g-import-not-at-top
-  dataset_dir = f"{root}/data/phantoms/{SOURCE_KIND[r['setting']]}"
+
+  dataset_dir = f'{root}/data/phantoms/{SOURCE_KIND[r["setting"]]}'
   pseudo = r['method'] in ('cmedl', 'stage2') and r['seed'] == 0
   predictor = inference.Predictor(workdir=workdir, pseudo_target=pseudo, teacher=teacher)
   out_dir = f'{workdir}/test_predictions{suffix}'
   inputs = predict.list_inputs(f'{dataset_dir}/imagesTs')
-  result = predict.predict_files(predictor, inputs, out_dir, overwrite=True,
-                                 pseudo_target=pseudo, progress=False)
+  result = predict.predict_files(
+    predictor, inputs, out_dir, overwrite=True, pseudo_target=pseudo, progress=False
+  )
   if result['failed']:
-    raise RuntimeError(f"{r['name']}: prediction failed: {result['failed']}")
+    raise RuntimeError(f'{r["name"]}: prediction failed: {result["failed"]}')
   classes = eval_cases.parse_classes(f'{dataset_dir}/dataset.json')
   refs = nifti_io.list_cases(f'{dataset_dir}/labelsTs')
   preds = {c: f'{out_dir}/{c}.nii.gz' for c in refs}
   thorax = 'tumor' in classes
   case_rows, tumor_rows = eval_cases.evaluate_method(
-      r['name'], preds, refs, classes, eval_cases.DEFAULT_TOLERANCE_MM,
-      tumor_classes=['tumor'] if thorax else [])
+    r['name'],
+    preds,
+    refs,
+    classes,
+    eval_cases.DEFAULT_TOLERANCE_MM,
+    tumor_classes=['tumor'] if thorax else [],
+  )
   if thorax:
     for case in refs:
       ref, _, _ = eval_cases.load_nifti(refs[case])
@@ -240,8 +296,13 @@ def predict_and_evaluate(r, root):
       rows = [t for t in tumor_rows if t['case'] == case]
       for t in rows:
         t['type'] = types[t['tumor'] - 1] if types else 'unknown'
-  record = {'run': r['name'], 'case_rows': case_rows, 'tumor_rows': tumor_rows,
-            'predictions': out_dir, 'reference': f'{dataset_dir}/labelsTs'}
+  record = {
+    'run': r['name'],
+    'case_rows': case_rows,
+    'tumor_rows': tumor_rows,
+    'predictions': out_dir,
+    'reference': f'{dataset_dir}/labelsTs',
+  }
   write_json(eval_path, record)
   return record
 
@@ -250,8 +311,11 @@ def predict_and_evaluate(r, root):
 
 
 def _num(x):
-  return float('nan') if isinstance(x, str) and x == 'nan' else (
-      float('inf') if x == 'inf' else float(x))
+  return (
+    float('nan')
+    if isinstance(x, str) and x == 'nan'
+    else (float('inf') if x == 'inf' else float(x))
+  )
 
 
 def _rows(record, key, r):
@@ -269,9 +333,12 @@ def _ms(values, digits=3):
   d = eval_stats.describe(values)
   if not d['n_finite']:
     return 'n/a'
-  s = f"{d['mean']:.{digits}f} ± {d['sd']:.{digits}f}" if d['n_finite'] > 1 else \
-      f"{d['mean']:.{digits}f}"
-  return s + (f" ({d['n_inf']} inf)" if d['n_inf'] else '')
+  s = (
+    f'{d["mean"]:.{digits}f} ± {d["sd"]:.{digits}f}'
+    if d['n_finite'] > 1
+    else f'{d["mean"]:.{digits}f}'
+  )
+  return s + (f' ({d["n_inf"]} inf)' if d['n_inf'] else '')
 
 
 def _p(rows_a, rows_b, keys, level, metric='dice'):
@@ -286,9 +353,13 @@ def _p(rows_a, rows_b, keys, level, metric='dice'):
     return float('nan'), 0, float('nan')
   w = eval_stats.wilcoxon_tests(pool(rows_a), pool(rows_b), keys, level, [metric])
   index = {tuple(r[k] for k in keys): r[metric] for r in pool(rows_a)}
-  diffs = [r[metric] - index[k] for r in pool(rows_b)
-           if (k := tuple(r[k2] for k2 in keys)) in index
-           and np.isfinite(r[metric]) and np.isfinite(index[k])]
+  diffs = [
+    r[metric] - index[k]
+    for r in pool(rows_b)
+    if (k := tuple(r[k2] for k2 in keys)) in index
+    and np.isfinite(r[metric])
+    and np.isfinite(index[k])
+  ]
   mean_diff = float(np.mean(diffs)) if diffs else float('nan')
   if not w:
     return float('nan'), 0, mean_diff
@@ -303,14 +374,25 @@ def method_table(groups, baseline, tumor_split=True):
   """Markdown rows: per method the per-case and per-tumor metrics and tests vs `baseline`."""
   head = ['method', 'runs', 'DSC (case)', 'sDSC 2 mm', 'HD95 mm', 'p DSC vs base (case)']
   if tumor_split:
-    head += ['DSC peripheral', 'DSC juxta-med.', 'detected', 'p DSC vs base (tumor)',
-             'p juxta', 'p peripheral']
+    head += [
+      'DSC peripheral',
+      'DSC juxta-med.',
+      'detected',
+      'p DSC vs base (tumor)',
+      'p juxta',
+      'p peripheral',
+    ]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   base = groups.get(baseline)
   for name, g in groups.items():
     cases, tumors = g['cases'], g['tumors']
-    cells = [name, str(len(g['runs'])), _ms(r['dice'] for r in cases),
-             _ms(r['surface_dice'] for r in cases), _ms((r['hd95'] for r in cases), 1)]
+    cells = [
+      name,
+      str(len(g['runs'])),
+      _ms(r['dice'] for r in cases),
+      _ms(r['surface_dice'] for r in cases),
+      _ms((r['hd95'] for r in cases), 1),
+    ]
     is_base = base is None or name == baseline
     p = _p(base['cases'], cases, ('seed', 'case', 'class'), 'case') if not is_base else None
     cells.append('—' if is_base else f'{_fmt_p(p[0])} (n={p[1]}, Δ {p[2]:+.3f})')
@@ -335,8 +417,10 @@ def method_table(groups, baseline, tumor_split=True):
 def class_table(groups, baseline):
   """Per-organ DSC (equal teacher) with a case-paired test vs baseline."""
   classes = list(dict.fromkeys(r['class'] for g in groups.values() for r in g['cases']))
-  lines = ['| method | ' + ' | '.join(classes) + ' | mean over organs | p (cases x organs) |',
-           '|' + '---|' * (len(classes) + 3)]
+  lines = [
+    '| method | ' + ' | '.join(classes) + ' | mean over organs | p (cases x organs) |',
+    '|' + '---|' * (len(classes) + 3),
+  ]
   for name, g in groups.items():
     cells = [_ms(r['dice'] for r in g['cases'] if r['class'] == c) for c in classes]
     if name == baseline:
@@ -344,8 +428,9 @@ def class_table(groups, baseline):
     else:
       res = _p(groups[baseline]['cases'], g['cases'], ('seed', 'case', 'class'), 'case')
       p = f'{_fmt_p(res[0])} (n={res[1]}, Δ {res[2]:+.3f})'
-    lines.append(f"| {name} | " + ' | '.join(cells) +
-                 f" | {_ms(r['dice'] for r in g['cases'])} | {p} |")
+    lines.append(
+      f'| {name} | ' + ' | '.join(cells) + f' | {_ms(r["dice"] for r in g["cases"])} | {p} |'
+    )
   return '\n'.join(lines)
 
 
@@ -361,13 +446,16 @@ def group_of(records, runs, names):
 
 def box_plot(groups, path, by_type=True):
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   panels = [('per case', lambda g: [r['dice'] for r in g['cases']])]
   if by_type:
     for kind in ('peripheral', 'juxta_mediastinal'):
-      panels.append((f'{kind} tumors',
-                     lambda g, k=kind: [t['dice'] for t in g['tumors'] if t.get('type') == k]))
+      panels.append(
+        (f'{kind} tumors', lambda g, k=kind: [t['dice'] for t in g['tumors'] if t.get('type') == k])
+      )
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
   for ax, (title, values) in zip(axes[0], panels):
     data = [np.asarray(values(g), float) for g in groups.values()]
@@ -384,8 +472,10 @@ def overlay_figure(root, records, path, names, setting='informative'):
   """Rows = test cases with a juxta-mediastinal and a peripheral tumor; columns = CT,
   pseudo-MRI (CMEDL's translator), reference and the predictions of `names`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   cmedl_run = names[-1]
   rec = records.get(cmedl_run)
   if rec is None:
@@ -400,10 +490,11 @@ def overlay_figure(root, records, path, names, setting='informative'):
     if by_kind.get(kind):
       t = max(by_kind[kind], key=lambda t: _num(t['ref_volume_mm3']))
       picks.append((t['case'], kind))
-  picks += [(c, 'case') for c in cases if c not in {p[0] for p in picks}][:max(0, 3 - len(picks))]
+  picks += [(c, 'case') for c in cases if c not in {p[0] for p in picks}][: max(0, 3 - len(picks))]
   cols = ['CT', 'pseudo-MRI', 'reference'] + names
-  fig, axes = plt.subplots(len(picks), len(cols), figsize=(2.3 * len(cols), 2.4 * len(picks)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    len(picks), len(cols), figsize=(2.3 * len(cols), 2.4 * len(picks)), squeeze=False
+  )
   for i, (case, kind) in enumerate(picks):
     image, zooms = eval_plots.canonical(f'{dataset_dir}/imagesTs/{case}_0000.nii.gz', False)
     ref, _ = eval_plots.canonical(f'{dataset_dir}/labelsTs/{case}.nii.gz', True)
@@ -418,8 +509,7 @@ def overlay_figure(root, records, path, names, setting='informative'):
     for name in names:
       pred_path = f'{root}/runs/{name}/test_predictions/{case}.nii.gz'
       pred = eval_plots.canonical(pred_path, True)[0] if os.path.isfile(pred_path) else None
-      panels.append((image[:, :, k], None if pred is None else pred[:, :, k], 'gray',
-                     panels[0][3]))
+      panels.append((image[:, :, k], None if pred is None else pred[:, :, k], 'gray', panels[0][3]))
     for j, (img, mask, cmap, window) in enumerate(panels):
       ax = axes[i][j]
       lo, hi = window if window else np.percentile(img, [1, 99])
@@ -475,8 +565,9 @@ which such a table can be joined.
 
 def _git_commit():
   try:
-    return subprocess.check_output(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO,
-                                   text=True).strip()
+    return subprocess.check_output(
+      ['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, text=True
+    ).strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
 
@@ -487,9 +578,11 @@ def _delta_sentence(groups, a, b):
     return f'{b} vs {a}: not run.'
   p, n, diff = _p(ga['cases'], gb['cases'], ('seed', 'case', 'class'), 'case')
   verdict = 'higher' if diff > 0 else 'lower' if diff < 0 else 'equal'
-  sig = ('significant at 0.05' if np.isfinite(p) and p < 0.05 else 'not significant at 0.05')
-  return (f'{b} vs {a}: DSC {verdict} by {abs(diff):.3f} on average over {n} paired cases '
-          f'(same seed and test case; Wilcoxon p = {_fmt_p(p)}, {sig}).')
+  sig = 'significant at 0.05' if np.isfinite(p) and p < 0.05 else 'not significant at 0.05'
+  return (
+    f'{b} vs {a}: DSC {verdict} by {abs(diff):.3f} on average over {n} paired cases '
+    f'(same seed and test case; Wilcoxon p = {_fmt_p(p)}, {sig}).'
+  )
 
 
 def build_report(root, out, runs, records, tiny, extra):
@@ -511,7 +604,7 @@ def build_report(root, out, runs, records, tiny, extra):
   seconds = {}
   commits = {}
   for r in runs:
-    path = f"{root}/runs/{r['name']}/study_run.json"
+    path = f'{root}/runs/{r["name"]}/study_run.json'
     if os.path.isfile(path):
       with open(path) as f:
         record = json.load(f)
@@ -519,12 +612,15 @@ def build_report(root, out, runs, records, tiny, extra):
       commits.setdefault(record.get('commit', 'unknown'), []).append(r['name'])
   total_min = sum(seconds.values()) / 60
   cfg = study.get_config('informative,cmedl')
-  size = (f"{extra.get('data.image_size', cfg.data.image_size)}² slices at "
-          f"{extra.get('data.spacing_mm', cfg.data.spacing_mm)} mm, "
-          f"{extra.get('train.num_steps', cfg.train.num_steps)} steps of batch "
-          f"{cfg.train.global_batch_size}")
+  size = (
+    f'{extra.get("data.image_size", cfg.data.image_size)}² slices at '
+    f'{extra.get("data.spacing_mm", cfg.data.spacing_mm)} mm, '
+    f'{extra.get("train.num_steps", cfg.train.num_steps)} steps of batch '
+    f'{cfg.train.global_batch_size}'
+  )
   datasets = TINY_DATASETS if tiny else DATASETS
-  parts = [f"""# CMEDL on the phantom benchmark: the paper's comparisons, small
+  parts = [
+    f"""# CMEDL on the phantom benchmark: the paper's comparisons, small
 
 Generated by `python benchmarks/reproduce.py{' --tiny' if tiny else ''}` (commit `{_git_commit()}`,
 {datetime.date.today().isoformat()}, {platform.machine()} {os.cpu_count()} CPU cores, no GPU):
@@ -549,35 +645,53 @@ DSC, surface Dice at 2 mm (sDSC) and HD95 in mm, per case and per tumor (3D conn
 of the reference; type from the phantom's ground truth). `inf`: a case with an empty prediction
 (HD95 undefined), excluded from the mean and counted. Tests: two-sided paired Wilcoxon signed-rank
 (scipy), pairs = same seed and same test case (or tumor).
-"""]
+"""
+  ]
 
-  parts.append('## 1. Informative teacher: CT student, T2w MRI teacher (U-Net + CycleGAN)\n\n'
-               'Methods: student_only (CT alone), cmedl (the student of CMEDL), cmedl_teacher '
-               '(the teacher of the same CMEDL runs, segmenting the translator\'s pseudo-MRI of '
-               'the test CT: what the student is distilled from), two_channel (student on CT '
-               'and pseudo-MRI as two channels), pmri_teacher (translator + teacher trained '
-               'without a student; the teacher segments the pseudo-MRI). DSC, sDSC, HD95: mean ± sd '
-               'over all runs (seeds) and test cases of a method; p: paired Wilcoxon against '
-               'student_only over the same seeds and cases, Δ: mean paired difference.\n\n'
-               + method_table(main, 'student_only') + '\n')
+  parts.append(
+    '## 1. Informative teacher: CT student, T2w MRI teacher (U-Net + CycleGAN)\n\n'
+    'Methods: student_only (CT alone), cmedl (the student of CMEDL), cmedl_teacher '
+    "(the teacher of the same CMEDL runs, segmenting the translator's pseudo-MRI of "
+    'the test CT: what the student is distilled from), two_channel (student on CT '
+    'and pseudo-MRI as two channels), pmri_teacher (translator + teacher trained '
+    'without a student; the teacher segments the pseudo-MRI). DSC, sDSC, HD95: mean ± sd '
+    'over all runs (seeds) and test cases of a method; p: paired Wilcoxon against '
+    'student_only over the same seeds and cases, Δ: mean paired difference.\n\n'
+    + method_table(main, 'student_only')
+    + '\n'
+  )
   if main:
     box_plot(main, f'{fig_dir}/main_dsc.png')
     parts.append(f'![DSC per case and per tumor type]({rel}/main_dsc.png)\n')
-  names = [n for n in ('informative-student_only-s0', 'informative-two_channel-s0',
-                       'informative-pmri_teacher-s0', 'informative-cmedl-s0') if n in records]
+  names = [
+    n
+    for n in (
+      'informative-student_only-s0',
+      'informative-two_channel-s0',
+      'informative-pmri_teacher-s0',
+      'informative-cmedl-s0',
+    )
+    if n in records
+  ]
   if names and overlay_figure(root, records, f'{fig_dir}/overlays.png', names):
     parts.append(f'![CT, pseudo-MRI, reference and predictions]({rel}/overlays.png)\n')
 
   arch = {}
   for r in runs:
-    if r['name'] in records and (r['group'] == 'arch' or r['name'] in (
-        'informative-student_only-s0', 'informative-cmedl-s0')):
-      label = f"{r['seg']}+{r['i2i']} {r['method']}" if r['method'] == 'cmedl' else \
-          f"{r['seg']} student_only"
+    if r['name'] in records and (
+      r['group'] == 'arch' or r['name'] in ('informative-student_only-s0', 'informative-cmedl-s0')
+    ):
+      label = (
+        f'{r["seg"]}+{r["i2i"]} {r["method"]}'
+        if r['method'] == 'cmedl'
+        else f'{r["seg"]} student_only'
+      )
       arch[label] = group_of(records, runs, {r['name']})
   if len(arch) > 2:
-    lines = ['| segmenter | translator | student only DSC | CMEDL DSC | Δ mean | p (case) |',
-             '|---|---|---|---|---|---|']
+    lines = [
+      '| segmenter | translator | student only DSC | CMEDL DSC | Δ mean | p (case) |',
+      '|---|---|---|---|---|---|',
+    ]
     for seg in ('unet', 'densefcn', 'pspnet'):
       for i2i in ('cyclegan', 'cut'):
         key = f'{seg}+{i2i} cmedl'
@@ -586,40 +700,59 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
           continue
         a = [r['dice'] for r in base['cases']] if base else []
         b = [r['dice'] for r in arch[key]['cases']]
-        p = _p(base['cases'], arch[key]['cases'], ('seed', 'case', 'class'), 'case') if base \
-            else (float('nan'), 0, 0)
+        p = (
+          _p(base['cases'], arch[key]['cases'], ('seed', 'case', 'class'), 'case')
+          if base
+          else (float('nan'), 0, 0)
+        )
         da = eval_stats.describe(a)['mean'] if a else float('nan')
         db = eval_stats.describe(b)['mean']
-        lines.append(f"| {seg} | {i2i} | {_ms(a) if a else 'n/a'} | {_ms(b)} | "
-                     f"{db - da:+.3f} | {_fmt_p(p[0])} |")
-    parts.append('## 2. Architectural flexibility (seed 0)\n\nReduced grid: every segmenter with '
-                 'CycleGAN, and U-Net with CUT; each against the same segmenter trained alone.\n\n'
-                 + '\n'.join(lines) + '\n')
+        lines.append(
+          f'| {seg} | {i2i} | {_ms(a) if a else "n/a"} | {_ms(b)} | '
+          f'{db - da:+.3f} | {_fmt_p(p[0])} |'
+        )
+    parts.append(
+      '## 2. Architectural flexibility (seed 0)\n\nReduced grid: every segmenter with '
+      'CycleGAN, and U-Net with CUT; each against the same segmenter trained alone.\n\n'
+      + '\n'.join(lines)
+      + '\n'
+    )
 
   weak = grouped('weak', lambda r: r['method'])
   if weak:
-    parts.append('## 3a. Weak teacher: T2w MRI student, CT teacher (seed 0)\n\n' +
-                 method_table(weak, 'student_only') + '\n')
+    parts.append(
+      '## 3a. Weak teacher: T2w MRI student, CT teacher (seed 0)\n\n'
+      + method_table(weak, 'student_only')
+      + '\n'
+    )
   equal = grouped('equal', lambda r: r['method'])
   if equal:
-    parts.append('## 3b. Equal teacher: abdominal T1w student, T2w teacher, 4 organs (seed 0)\n'
-                 '\n' + class_table(equal, 'student_only') + '\n')
+    parts.append(
+      '## 3b. Equal teacher: abdominal T1w student, T2w teacher, 4 organs (seed 0)\n'
+      '\n' + class_table(equal, 'student_only') + '\n'
+    )
 
   abl = {}
   for r in runs:
-    if r['name'] in records and (r['group'] == 'ablation' or r['name'] in (
-        'informative-student_only-s0', 'informative-cmedl-s0')):
-      abl[r['name'].replace('informative-', '').replace('ablation-', '')] = \
-          group_of(records, runs, {r['name']})
+    if r['name'] in records and (
+      r['group'] == 'ablation'
+      or r['name'] in ('informative-student_only-s0', 'informative-cmedl-s0')
+    ):
+      abl[r['name'].replace('informative-', '').replace('ablation-', '')] = group_of(
+        records, runs, {r['name']}
+      )
   if len(abl) > 2:
-    parts.append('## 4. Ablations (seed 0; p against CMEDL with the defaults)\n\n'
-                 'distill_none: CMEDL without any distillation loss (translator and teacher '
-                 'still trained); distill_kl: KL between the softened outputs instead of the '
-                 'hint loss; taps_last: hint on the last feature map only; teacher_grad: the '
-                 'hint loss also updates the teacher (and through it the translator); '
-                 'two_stage: the translator is trained first (stage1, '
-                 '`translator_only`), then frozen while teacher and student train.\n\n'
-                 + method_table(abl, 'cmedl-s0') + '\n')
+    parts.append(
+      '## 4. Ablations (seed 0; p against CMEDL with the defaults)\n\n'
+      'distill_none: CMEDL without any distillation loss (translator and teacher '
+      'still trained); distill_kl: KL between the softened outputs instead of the '
+      'hint loss; taps_last: hint on the last feature map only; teacher_grad: the '
+      'hint loss also updates the teacher (and through it the translator); '
+      'two_stage: the translator is trained first (stage1, '
+      '`translator_only`), then frozen while teacher and student train.\n\n'
+      + method_table(abl, 'cmedl-s0')
+      + '\n'
+    )
 
   summary = ['## Discussion', '', PAPER, '']
   if main:
@@ -631,8 +764,10 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
         a = [t['dice'] for t in base['tumors'] if t.get('type') == kind]
         b = [t['dice'] for t in cm['tumors'] if t.get('type') == kind]
         if a and b:
-          summary.append(f'- {kind} tumors: CMEDL {np.mean(b):.3f} vs student only '
-                         f'{np.mean(a):.3f} (Δ {np.mean(b) - np.mean(a):+.3f}, {len(b)} tumors).')
+          summary.append(
+            f'- {kind} tumors: CMEDL {np.mean(b):.3f} vs student only '
+            f'{np.mean(a):.3f} (Δ {np.mean(b) - np.mean(a):+.3f}, {len(b)} tumors).'
+          )
   if weak:
     for b in ('cmedl', 'cmedl_teacher'):
       summary.append('- Weak teacher, ' + _delta_sentence(weak, 'student_only', b))
@@ -644,30 +779,49 @@ of the reference; type from the phantom's ground truth). `inf`: a case with an e
   summary.append(DISCUSSION)
   parts.append('\n'.join(summary))
 
-  lines = ['## Commands and run times', '', 'Phantoms: `' + ' && '.join(
+  lines = [
+    '## Commands and run times',
+    '',
+    'Phantoms: `'
+    + ' && '.join(
       f'python -m data_prep.phantoms --kind {k} --n {n} --n-test {t} --seed {s} '
-      f'--out {root}/data/phantoms/{k}' for k, (n, t, s) in datasets.items()) + '`', '',
-      '| run | seconds | command |', '|---|---|---|']
+      f'--out {root}/data/phantoms/{k}'
+      for k, (n, t, s) in datasets.items()
+    )
+    + '`',
+    '',
+    '| run | seconds | command |',
+    '|---|---|---|',
+  ]
   for r in runs:
     if '#' in r['name']:
       continue
-    lines.append(f"| {r['name']} | {seconds.get(r['name'], 'not run')} | "
-                 f"`{shown(train_command(r, root, extra))}` |")
-  lines += ['', 'Prediction and evaluation of each run (done in-process by the script, same code): '
-            '`python -m cmedl_jax.predict --workdir RUN --input ROOT/data/phantoms/KIND/imagesTs '
-            '--output RUN/test_predictions` and `python -m cmedl_jax.evaluate --pred '
-            'RUN/test_predictions --ref ROOT/data/phantoms/KIND/labelsTs --classes '
-            'ROOT/data/phantoms/KIND/dataset.json --out RUN/eval`.']
+    lines.append(
+      f'| {r["name"]} | {seconds.get(r["name"], "not run")} | '
+      f'`{shown(train_command(r, root, extra))}` |'
+    )
+  lines += [
+    '',
+    'Prediction and evaluation of each run (done in-process by the script, same code): '
+    '`python -m cmedl_jax.predict --workdir RUN --input ROOT/data/phantoms/KIND/imagesTs '
+    '--output RUN/test_predictions` and `python -m cmedl_jax.evaluate --pred '
+    'RUN/test_predictions --ref ROOT/data/phantoms/KIND/labelsTs --classes '
+    'ROOT/data/phantoms/KIND/dataset.json --out RUN/eval`.',
+  ]
   parts.append('\n'.join(lines) + '\n')
   parts.append(REAL_DATA)
   nifti_io.atomic_write(out, '\n'.join(parts))
   print(f'reproduce: wrote {out}', flush=True)
-  copy_run_records(root, runs, os.path.join(os.path.dirname(os.path.abspath(out)),
-                                            'RESULTS_runs'))
+  copy_run_records(root, runs, os.path.join(os.path.dirname(os.path.abspath(out)), 'RESULTS_runs'))
 
 
-RECORD_FILES = ('config.json', 'study_run.json', 'validation.json', 'test_eval.json',
-                'test_eval_teacher.json')
+RECORD_FILES = (
+  'config.json',
+  'study_run.json',
+  'validation.json',
+  'test_eval.json',
+  'test_eval_teacher.json',
+)
 
 
 def copy_run_records(root, runs, dest):
@@ -677,15 +831,16 @@ def copy_run_records(root, runs, dest):
     if '#' in r['name']:
       continue
     for name in RECORD_FILES:
-      src = f"{root}/runs/{r['name']}/{name}"
+      src = f'{root}/runs/{r["name"]}/{name}'
       if os.path.isfile(src):
         with open(src, 'rb') as f:
           nifti_io.atomic_write(os.path.join(dest, r['name'], name), f.read())
 
 
 def _mean_dice(g):
-  return eval_stats.describe(r['dice'] for r in g['cases'])['mean'] if g and g['cases'] \
-      else float('nan')
+  return (
+    eval_stats.describe(r['dice'] for r in g['cases'])['mean'] if g and g['cases'] else float('nan')
+  )
 
 
 def ablation_findings(abl, main, weak, equal):
@@ -697,60 +852,88 @@ def ablation_findings(abl, main, weak, equal):
     for seed in sorted({r['seed'] for r in so['cases']} & {r['seed'] for r in cm['cases']}):
       m = [np.mean([r['dice'] for r in g['cases'] if r['seed'] == seed]) for g in (so, cm)]
       per_seed.append(f'seed {seed}: {m[0]:.3f} / {m[1]:.3f}')
-    out.append('- Informative teacher, mean DSC per seed (student_only / cmedl): '
-               + '; '.join(per_seed) + '. The spread between seeds of one method is as large '
-               'as the differences between methods.')
+    out.append(
+      '- Informative teacher, mean DSC per seed (student_only / cmedl): '
+      + '; '.join(per_seed)
+      + '. The spread between seeds of one method is as large '
+      'as the differences between methods.'
+    )
   if so and te and te['cases']:
     better = _mean_dice(te) > _mean_dice(so)
-    out.append(f'- The CMEDL teacher on pseudo-MRI reaches DSC {_mean_dice(te):.3f} against '
-               f'{_mean_dice(so):.3f} for the CT student alone: the teacher is '
-               f'{"better" if better else "worse"} than the student it teaches. CMEDL\'s premise '
-               'is a teacher that sees more than the student; '
-               + ('here it holds.' if better else 'at this training length it does not hold, '
-                  'so distillation pulls the student toward a weaker network.'))
+    out.append(
+      f'- The CMEDL teacher on pseudo-MRI reaches DSC {_mean_dice(te):.3f} against '
+      f'{_mean_dice(so):.3f} for the CT student alone: the teacher is '
+      f"{'better' if better else 'worse'} than the student it teaches. CMEDL's premise "
+      'is a teacher that sees more than the student; '
+      + (
+        'here it holds.'
+        if better
+        else 'at this training length it does not hold, '
+        'so distillation pulls the student toward a weaker network.'
+      )
+    )
   a, b = abl.get('distill_none'), abl.get('student_only-s0')
   if a and b and a['cases']:
     same = [r['dice'] for r in a['cases']] == [r['dice'] for r in b['cases']]
-    out.append('- distill_none ' + ('gives exactly the same per-case DSC as student_only '
-               '(same seed): without a distillation loss the student is trained on the same '
-               'batches from the same initialisation, untouched by the translator and teacher '
-               'beside it (a check that nothing else leaks into the student).' if same else
-               f'differs from student_only ({_mean_dice(a):.3f} vs {_mean_dice(b):.3f}).'))
-  for name, what in (('distill_kl', 'KL distillation'), ('taps_last', 'a hint on the last '
-                     'feature map only'), ('teacher_grad', 'letting the hint train the teacher'),
-                     ('two_stage', 'a translator trained first and frozen')):
+    out.append(
+      '- distill_none '
+      + (
+        'gives exactly the same per-case DSC as student_only '
+        '(same seed): without a distillation loss the student is trained on the same '
+        'batches from the same initialisation, untouched by the translator and teacher '
+        'beside it (a check that nothing else leaks into the student).'
+        if same
+        else f'differs from student_only ({_mean_dice(a):.3f} vs {_mean_dice(b):.3f}).'
+      )
+    )
+  for name, what in (
+    ('distill_kl', 'KL distillation'),
+    ('taps_last', 'a hint on the last feature map only'),
+    ('teacher_grad', 'letting the hint train the teacher'),
+    ('two_stage', 'a translator trained first and frozen'),
+  ):
     g, base = abl.get(name), abl.get('cmedl-s0')
     if g and base and g['cases']:
       d = _mean_dice(g) - _mean_dice(base)
       note = ' (the student collapsed to predicting background)' if _mean_dice(g) < 0.05 else ''
-      out.append(f'- Ablation, {what}: DSC {_mean_dice(g):.3f} vs {_mean_dice(base):.3f} for '
-                 f'default CMEDL (Δ {d:+.3f}, one seed){note}.')
+      out.append(
+        f'- Ablation, {what}: DSC {_mean_dice(g):.3f} vs {_mean_dice(base):.3f} for '
+        f'default CMEDL (Δ {d:+.3f}, one seed){note}.'
+      )
   settings = []
   for label, groups in (('informative', main), ('weak', weak), ('equal', equal)):
     g_so, g_cm, g_te = (groups.get(k) for k in ('student_only', 'cmedl', 'cmedl_teacher'))
     if g_so and g_cm and g_te:
       t = _p(g_so['cases'], g_te['cases'], ('seed', 'case', 'class'), 'case')[2]
-      c, p = (lambda r: (r[2], r[0]))(_p(g_so['cases'], g_cm['cases'],
-                                         ('seed', 'case', 'class'), 'case'))
+      c, p = (lambda r: (r[2], r[0]))(
+        _p(g_so['cases'], g_cm['cases'], ('seed', 'case', 'class'), 'case')
+      )
       settings.append((label, t, c, p))
   if settings:
-    text = '; '.join(f'{label} teacher: teacher − student {t:+.3f}, CMEDL − student {c:+.3f} '
-                     f'(p = {_fmt_p(p)})' for label, t, c, p in settings)
+    text = '; '.join(
+      f'{label} teacher: teacher − student {t:+.3f}, CMEDL − student {c:+.3f} (p = {_fmt_p(p)})'
+      for label, t, c, p in settings
+    )
     gained = {label for label, _, c, p in settings if c > 0 and p < 0.05}
     better = {label for label, t, _, _ in settings if t > 0}
-    verdict = ('CMEDL improved its student significantly exactly where its teacher, segmenting '
-               'pseudo-target images, was better than the student: teacher quality decides.'
-               if gained == better else
-               f'Settings with a significant CMEDL gain: {sorted(gained) or "none"}; with a '
-               f'teacher better than the student: {sorted(better) or "none"}.')
-    out.append('- Paired DSC differences against the student trained alone: ' + text + '. '
-               + verdict)
+    verdict = (
+      'CMEDL improved its student significantly exactly where its teacher, segmenting '
+      'pseudo-target images, was better than the student: teacher quality decides.'
+      if gained == better
+      else f'Settings with a significant CMEDL gain: {sorted(gained) or "none"}; with a '
+      f'teacher better than the student: {sorted(better) or "none"}.'
+    )
+    out.append(
+      '- Paired DSC differences against the student trained alone: ' + text + '. ' + verdict
+    )
   so_e, cm_e = (equal.get(k) for k in ('student_only', 'cmedl'))
   if so_e and cm_e:
     classes = list(dict.fromkeys(r['class'] for r in so_e['cases']))
     per = ', '.join(
-        f"{c} {np.mean([r['dice'] for r in cm_e['cases'] if r['class'] == c]):.2f} vs "
-        f"{np.mean([r['dice'] for r in so_e['cases'] if r['class'] == c]):.2f}" for c in classes)
+      f'{c} {np.mean([r["dice"] for r in cm_e["cases"] if r["class"] == c]):.2f} vs '
+      f'{np.mean([r["dice"] for r in so_e["cases"] if r["class"] == c]):.2f}'
+      for c in classes
+    )
     out.append(f'- Equal teacher, per organ (CMEDL vs student only): {per}.')
   return out
 
@@ -781,13 +964,15 @@ small tumors are a few voxels, while the test metrics are on the 2.4 mm original
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--root', default=study.ROOT, help='data and run directories')
   parser.add_argument('--out', default=os.path.join(REPO, 'docs', 'RESULTS.md'))
   parser.add_argument('--tiny', action='store_true', help='a seconds-long pipeline check')
-  parser.add_argument('--report-only', action='store_true',
-                      help='no training: evaluate and report the finished runs')
+  parser.add_argument(
+    '--report-only', action='store_true', help='no training: evaluate and report the finished runs'
+  )
   parser.add_argument('--only', default='', help='comma-separated run names (default: all)')
   args = parser.parse_args(argv)
   root = args.root.rstrip('/')
@@ -797,8 +982,9 @@ def main(argv=None):
     wanted = set(args.only.split(','))
     runs = [r for r in runs if r['name'] in wanted]
   if not args.report_only:
-    write_phantoms(root, TINY_DATASETS if args.tiny else DATASETS,
-                   TINY_PHANTOM_GRID if args.tiny else {})
+    write_phantoms(
+      root, TINY_DATASETS if args.tiny else DATASETS, TINY_PHANTOM_GRID if args.tiny else {}
+    )
   records = {}
   failed = []
   teachers = []

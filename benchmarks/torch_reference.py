@@ -14,6 +14,7 @@ losses and the same update as `cmedl_jax.train_step.train_step`:
 Dropout is off in both (the JAX step passes no dropout rng). No torch.compile (eager; oneDNN
 convolutions). Needs `pip install torch==2.13.0` (CPU build).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,19 @@ def count_params(module: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------- GAN parts
 
+
 class ResnetBlock(nn.Module):
   def __init__(self, dim):
     super().__init__()
-    self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3), nn.InstanceNorm2d(dim),
-                              nn.ReLU(True), nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3),
-                              nn.InstanceNorm2d(dim))
+    self.body = nn.Sequential(
+      nn.ReflectionPad2d(1),
+      nn.Conv2d(dim, dim, 3),
+      nn.InstanceNorm2d(dim),
+      nn.ReLU(True),
+      nn.ReflectionPad2d(1),
+      nn.Conv2d(dim, dim, 3),
+      nn.InstanceNorm2d(dim),
+    )
 
   def forward(self, x):
     return x + self.body(x)
@@ -47,13 +55,16 @@ class ResnetGenerator(nn.Module):
     super().__init__()
     m = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
     for i in range(2):
-      c = ngf * 2 ** i
+      c = ngf * 2**i
       m += [nn.Conv2d(c, 2 * c, 3, 2, 1), nn.InstanceNorm2d(2 * c), nn.ReLU(True)]
     m += [ResnetBlock(4 * ngf) for _ in range(n_blocks)]
     for i in range(2):
       c = ngf * 2 ** (2 - i)
-      m += [nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(c // 2),
-            nn.ReLU(True)]
+      m += [
+        nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1),
+        nn.InstanceNorm2d(c // 2),
+        nn.ReLU(True),
+      ]
     m += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh()]
     self.model = nn.Sequential(*m)
 
@@ -78,9 +89,12 @@ class PatchGAN(nn.Module):
     m = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
     prev = 1
     for n in range(1, n_layers + 1):
-      mult = min(2 ** n, 8)
-      m += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1),
-            nn.InstanceNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+      mult = min(2**n, 8)
+      m += [
+        nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1),
+        nn.InstanceNorm2d(ndf * mult),
+        nn.LeakyReLU(0.2, True),
+      ]
       prev = mult
     m += [nn.Conv2d(ndf * prev, 1, 4, 1, 1)]
     self.model = nn.Sequential(*m)
@@ -94,16 +108,18 @@ class PatchSampleF(nn.Module):
 
   def __init__(self, channels, nc=256):
     super().__init__()
-    self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(c, nc), nn.ReLU(), nn.Linear(nc, nc))
-                              for c in channels)
+    self.mlps = nn.ModuleList(
+      nn.Sequential(nn.Linear(c, nc), nn.ReLU(), nn.Linear(nc, nc)) for c in channels
+    )
 
   def forward(self, feats, num_patches, patch_ids=None):
     out, ids_out = [], []
     for l, f in enumerate(feats):
       n, c, h, w = f.shape
       flat = f.permute(0, 2, 3, 1).reshape(n, h * w, c)
-      ids = patch_ids[l] if patch_ids is not None else \
-          torch.randperm(h * w)[:min(num_patches, h * w)]
+      ids = (
+        patch_ids[l] if patch_ids is not None else torch.randperm(h * w)[: min(num_patches, h * w)]
+      )
       x = self.mlps[l](flat[:, ids, :])
       out.append(x / (x.norm(dim=-1, keepdim=True) + 1e-7))
       ids_out.append(ids)
@@ -112,18 +128,31 @@ class PatchSampleF(nn.Module):
 
 # ---------------------------------------------------------------------------------- segmenters
 
+
 class BatchNorm2d(nn.BatchNorm2d):
   """BatchNorm2d without PyTorch's "more than 1 value per channel" check: PSPNet's 1-bin
   pyramid branch at batch 1 normalises one value per channel (output = beta, as in Flax)."""
 
   def forward(self, x):
-    return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                            self.training, self.momentum, self.eps, False)
+    return torch.batch_norm(
+      x,
+      self.weight,
+      self.bias,
+      self.running_mean,
+      self.running_var,
+      self.training,
+      self.momentum,
+      self.eps,
+      False,
+    )
 
 
 def conv_bn_relu(cin, cout, k=3, stride=1, dilation=1):
-  return nn.Sequential(nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation, bias=False),
-                       BatchNorm2d(cout), nn.ReLU(True))
+  return nn.Sequential(
+    nn.Conv2d(cin, cout, k, stride, dilation * (k // 2), dilation, bias=False),
+    BatchNorm2d(cout),
+    nn.ReLU(True),
+  )
 
 
 class UNet(nn.Module):
@@ -134,15 +163,15 @@ class UNet(nn.Module):
     self.enc = nn.ModuleList()
     c = in_ch
     for level in range(depth):
-      w = base_width * 2 ** level
+      w = base_width * 2**level
       self.enc.append(nn.Sequential(conv_bn_relu(c, w), conv_bn_relu(w, w)))
       c = w
-    w = base_width * 2 ** depth
+    w = base_width * 2**depth
     self.bottleneck = nn.Sequential(conv_bn_relu(c, w), conv_bn_relu(w, w))
     self.up, self.dec0, self.dec1 = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
     c = w
     for level in reversed(range(depth)):
-      w = base_width * 2 ** level
+      w = base_width * 2**level
       self.up.append(nn.ConvTranspose2d(c, w, 2, 2))
       self.dec0.append(conv_bn_relu(2 * w, w))
       self.dec1.append(conv_bn_relu(w, w))
@@ -163,8 +192,11 @@ class UNet(nn.Module):
     return logits, {'penultimate': pen, 'last': h, 'logits': logits}
 
 
-DENSE_VARIANTS = {56: (12, (4,) * 11), 67: (16, (5,) * 11),
-                  103: (16, (4, 5, 7, 10, 12, 15, 12, 10, 7, 5, 4))}
+DENSE_VARIANTS = {
+  56: (12, (4,) * 11),
+  67: (16, (5,) * 11),
+  103: (16, (4, 5, 7, 10, 12, 15, 12, 10, 7, 5, 4)),
+}
 
 
 class DenseFCN(nn.Module):
@@ -181,8 +213,13 @@ class DenseFCN(nn.Module):
     def block(c, n):
       layers = nn.ModuleList()
       for i in range(n):
-        layers.append(nn.Sequential(nn.BatchNorm2d(c + i * growth), nn.ReLU(True),
-                                    nn.Conv2d(c + i * growth, growth, 3, padding=1)))
+        layers.append(
+          nn.Sequential(
+            nn.BatchNorm2d(c + i * growth),
+            nn.ReLU(True),
+            nn.Conv2d(c + i * growth, growth, 3, padding=1),
+          )
+        )
       return layers
 
     for i in range(n_pool):
@@ -229,12 +266,16 @@ class DenseFCN(nn.Module):
 class ResidualBlock(nn.Module):
   def __init__(self, cin, width, stride, dilation):
     super().__init__()
-    self.body = nn.Sequential(conv_bn_relu(cin, width, 3, stride, dilation),
-                              nn.Conv2d(width, width, 3, 1, dilation, dilation, bias=False),
-                              nn.BatchNorm2d(width))
+    self.body = nn.Sequential(
+      conv_bn_relu(cin, width, 3, stride, dilation),
+      nn.Conv2d(width, width, 3, 1, dilation, dilation, bias=False),
+      nn.BatchNorm2d(width),
+    )
     self.short = None
     if stride != 1 or cin != width:
-      self.short = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+      self.short = nn.Sequential(
+        nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width)
+      )
 
   def forward(self, x):
     s = x if self.short is None else self.short(x)
@@ -251,8 +292,8 @@ class PSPNet(nn.Module):
     stages, c = [], b
     for s, (n, stride, dil) in enumerate(zip(blocks, (1, 2, 1, 1), (1, 1, 2, 4))):
       for k in range(n):
-        stages.append(ResidualBlock(c, b * 2 ** s, stride if k == 0 else 1, dil))
-        c = b * 2 ** s
+        stages.append(ResidualBlock(c, b * 2**s, stride if k == 0 else 1, dil))
+        c = b * 2**s
     self.stages = nn.Sequential(*stages)
     self.bins = bins
     self.ppm = nn.ModuleList(conv_bn_relu(c, c // len(bins), 1) for _ in bins)
@@ -264,9 +305,14 @@ class PSPNet(nn.Module):
     h = F.max_pool2d(self.stem(x), 3, 2, 1)
     h = self.stages(h)
     fs = h.shape[-2:]
-    pen = torch.cat([h] + [F.interpolate(m(F.adaptive_avg_pool2d(h, b)), fs, mode='bilinear',
-                                         align_corners=False)
-                           for m, b in zip(self.ppm, self.bins)], 1)
+    pen = torch.cat(
+      [h]
+      + [
+        F.interpolate(m(F.adaptive_avg_pool2d(h, b)), fs, mode='bilinear', align_corners=False)
+        for m, b in zip(self.ppm, self.bins)
+      ],
+      1,
+    )
     last = self.head(pen)
     logits = F.interpolate(self.classifier(last), size, mode='bilinear', align_corners=False)
     return logits, {'penultimate': pen, 'last': last, 'logits': logits}
@@ -277,12 +323,13 @@ SEGMENTERS = {'unet': UNet, 'densefcn': DenseFCN, 'pspnet': PSPNet}
 
 # --------------------------------------------------------------------------------------- losses
 
+
 def lsgan_g(d):
   return ((d - 1) ** 2).mean()
 
 
 def lsgan_d(real, fake):
-  return 0.5 * (((real - 1) ** 2).mean() + (fake ** 2).mean())
+  return 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean())
 
 
 def patch_nce(q, k, tau=0.07):
@@ -328,28 +375,51 @@ def seg_loss(logits, labels, k, mask=None, smooth=1.0):
 
 # ------------------------------------------------------------------------------------ the step
 
+
 class CMEDLStep:
   """Builds the networks of one segmenter x translator pairing and runs eager train steps."""
 
-  def __init__(self, segmenter='unet', translator='cyclegan', seg_kwargs=None, ngf=64, n_blocks=9,
-               ndf=64, n_layers=3, num_classes=2, nce_layers=(0, 4, 8, 12, 16), num_patches=256,
-               nce_features=256, contextual_points=1024, contextual_patch=5, taps=('penultimate', 'last')):
+  def __init__(
+    self,
+    segmenter='unet',
+    translator='cyclegan',
+    seg_kwargs=None,
+    ngf=64,
+    n_blocks=9,
+    ndf=64,
+    n_layers=3,
+    num_classes=2,
+    nce_layers=(0, 4, 8, 12, 16),
+    num_patches=256,
+    nce_features=256,
+    contextual_points=1024,
+    contextual_patch=5,
+    taps=('penultimate', 'last'),
+  ):
     self.k, self.translator, self.taps = num_classes, translator, taps
     self.nce_layers, self.num_patches = tuple(nce_layers), num_patches
     self.ctx_points, self.ctx_patch = contextual_points, contextual_patch
     seg = SEGMENTERS[segmenter]
     kw = dict(seg_kwargs or {}, num_classes=num_classes)
-    self.nets = nn.ModuleDict(dict(
-        student=seg(**kw), teacher=seg(**kw),
+    self.nets = nn.ModuleDict(
+      dict(
+        student=seg(**kw),
+        teacher=seg(**kw),
         translator=ResnetGenerator(ngf=ngf, n_blocks=n_blocks),
-        disc_target=PatchGAN(ndf=ndf, n_layers=n_layers)))
+        disc_target=PatchGAN(ndf=ndf, n_layers=n_layers),
+      )
+    )
     if translator == 'cyclegan':
       self.nets['translator_inv'] = ResnetGenerator(ngf=ngf, n_blocks=n_blocks)
       self.nets['disc_source'] = PatchGAN(ndf=ndf, n_layers=n_layers)
     else:
       with torch.no_grad():
-        chans = [f.shape[1] for f in self.nets['translator'](
-            torch.zeros(1, 1, 32, 32), self.nce_layers, encode_only=True)]
+        chans = [
+          f.shape[1]
+          for f in self.nets['translator'](
+            torch.zeros(1, 1, 32, 32), self.nce_layers, encode_only=True
+          )
+        ]
       self.nets['nce_head'] = PatchSampleF(chans, nce_features)
     self.disc_names = [n for n in ('disc_target', 'disc_source') if n in self.nets]
     self.opt = torch.optim.Adam(self.nets.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -387,12 +457,14 @@ class CMEDLStep:
       loss = loss + self._nce(x, fake_t) + self._nce(t, G(t))
     n = x.shape[0]
     t_logits, t_feats = nets['teacher'](torch.cat([fake_t, t], 0))
-    loss = loss + seg_loss(t_logits, torch.cat([y, ty], 0), self.k,
-                           torch.cat([torch.ones(n), t_has_label], 0))
+    loss = loss + seg_loss(
+      t_logits, torch.cat([y, ty], 0), self.k, torch.cat([torch.ones(n), t_has_label], 0)
+    )
     s_logits, s_feats = nets['student'](x)
     loss = loss + seg_loss(s_logits, y, self.k)
-    loss = loss + sum(((s_feats[tap] - t_feats[tap][:n].detach()) ** 2).mean()
-                      for tap in self.taps) / len(self.taps)
+    loss = loss + sum(
+      ((s_feats[tap] - t_feats[tap][:n].detach()) ** 2).mean() for tap in self.taps
+    ) / len(self.taps)
     loss.backward()
     self._set_disc_grad(True)
     d_loss = lsgan_d(Dt(t), Dt(fake_t.detach()))
@@ -409,6 +481,8 @@ def make_batch(n, size, seed):
   yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
   c = torch.rand(n, 2, generator=g) * size * 0.5 + size * 0.25
   r = torch.rand(n, generator=g) * size * 0.15 + size * 0.1
-  disc = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2 < r[:, None, None] ** 2
+  disc = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2 < r[
+    :, None, None
+  ] ** 2
   img = torch.where(disc, 0.6, -0.4) + 0.1 * torch.randn(n, size, size, generator=g)
   return img[:, None].float().clamp(-1, 1), disc.long()

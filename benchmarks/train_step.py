@@ -21,6 +21,7 @@ thread pools do not leak between runs.
 discriminator fwd+bwd, segmenter fwd+bwd on the teacher batch, losses) to show where time
 goes. Torch is an optional, benchmark-only dependency: `pip install torch==2.13.0` (CPU build).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,27 +44,34 @@ def peak_rss_mb():
 def synthetic_batch(n, size, seed):
   """make_batch-style images in [-1, 1] (NHWC) with bright discs labelled 1."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[:size, :size]
   images, labels = [], []
   for _ in range(n):
     cy, cx = rng.uniform(0.25 * size, 0.75 * size, 2)
     r = rng.uniform(0.1 * size, 0.25 * size)
-    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
-    images.append(np.clip(np.where(disc, 0.6, -0.4) + 0.1 * rng.standard_normal((size, size)), -1, 1))
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+    images.append(
+      np.clip(np.where(disc, 0.6, -0.4) + 0.1 * rng.standard_normal((size, size)), -1, 1)
+    )
     labels.append(disc)
-  return {'image': np.stack(images)[..., None].astype(np.float32),
-          'label': np.stack(labels).astype(np.int32),
-          'has_label': np.ones((n,), np.float32)}
+  return {
+    'image': np.stack(images)[..., None].astype(np.float32),
+    'label': np.stack(labels).astype(np.int32),
+    'has_label': np.ones((n,), np.float32),
+  }
 
 
 # ------------------------------------------------------------------------------ matmul peak
+
 
 def matmul_peak(n=4096, repeats=3):
   """Best float32 GFLOP/s of an n^3 product: numpy and jnp.dot."""
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   a = np.random.default_rng(0).standard_normal((n, n), np.float32)
   out = {}
   best = float('inf')
@@ -71,7 +79,7 @@ def matmul_peak(n=4096, repeats=3):
     t0 = time.perf_counter()
     a @ a
     best = min(best, time.perf_counter() - t0)
-  out['numpy'] = 2 * n ** 3 / best / 1e9
+  out['numpy'] = 2 * n**3 / best / 1e9
   aj = jnp.asarray(a)
   dot = jax.jit(jnp.dot)
   dot(aj, aj).block_until_ready()
@@ -80,15 +88,17 @@ def matmul_peak(n=4096, repeats=3):
     t0 = time.perf_counter()
     dot(aj, aj).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  out['jax'] = 2 * n ** 3 / best / 1e9
+  out['jax'] = 2 * n**3 / best / 1e9
   return out
 
 
 # ------------------------------------------------------------------------------ JAX worker
 
+
 def config_for(pair, size, batch, dtype='float32'):
   sys.path.insert(0, ROOT)
   from configs import cmedl
+
   seg, trans = pair.split(':')
   config = cmedl.get_config(f'{seg},{trans}')
   config.data.image_size = size
@@ -99,12 +109,14 @@ def config_for(pair, size, batch, dtype='float32'):
 
 def count(tree):
   import jax
+
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
 def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
   import functools
   import jax
+
   sys.path.insert(0, ROOT)
   from cmedl_jax import method, train_state, train_step as ts
 
@@ -113,8 +125,9 @@ def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
   state, tx = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
   src = jax.device_put(synthetic_batch(batch, size, 1))
   tgt = jax.device_put(synthetic_batch(batch, size, 2))
-  step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
-                 donate_argnums=0)
+  step = jax.jit(
+    functools.partial(ts.train_step, config=config, nets=nets, tx=tx), donate_argnums=0
+  )
   t0 = time.perf_counter()
   compiled = step.lower(state, src, tgt).compile()
   compile_s = time.perf_counter() - t0
@@ -123,8 +136,12 @@ def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
   mem = compiled.memory_analysis()
   xla_bytes = None
   if mem is not None:
-    xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    xla_bytes = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes
+    )
   times, cpu = [], []
   for i in range(steps + 1):
     t0, c0 = time.perf_counter(), time.process_time()
@@ -134,11 +151,19 @@ def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
       times.append(time.perf_counter() - t0)
       cpu.append(time.process_time() - c0)
   result = dict(
-      framework='jax', pair=pair, dtype=dtype, compile_s=compile_s, step_s=statistics.median(times),
-      times=times, cpu_s=statistics.median(cpu), flops=float(cost.get('flops', float('nan'))), xla_bytes=xla_bytes,
-      rss_mb=peak_rss_mb(),
-      params={k: count(v) for k, v in state.params.items() if count(v)},
-      finite=bool(all(float(v) == float(v) for v in jax.device_get(metrics).values())))
+    framework='jax',
+    pair=pair,
+    dtype=dtype,
+    compile_s=compile_s,
+    step_s=statistics.median(times),
+    times=times,
+    cpu_s=statistics.median(cpu),
+    flops=float(cost.get('flops', float('nan'))),
+    xla_bytes=xla_bytes,
+    rss_mb=peak_rss_mb(),
+    params={k: count(v) for k, v in state.params.items() if count(v)},
+    finite=bool(all(float(v) == float(v) for v in jax.device_get(metrics).values())),
+  )
   if breakdown:
     result['breakdown'] = jax_breakdown(config, nets, state, src, tgt, steps)
   return result
@@ -146,6 +171,7 @@ def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
 
 def _time_fn(fn, args, steps):
   import jax
+
   compiled = jax.jit(fn).lower(*args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -162,8 +188,10 @@ def jax_breakdown(config, nets, state, src, tgt, steps):
   """Times the parts of the step separately (forward + backward of each network)."""
   import jax
   import jax.numpy as jnp
+
   sys.path.insert(0, ROOT)
   from cmedl_jax import losses
+
   x, t = src['image'], tgt['image']
   p = state.params
   out = {}
@@ -172,52 +200,79 @@ def jax_breakdown(config, nets, state, src, tgt, steps):
     return jax.grad(lambda q: jnp.sum(jnp.square(apply(q, *inputs))))(params)
 
   g_apply = lambda q, v: nets.translator.apply({'params': q}, v)
-  out['generator fwd+bwd (N)'] = _time_fn(lambda q, v: grad_of(g_apply, q, v),
-                                          (p['translator'], x), steps)
+  out['generator fwd+bwd (N)'] = _time_fn(
+    lambda q, v: grad_of(g_apply, q, v), (p['translator'], x), steps
+  )
   out['generator fwd (N)'] = _time_fn(g_apply, (p['translator'], x), steps)
   d_apply = lambda q, v: nets.disc_target.apply({'params': q}, v)
-  out['discriminator fwd+bwd (N)'] = _time_fn(lambda q, v: grad_of(d_apply, q, v),
-                                              (p['disc_target'], x), steps)
+  out['discriminator fwd+bwd (N)'] = _time_fn(
+    lambda q, v: grad_of(d_apply, q, v), (p['disc_target'], x), steps
+  )
 
   def seg_apply(q, v):
-    (logits, feats), _ = nets.teacher.apply({'params': q, 'batch_stats': state.batch_stats['teacher']},
-                                            v, train=True, mutable=['batch_stats'])
+    (logits, feats), _ = nets.teacher.apply(
+      {'params': q, 'batch_stats': state.batch_stats['teacher']},
+      v,
+      train=True,
+      mutable=['batch_stats'],
+    )
     return logits
+
   xt = jnp.concatenate([x, t], 0)
-  out['segmenter fwd+bwd (2N)'] = _time_fn(lambda q, v: grad_of(seg_apply, q, v),
-                                           (p['teacher'], xt), steps)
+  out['segmenter fwd+bwd (2N)'] = _time_fn(
+    lambda q, v: grad_of(seg_apply, q, v), (p['teacher'], xt), steps
+  )
   ctx = lambda a, b, r: losses.contextual_loss(
-      a, b, max_points=config.method.contextual_points, rng=r)
+    a, b, max_points=config.method.contextual_points, rng=r
+  )
   out['contextual loss fwd+bwd'] = _time_fn(
-      lambda a, b, r: jax.grad(ctx)(a, b, r), (x, t, jax.random.PRNGKey(0)), steps)
+    lambda a, b, r: jax.grad(ctx)(a, b, r), (x, t, jax.random.PRNGKey(0)), steps
+  )
   return out
 
 
 # ---------------------------------------------------------------------------- torch worker
 
+
 def torch_worker(pair, size, batch, steps):
   import torch
+
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
   import torch_reference as tr
+
   seg, trans = pair.split(':')
   config = config_for(pair, size, batch)
   torch.manual_seed(0)
   seg_cfg = config.model.student.to_dict()
   import inspect
+
   accepted = inspect.signature(tr.SEGMENTERS[seg]).parameters
-  seg_kwargs = {k: v for k, v in seg_cfg.items()
-                if k in accepted and k not in ('in_ch', 'num_classes') and v is not None}
-  ref = tr.CMEDLStep(seg, trans, seg_kwargs=seg_kwargs, ngf=config.model.translator.ngf,
-                     n_blocks=config.model.translator.n_blocks, ndf=config.model.discriminator.ndf,
-                     n_layers=config.model.discriminator.n_layers,
-                     num_classes=config.data.num_classes,
-                     nce_layers=config.model.nce.layers, num_patches=config.model.nce.num_patches,
-                     nce_features=config.model.nce.num_features,
-                     contextual_points=config.method.contextual_points,
-                     contextual_patch=config.method.contextual_patch,
-                     taps=tuple(config.method.hint_taps))
-  to_t = lambda b: (torch.from_numpy(b['image']).permute(0, 3, 1, 2).contiguous(),
-                    torch.from_numpy(b['label']).long(), torch.from_numpy(b['has_label']))
+  seg_kwargs = {
+    k: v
+    for k, v in seg_cfg.items()
+    if k in accepted and k not in ('in_ch', 'num_classes') and v is not None
+  }
+  ref = tr.CMEDLStep(
+    seg,
+    trans,
+    seg_kwargs=seg_kwargs,
+    ngf=config.model.translator.ngf,
+    n_blocks=config.model.translator.n_blocks,
+    ndf=config.model.discriminator.ndf,
+    n_layers=config.model.discriminator.n_layers,
+    num_classes=config.data.num_classes,
+    nce_layers=config.model.nce.layers,
+    num_patches=config.model.nce.num_patches,
+    nce_features=config.model.nce.num_features,
+    contextual_points=config.method.contextual_points,
+    contextual_patch=config.method.contextual_patch,
+    taps=tuple(config.method.hint_taps),
+  )
+  to_t = lambda b: (
+    torch.from_numpy(b['image']).permute(0, 3, 1, 2).contiguous(),
+    torch.from_numpy(b['label']).long(),
+    torch.from_numpy(b['has_label']),
+  )
   x, y, _ = to_t(synthetic_batch(batch, size, 1))
   t, ty, th = to_t(synthetic_batch(batch, size, 2))
   times, cpu, finite = [], [], True
@@ -228,16 +283,38 @@ def torch_worker(pair, size, batch, steps):
       times.append(time.perf_counter() - t0)
       cpu.append(time.process_time() - c0)
     finite = finite and g_loss == g_loss and d_loss == d_loss
-  return dict(framework='torch', pair=pair, compile_s=0.0, step_s=statistics.median(times),
-              times=times, cpu_s=statistics.median(cpu), rss_mb=peak_rss_mb(), params=ref.param_counts(), finite=finite,
-              threads=torch.get_num_threads())
+  return dict(
+    framework='torch',
+    pair=pair,
+    compile_s=0.0,
+    step_s=statistics.median(times),
+    times=times,
+    cpu_s=statistics.median(cpu),
+    rss_mb=peak_rss_mb(),
+    params=ref.param_counts(),
+    finite=finite,
+    threads=torch.get_num_threads(),
+  )
 
 
 # -------------------------------------------------------------------------------- driver
 
+
 def run_worker(kind, pair, args):
-  cmd = [sys.executable, os.path.abspath(__file__), '--_worker', kind, '--pairs', pair,
-         '--size', str(args.size), '--batch', str(args.batch), '--steps', str(args.steps)]
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    '--_worker',
+    kind,
+    '--pairs',
+    pair,
+    '--size',
+    str(args.size),
+    '--batch',
+    str(args.batch),
+    '--steps',
+    str(args.steps),
+  ]
   if args.breakdown:
     cmd.append('--breakdown')
   if kind == 'jax':
@@ -254,12 +331,13 @@ def run_worker(kind, pair, args):
   if proc.returncode != 0 or not lines:
     sys.stderr.write(proc.stderr[-4000:])
     return dict(framework=kind, pair=pair, error=f'worker exited with {proc.returncode}')
-  return json.loads(lines[-1][len('RESULT '):])
+  return json.loads(lines[-1][len('RESULT ') :])
 
 
 def torch_available():
   try:
     import importlib.util
+
     return importlib.util.find_spec('torch') is not None
   except Exception:  # pylint: disable=broad-except
     return False
@@ -274,7 +352,7 @@ def main(argv=None):
   ap.add_argument('--no-torch', action='store_true')
   ap.add_argument('--xla-flags', default=None, help='XLA_FLAGS for the JAX workers')
   ap.add_argument('--breakdown', action='store_true', help='also time parts of the JAX step')
-  ap.add_argument('--dtype', default='float32', help="JAX compute dtype: float32 | bfloat16")
+  ap.add_argument('--dtype', default='float32', help='JAX compute dtype: float32 | bfloat16')
   ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
 
@@ -290,17 +368,23 @@ def main(argv=None):
       ap.error(f'--pairs: {p!r} is not SEGMENTER:TRANSLATOR')
   use_torch = not args.no_torch
   if use_torch and not torch_available():
-    print('torch is not installed: running the JAX part only '
-          '(for the comparison: pip install torch==2.13.0, a CPU build).')
+    print(
+      'torch is not installed: running the JAX part only '
+      '(for the comparison: pip install torch==2.13.0, a CPU build).'
+    )
     use_torch = False
 
-  print(f'size {args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps, '
-        f'XLA_FLAGS={args.xla_flags if args.xla_flags is not None else os.environ.get("XLA_FLAGS", "")!r}, '
-        f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, {os.cpu_count()} cpus')
+  print(
+    f'size {args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps, '
+    f'XLA_FLAGS={args.xla_flags if args.xla_flags is not None else os.environ.get("XLA_FLAGS", "")!r}, '
+    f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, {os.cpu_count()} cpus'
+  )
   peak = matmul_peak()
   peak_gflops = max(peak.values())
-  print(f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, '
-        f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}')
+  print(
+    f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, '
+    f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}'
+  )
 
   rows = []
   for pair in pairs:
@@ -316,12 +400,16 @@ def main(argv=None):
           print(f'  params {pair:18s} {net:15s} jax {a} torch {b} {flag}')
     if 'breakdown' in j:
       for part, r in j['breakdown'].items():
-        print(f'  breakdown {pair}: {part:28s} {r["s"]:.3f} s  {r["flops"] / 1e9:7.1f} GFLOP  '
-              f'{r["flops"] / r["s"] / 1e9:6.1f} GFLOP/s')
+        print(
+          f'  breakdown {pair}: {part:28s} {r["s"]:.3f} s  {r["flops"] / 1e9:7.1f} GFLOP  '
+          f'{r["flops"] / r["s"] / 1e9:6.1f} GFLOP/s'
+        )
 
   print()
-  hdr = (f'{"pairing":18s} {"impl":5s} {"compile s":>9s} {"step s":>8s} {"GFLOP":>8s} '
-         f'{"GFLOP/s":>8s} {"%peak":>6s} {"cpu s":>7s} {"XLA MB":>8s} {"RSS MB":>8s} {"jax/torch":>9s}')
+  hdr = (
+    f'{"pairing":18s} {"impl":5s} {"compile s":>9s} {"step s":>8s} {"GFLOP":>8s} '
+    f'{"GFLOP/s":>8s} {"%peak":>6s} {"cpu s":>7s} {"XLA MB":>8s} {"RSS MB":>8s} {"jax/torch":>9s}'
+  )
   print(hdr)
   print('-' * len(hdr))
   by_pair = {}
@@ -341,11 +429,15 @@ def main(argv=None):
       if fw == 'torch' and 'step_s' in by_pair[pair].get('jax', {}):
         ratio = f'{by_pair[pair]["jax"]["step_s"] / r["step_s"]:.2f}'
       xla_mb = f'{r["xla_bytes"] / 2**20:.0f}' if r.get('xla_bytes') else '-'
-      print(f'{pair:18s} {fw:5s} {r["compile_s"]:9.1f} {r["step_s"]:8.3f} {flops / 1e9:8.1f} '
-            f'{gfs:8.1f} {100 * gfs / peak_gflops:5.0f}% {r["cpu_s"]:7.2f} {xla_mb:>8s} {r["rss_mb"]:8.0f} {ratio:>9s}')
-  print('\nstep s = median wall time; cpu s = median process CPU time per step (more robust on a '
-        'shared machine);\nGFLOP = XLA cost_analysis of the JAX step (used for both); '
-        'jax/torch = wall-time ratio.')
+      print(
+        f'{pair:18s} {fw:5s} {r["compile_s"]:9.1f} {r["step_s"]:8.3f} {flops / 1e9:8.1f} '
+        f'{gfs:8.1f} {100 * gfs / peak_gflops:5.0f}% {r["cpu_s"]:7.2f} {xla_mb:>8s} {r["rss_mb"]:8.0f} {ratio:>9s}'
+      )
+  print(
+    '\nstep s = median wall time; cpu s = median process CPU time per step (more robust on a '
+    'shared machine);\nGFLOP = XLA cost_analysis of the JAX step (used for both); '
+    'jax/torch = wall-time ratio.'
+  )
 
 
 if __name__ == '__main__':

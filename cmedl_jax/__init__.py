@@ -13,4 +13,4 @@ XLA_CPU_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 XLA_CPU_DEFAULT = f'{XLA_CPU_FLAG}=-individual_convolution'
 
 if XLA_CPU_FLAG not in _os.environ.get('XLA_FLAGS', ''):
-  _os.environ['XLA_FLAGS'] = f"{_os.environ.get('XLA_FLAGS', '')} {XLA_CPU_DEFAULT}".strip()
+  _os.environ['XLA_FLAGS'] = f'{_os.environ.get("XLA_FLAGS", "")} {XLA_CPU_DEFAULT}'.strip()

@@ -32,13 +32,17 @@ def _manager(path, keep, best=False, item_handlers=None):
   # With several processes orbax synchronises each save at barriers named by the step: the
   # latest and best managers, which may save the same step at once, need their own names.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-      best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode='max',
-      keep_checkpoints_without_metrics=not best,
-      multiprocessing_options=ocp.options.MultiprocessingOptions(
-          barrier_sync_key_prefix='best' if best else 'latest'))
-  return ocp.CheckpointManager(os.path.abspath(path), options=options,
-                               item_handlers=item_handlers)
+    max_to_keep=keep,
+    create=True,
+    cleanup_tmp_directories=True,
+    best_fn=(lambda m: m[BEST_METRIC]) if best else None,
+    best_mode='max',
+    keep_checkpoints_without_metrics=not best,
+    multiprocessing_options=ocp.options.MultiprocessingOptions(
+      barrier_sync_key_prefix='best' if best else 'latest'
+    ),
+  )
+  return ocp.CheckpointManager(os.path.abspath(path), options=options, item_handlers=item_handlers)
 
 
 class Checkpoints:
@@ -108,8 +112,15 @@ def restore_state(directory, abstract_state, step=None):
 # saves, how many checkpoints it keeps, how it validates, how far it prefetches. Anything else
 # (networks, method, losses, optimiser and its schedule incl. train.num_steps, batch, data, seed)
 # would resume a different training from the stored state, so it is an error.
-RESUMABLE_CHANGES = ('train.log_every', 'train.image_every', 'train.eval_every',
-                     'train.checkpoint_every', 'train.keep_checkpoints', 'eval.', 'data.prefetch')
+RESUMABLE_CHANGES = (
+  'train.log_every',
+  'train.image_every',
+  'train.eval_every',
+  'train.checkpoint_every',
+  'train.keep_checkpoints',
+  'eval.',
+  'data.prefetch',
+)
 
 
 def _flatten(tree, prefix=''):
@@ -149,18 +160,27 @@ def check_resume_config(workdir, config):
     (changed if k in known else added).append(k)
   if changed:
     raise ConfigError(
-        f'{workdir} holds a run with another config ({path}); changed: {", ".join(changed)}; '
-        'use the stored values or another workdir')
+      f'{workdir} holds a run with another config ({path}); changed: {", ".join(changed)}; '
+      'use the stored values or another workdir'
+    )
   if added:
-    logging.warning('%s: resuming a run saved before the config fields %s existed; they take '
-                    'this config\'s values', workdir, ', '.join(added))
+    logging.warning(
+      '%s: resuming a run saved before the config fields %s existed; they take '
+      "this config's values",
+      workdir,
+      ', '.join(added),
+    )
 
 
 def save_config(workdir, config):
   """Writes WORKDIR/config.json, after checking a stored one may be resumed with `config`."""
   check_resume_config(workdir, config)
-  nifti_io.write_json(os.path.join(workdir, 'config.json'),
-                     json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
+  nifti_io.write_json(
+    os.path.join(workdir, 'config.json'),
+    json.loads(config.to_json_best_effort()),
+    indent=2,
+    sort_keys=True,
+  )
 
 
 def load_config(workdir):
@@ -195,12 +215,18 @@ def export_inference(workdir, params, batch_stats, tag=0):
 
 def _export_leftovers(workdir):
   """Sibling folders of WORKDIR/export left by an interrupted export: (old ones, others)."""
-  names = [n for n in os.listdir(workdir) if n.startswith(('export.tmp-', 'export.old-',
-                                                           'export.orbax-checkpoint-tmp'))]
-  olds = sorted((n for n in names if n.startswith('export.old-') and n[11:].isdigit()),
-                key=lambda n: os.path.getmtime(os.path.join(workdir, n)))
+  names = [
+    n
+    for n in os.listdir(workdir)
+    if n.startswith(('export.tmp-', 'export.old-', 'export.orbax-checkpoint-tmp'))
+  ]
+  olds = sorted(
+    (n for n in names if n.startswith('export.old-') and n[11:].isdigit()),
+    key=lambda n: os.path.getmtime(os.path.join(workdir, n)),
+  )
   return [os.path.join(workdir, n) for n in olds], [
-      os.path.join(workdir, n) for n in names if n not in olds]
+    os.path.join(workdir, n) for n in names if n not in olds
+  ]
 
 
 def export_dir(workdir):
@@ -223,8 +249,9 @@ def clean_export_leftovers(workdir):
   olds, others = _export_leftovers(workdir)
   path = os.path.join(workdir, 'export')
   if olds and not os.path.isdir(path):
-    logging.warning('Restoring the previous export %s -> %s (an export was interrupted).',
-                    olds[-1], path)
+    logging.warning(
+      'Restoring the previous export %s -> %s (an export was interrupted).', olds[-1], path
+    )
     os.rename(olds.pop(), path)
   for leftover in olds + others:
     logging.warning('Deleting %s (left by an interrupted export).', leftover)
@@ -251,16 +278,17 @@ def load_export(workdir):
   """{'params', 'batch_stats'} of the run's inference export; a clear error without one."""
   path = export_dir(workdir)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'{path}: no inference export (did training finish?); use '
-                            '--checkpoint with a saved state instead')
+    raise FileNotFoundError(
+      f'{path}: no inference export (did training finish?); use '
+      '--checkpoint with a saved state instead'
+    )
   return load_variables(path)
 
 
 def latest_checkpoint(workdir):
   """WORKDIR/checkpoints/<latest step>; FileNotFoundError without one."""
   directory = os.path.join(workdir, 'checkpoints')
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(
-      directory) else []
+  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
   if not steps:
     raise FileNotFoundError(f'{directory}: no checkpoint')
   return os.path.join(directory, str(max(steps)))

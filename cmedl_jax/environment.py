@@ -18,8 +18,20 @@ import jax
 from data_prep import nifti_io
 
 FILE = 'environment.json'
-PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'scipy', 'nibabel',
-            'tensorflow-cpu', 'tensorflow', 'ml-collections', 'clu')
+PACKAGES = (
+  'jax',
+  'jaxlib',
+  'flax',
+  'optax',
+  'orbax-checkpoint',
+  'numpy',
+  'scipy',
+  'nibabel',
+  'tensorflow-cpu',
+  'tensorflow',
+  'ml-collections',
+  'clu',
+)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,8 +56,9 @@ def _cpu_model():
 
 def _git(*args):
   try:
-    out = subprocess.run(['git', '-C', _REPO, *args], capture_output=True, text=True,
-                         timeout=10, check=True)
+    out = subprocess.run(
+      ['git', '-C', _REPO, *args], capture_output=True, text=True, timeout=10, check=True
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return out.stdout.strip()
@@ -56,16 +69,20 @@ def describe():
   devices = jax.devices()
   commit = _git('rev-parse', 'HEAD')
   return {
-      'python': platform.python_version(),
-      'machine': platform.machine(),
-      'cpu': _cpu_model(),
-      'packages': {p: v for p in PACKAGES if (v := _version(p)) is not None},
-      'devices': {'platform': devices[0].platform, 'kind': devices[0].device_kind,
-                  'count': len(devices), 'processes': jax.process_count()},
-      'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'git': None if commit is None else {
-          'commit': commit,
-          'dirty': bool(_git('status', '--porcelain', '--untracked-files=no'))},
+    'python': platform.python_version(),
+    'machine': platform.machine(),
+    'cpu': _cpu_model(),
+    'packages': {p: v for p in PACKAGES if (v := _version(p)) is not None},
+    'devices': {
+      'platform': devices[0].platform,
+      'kind': devices[0].device_kind,
+      'count': len(devices),
+      'processes': jax.process_count(),
+    },
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'git': None
+    if commit is None
+    else {'commit': commit, 'dirty': bool(_git('status', '--porcelain', '--untracked-files=no'))},
   }
 
 
@@ -91,8 +108,12 @@ def record(workdir, write=True):
     with open(path) as f:
       changes = differences(json.load(f).get('current', {}), current)
   if changes:
-    logging.warning('Resuming %s in another environment (results will agree with an '
-                    'uninterrupted run only statistically): %s', workdir, '; '.join(changes))
+    logging.warning(
+      'Resuming %s in another environment (results will agree with an '
+      'uninterrupted run only statistically): %s',
+      workdir,
+      '; '.join(changes),
+    )
   if write:
     history = []
     if os.path.isfile(path):

@@ -36,6 +36,7 @@ Outputs in --out (each written atomically):
 The summary table is also printed to stdout. The first --ref is the reference of all
 metrics; further --ref sets are only used for the inter-rater analysis.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,9 @@ def _rater_names(dirs: Sequence[str]) -> list[str]:
   return names
 
 
-def _prediction_sets(pred_dir: str, pred_b_dir: str | None, name_a: str | None,
-                     name_b: str | None) -> dict:
+def _prediction_sets(
+  pred_dir: str, pred_b_dir: str | None, name_a: str | None, name_b: str | None
+) -> dict:
   """{method name: {case: path}} of --pred and, if given, --pred-b (names made distinct)."""
   name_a = name_a or _folder_name(pred_dir, 'A')
   pred_sets = {name_a: nifti_io.list_cases(pred_dir)}
@@ -87,13 +89,15 @@ def _class_map(classes, ref_files, ref_dir: str, tumor_classes) -> dict[str, int
   return class_map
 
 
-def _evaluate_methods(pred_sets, ref_files, class_map, tolerance_mm, connectivity,
-                      tumor_classes, verbose):
+def _evaluate_methods(
+  pred_sets, ref_files, class_map, tolerance_mm, connectivity, tumor_classes, verbose
+):
   """(case rows, tumor rows) of every prediction set, in order."""
   case_rows, tumor_rows = [], []
   for method, files in pred_sets.items():
-    c, t = cases.evaluate_method(method, files, ref_files, class_map, tolerance_mm,
-                                 connectivity, tumor_classes)
+    c, t = cases.evaluate_method(
+      method, files, ref_files, class_map, tolerance_mm, connectivity, tumor_classes
+    )
     case_rows += c
     tumor_rows += t
     if verbose:
@@ -101,32 +105,48 @@ def _evaluate_methods(pred_sets, ref_files, class_map, tolerance_mm, connectivit
   return case_rows, tumor_rows
 
 
-def _settings(pred_dirs, ref_dirs, methods, class_map, tolerance_mm, n_cases,
-              connectivity) -> dict:
+def _settings(pred_dirs, ref_dirs, methods, class_map, tolerance_mm, n_cases, connectivity) -> dict:
   """The "settings" of summary.json: inputs, classes, tolerance and conventions."""
-  return {'pred': pred_dirs, 'ref': list(ref_dirs), 'methods': list(methods),
-          'classes': class_map, 'tolerance_mm': tolerance_mm, 'n_cases': n_cases,
-          'connectivity': connectivity or 'full',
-          'conventions': {'surface_dice': 'area (surface-distance)',
-                          'hd95/hd/assd': 'boundary voxels (MONAI/medpy)',
-                          'empty': 'both empty: dice 1, sDSC 1, distances 0; '
-                                   'one empty: dice 0, sDSC 0, distances inf'}}
+  return {
+    'pred': pred_dirs,
+    'ref': list(ref_dirs),
+    'methods': list(methods),
+    'classes': class_map,
+    'tolerance_mm': tolerance_mm,
+    'n_cases': n_cases,
+    'connectivity': connectivity or 'full',
+    'conventions': {
+      'surface_dice': 'area (surface-distance)',
+      'hd95/hd/assd': 'boundary voxels (MONAI/medpy)',
+      'empty': 'both empty: dice 1, sDSC 1, distances 0; one empty: dice 0, sDSC 0, distances inf',
+    },
+  }
 
 
 def _write_plots(case_rows, ref_files, pred_sets, images_dir, out_dir) -> None:
   """Box plots; overlays when there is an image folder."""
   plotting.plot_boxes(case_rows, out_dir)
   if images_dir:
-    plotting.plot_overlays(case_rows, ref_files, pred_sets,
-                           nifti_io.list_cases(images_dir, image=True), out_dir)
+    plotting.plot_overlays(
+      case_rows, ref_files, pred_sets, nifti_io.list_cases(images_dir, image=True), out_dir
+    )
 
 
-def evaluate_dirs(pred_dir: str, ref_dirs: str | Sequence[str], out_dir: str,
-                  pred_b_dir: str | None = None, images_dir: str | None = None,
-                  classes=None, tolerance_mm: float = cases.DEFAULT_TOLERANCE_MM,
-                  connectivity: int | None = None, tumor_classes: Sequence[str] | None = None,
-                  name_a: str | None = None, name_b: str | None = None,
-                  plots: bool = True, verbose: bool = False) -> dict:
+def evaluate_dirs(
+  pred_dir: str,
+  ref_dirs: str | Sequence[str],
+  out_dir: str,
+  pred_b_dir: str | None = None,
+  images_dir: str | None = None,
+  classes=None,
+  tolerance_mm: float = cases.DEFAULT_TOLERANCE_MM,
+  connectivity: int | None = None,
+  tumor_classes: Sequence[str] | None = None,
+  name_a: str | None = None,
+  name_b: str | None = None,
+  plots: bool = True,
+  verbose: bool = False,
+) -> dict:
   """Evaluates prediction folder(s) against reference folder(s); writes the reports.
 
   See the module docstring for inputs and outputs. Returns the summary dict (as written
@@ -139,17 +159,28 @@ def evaluate_dirs(pred_dir: str, ref_dirs: str | Sequence[str], out_dir: str,
   ref_files = ref_sets[0]
   pred_sets = _prediction_sets(pred_dir, pred_b_dir, name_a, name_b)
   class_map = _class_map(classes, ref_files, ref_dirs[0], tumor_classes)
-  case_rows, tumor_rows = _evaluate_methods(pred_sets, ref_files, class_map, tolerance_mm,
-                                            connectivity, tumor_classes, verbose)
+  case_rows, tumor_rows = _evaluate_methods(
+    pred_sets, ref_files, class_map, tolerance_mm, connectivity, tumor_classes, verbose
+  )
   rater_rows = []
   if len(ref_sets) > 1:
-    rater_rows = cases.rater_agreement(dict(zip(_rater_names(ref_dirs), ref_sets)),
-                                       pred_sets, class_map, tolerance_mm)
-  settings = _settings([pred_dir] + ([pred_b_dir] if pred_b_dir else []), ref_dirs,
-                       pred_sets, class_map, tolerance_mm, len(ref_files), connectivity)
+    rater_rows = cases.rater_agreement(
+      dict(zip(_rater_names(ref_dirs), ref_sets)), pred_sets, class_map, tolerance_mm
+    )
+  settings = _settings(
+    [pred_dir] + ([pred_b_dir] if pred_b_dir else []),
+    ref_dirs,
+    pred_sets,
+    class_map,
+    tolerance_mm,
+    len(ref_files),
+    connectivity,
+  )
   pair = list(pred_sets) if pred_b_dir else None
-  summary = {'settings': settings,
-             **statistics.summary_sections(case_rows, tumor_rows, rater_rows, pair)}
+  summary = {
+    'settings': settings,
+    **statistics.summary_sections(case_rows, tumor_rows, rater_rows, pair),
+  }
   markdown = report.write_reports(out_dir, summary, case_rows, tumor_rows, rater_rows)
   if plots:
     _write_plots(case_rows, ref_files, pred_sets, images_dir, out_dir)
@@ -159,22 +190,37 @@ def evaluate_dirs(pred_dir: str, ref_dirs: str | Sequence[str], out_dir: str,
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog='python -m cmedl_jax.evaluate', description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog='python -m cmedl_jax.evaluate',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument('--pred', required=True, help='folder of predicted label NIfTIs')
-  parser.add_argument('--ref', required=True, action='append',
-                      help='folder of reference labels; repeat for several raters '
-                           '(the first is the reference of all metrics)')
+  parser.add_argument(
+    '--ref',
+    required=True,
+    action='append',
+    help='folder of reference labels; repeat for several raters '
+    '(the first is the reference of all metrics)',
+  )
   parser.add_argument('--pred-b', help='second prediction folder (paired tests)')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--images', help='folder of images for overlay PNGs')
   parser.add_argument('--classes', help="dataset.json with 'labels', or name=label,...")
-  parser.add_argument('--tolerance-mm', type=float, default=cases.DEFAULT_TOLERANCE_MM,
-                      help='surface Dice tolerance in mm (default %(default)s)')
-  parser.add_argument('--connectivity', type=int, default=None,
-                      help='tumor components: 1 = faces ... 3 = full (default: full)')
-  parser.add_argument('--tumor-classes', nargs='+', default=None,
-                      help='classes evaluated per tumor (default: all)')
+  parser.add_argument(
+    '--tolerance-mm',
+    type=float,
+    default=cases.DEFAULT_TOLERANCE_MM,
+    help='surface Dice tolerance in mm (default %(default)s)',
+  )
+  parser.add_argument(
+    '--connectivity',
+    type=int,
+    default=None,
+    help='tumor components: 1 = faces ... 3 = full (default: full)',
+  )
+  parser.add_argument(
+    '--tumor-classes', nargs='+', default=None, help='classes evaluated per tumor (default: all)'
+  )
   parser.add_argument('--name-a', help='name of --pred (default: folder name)')
   parser.add_argument('--name-b', help='name of --pred-b (default: folder name)')
   parser.add_argument('--no-plots', action='store_true')
@@ -184,11 +230,20 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    evaluate_dirs(args.pred, args.ref, args.out, pred_b_dir=args.pred_b,
-                  images_dir=args.images, classes=args.classes,
-                  tolerance_mm=args.tolerance_mm, connectivity=args.connectivity,
-                  tumor_classes=args.tumor_classes, name_a=args.name_a,
-                  name_b=args.name_b, plots=not args.no_plots)
+    evaluate_dirs(
+      args.pred,
+      args.ref,
+      args.out,
+      pred_b_dir=args.pred_b,
+      images_dir=args.images,
+      classes=args.classes,
+      tolerance_mm=args.tolerance_mm,
+      connectivity=args.connectivity,
+      tumor_classes=args.tumor_classes,
+      name_a=args.name_a,
+      name_b=args.name_b,
+      plots=not args.no_plots,
+    )
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

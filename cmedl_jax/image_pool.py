@@ -12,8 +12,7 @@ import jax.numpy as jnp
 
 def init_pool(size, image_shape):
   """Empty pool. image_shape: (H, W, C). Returns {'images': [size,H,W,C], 'count': int32}."""
-  return {'images': jnp.zeros((size, *image_shape), jnp.float32),
-          'count': jnp.zeros((), jnp.int32)}
+  return {'images': jnp.zeros((size, *image_shape), jnp.float32), 'count': jnp.zeros((), jnp.int32)}
 
 
 def query_pool(pool, images, rng):
@@ -37,5 +36,6 @@ def query_pool(pool, images, rng):
 
   keys = jax.random.split(rng, images.shape[0])
   (stored, count), out = jax.lax.scan(
-      one, (pool['images'], pool['count']), (images.astype(jnp.float32), keys))
+    one, (pool['images'], pool['count']), (images.astype(jnp.float32), keys)
+  )
   return out.astype(images.dtype), {'images': stored, 'count': count}

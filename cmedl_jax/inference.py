@@ -38,7 +38,7 @@ def predict_volume(infer_fn, volume, batch_size, context_slices, mesh):
   data = sharding.data_sharded(mesh)
   probs = []
   for i in range(0, slices.shape[0], batch_size):
-    chunk = slices[i:i + batch_size]
+    chunk = slices[i : i + batch_size]
     n = chunk.shape[0]
     chunk = np.pad(chunk, [(0, batch_size - n), (0, 0), (0, 0), (0, 0)])
     probs.append(sharding.to_host(infer_fn(sharding.from_host(chunk, data)))[:n])
@@ -59,8 +59,9 @@ class Predictor:
       checkpoint of `workdir` (or `checkpoint_path`).
   """
 
-  def __init__(self, workdir=None, checkpoint_path=None, batch_size=None, pseudo_target=False,
-               teacher=False):
+  def __init__(
+    self, workdir=None, checkpoint_path=None, batch_size=None, pseudo_target=False, teacher=False
+  ):
     if (workdir is None) == (checkpoint_path is None):
       raise ValueError('give exactly one of workdir and checkpoint_path')
     run_dir = workdir if workdir is not None else checkpoint.run_dir_of(checkpoint_path)
@@ -70,8 +71,9 @@ class Predictor:
     if teacher:
       u = method.parts(self.config)
       if not (u['teacher'] and u['translator']):
-        raise ValueError(f'{run_dir}: method {self.config.method.name} has no teacher and '
-                         'translator')
+        raise ValueError(
+          f'{run_dir}: method {self.config.method.name} has no teacher and translator'
+        )
       self.test_time = method.TEACHER_ON_TRANSLATION
       checkpoint_path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
     self.num_classes = self.config.data.num_classes
@@ -83,8 +85,11 @@ class Predictor:
     self.params = sharding.from_host(params, sharding.replicated(self.mesh))
     self.batch_stats = sharding.from_host(stats, sharding.replicated(self.mesh))
     nets, test_time = self.nets, self.test_time
-    self._probs = jax.jit(lambda p, s, x: jax.nn.softmax(
-        method.infer_logits(p, s, x, nets=nets, test_time=test_time), -1))
+    self._probs = jax.jit(
+      lambda p, s, x: jax.nn.softmax(
+        method.infer_logits(p, s, x, nets=nets, test_time=test_time), -1
+      )
+    )
     self._translate = None
     if pseudo_target:
       self._translate = jax.jit(lambda p, x: method.translate(nets, p, x))
@@ -97,18 +102,34 @@ class Predictor:
              'pseudo_target': float32 [X,Y,Z] (only with pseudo_target=True)} on the input grid.
     """
     prepared, geometry = prepare.prepare_volume(image, affine, self.spec)
-    _, probs = predict_volume(lambda x: self._probs(self.params, self.batch_stats, x),
-                              prepared, self.batch_size, self.context_slices, self.mesh)
+    _, probs = predict_volume(
+      lambda x: self._probs(self.params, self.batch_stats, x),
+      prepared,
+      self.batch_size,
+      self.context_slices,
+      self.mesh,
+    )
     # As nnU-Net: probabilities are resampled onto the input grid (linear; outside the prepared
     # field of view background has probability 1), and the labels are their argmax there.
-    probs = np.stack([prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
-                      for k in range(probs.shape[-1])], -1).astype(np.float32)
+    probs = np.stack(
+      [
+        prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
+        for k in range(probs.shape[-1])
+      ],
+      -1,
+    ).astype(np.float32)
     out = {'labels': probs.argmax(-1).astype(np.uint8), 'probabilities': probs}
     if self._translate is not None:
-      _, fake = predict_volume(lambda x: self._translate(self.params, x)[..., :1], prepared,
-                               self.batch_size, self.context_slices, self.mesh)
-      out['pseudo_target'] = prepare.invert_image(fake[..., 0], geometry,
-                                                  fill_value=-1.0).astype(np.float32)
+      _, fake = predict_volume(
+        lambda x: self._translate(self.params, x)[..., :1],
+        prepared,
+        self.batch_size,
+        self.context_slices,
+        self.mesh,
+      )
+      out['pseudo_target'] = prepare.invert_image(fake[..., 0], geometry, fill_value=-1.0).astype(
+        np.float32
+      )
     return out
 
 

@@ -33,6 +33,7 @@ Training batches come from two independent streams, source (student modality) an
   (`ImageProjectiveTransformV3` in a tf.function: no Python callbacks inside TF, so no GIL
   deadlock at exit).
 """
+
 from __future__ import annotations
 
 import collections
@@ -47,12 +48,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data_prep import manifest as manifest_lib
 from data_prep.geometry import Geometry
 
-DATA_AXIS = "data"
+DATA_AXIS = 'data'
 # Defaults; configs/default.py's data section uses these. Augmentation keys: module doc.
 DEFAULT_AUGMENT = dict(flip=True, rotate_deg=10.0, scale=0.1, intensity=0.1)
 _AUGMENT_OFF = dict(flip_ud=False)  # Known augmentation keys that are off unless given.
 FOREGROUND_RATIO = 0.5  # Probability that an example is drawn from slices with foreground.
-PREFETCH = 2            # Batches prepared ahead of the consumer.
+PREFETCH = 2  # Batches prepared ahead of the consumer.
 _SOURCE_STREAM, _TARGET_STREAM = 0x5EED0, 0x5EED1
 
 
@@ -63,7 +64,7 @@ _SOURCE_STREAM, _TARGET_STREAM = 0x5EED0, 0x5EED1
 def _load_array(path):
   """Memory-maps a .npy (plain load for empty arrays, which cannot be mapped)."""
   try:
-    return np.load(path, mmap_mode="r")
+    return np.load(path, mmap_mode='r')
   except ValueError:
     return np.load(path)
 
@@ -73,20 +74,20 @@ class SplitArrays:
 
   def __init__(self, prepared_dir, split: str):
     self.manifest = manifest_lib.read_manifest(prepared_dir)
-    if split not in self.manifest["splits"]:
-      raise ValueError(f"{prepared_dir}: no split {split!r}")
+    if split not in self.manifest['splits']:
+      raise ValueError(f'{prepared_dir}: no split {split!r}')
     d = os.path.join(os.fspath(prepared_dir), split)
-    self.images = _load_array(os.path.join(d, "images.npy"))
-    self.labels = _load_array(os.path.join(d, "labels.npy"))
-    self.case_index = np.load(os.path.join(d, "case_index.npy"))
-    self.slice_index = np.load(os.path.join(d, "slice_index.npy"))
-    self.has_foreground = np.load(os.path.join(d, "has_foreground.npy"))
-    self.cases = self.manifest["splits"][split]
-    offsets = np.array([c["offset"] for c in self.cases], np.int64)
-    counts = np.array([c["num_slices"] for c in self.cases], np.int64)
+    self.images = _load_array(os.path.join(d, 'images.npy'))
+    self.labels = _load_array(os.path.join(d, 'labels.npy'))
+    self.case_index = np.load(os.path.join(d, 'case_index.npy'))
+    self.slice_index = np.load(os.path.join(d, 'slice_index.npy'))
+    self.has_foreground = np.load(os.path.join(d, 'has_foreground.npy'))
+    self.cases = self.manifest['splits'][split]
+    offsets = np.array([c['offset'] for c in self.cases], np.int64)
+    counts = np.array([c['num_slices'] for c in self.cases], np.int64)
     self.slice_lo = offsets[self.case_index] if len(self.cases) else np.zeros(0, np.int64)
     self.slice_hi = (offsets + counts - 1)[self.case_index] if len(self.cases) else self.slice_lo
-    self.has_labels = bool(self.cases) and all(c["has_label"] for c in self.cases)
+    self.has_labels = bool(self.cases) and all(c['has_label'] for c in self.cases)
     self.prepared_dir, self.split = os.fspath(prepared_dir), split
 
   def __len__(self):
@@ -102,7 +103,7 @@ class SplitArrays:
     """Images [B,H,W,k] float32 and centre labels [B,H,W] uint8 for slice indices [B]."""
     nb = self.context_indices(np.asarray(idx, np.int64), context_slices)
     flat = nb.reshape(-1)
-    order = np.argsort(flat, kind="stable")  # sorted reads are kinder to the page cache
+    order = np.argsort(flat, kind='stable')  # sorted reads are kinder to the page cache
     images = np.empty((flat.size,) + self.images.shape[1:], np.float32)
     images[order] = self.images[flat[order]]
     images = images.reshape(nb.shape + self.images.shape[1:]).transpose(0, 2, 3, 1)
@@ -117,25 +118,35 @@ def dataset_info(prepared_dir) -> dict:
   "num_cases" {split: n}}.
   """
   m = manifest_lib.read_manifest(prepared_dir)
-  return {"num_classes": m["num_classes"], "class_names": list(m["class_names"]),
-          "channels": m["channels"], "image_size": tuple(m["size"]),
-          "in_plane_spacing_mm": tuple(m["in_plane_spacing_mm"]),
-          "modality": m["spec"]["modality"], "dataset_modality": m["dataset"]["modality"],
-          "num_slices": {s: sum(c["num_slices"] for c in cs) for s, cs in m["splits"].items()},
-          "num_cases": {s: len(cs) for s, cs in m["splits"].items()}}
+  return {
+    'num_classes': m['num_classes'],
+    'class_names': list(m['class_names']),
+    'channels': m['channels'],
+    'image_size': tuple(m['size']),
+    'in_plane_spacing_mm': tuple(m['in_plane_spacing_mm']),
+    'modality': m['spec']['modality'],
+    'dataset_modality': m['dataset']['modality'],
+    'num_slices': {s: sum(c['num_slices'] for c in cs) for s, cs in m['splits'].items()},
+    'num_cases': {s: len(cs) for s, cs in m['splits'].items()},
+  }
 
 
 def preparation_record(prepared_dir) -> dict:
   """JSON-able record of how a prepared dataset was made (spec, classes, splits, summary)."""
   m = manifest_lib.read_manifest(prepared_dir)
-  return {"prepared_dir": os.path.abspath(os.fspath(prepared_dir)), "version": m["version"],
-          "spec": m["spec"], "dataset": m["dataset"], "num_classes": m["num_classes"],
-          "class_names": m["class_names"],
-          "splits": {s: [c["case_id"] for c in cs] for s, cs in m["splits"].items()},
-          "summary": m["summary"]}
+  return {
+    'prepared_dir': os.path.abspath(os.fspath(prepared_dir)),
+    'version': m['version'],
+    'spec': m['spec'],
+    'dataset': m['dataset'],
+    'num_classes': m['num_classes'],
+    'class_names': m['class_names'],
+    'splits': {s: [c['case_id'] for c in cs] for s, cs in m['splits'].items()},
+    'summary': m['summary'],
+  }
 
 
-def load_eval_volumes(prepared_dir, split: str = "validation") -> list:
+def load_eval_volumes(prepared_dir, split: str = 'validation') -> list:
   """Whole prepared volumes of a split.
 
   Returns a list of {"case_id", "image" [Z,H,W] float32, "label" [Z,H,W] uint8 (zeros when the
@@ -145,11 +156,17 @@ def load_eval_volumes(prepared_dir, split: str = "validation") -> list:
   arrays = SplitArrays(prepared_dir, split)
   out = []
   for c in arrays.cases:
-    lo, hi = c["offset"], c["offset"] + c["num_slices"]
-    out.append({"case_id": c["case_id"], "image": np.array(arrays.images[lo:hi], np.float32),
-                "label": np.array(arrays.labels[lo:hi], np.uint8), "has_label": c["has_label"],
-                "spacing_mm": tuple(c["spacing_mm"]),
-                "geometry": Geometry.from_dict(c["geometry"])})
+    lo, hi = c['offset'], c['offset'] + c['num_slices']
+    out.append(
+      {
+        'case_id': c['case_id'],
+        'image': np.array(arrays.images[lo:hi], np.float32),
+        'label': np.array(arrays.labels[lo:hi], np.uint8),
+        'has_label': c['has_label'],
+        'spacing_mm': tuple(c['spacing_mm']),
+        'geometry': Geometry.from_dict(c['geometry']),
+      }
+    )
   return out
 
 
@@ -162,42 +179,50 @@ def _augment_params(augment) -> Optional[dict]:
     return None
   cfg = dict(DEFAULT_AUGMENT, **_AUGMENT_OFF)
   if augment is not None:
-    given = dict(augment.to_dict() if hasattr(augment, "to_dict") else augment)
-    if given.pop("enabled", True) is False:
+    given = dict(augment.to_dict() if hasattr(augment, 'to_dict') else augment)
+    if given.pop('enabled', True) is False:
       return None
     unknown = set(given) - set(cfg)
     if unknown:
-      raise ValueError(f"unknown augment keys {sorted(unknown)}; known: {sorted(cfg)}")
+      raise ValueError(f'unknown augment keys {sorted(unknown)}; known: {sorted(cfg)}')
     cfg.update(given)
-  for key in ("flip", "flip_ud"):
+  for key in ('flip', 'flip_ud'):
     cfg[key] = float(cfg[key]) * (0.5 if isinstance(cfg[key], bool) else 1.0)
   return cfg
 
 
-def _draw_params(rng: np.random.Generator, n: int, fg: np.ndarray, foreground_ratio: float,
-                 augment: Optional[dict], gb: int, size) -> dict:
+def _draw_params(
+  rng: np.random.Generator,
+  n: int,
+  fg: np.ndarray,
+  foreground_ratio: float,
+  augment: Optional[dict],
+  gb: int,
+  size,
+) -> dict:
   """Random choices of one global batch: slice indices [gb] and augmentation [gb, 8], [gb, 2]."""
   idx = rng.integers(0, n, gb)
   if fg is not None:
     pick_fg = rng.random(gb) < foreground_ratio
     idx = np.where(pick_fg, fg[rng.integers(0, fg.size, gb)], idx)
-  out = {"idx": idx}
+  out = {'idx': idx}
   if augment is not None:
     h, w = size
-    contrast = 1.0 + rng.uniform(-augment["intensity"], augment["intensity"], gb)
-    shift = rng.uniform(-augment["intensity"], augment["intensity"], gb)
-    angle = rng.uniform(-1.0, 1.0, gb) * np.deg2rad(augment["rotate_deg"])
-    scale = 1.0 + rng.uniform(-augment["scale"], augment["scale"], gb)
-    sx = np.where(rng.random(gb) < augment["flip"], -1.0, 1.0)
-    sy = np.where(rng.random(gb) < augment["flip_ud"], -1.0, 1.0)
+    contrast = 1.0 + rng.uniform(-augment['intensity'], augment['intensity'], gb)
+    shift = rng.uniform(-augment['intensity'], augment['intensity'], gb)
+    angle = rng.uniform(-1.0, 1.0, gb) * np.deg2rad(augment['rotate_deg'])
+    scale = 1.0 + rng.uniform(-augment['scale'], augment['scale'], gb)
+    sx = np.where(rng.random(gb) < augment['flip'], -1.0, 1.0)
+    sy = np.where(rng.random(gb) < augment['flip_ud'], -1.0, 1.0)
     # Output pixel (x=col, y=row) -> input: in = R(angle) diag(sx, sy) (out - c) / scale + c.
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
     a0, a1, b0, b1 = cos * sx, -sin * sy, sin * sx, cos * sy
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
     zeros = np.zeros(gb)
-    out["transform"] = np.stack([a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy,
-                                 zeros, zeros], 1).astype(np.float32)
-    out["jitter"] = np.stack([contrast, shift], 1).astype(np.float32)
+    out['transform'] = np.stack(
+      [a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy, zeros, zeros], 1
+    ).astype(np.float32)
+    out['jitter'] = np.stack([contrast, shift], 1).astype(np.float32)
   return out
 
 
@@ -212,11 +237,21 @@ def _make_tf_augment():
     shift = tf.reshape(jitter[:, 1], [-1, 1, 1, 1])
     images = tf.clip_by_value(images * contrast + shift, -1.0, 1.0)
     images = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=tf.stack([h, w]), fill_value=-1.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT")
+      images=images,
+      transforms=transforms,
+      output_shape=tf.stack([h, w]),
+      fill_value=-1.0,
+      interpolation='BILINEAR',
+      fill_mode='CONSTANT',
+    )
     labels = tf.raw_ops.ImageProjectiveTransformV3(
-        images=labels[..., None], transforms=transforms, output_shape=tf.stack([h, w]),
-        fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")[..., 0]
+      images=labels[..., None],
+      transforms=transforms,
+      output_shape=tf.stack([h, w]),
+      fill_value=0.0,
+      interpolation='NEAREST',
+      fill_mode='CONSTANT',
+    )[..., 0]
     return images, tf.cast(labels, tf.int32)
 
   return augment
@@ -230,11 +265,13 @@ def _device_augment(batch):
   Returns {"image" f32 (bilinear, outside -1), "label" i32 (nearest, outside 0), "has_label"}.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  images, labels, t, jit = batch["image"], batch["label"], batch["transform"], batch["jitter"]
+
+  images, labels, t, jit = batch['image'], batch['label'], batch['transform'], batch['jitter']
   b, h, w, c = images.shape
   images = jnp.clip(images * jit[:, 0, None, None, None] + jit[:, 1, None, None, None], -1, 1)
-  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                        indexing="ij")
+  yy, xx = jnp.meshgrid(
+    jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij'
+  )
   xin = t[:, 0, None, None] * xx + t[:, 1, None, None] * yy + t[:, 2, None, None]  # [B,H,W]
   yin = t[:, 3, None, None] * xx + t[:, 4, None, None] * yy + t[:, 5, None, None]
   flat = images.reshape(b, h * w, c)
@@ -248,25 +285,38 @@ def _device_augment(batch):
   x0, y0 = jnp.floor(xin), jnp.floor(yin)
   fx, fy = (xin - x0)[..., None], (yin - y0)[..., None]
   x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-  image = ((1 - fy) * ((1 - fx) * sample(y0, x0) + fx * sample(y0, x0 + 1))
-           + fy * ((1 - fx) * sample(y0 + 1, x0) + fx * sample(y0 + 1, x0 + 1)))
+  image = (1 - fy) * ((1 - fx) * sample(y0, x0) + fx * sample(y0, x0 + 1)) + fy * (
+    (1 - fx) * sample(y0 + 1, x0) + fx * sample(y0 + 1, x0 + 1)
+  )
   xn, yn = jnp.floor(xin + 0.5).astype(jnp.int32), jnp.floor(yin + 0.5).astype(jnp.int32)
   inside = (yn >= 0) & (yn < h) & (xn >= 0) & (xn < w)
   idx = (jnp.clip(yn, 0, h - 1) * w + jnp.clip(xn, 0, w - 1)).reshape(b, h * w)
   label = jnp.take_along_axis(labels.reshape(b, h * w), idx, axis=1).reshape(b, h, w)
   label = jnp.where(inside, label, 0).astype(jnp.int32)
-  return {"image": image, "label": label, "has_label": batch["has_label"]}
+  return {'image': image, 'label': label, 'has_label': batch['has_label']}
 
 
 class _Stream:
   """One side (source or target): batch i as numpy arrays, a pure function of (seed, i)."""
 
-  def __init__(self, arrays: SplitArrays, *, seed: int, stream: int, global_batch_size: int,
-               process_index: int, local_batch_size: int, foreground_ratio: float,
-               augment: Optional[dict], context_slices: int, use_labels: bool,
-               on_device: bool, tf_augment):
+  def __init__(
+    self,
+    arrays: SplitArrays,
+    *,
+    seed: int,
+    stream: int,
+    global_batch_size: int,
+    process_index: int,
+    local_batch_size: int,
+    foreground_ratio: float,
+    augment: Optional[dict],
+    context_slices: int,
+    use_labels: bool,
+    on_device: bool,
+    tf_augment,
+  ):
     if len(arrays) == 0:
-      raise ValueError(f"{arrays.prepared_dir}: split {arrays.split!r} has no slices")
+      raise ValueError(f'{arrays.prepared_dir}: split {arrays.split!r} has no slices')
     self.arrays, self.seed, self.stream = arrays, int(seed), int(stream)
     self.gb, self.local = global_batch_size, local_batch_size
     self.rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
@@ -278,22 +328,32 @@ class _Stream:
 
   def batch(self, step: int) -> dict:
     rng = np.random.default_rng([self.seed, self.stream, int(step)])
-    p = _draw_params(rng, len(self.arrays), self.fg, self.foreground_ratio, self.augment,
-                     self.gb, self.arrays.images.shape[1:])
-    images, labels = self.arrays.fetch(p["idx"][self.rows], self.context_slices)
+    p = _draw_params(
+      rng,
+      len(self.arrays),
+      self.fg,
+      self.foreground_ratio,
+      self.augment,
+      self.gb,
+      self.arrays.images.shape[1:],
+    )
+    images, labels = self.arrays.fetch(p['idx'][self.rows], self.context_slices)
     if not self.has_label:
       labels = np.zeros_like(labels)
-    out = {"image": images, "label": labels,
-           "has_label": np.full(self.local, float(self.has_label), np.float32)}
+    out = {
+      'image': images,
+      'label': labels,
+      'has_label': np.full(self.local, float(self.has_label), np.float32),
+    }
     if self.augment is not None:
-      t, j = p["transform"][self.rows], p["jitter"][self.rows]
+      t, j = p['transform'][self.rows], p['jitter'][self.rows]
       if self.on_device:
         out.update(transform=t, jitter=j)
       else:
         image, label = self.tf_augment(images, labels, t, j)
-        out["image"], out["label"] = image.numpy(), label.numpy()
-    if "transform" not in out and out["label"].dtype != np.int32:
-      out["label"] = out["label"].astype(np.int32)
+        out['image'], out['label'] = image.numpy(), label.numpy()
+    if 'transform' not in out and out['label'].dtype != np.int32:
+      out['label'] = out['label'].astype(np.int32)
     return out
 
 
@@ -306,8 +366,9 @@ class _BatchIterator:
 
   def __init__(self, make, start: int, stop: Optional[int], ahead: int, workers: int):
     self._make, self._next, self._stop = make, int(start), stop
-    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                       thread_name_prefix="input_pipeline")
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+      max_workers=workers, thread_name_prefix='input_pipeline'
+    )
     self._pending = collections.deque()
     self._ahead = max(1, ahead)
     self._fill()
@@ -340,8 +401,9 @@ class _BatchIterator:
       pass
 
 
-def _check_arguments(global_batch_size: int, seed: int, foreground_ratio: float,
-                     context_slices: int, mesh) -> None:
+def _check_arguments(
+  global_batch_size: int, seed: int, foreground_ratio: float, context_slices: int, mesh
+) -> None:
   """ValueError for arguments of `create_train_iterator` that no batch could satisfy."""
   if context_slices < 1 or context_slices % 2 == 0:
     raise ValueError(f'context_slices must be odd and >= 1, got {context_slices}')
@@ -351,11 +413,14 @@ def _check_arguments(global_batch_size: int, seed: int, foreground_ratio: float,
     raise ValueError(f'seed must be >= 0, got {seed}')
   process_count = jax.process_count()
   if global_batch_size % process_count:
-    raise ValueError(f'global batch {global_batch_size} is not divisible by {process_count} '
-                     'processes')
+    raise ValueError(
+      f'global batch {global_batch_size} is not divisible by {process_count} processes'
+    )
   if mesh is not None and global_batch_size % mesh.shape[DATA_AXIS]:
-    raise ValueError(f'global batch {global_batch_size} is not divisible by the {DATA_AXIS!r} '
-                     f'mesh axis ({mesh.shape[DATA_AXIS]} devices)')
+    raise ValueError(
+      f'global batch {global_batch_size} is not divisible by the {DATA_AXIS!r} '
+      f'mesh axis ({mesh.shape[DATA_AXIS]} devices)'
+    )
 
 
 def _warps_on_device(augment: Optional[dict], augment_on: str) -> bool:
@@ -371,8 +436,10 @@ def _open_sides(source_dir, target_dir, split: str):
   """(source, target) SplitArrays; ValueError when their slices differ in size."""
   source, target = SplitArrays(source_dir, split), SplitArrays(target_dir, split)
   if source.images.shape[1:] != target.images.shape[1:]:
-    raise ValueError(f'source slices {source.images.shape[1:]} and target slices '
-                     f'{target.images.shape[1:]} differ in size; prepare both with one size')
+    raise ValueError(
+      f'source slices {source.images.shape[1:]} and target slices '
+      f'{target.images.shape[1:]} differ in size; prepare both with one size'
+    )
   return source, target
 
 
@@ -399,51 +466,89 @@ def _batch_maker(streams, mesh, on_device: bool):
   return make
 
 
-def create_train_iterator(source_dir, target_dir, *, global_batch_size: int, seed: int,
-                          start_step: int = 0, foreground_ratio: float = FOREGROUND_RATIO,
-                          augment=None, context_slices: int = 1, target_labels: bool = True,
-                          mesh=None, prefetch: int = PREFETCH, num_steps: Optional[int] = None,
-                          split: str = "train", augment_on: str = "auto",
-                          num_workers: Optional[int] = None):
-  """Unpaired (source, target) training batches.
+def create_train_iterator(
+  source_dir,
+  target_dir,
+  *,
+  global_batch_size: int,
+  seed: int,
+  start_step: int = 0,
+  foreground_ratio: float = FOREGROUND_RATIO,
+  augment=None,
+  context_slices: int = 1,
+  target_labels: bool = True,
+  mesh=None,
+  prefetch: int = PREFETCH,
+  num_steps: Optional[int] = None,
+  split: str = 'train',
+  augment_on: str = 'auto',
+  num_workers: Optional[int] = None,
+):
+  """Unpaired (source, target) training batches (see the module docstring).
 
-  Args:
-    source_dir, target_dir: prepared dataset folders.
-    global_batch_size: examples per batch over all processes (each side).
-    seed: data seed; batch i depends only on (seed, i).
-    start_step: index of the first batch (resume).
-    foreground_ratio: probability that an example is drawn from slices with foreground.
-    augment: dict / ConfigDict of augmentation settings (see module doc); None = defaults,
-      False or {"enabled": False} = none.
-    context_slices: k (odd) neighbouring slices stacked as channels.
-    target_labels: whether target labels are delivered (has_label 1) or zeroed (has_label 0).
-    mesh: a jax Mesh with a "data" axis: batches are global jax.Arrays sharded on it; None:
-      single-process jax Arrays on the first local device.
-    prefetch: batches being prepared ahead of the consumer (at least the worker count).
-    num_steps: stop after this many batches (None: endless).
-    split: prepared split to sample (default "train").
-    augment_on: where the warps run: "device" (a jitted jax function on the sharded batch, on
-      the accelerators or XLA:CPU) or "host" (TensorFlow C++ kernels on the CPU cores); "auto"
-      = "device" (faster in both places measured). The random parameters are the same in
-      both; the interpolation kernels differ in rounding only.
-    num_workers: threads building batches (default: CPU count, at most 4).
-  Returns:
-    An iterator of (src, tgt) dicts {"image": [B,H,W,k] f32, "label": [B,H,W] i32,
-    "has_label": [B] f32}; `close()` stops its threads.
+  Args: prepared source/target folders; global_batch_size (examples per batch over all
+  processes, each side); seed (batch i depends only on (seed, i)); start_step (first batch,
+  to resume); foreground_ratio (probability an example comes from slices with foreground);
+  augment (dict of the module docstring's settings; None: defaults, False or
+  {"enabled": False}: none); context_slices (k, odd); target_labels (deliver target labels or
+  zero them); mesh (batches are global arrays sharded on its "data" axis; None: the first local
+  device); prefetch (batches prepared ahead); num_steps (None: endless); split; augment_on
+  ("device": a jitted jax warp on the sharded batch, "host": TensorFlow C++ kernels, "auto" =
+  "device"; same random parameters, rounding differs); num_workers (default: CPUs, at most 4).
+  Returns an iterator of (src, tgt) dicts {"image": [B,H,W,k] f32, "label": [B,H,W] i32,
+  "has_label": [B] f32}; `close()` stops its threads.
   """
   _check_arguments(global_batch_size, seed, foreground_ratio, context_slices, mesh)
   aug = _augment_params(augment)
   on_device = _warps_on_device(aug, augment_on)
   source, target = _open_sides(source_dir, target_dir, split)
-  tf_augment = _make_tf_augment() if (aug is not None and not on_device) else None
-  common = dict(seed=seed, global_batch_size=global_batch_size,
-                process_index=jax.process_index(),
-                local_batch_size=global_batch_size // jax.process_count(),
-                foreground_ratio=float(foreground_ratio), augment=aug,
-                context_slices=int(context_slices), on_device=on_device, tf_augment=tf_augment)
-  streams = (_Stream(source, stream=_SOURCE_STREAM, use_labels=True, **common),
-             _Stream(target, stream=_TARGET_STREAM, use_labels=target_labels, **common))
+  streams = _streams(
+    source,
+    target,
+    aug,
+    on_device,
+    target_labels,
+    global_batch_size,
+    seed,
+    foreground_ratio,
+    context_slices,
+  )
   workers = num_workers or max(1, min(4, os.cpu_count() or 1))
   stop = None if num_steps is None else int(start_step) + int(num_steps)
-  return _BatchIterator(_batch_maker(streams, mesh, on_device), int(start_step), stop,
-                        ahead=max(prefetch, workers), workers=workers)
+  return _BatchIterator(
+    _batch_maker(streams, mesh, on_device),
+    int(start_step),
+    stop,
+    ahead=max(prefetch, workers),
+    workers=workers,
+  )
+
+
+def _streams(
+  source,
+  target,
+  aug,
+  on_device,
+  target_labels,
+  global_batch_size,
+  seed,
+  foreground_ratio,
+  context_slices,
+):
+  """The source and target _Stream of this process."""
+  tf_augment = _make_tf_augment() if (aug is not None and not on_device) else None
+  common = dict(
+    seed=seed,
+    global_batch_size=global_batch_size,
+    process_index=jax.process_index(),
+    local_batch_size=global_batch_size // jax.process_count(),
+    foreground_ratio=float(foreground_ratio),
+    augment=aug,
+    context_slices=int(context_slices),
+    on_device=on_device,
+    tf_augment=tf_augment,
+  )
+  return (
+    _Stream(source, stream=_SOURCE_STREAM, use_labels=True, **common),
+    _Stream(target, stream=_TARGET_STREAM, use_labels=target_labels, **common),
+  )

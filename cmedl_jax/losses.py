@@ -12,6 +12,7 @@ TPU), which matters for the contextual loss where distances near 0 are divided.
 
 Array layout is NHWC throughout (channels last).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Optional, Sequence
@@ -60,8 +61,13 @@ def l1_loss(a: jax.Array, b: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def patch_nce_loss(feat_q: jax.Array, feat_k: jax.Array, temperature: float = 0.07,
-                   *, stop_gradient_keys: bool = True) -> jax.Array:
+def patch_nce_loss(
+  feat_q: jax.Array,
+  feat_k: jax.Array,
+  temperature: float = 0.07,
+  *,
+  stop_gradient_keys: bool = True,
+) -> jax.Array:
   """PatchNCE loss of CUT (`nce_includes_all_negatives_from_minibatch=False`).
 
   Args:
@@ -79,15 +85,16 @@ def patch_nce_loss(feat_q: jax.Array, feat_k: jax.Array, temperature: float = 0.
   """
   if feat_q.ndim != 3 or feat_q.shape != feat_k.shape:
     raise ValueError(
-        f"patch_nce_loss: feat_q and feat_k must both be [N, P, C] with equal shapes; "
-        f"got {feat_q.shape} and {feat_k.shape}")
+      f'patch_nce_loss: feat_q and feat_k must both be [N, P, C] with equal shapes; '
+      f'got {feat_q.shape} and {feat_k.shape}'
+    )
   q = _f32(feat_q)
   k = _f32(feat_k)
   if stop_gradient_keys:
     k = jax.lax.stop_gradient(k)
   num_patches = q.shape[1]
   l_pos = jnp.sum(q * k, axis=-1, keepdims=True)  # [N, P, 1]
-  l_neg = jnp.einsum("npc,nmc->npm", q, k, precision=_HIGHEST)  # [N, P, P]
+  l_neg = jnp.einsum('npc,nmc->npm', q, k, precision=_HIGHEST)  # [N, P, P]
   diagonal = jnp.eye(num_patches, dtype=bool)[None]
   l_neg = jnp.where(diagonal, -10.0, l_neg)
   logits = jnp.concatenate([l_pos, l_neg], axis=-1) / temperature  # [N, P, P+1]
@@ -116,14 +123,18 @@ def patch_features(x: jax.Array, patch_size: int = 5, stride: int = 2) -> jax.Ar
     `jax.lax.conv_general_dilated_patches`.
   """
   if x.ndim != 4:
-    raise ValueError(f"patch_features: expected [N, H, W, C] images, got shape {x.shape}")
+    raise ValueError(f'patch_features: expected [N, H, W, C] images, got shape {x.shape}')
   n, h, w, _ = x.shape
   if h < patch_size or w < patch_size:
-    raise ValueError(
-        f"patch_features: image {h}x{w} is smaller than patch_size={patch_size}")
+    raise ValueError(f'patch_features: image {h}x{w} is smaller than patch_size={patch_size}')
   patches = jax.lax.conv_general_dilated_patches(
-      _f32(x), filter_shape=(patch_size, patch_size), window_strides=(stride, stride),
-      padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST)
+    _f32(x),
+    filter_shape=(patch_size, patch_size),
+    window_strides=(stride, stride),
+    padding='VALID',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    precision=_HIGHEST,
+  )
   return patches.reshape(n, -1, patches.shape[-1])
 
 
@@ -133,12 +144,12 @@ def _as_point_set(f: jax.Array, name: str) -> jax.Array:
   if f.ndim == 3:  # [N, L, C]
     return f
   raise ValueError(
-      f"contextual_loss: feature_fn({name}) must return [N, L, C] or [N, h, w, C]; "
-      f"got shape {f.shape}")
+    f'contextual_loss: feature_fn({name}) must return [N, L, C] or [N, h, w, C]; '
+    f'got shape {f.shape}'
+  )
 
 
-def subsample_indices(num_points: int, max_points: Optional[int],
-                      rng: Optional[jax.Array] = None):
+def subsample_indices(num_points: int, max_points: Optional[int], rng: Optional[jax.Array] = None):
   """Indices of at most `max_points` of `num_points` feature locations.
 
   Without `rng`: evenly spaced (deterministic, static numpy array). With `rng`: a
@@ -152,10 +163,15 @@ def subsample_indices(num_points: int, max_points: Optional[int],
   return jax.random.choice(rng, num_points, (max_points,), replace=False)
 
 
-def contextual_loss(x: jax.Array, y: jax.Array,
-                    feature_fn: Callable[[jax.Array], jax.Array] = patch_features,
-                    band_width: float = 0.5, max_points: Optional[int] = 1024,
-                    rng: Optional[jax.Array] = None, eps: float = 1e-5) -> jax.Array:
+def contextual_loss(
+  x: jax.Array,
+  y: jax.Array,
+  feature_fn: Callable[[jax.Array], jax.Array] = patch_features,
+  band_width: float = 0.5,
+  max_points: Optional[int] = 1024,
+  rng: Optional[jax.Array] = None,
+  eps: float = 1e-5,
+) -> jax.Array:
   """Contextual loss -log CX(X, Y) between images x and y (e.g. a translation and its source).
 
   Follows the reference formulation (Mechrez et al. 2018, Eq. 1-5, and its widely used
@@ -185,11 +201,11 @@ def contextual_loss(x: jax.Array, y: jax.Array,
     float32 scalar.
   """
   if x.shape != y.shape:
-    raise ValueError(f"contextual_loss: x and y must have the same shape; got {x.shape}, {y.shape}")
-  fx = _as_point_set(_f32(feature_fn(x)), "x")
-  fy = _as_point_set(_f32(feature_fn(y)), "y")
+    raise ValueError(f'contextual_loss: x and y must have the same shape; got {x.shape}, {y.shape}')
+  fx = _as_point_set(_f32(feature_fn(x)), 'x')
+  fy = _as_point_set(_f32(feature_fn(y)), 'y')
   if fx.shape != fy.shape:
-    raise ValueError(f"contextual_loss: feature shapes differ: {fx.shape} vs {fy.shape}")
+    raise ValueError(f'contextual_loss: feature shapes differ: {fx.shape} vs {fy.shape}')
   idx = subsample_indices(fx.shape[1], max_points, rng)
   if idx is not None:
     fx = jnp.take(fx, idx, axis=1)
@@ -197,7 +213,7 @@ def contextual_loss(x: jax.Array, y: jax.Array,
   mu = jnp.mean(fy, axis=(0, 1), keepdims=True)
   xn = l2_normalize(fx - mu)
   yn = l2_normalize(fy - mu)
-  cos = jnp.einsum("nic,njc->nij", xn, yn, precision=_HIGHEST)  # [N, Lx, Ly]
+  cos = jnp.einsum('nic,njc->nij', xn, yn, precision=_HIGHEST)  # [N, Lx, Ly]
   dist = jnp.maximum(1.0 - cos, 0.0)
   dist_rel = dist / (jnp.min(dist, axis=-1, keepdims=True) + eps)
   cx_ij = jax.nn.softmax((1.0 - dist_rel) / band_width, axis=-1)
@@ -213,21 +229,43 @@ def contextual_loss(x: jax.Array, y: jax.Array,
 def _check_segmentation_inputs(logits, labels, num_classes, include_background):
   if logits.shape[-1] != num_classes:
     raise ValueError(
-        f"segmentation_loss: logits have {logits.shape[-1]} classes, num_classes={num_classes}")
+      f'segmentation_loss: logits have {logits.shape[-1]} classes, num_classes={num_classes}'
+    )
   if labels.shape != logits.shape[:-1]:
     raise ValueError(
-        f"segmentation_loss: labels shape {labels.shape} != logits shape without classes "
-        f"{logits.shape[:-1]}")
+      f'segmentation_loss: labels shape {labels.shape} != logits shape without classes '
+      f'{logits.shape[:-1]}'
+    )
   if num_classes - (0 if include_background else 1) < 1:
     raise ValueError(
-        f"segmentation_loss: no class enters the Dice (num_classes={num_classes}, "
-        f"include_background={include_background})")
+      f'segmentation_loss: no class enters the Dice (num_classes={num_classes}, '
+      f'include_background={include_background})'
+    )
 
 
-def segmentation_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
-                      ce_weight: float = 1.0, dice_weight: float = 1.0,
-                      mask: Optional[jax.Array] = None, *,
-                      include_background: bool = False, smooth: float = 1.0):
+def _pixel_weights(mask, labels):
+  """Per-pixel weights [N,H,W] float32 of per-example weights `mask` [N] (None: ones)."""
+  n = labels.shape[0]
+  if mask is None:
+    weights = jnp.ones((n,), jnp.float32)
+  else:
+    if mask.shape != (n,):
+      raise ValueError(f'segmentation_loss: mask must have shape ({n},), got {mask.shape}')
+    weights = _f32(mask)
+  return jnp.broadcast_to(weights.reshape((n,) + (1,) * (labels.ndim - 1)), labels.shape)
+
+
+def segmentation_loss(
+  logits: jax.Array,
+  labels: jax.Array,
+  num_classes: int,
+  ce_weight: float = 1.0,
+  dice_weight: float = 1.0,
+  mask: Optional[jax.Array] = None,
+  *,
+  include_background: bool = False,
+  smooth: float = 1.0,
+):
   """Softmax cross-entropy + soft Dice loss, multi-class.
 
   Args:
@@ -257,14 +295,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
   first = 0 if include_background else 1
   logits = _f32(logits)
   labels = jnp.asarray(labels, jnp.int32)
-  n = logits.shape[0]
-  if mask is None:
-    weights = jnp.ones((n,), jnp.float32)
-  else:
-    if mask.shape != (n,):
-      raise ValueError(f"segmentation_loss: mask must have shape ({n},), got {mask.shape}")
-    weights = _f32(mask)
-  w_pix = jnp.broadcast_to(weights.reshape((n,) + (1,) * (labels.ndim - 1)), labels.shape)
+  w_pix = _pixel_weights(mask, labels)
 
   ce_pix = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   w_sum = jnp.sum(w_pix)
@@ -279,14 +310,14 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
   dice = 1.0 - jnp.mean(dice_per_class[first:])
 
   total = ce_weight * ce + dice_weight * dice
-  return total, {"ce": ce, "dice": dice}
+  return total, {'ce': ce, 'dice': dice}
 
 
 # ---------------------------------------------------------------------------
 # Distillation: hint (feature) loss and KL on softened logits.
 # ---------------------------------------------------------------------------
 
-_HINT_KINDS = ("l2", "l1", "cosine")
+_HINT_KINDS = ('l2', 'l1', 'cosine')
 
 
 def _hint_pair(student_feats, teacher_feats, tap, adapters_out):
@@ -296,26 +327,32 @@ def _hint_pair(student_feats, teacher_feats, tap, adapters_out):
   elif tap in student_feats:
     s = student_feats[tap]
   else:
-    raise KeyError(f"hint_loss: tap {tap!r} not in student features {sorted(student_feats)}")
+    raise KeyError(f'hint_loss: tap {tap!r} not in student features {sorted(student_feats)}')
   if tap not in teacher_feats:
-    raise KeyError(f"hint_loss: tap {tap!r} not in teacher features {sorted(teacher_feats)}")
+    raise KeyError(f'hint_loss: tap {tap!r} not in teacher features {sorted(teacher_feats)}')
   t = teacher_feats[tap]
   if s.ndim != 4 or t.ndim != 4:
     raise ValueError(
-        f"hint_loss: tap {tap!r}: expected [N, h, w, C] features, got student {s.shape}, "
-        f"teacher {t.shape}")
+      f'hint_loss: tap {tap!r}: expected [N, h, w, C] features, got student {s.shape}, '
+      f'teacher {t.shape}'
+    )
   if s.shape[0] != t.shape[0]:
-    raise ValueError(f"hint_loss: tap {tap!r}: batch sizes differ: {s.shape} vs {t.shape}")
+    raise ValueError(f'hint_loss: tap {tap!r}: batch sizes differ: {s.shape} vs {t.shape}')
   if s.shape[-1] != t.shape[-1]:
     raise ValueError(
-        f"hint_loss: tap {tap!r}: student width {s.shape[-1]} != teacher width "
-        f"{t.shape[-1]}; apply HintAdapters to the student features first")
+      f'hint_loss: tap {tap!r}: student width {s.shape[-1]} != teacher width '
+      f'{t.shape[-1]}; apply HintAdapters to the student features first'
+    )
   return s, t
 
 
-def hint_loss(student_feats: Mapping[str, jax.Array], teacher_feats: Mapping[str, jax.Array],
-              taps: Sequence[str], kind: str = "l2",
-              adapters_out: Optional[Mapping[str, jax.Array]] = None):
+def hint_loss(
+  student_feats: Mapping[str, jax.Array],
+  teacher_feats: Mapping[str, jax.Array],
+  taps: Sequence[str],
+  kind: str = 'l2',
+  adapters_out: Optional[Mapping[str, jax.Array]] = None,
+):
   """Hint (feature distillation) loss between student and teacher features at named taps.
 
   Args:
@@ -338,19 +375,19 @@ def hint_loss(student_feats: Mapping[str, jax.Array], teacher_feats: Mapping[str
     its float32 scalar loss.
   """
   if kind not in _HINT_KINDS:
-    raise ValueError(f"hint_loss: kind must be one of {_HINT_KINDS}, got {kind!r}")
+    raise ValueError(f'hint_loss: kind must be one of {_HINT_KINDS}, got {kind!r}')
   if not taps:
-    raise ValueError("hint_loss: taps is empty")
+    raise ValueError('hint_loss: taps is empty')
   per_tap = {}
   for tap in taps:
     s, t = _hint_pair(student_feats, teacher_feats, tap, adapters_out)
     s = _f32(s)
     t = _f32(t)
     if t.shape[1:3] != s.shape[1:3]:
-      t = jax.image.resize(t, s.shape, method="bilinear")
-    if kind == "l2":
+      t = jax.image.resize(t, s.shape, method='bilinear')
+    if kind == 'l2':
       value = jnp.mean(jnp.square(s - t))
-    elif kind == "l1":
+    elif kind == 'l1':
       value = jnp.mean(jnp.abs(s - t))
     else:
       value = jnp.mean(1.0 - jnp.sum(l2_normalize(s) * l2_normalize(t), axis=-1))
@@ -359,8 +396,9 @@ def hint_loss(student_feats: Mapping[str, jax.Array], teacher_feats: Mapping[str
   return total, per_tap
 
 
-def kl_distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
-                         temperature: float = 2.0) -> jax.Array:
+def kl_distillation_loss(
+  student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 2.0
+) -> jax.Array:
   """Hinton distillation: T^2 * mean over pixels of KL(softmax(t/T) || softmax(s/T)).
 
   Logits are [..., K] (e.g. [N, H, W, K]); the mean runs over all leading axes. No
@@ -368,8 +406,9 @@ def kl_distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   """
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(
-        f"kl_distillation_loss: shapes differ: student {student_logits.shape}, "
-        f"teacher {teacher_logits.shape}")
+      f'kl_distillation_loss: shapes differ: student {student_logits.shape}, '
+      f'teacher {teacher_logits.shape}'
+    )
   log_ps = jax.nn.log_softmax(_f32(student_logits) / temperature, axis=-1)
   log_pt = jax.nn.log_softmax(_f32(teacher_logits) / temperature, axis=-1)
   kl = optax.losses.kl_divergence_with_log_targets(log_ps, log_pt, axis=-1)

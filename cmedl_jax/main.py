@@ -27,15 +27,20 @@ from data_prep import nifti_io
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and exports.')
 flags.DEFINE_bool('jax_distributed', False, 'Call jax.distributed.initialize() (multi-host).')
-flags.DEFINE_string('coordinator_address', None,
-                    'With --jax_distributed: HOST:PORT of process 0 (default: auto-detected).')
-flags.DEFINE_integer('num_processes', None,
-                     'With --jax_distributed: number of processes (default: auto-detected).')
-flags.DEFINE_integer('process_id', None,
-                     'With --jax_distributed: this process, 0..num_processes-1 (default: '
-                     'auto-detected).')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'With --jax_distributed: HOST:PORT of process 0 (default: auto-detected).',
+)
+flags.DEFINE_integer(
+  'num_processes', None, 'With --jax_distributed: number of processes (default: auto-detected).'
+)
+flags.DEFINE_integer(
+  'process_id',
+  None,
+  'With --jax_distributed: this process, 0..num_processes-1 (default: auto-detected).',
+)
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -44,16 +49,25 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
   if any(v is not None for v in given) and not FLAGS.jax_distributed:
-    raise app.UsageError('--coordinator_address/--num_processes/--process_id need '
-                         '--jax_distributed')
+    raise app.UsageError(
+      '--coordinator_address/--num_processes/--process_id need --jax_distributed'
+    )
   if FLAGS.jax_distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info(
+    'JAX process %d/%d, local devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, train.WorkdirLockedError, train.NonFiniteLossError,
-          nifti_io.DataError) as e:
+  except (
+    train.ConfigError,
+    train.WorkdirLockedError,
+    train.NonFiniteLossError,
+    nifti_io.DataError,
+  ) as e:
     logging.error('%s', e)
     raise SystemExit(f'error: {e}') from None  # One line, no traceback; exit status 1.
   logging.info('Final: %s', result)

@@ -25,14 +25,14 @@ from cmedl_jax.models.adapters import HintAdapters
 
 # Parameter collections of the state and the optimiser group each belongs to.
 GROUP_OF = {
-    'translator': 'translator',  # G: source -> target.
-    'translator_inv': 'translator',  # F: target -> source (CycleGAN only).
-    'nce_head': 'translator',  # PatchNCE MLPs (CUT only).
-    'disc_target': 'discriminator',  # D on target images: real t vs G(x).
-    'disc_source': 'discriminator',  # D on source images: real x vs F(t) (CycleGAN only).
-    'teacher': 'teacher',
-    'student': 'student',
-    'adapters': 'student',  # 1x1 convs from student to teacher widths (hint loss).
+  'translator': 'translator',  # G: source -> target.
+  'translator_inv': 'translator',  # F: target -> source (CycleGAN only).
+  'nce_head': 'translator',  # PatchNCE MLPs (CUT only).
+  'disc_target': 'discriminator',  # D on target images: real t vs G(x).
+  'disc_source': 'discriminator',  # D on source images: real x vs F(t) (CycleGAN only).
+  'teacher': 'teacher',
+  'student': 'student',
+  'adapters': 'student',  # 1x1 convs from student to teacher widths (hint loss).
 }
 GROUPS = ('translator', 'discriminator', 'teacher', 'student')
 DISCRIMINATORS = ('disc_target', 'disc_source')
@@ -42,9 +42,9 @@ STUDENT = 'student'  # student(x)
 STUDENT_ON_TRANSLATION = 'student_on_source_and_translation'  # student([x, G(x)])
 TEACHER_ON_TRANSLATION = 'teacher_on_translation'  # teacher(G(x))
 TEST_TIME_COLLECTIONS = {
-    STUDENT: ('student',),
-    STUDENT_ON_TRANSLATION: ('translator', 'student'),
-    TEACHER_ON_TRANSLATION: ('translator', 'teacher'),
+  STUDENT: ('student',),
+  STUDENT_ON_TRANSLATION: ('translator', 'student'),
+  TEACHER_ON_TRANSLATION: ('translator', 'teacher'),
 }
 
 
@@ -60,14 +60,15 @@ class Method:
 
 
 METHODS = {
-    'cmedl': Method(student=True, teacher=True, translator=True, test_time=STUDENT,
-                    distills=True),
-    'student_only': Method(student=True, teacher=False, translator=False, test_time=STUDENT),
-    'two_channel': Method(student=True, teacher=False, translator=True,
-                          test_time=STUDENT_ON_TRANSLATION),
-    'pmri_teacher': Method(student=False, teacher=True, translator=True,
-                           test_time=TEACHER_ON_TRANSLATION),
-    'translator_only': Method(student=False, teacher=False, translator=True, test_time=None),
+  'cmedl': Method(student=True, teacher=True, translator=True, test_time=STUDENT, distills=True),
+  'student_only': Method(student=True, teacher=False, translator=False, test_time=STUDENT),
+  'two_channel': Method(
+    student=True, teacher=False, translator=True, test_time=STUDENT_ON_TRANSLATION
+  ),
+  'pmri_teacher': Method(
+    student=False, teacher=True, translator=True, test_time=TEACHER_ON_TRANSLATION
+  ),
+  'translator_only': Method(student=False, teacher=False, translator=True, test_time=None),
 }
 DISTILLATIONS = ('hint', 'kl', 'none')
 
@@ -85,22 +86,21 @@ def parts(config):
   (and 'trains_translator', 'distill')."""
   m = get(config)
   if config.method.distill not in DISTILLATIONS:
-    raise ValueError(f'method.distill={config.method.distill!r}: expected one of '
-                     f'{DISTILLATIONS}')
+    raise ValueError(f'method.distill={config.method.distill!r}: expected one of {DISTILLATIONS}')
   cyclegan = m.translator and config.model.translator.name == 'cyclegan'
   trains_translator = m.translator and not config.method.freeze_translator
   distill = m.distills and config.method.distill != 'none'
   return dict(
-      student=m.student,
-      teacher=m.teacher,
-      translator=m.translator,
-      translator_inv=cyclegan,
-      disc_target=trains_translator,
-      disc_source=trains_translator and cyclegan,
-      nce_head=trains_translator and config.model.translator.name == 'cut',
-      trains_translator=trains_translator,
-      distill=distill,
-      adapters=distill and config.method.distill == 'hint',
+    student=m.student,
+    teacher=m.teacher,
+    translator=m.translator,
+    translator_inv=cyclegan,
+    disc_target=trains_translator,
+    disc_source=trains_translator and cyclegan,
+    nce_head=trains_translator and config.model.translator.name == 'cut',
+    trains_translator=trains_translator,
+    distill=distill,
+    adapters=distill and config.method.distill == 'hint',
   )
 
 
@@ -142,26 +142,28 @@ def build_networks(config, in_channels):
 
   def translator():
     return models.get_translator(
-        _network_config(config.model.translator, dtype, remat, out_channels=in_channels))
+      _network_config(config.model.translator, dtype, remat, out_channels=in_channels)
+    )
 
   disc_cfg = dict(config.model.discriminator.to_dict(), dtype=dtype)
   return Networks(
-      student=segmenter(config.model.student) if u['student'] else None,
-      teacher=segmenter(config.model.teacher) if u['teacher'] else None,
-      translator=translator() if u['translator'] else None,
-      translator_inv=translator() if u['translator_inv'] else None,
-      disc_target=models.get_discriminator(disc_cfg) if u['disc_target'] else None,
-      disc_source=models.get_discriminator(disc_cfg) if u['disc_source'] else None,
-      nce_head=models.get_patch_sampler(
-          dict(num_features=config.model.nce.num_features, dtype=dtype))
-      if u['nce_head'] else None,
+    student=segmenter(config.model.student) if u['student'] else None,
+    teacher=segmenter(config.model.teacher) if u['teacher'] else None,
+    translator=translator() if u['translator'] else None,
+    translator_inv=translator() if u['translator_inv'] else None,
+    disc_target=models.get_discriminator(disc_cfg) if u['disc_target'] else None,
+    disc_source=models.get_discriminator(disc_cfg) if u['disc_source'] else None,
+    nce_head=models.get_patch_sampler(dict(num_features=config.model.nce.num_features, dtype=dtype))
+    if u['nce_head']
+    else None,
   )
 
 
 def hint_adapters(config, teacher_feats):
   """1x1-conv adapters from the student's widths to the teacher's at the hint taps."""
-  return HintAdapters(out_channels={tap: int(teacher_feats[tap].shape[-1])
-                                    for tap in config.method.hint_taps})
+  return HintAdapters(
+    out_channels={tap: int(teacher_feats[tap].shape[-1]) for tap in config.method.hint_taps}
+  )
 
 
 def hint_taps(config, feats):
@@ -187,8 +189,7 @@ def infer_logits(params, batch_stats, images, *, nets, test_time):
   """Segmentation logits [N,H,W,K] of the test-time network `test_time` (a key of
   TEST_TIME_COLLECTIONS) on source images [N,H,W,C] in [-1, 1]."""
   if test_time == TEACHER_ON_TRANSLATION:
-    return segment(nets.teacher, params, batch_stats, 'teacher',
-                    translate(nets, params, images))
+    return segment(nets.teacher, params, batch_stats, 'teacher', translate(nets, params, images))
   if test_time == STUDENT_ON_TRANSLATION:
     images = jnp.concatenate([images, translate(nets, params, images)], -1)
   elif test_time != STUDENT:
@@ -199,5 +200,4 @@ def infer_logits(params, batch_stats, images, *, nets, test_time):
 def test_time_variables(test_time, params, batch_stats):
   """(params, batch_stats) restricted to the collections the test-time network reads."""
   names = TEST_TIME_COLLECTIONS[test_time]
-  return ({k: params[k] for k in names},
-          {k: batch_stats[k] for k in names if k in batch_stats})
+  return ({k: params[k] for k in names}, {k: batch_stats[k] for k in names if k in batch_stats})

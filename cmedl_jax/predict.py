@@ -33,8 +33,10 @@ def check_unique_cases(inputs):
   for path in inputs:
     case = nifti_io.case_id(path, image=True)
     if case in seen:
-      raise ValueError(f'{seen[case]} and {path} are both case {case!r} (one output '
-                       f'{case}.nii.gz); rename or remove one')
+      raise ValueError(
+        f'{seen[case]} and {path} are both case {case!r} (one output '
+        f'{case}.nii.gz); rename or remove one'
+      )
     seen[case] = path
 
 
@@ -47,8 +49,15 @@ def list_inputs(path):
   return list(nifti_io.list_cases(path, image=True).values())
 
 
-def predict_files(predictor, inputs, output_dir, overwrite=False, probabilities=False,
-                  pseudo_target=False, progress=True):
+def predict_files(
+  predictor,
+  inputs,
+  output_dir,
+  overwrite=False,
+  probabilities=False,
+  pseudo_target=False,
+  progress=True,
+):
   """Predicts every input file into output_dir/{case}.nii.gz. Returns {'written', 'skipped',
   'failed': [(path, message)], 'warned': [(path, why its intensities look like another
   modality)]}."""
@@ -76,19 +85,30 @@ def predict_files(predictor, inputs, output_dir, overwrite=False, probabilities=
       tqdm.write(f'error: {path}: {e}', file=sys.stderr)
       continue
     if probabilities:
-      nifti_io.save_nifti_like(pred['probabilities'], reference,
-                        os.path.join(output_dir, f'{case}_probabilities.nii.gz'), np.float32)
+      nifti_io.save_nifti_like(
+        pred['probabilities'],
+        reference,
+        os.path.join(output_dir, f'{case}_probabilities.nii.gz'),
+        np.float32,
+      )
     if pseudo_target:
-      nifti_io.save_nifti_like(pred['pseudo_target'], reference,
-                        os.path.join(output_dir, f'{case}_pseudo_target.nii.gz'), np.float32)
+      nifti_io.save_nifti_like(
+        pred['pseudo_target'],
+        reference,
+        os.path.join(output_dir, f'{case}_pseudo_target.nii.gz'),
+        np.float32,
+      )
     nifti_io.save_nifti_like(pred['labels'], reference, out, np.uint8)
     result['written'].append(out)
   return result
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m cmedl_jax.predict', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog='python -m cmedl_jax.predict',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   which = parser.add_mutually_exclusive_group(required=True)
   which.add_argument('--workdir', help='run directory (uses its inference export)')
   which.add_argument('--checkpoint', help='a saved state, e.g. RUN/best/400')
@@ -96,11 +116,17 @@ def main(argv=None):
   parser.add_argument('--output', required=True, help='output folder')
   parser.add_argument('--batch-size', type=int, default=None, help='slices per batch')
   parser.add_argument('--probabilities', action='store_true', help='also write probabilities')
-  parser.add_argument('--pseudo-target', action='store_true',
-                      help="also write the translator's output (e.g. pseudo-MRI)")
-  parser.add_argument('--teacher', action='store_true',
-                      help="segment with the run's teacher on the translator's output (latest "
-                           'checkpoint, or --checkpoint)')
+  parser.add_argument(
+    '--pseudo-target',
+    action='store_true',
+    help="also write the translator's output (e.g. pseudo-MRI)",
+  )
+  parser.add_argument(
+    '--teacher',
+    action='store_true',
+    help="segment with the run's teacher on the translator's output (latest "
+    'checkpoint, or --checkpoint)',
+  )
   parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
   args = parser.parse_args(argv)
   if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -108,15 +134,27 @@ def main(argv=None):
   try:
     inputs = list_inputs(args.input)
     check_unique_cases(inputs)
-    predictor = Predictor(workdir=args.workdir, checkpoint_path=args.checkpoint,
-                          batch_size=args.batch_size, pseudo_target=args.pseudo_target,
-                          teacher=args.teacher)
+    predictor = Predictor(
+      workdir=args.workdir,
+      checkpoint_path=args.checkpoint,
+      batch_size=args.batch_size,
+      pseudo_target=args.pseudo_target,
+      teacher=args.teacher,
+    )
   except (FileNotFoundError, ValueError) as e:
     parser.exit(2, f'predict: error: {e}\n')
-  result = predict_files(predictor, inputs, args.output, overwrite=args.overwrite,
-                         probabilities=args.probabilities, pseudo_target=args.pseudo_target)
-  print(f"predict: {len(result['written'])} written, {len(result['skipped'])} kept "
-        f"(exist; --overwrite replaces), {len(result['failed'])} failed -> {args.output}")
+  result = predict_files(
+    predictor,
+    inputs,
+    args.output,
+    overwrite=args.overwrite,
+    probabilities=args.probabilities,
+    pseudo_target=args.pseudo_target,
+  )
+  print(
+    f'predict: {len(result["written"])} written, {len(result["skipped"])} kept '
+    f'(exist; --overwrite replaces), {len(result["failed"])} failed -> {args.output}'
+  )
   for path, message in result['failed']:
     print(f'  failed: {path}: {message}')
   return 1 if result['failed'] else 0

@@ -39,17 +39,21 @@ def shard_batch(batch, mesh):
 
 def from_host(x, sharding):
   """A global jax.Array with `sharding` from host array(s) x that every process holds whole."""
+
   def put(a):
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
   return jax.tree.map(put, x)
 
 
 def to_host(x):
   """Host numpy value(s) of jax.Array(s), also of arrays sharded over other processes' devices
   (gathered: every process must call this)."""
+
   def get(a):
     if isinstance(a, jax.Array) and not (a.is_fully_addressable or a.is_fully_replicated):
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return np.asarray(jax.device_get(a))
+
   return jax.tree.map(get, x)

@@ -81,6 +81,7 @@ def check_config(config):
   Image size: the segmenters and generators pad their input to the multiple they need; the
   PatchGAN discriminator's output is empty (a NaN loss) below 3 * 2**n_layers pixels.
   """
+
   def fail(field, why):
     raise ConfigError(f'{field} {why}, got {config[field.split(".")[0]][field.split(".")[1]]!r}')
 
@@ -88,9 +89,16 @@ def check_config(config):
     section, name = field.split('.')
     if not config[section][name] > 0:
       fail(field, 'must be > 0')
-  for field in ('train.num_steps', 'train.global_batch_size', 'train.log_every',
-                'train.image_every', 'train.eval_every', 'train.checkpoint_every',
-                'train.keep_checkpoints', 'eval.batch_size'):
+  for field in (
+    'train.num_steps',
+    'train.global_batch_size',
+    'train.log_every',
+    'train.image_every',
+    'train.eval_every',
+    'train.checkpoint_every',
+    'train.keep_checkpoints',
+    'eval.batch_size',
+  ):
     section, name = field.split('.')
     value = config[section][name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -98,16 +106,19 @@ def check_config(config):
   size = config.data.image_size
   sizes = tuple(size) if isinstance(size, (tuple, list)) else (size,)
   if len(sizes) not in (1, 2) or not all(
-      isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes
+  ):
     fail('data.image_size', 'must be an int >= 1 or a pair of them')
   try:
     parts = method.parts(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  smallest = 3 * 2 ** config.model.discriminator.n_layers
+  smallest = 3 * 2**config.model.discriminator.n_layers
   if (parts['disc_target'] or parts['disc_source']) and min(sizes) < smallest:
-    fail('data.image_size', f'must be >= {smallest} for the discriminator (3 * 2**'
-         'model.discriminator.n_layers)')
+    fail(
+      'data.image_size',
+      f'must be >= {smallest} for the discriminator (3 * 2**model.discriminator.n_layers)',
+    )
   c = config.data.context_slices
   if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
     fail('data.context_slices', 'must be an odd int >= 1')
@@ -163,11 +174,12 @@ class WorkdirLock:
         cut_short = pid is None and age > 10
         if not (cut_short or (host == socket.gethostname() and not nifti_io.pid_alive(pid))):
           raise WorkdirLockedError(
-              f'{self.workdir} is in use by the training of process {pid} on host {host} '
-              f'({self.path}); wait for it to end, or delete the lock if it is not running'
+            f'{self.workdir} is in use by the training of process {pid} on host {host} '
+            f'({self.path}); wait for it to end, or delete the lock if it is not running'
           ) from None
-        logging.warning('Taking over %s of process %s on %s, which is not running.',
-                        self.path, pid, host)
+        logging.warning(
+          'Taking over %s of process %s on %s, which is not running.', self.path, pid, host
+        )
         try:
           os.remove(self.path)
         except FileNotFoundError:
@@ -198,14 +210,16 @@ def prepare_data(config):
     _prepare_data(config)
   # A barrier of the distributed runtime, not a collective (sync_global_devices): the first
   # collective gives up after 30 s, a preparation can take longer.
-  ocp.multihost.get_barrier_sync_fn()(key='cmedl_jax_prepare_data',
-                                      timeout_ms=PREPARE_TIMEOUT_S * 1000)
+  ocp.multihost.get_barrier_sync_fn()(
+    key='cmedl_jax_prepare_data', timeout_ms=PREPARE_TIMEOUT_S * 1000
+  )
   if jax.process_index() != 0:
     _prepare_data(config, prepare_missing=False)
 
 
 def _prepare_data(config, prepare_missing=True):
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
+
   for side in ('source', 'target'):
     d = config.data[side]
     spec = prepare.spec_from_config(config, side)
@@ -214,32 +228,38 @@ def _prepare_data(config, prepare_missing=True):
       continue
     if not prepare_missing:
       raise FileNotFoundError(
-          f'{d.prepared_dir}: not prepared on process {jax.process_index()} after process 0 '
-          'prepared it; data.*.prepared_dir must be on a filesystem all processes share')
+        f'{d.prepared_dir}: not prepared on process {jax.process_index()} after process 0 '
+        'prepared it; data.*.prepared_dir must be on a filesystem all processes share'
+      )
     if os.path.exists(d.prepared_dir):
       raise ConfigError(
-          f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
-          f'delete it to prepare data.{side}.raw_dir there, or point data.{side}.prepared_dir '
-          'elsewhere')
+        f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
+        f'delete it to prepare data.{side}.raw_dir there, or point data.{side}.prepared_dir '
+        'elsewhere'
+      )
     logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
-    prepare.prepare_dataset(d.raw_dir, d.prepared_dir, spec,
-                            val_fraction=config.data.val_fraction, seed=config.seed)
+    prepare.prepare_dataset(
+      d.raw_dir, d.prepared_dir, spec, val_fraction=config.data.val_fraction, seed=config.seed
+    )
 
 
 def _check_prepared(data, side, spec, manifest):
   """ConfigError unless the prepared folder was made from data.<side>.raw_dir with `spec`."""
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
+
   found = prepare.PrepSpec.from_dict(manifest['spec'])
   if found != spec:
     raise ConfigError(
-        f'{data.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
-        f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it')
+      f'{data.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
+      f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it'
+    )
   made_from = manifest['dataset'].get('raw_dir')
   if made_from and os.path.realpath(made_from) != os.path.realpath(data.raw_dir):
     raise ConfigError(
-        f'{data.prepared_dir} was prepared from {made_from}, but data.{side}.raw_dir is '
-        f'{os.path.abspath(data.raw_dir)}; point data.{side}.prepared_dir elsewhere or delete '
-        'it (it is prepared again at the next start)')
+      f'{data.prepared_dir} was prepared from {made_from}, but data.{side}.raw_dir is '
+      f'{os.path.abspath(data.raw_dir)}; point data.{side}.prepared_dir elsewhere or delete '
+      'it (it is prepared again at the next start)'
+    )
 
 
 def _to_unit(images):
@@ -260,17 +280,20 @@ def image_summaries(config, state, src, eval_fn, mesh, max_images=3):
   out = sharding.to_host(eval_fn(state, sharding.from_host(x, sharding.replicated(mesh))))
   c = config.data.context_slices // 2
   k = config.data.num_classes
-  images = {'source': _to_unit(x[..., c:c + 1]),
-            'label': _labels_to_unit(sharding.to_host(src['label'])[:max_images], k)}
+  images = {
+    'source': _to_unit(x[..., c : c + 1]),
+    'label': _labels_to_unit(sharding.to_host(src['label'])[:max_images], k),
+  }
   if 'logits' in out:
     images['prediction/inference'] = _labels_to_unit(out['logits'].argmax(-1), k)
   if 'pseudo_target' in out:
-    images['pseudo_target'] = _to_unit(out['pseudo_target'][..., c:c + 1])
+    images['pseudo_target'] = _to_unit(out['pseudo_target'][..., c : c + 1])
   if 'cycle' in out:
-    images['cycle_source'] = _to_unit(out['cycle'][..., c:c + 1])
+    images['cycle_source'] = _to_unit(out['cycle'][..., c : c + 1])
   if 'teacher_logits' in out:
     images['prediction/teacher_on_pseudo_target'] = _labels_to_unit(
-        out['teacher_logits'].argmax(-1), k)
+      out['teacher_logits'].argmax(-1), k
+    )
   return images
 
 
@@ -282,10 +305,18 @@ def validate(config, state, infer_fn, volumes, mesh):
   per_case = []
   classes = {f'class_{k}': k for k in range(1, config.data.num_classes)}
   for vol in volumes:
-    pred, _ = inference.predict_volume(functools.partial(infer_fn, state), vol['image'],
-                             config.eval.batch_size, config.data.context_slices, mesh)
-    per_case.append(seg_metrics.evaluate_case(pred, vol['label'], vol['spacing_mm'], classes,
-                                              tolerance_mm=config.eval.tolerance_mm))
+    pred, _ = inference.predict_volume(
+      functools.partial(infer_fn, state),
+      vol['image'],
+      config.eval.batch_size,
+      config.data.context_slices,
+      mesh,
+    )
+    per_case.append(
+      seg_metrics.evaluate_case(
+        pred, vol['label'], vol['spacing_mm'], classes, tolerance_mm=config.eval.tolerance_mm
+      )
+    )
   out = {}
   for key, metric in (('val_dsc', 'dice'), ('val_sdsc', 'surface_dice'), ('val_hd95', 'hd95')):
     values = [case[name][metric] for case in per_case for name in classes]
@@ -333,7 +364,8 @@ def _check_finite(metrics, step):
   for name, value in metrics.items():
     if name.startswith('loss/') and not np.isfinite(value):
       raise NonFiniteLossError(
-          f'{name} is {value} at step {step}; stopping. The last good checkpoint is kept.')
+        f'{name} is {value} at step {step}; stopping. The last good checkpoint is kept.'
+      )
 
 
 def train_and_evaluate(config, workdir, on_log=None):
@@ -363,36 +395,39 @@ def _train_and_evaluate(config, workdir, on_log):
   prepare_data(config)
   mesh = sharding.make_mesh()
   in_channels = config.data.context_slices
-  image_shape = (*input_pipeline.dataset_info(config.data.source.prepared_dir)['image_size'],
-                 in_channels)
+  image_shape = (
+    *input_pipeline.dataset_info(config.data.source.prepared_dir)['image_size'],
+    in_channels,
+  )
   nets = method.build_networks(config, in_channels)
   if primary:
-    nifti_io.write_json(os.path.join(workdir, 'preparation.json'),
-                        input_pipeline.preparation_record(config.data.source.prepared_dir),
-                        indent=2, sort_keys=True)
+    nifti_io.write_json(
+      os.path.join(workdir, 'preparation.json'),
+      input_pipeline.preparation_record(config.data.source.prepared_dir),
+      indent=2,
+      sort_keys=True,
+    )
   ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
   state, state_sharding = _initial_state(config, nets, image_shape, mesh, ckpts)
   start_step = int(jax.device_get(state.step))
   logging.info('Starting at step %d of %d.', start_step, config.train.num_steps)
   programs = _Programs(config, nets, mesh, state_sharding)
-  train_iter = input_pipeline.create_train_iterator(
-      config.data.source.prepared_dir, config.data.target.prepared_dir,
-      global_batch_size=config.train.global_batch_size, seed=config.seed,
-      start_step=start_step, foreground_ratio=config.data.foreground_ratio,
-      augment=config.data.augment, context_slices=config.data.context_slices,
-      target_labels=config.data.target_labels, mesh=mesh, prefetch=config.data.prefetch)
+  train_iter = _train_iterator(config, start_step, mesh)
   # TensorBoard event files on process 0 (the console line is ours, with steps/s and ETA).
   writer = metric_writers.MultiWriter(
-      [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))] if primary else [])
+    [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))] if primary else []
+  )
   t_start = time.time()
   try:
-    step, state, val = _train_loop(config, workdir, state, start_step, programs, train_iter,
-                                   writer, ckpts, mesh, on_log)
+    step, state, val = _train_loop(
+      config, workdir, state, start_step, programs, train_iter, writer, ckpts, mesh, on_log
+    )
     test_time = method.get(config).test_time
     if step >= config.train.num_steps and test_time is not None:
       params, stats = method.test_time_variables(test_time, state.params, state.batch_stats)
-      checkpoint.export_inference(workdir, sharding.to_host(params), sharding.to_host(stats),
-                                  tag=step)
+      checkpoint.export_inference(
+        workdir, sharding.to_host(params), sharding.to_host(stats), tag=step
+      )
   finally:
     # Also on an error (e.g. a NaN loss): finish the checkpoints already being written.
     train_iter.close()
@@ -401,6 +436,23 @@ def _train_and_evaluate(config, workdir, on_log):
     ckpts.close()
   logging.info('Done in %s.', _hms(time.time() - t_start))
   return {'step': step, **val}
+
+
+def _train_iterator(config, start_step, mesh):
+  """The unpaired (source, target) batches of the run from `start_step` on."""
+  return input_pipeline.create_train_iterator(
+    config.data.source.prepared_dir,
+    config.data.target.prepared_dir,
+    global_batch_size=config.train.global_batch_size,
+    seed=config.seed,
+    start_step=start_step,
+    foreground_ratio=config.data.foreground_ratio,
+    augment=config.data.augment,
+    context_slices=config.data.context_slices,
+    target_labels=config.data.target_labels,
+    mesh=mesh,
+    prefetch=config.data.prefetch,
+  )
 
 
 def _start_workdir(config, workdir):
@@ -416,14 +468,14 @@ def _start_workdir(config, workdir):
 def _initial_state(config, nets, image_shape, mesh, ckpts):
   """(state, its sharding): the latest checkpoint's, else a new one (initialised under jit,
   replicated on the mesh), with the translator of `method.translator_init` if set."""
-  init = functools.partial(train_state.create_train_state, config, nets,
-                           image_shape=image_shape)
+  init = functools.partial(train_state.create_train_state, config, nets, image_shape=image_shape)
   key = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(lambda r: init(r)[0], key)
   replicated = sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_sharding)
+  abstract_sharded = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+  )
   state = ckpts.restore_latest(abstract_sharded)
   if state is None:
     state = jax.jit(lambda r: init(r)[0], out_shardings=state_sharding)(key)
@@ -440,14 +492,21 @@ class _Programs:
   def __init__(self, config, nets, mesh, state_sharding):
     replicated, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
     tx = train_state.make_optimizer(config)
-    self.step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
-                        in_shardings=(state_sharding, data, data),
-                        out_shardings=(state_sharding, replicated), donate_argnums=0)
+    self.step = jax.jit(
+      functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
+      in_shardings=(state_sharding, data, data),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0,
+    )
     test_time = method.get(config).test_time
-    self.probabilities = jax.jit(lambda st, x: jax.nn.softmax(method.infer_logits(
-        st.params, st.batch_stats, x, nets=nets, test_time=test_time), -1))
-    self.eval_images = jax.jit(functools.partial(ts.eval_step, config=config, nets=nets,
-                                                 with_translations=True))
+    self.probabilities = jax.jit(
+      lambda st, x: jax.nn.softmax(
+        method.infer_logits(st.params, st.batch_stats, x, nets=nets, test_time=test_time), -1
+      )
+    )
+    self.eval_images = jax.jit(
+      functools.partial(ts.eval_step, config=config, nets=nets, with_translations=True)
+    )
 
 
 class _Progress:
@@ -463,18 +522,24 @@ class _Progress:
     _check_finite(scalars, step)
     now = time.time()
     steps_per_sec = (step - self.steps_last) / max(now - self.t_last, 1e-9)
-    scalars.update({f'lr/{g}': float(v)
-                    for g, v in train_state.learning_rates(config, step).items()})
+    scalars.update(
+      {f'lr/{g}': float(v) for g, v in train_state.learning_rates(config, step).items()}
+    )
     scalars['perf/steps_per_sec'] = steps_per_sec
     scalars['perf/data_wait_fraction'] = self.data_wait / max(now - self.t_last, 1e-9)
     self.writer.write_scalars(step, scalars)
     if self.on_log is not None:
       self.on_log(step, scalars)
     eta = (num_steps - step) / max(steps_per_sec, 1e-9)
-    logging.info('step %d/%d  %.2f steps/s  ETA %s  data wait %.0f%%  %s', step, num_steps,
-                 steps_per_sec, _hms(eta), 100 * scalars['perf/data_wait_fraction'],
-                 '  '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in scalars.items()
-                           if k.startswith('loss/')))
+    logging.info(
+      'step %d/%d  %.2f steps/s  ETA %s  data wait %.0f%%  %s',
+      step,
+      num_steps,
+      steps_per_sec,
+      _hms(eta),
+      100 * scalars['perf/data_wait_fraction'],
+      '  '.join(f'{k.split("/")[-1]}={v:.4f}' for k, v in scalars.items() if k.startswith('loss/')),
+    )
     self.t_last, self.steps_last, self.data_wait = now, step, 0.0
 
 
@@ -502,12 +567,22 @@ def _train_loop(config, workdir, state, step, programs, train_iter, writer, ckpt
       if step % train.log_every == 0 or last:
         progress.log(step, metrics)
       if step % train.image_every == 0 or last:
-        writer.write_images(step, image_summaries(config, state, src, programs.eval_images,
-                                                  mesh))
+        writer.write_images(step, image_summaries(config, state, src, programs.eval_images, mesh))
       if val_volumes and (step % train.eval_every == 0 or last):
         _check_finite(sharding.to_host(metrics), step)
-        val = _validate_and_record(config, workdir, state, step, programs, val_volumes,
-                                   val_history, writer, ckpts, mesh, on_log)
+        val = _validate_and_record(
+          config,
+          workdir,
+          state,
+          step,
+          programs,
+          val_volumes,
+          val_history,
+          writer,
+          ckpts,
+          mesh,
+          on_log,
+        )
       if step % train.checkpoint_every == 0 or last or stop_signal:
         _check_finite(sharding.to_host(metrics), step)
         ckpts.save(step, state)
@@ -522,11 +597,12 @@ def _validation_volumes(config):
   if method.get(config).test_time is None:
     return []
   volumes = input_pipeline.load_eval_volumes(config.data.source.prepared_dir, 'validation')
-  return volumes[:config.eval.max_volumes] if config.eval.max_volumes else volumes
+  return volumes[: config.eval.max_volumes] if config.eval.max_volumes else volumes
 
 
-def _validate_and_record(config, workdir, state, step, programs, volumes, history, writer,
-                         ckpts, mesh, on_log):
+def _validate_and_record(
+  config, workdir, state, step, programs, volumes, history, writer, ckpts, mesh, on_log
+):
   """Validates, logs, appends to WORKDIR/validation.json and keeps the best checkpoint."""
   val = validate(config, state, programs.probabilities, volumes, mesh)
   writer.write_scalars(step, val)
@@ -535,8 +611,7 @@ def _validate_and_record(config, workdir, state, step, programs, volumes, histor
   logging.info('step %d validation: %s', step, '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
   history.append({'step': step, **val})
   if jax.process_index() == 0:
-    nifti_io.write_json(os.path.join(workdir, 'validation.json'), history, indent=2,
-                        sort_keys=True)
+    nifti_io.write_json(os.path.join(workdir, 'validation.json'), history, indent=2, sort_keys=True)
   if np.isfinite(val['val_dsc']):
     ckpts.save_if_best(step, state, val)
   return val

@@ -30,9 +30,14 @@ from cmedl_jax.method import translate
 
 
 def _seg(config, logits, labels, mask=None):
-  return losses.segmentation_loss(logits, labels, config.data.num_classes,
-                                  ce_weight=config.loss.ce, dice_weight=config.loss.dice,
-                                  mask=mask)
+  return losses.segmentation_loss(
+    logits,
+    labels,
+    config.data.num_classes,
+    ce_weight=config.loss.ce,
+    dice_weight=config.loss.dice,
+    mask=mask,
+  )
 
 
 AUX_WEIGHT = 0.4  # PSPNet auxiliary head's share of a segmentation loss (Zhao et al. 2017).
@@ -48,8 +53,13 @@ def _seg_with_aux(config, logits, feats, labels, mask=None):
 
 def _apply_bn(net, params, stats, x, rng):
   """Segmenter forward in training mode: (logits, feats, new batch stats)."""
-  (logits, feats), new = net.apply({'params': params, 'batch_stats': stats}, x, train=True,
-                                   mutable=['batch_stats'], rngs={'dropout': rng})
+  (logits, feats), new = net.apply(
+    {'params': params, 'batch_stats': stats},
+    x,
+    train=True,
+    mutable=['batch_stats'],
+    rngs={'dropout': rng},
+  )
   return logits, feats, new['batch_stats']
 
 
@@ -58,13 +68,13 @@ def _patch_nce(config, nets, params, source, translated, rng):
   layers = tuple(config.model.nce.layers)
   n = config.model.nce.num_patches
   _, feat_k = nets.translator.apply({'params': params['translator']}, source, nce_layers=layers)
-  _, feat_q = nets.translator.apply({'params': params['translator']}, translated,
-                                    nce_layers=layers)
+  _, feat_q = nets.translator.apply({'params': params['translator']}, translated, nce_layers=layers)
   head = {'params': params['nce_head']}
   k_pool, ids = nets.nce_head.apply(head, feat_k, n, None, rng)
   q_pool, _ = nets.nce_head.apply(head, feat_q, n, ids, rng)
-  per_layer = [losses.patch_nce_loss(q, k, config.model.nce.temperature)
-               for q, k in zip(q_pool, k_pool)]
+  per_layer = [
+    losses.patch_nce_loss(q, k, config.model.nce.temperature) for q, k in zip(q_pool, k_pool)
+  ]
   return sum(per_layer) / len(per_layer)
 
 
@@ -80,14 +90,28 @@ def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng)
   terms, new_stats, aux = {}, {}, {}
   fake_t = teacher_feats = None
   if u['translator']:
-    fake_t = translation_terms(params, d_params, config, nets, src, tgt, r_nce, r_ctx, u,
-                               terms, aux)
+    fake_t = translation_terms(
+      params, d_params, config, nets, src, tgt, r_nce, r_ctx, u, terms, aux
+    )
   if u['teacher']:
-    teacher_feats = teacher_terms(params, batch_stats, config, nets, src, tgt, fake_t,
-                                  r_teacher, terms, new_stats, aux)
+    teacher_feats = teacher_terms(
+      params, batch_stats, config, nets, src, tgt, fake_t, r_teacher, terms, new_stats, aux
+    )
   if u['student']:
-    student_terms(params, batch_stats, config, nets, src, fake_t, teacher_feats, r_student, u,
-                  terms, new_stats, aux)
+    student_terms(
+      params,
+      batch_stats,
+      config,
+      nets,
+      src,
+      fake_t,
+      teacher_feats,
+      r_student,
+      u,
+      terms,
+      new_stats,
+      aux,
+    )
   total = sum(terms.values())
   return total, (terms, new_stats, aux)
 
@@ -106,9 +130,14 @@ def translation_terms(params, d_params, config, nets, src, tgt, r_nce, r_ctx, u,
     if lw.contextual > 0:
       # Reference = the source: every source patch should have a match in G(x).
       terms['contextual'] = lw.contextual * losses.contextual_loss(
-          fake_t, x, feature_fn=functools.partial(
-              losses.patch_features, patch_size=config.method.contextual_patch),
-          max_points=config.method.contextual_points, rng=r_ctx)
+        fake_t,
+        x,
+        feature_fn=functools.partial(
+          losses.patch_features, patch_size=config.method.contextual_patch
+        ),
+        max_points=config.method.contextual_points,
+        rng=r_ctx,
+      )
     if nets.translator_inv is not None:
       _cyclegan_terms(params, d_params, config, nets, x, t, fake_t, terms, aux)
     else:
@@ -129,12 +158,18 @@ def _cyclegan_terms(params, d_params, config, nets, x, t, fake_t, terms, aux):
   terms['gan_source'] = lw.gan * losses.lsgan_generator_loss(d_s)
   rec_s = f(params['translator_inv'], fake_t)
   aux['cycle_source'] = rec_s
-  terms['cycle'] = lw.cycle * (losses.l1_loss(rec_s, x) + losses.l1_loss(
-      g(params['translator'], fake_s), t))
+  terms['cycle'] = lw.cycle * (
+    losses.l1_loss(rec_s, x) + losses.l1_loss(g(params['translator'], fake_s), t)
+  )
   if lw.identity > 0:
-    terms['identity'] = lw.cycle * lw.identity * (
+    terms['identity'] = (
+      lw.cycle
+      * lw.identity
+      * (
         losses.l1_loss(g(params['translator'], t), t)
-        + losses.l1_loss(f(params['translator_inv'], x), x))
+        + losses.l1_loss(f(params['translator_inv'], x), x)
+      )
+    )
 
 
 def _cut_terms(params, config, nets, x, t, fake_t, rng, terms):
@@ -143,11 +178,11 @@ def _cut_terms(params, config, nets, x, t, fake_t, rng, terms):
   terms['nce'] = config.loss.nce * _patch_nce(config, nets, params, x, fake_t, r1)
   if config.loss.nce_identity:
     terms['nce_identity'] = config.loss.nce * _patch_nce(
-        config, nets, params, t, translate(nets, params, t), r2)
+      config, nets, params, t, translate(nets, params, t), r2
+    )
 
 
-def teacher_terms(params, batch_stats, config, nets, src, tgt, fake_t, rng, terms, new_stats,
-                  aux):
+def teacher_terms(params, batch_stats, config, nets, src, tgt, fake_t, rng, terms, new_stats, aux):
   """teacher_seg: the teacher segments G(x) with the source labels, plus real target images
   where labelled, in one forward (its batch norm sees one batch). Returns its features on
   G(x) (the distillation targets; detached with method.teacher_stop_gradient)."""
@@ -157,9 +192,11 @@ def teacher_terms(params, batch_stats, config, nets, src, tgt, fake_t, rng, term
   t_lab = jnp.concatenate([y, tgt['label']], 0)
   t_mask = jnp.concatenate([jnp.ones((n,), jnp.float32), tgt['has_label']], 0)
   t_logits, t_feats, new_stats['teacher'] = _apply_bn(
-      nets.teacher, params['teacher'], batch_stats['teacher'], t_in, rng)
-  terms['teacher_seg'] = config.loss.teacher_seg * _seg_with_aux(config, t_logits, t_feats,
-                                                                 t_lab, t_mask)
+    nets.teacher, params['teacher'], batch_stats['teacher'], t_in, rng
+  )
+  terms['teacher_seg'] = config.loss.teacher_seg * _seg_with_aux(
+    config, t_logits, t_feats, t_lab, t_mask
+  )
   aux['teacher_logits'] = t_logits[:n]
   teacher_feats = {k: v[:n] for k, v in t_feats.items()}
   if config.method.teacher_stop_gradient:
@@ -167,8 +204,9 @@ def teacher_terms(params, batch_stats, config, nets, src, tgt, fake_t, rng, term
   return teacher_feats
 
 
-def student_terms(params, batch_stats, config, nets, src, fake_t, teacher_feats, rng, u, terms,
-                  new_stats, aux):
+def student_terms(
+  params, batch_stats, config, nets, src, fake_t, teacher_feats, rng, u, terms, new_stats, aux
+):
   """student_seg on x (on [x, G(x)] for two_channel), plus distillation from the teacher's
   features on G(x): hint (adapted student taps vs teacher taps) or kl (softened logits)."""
   lw = config.loss
@@ -176,18 +214,22 @@ def student_terms(params, batch_stats, config, nets, src, fake_t, teacher_feats,
   if method.get(config).test_time == method.STUDENT_ON_TRANSLATION:
     s_in = jnp.concatenate([s_in, jax.lax.stop_gradient(fake_t)], -1)
   s_logits, s_feats, new_stats['student'] = _apply_bn(
-      nets.student, params['student'], batch_stats['student'], s_in, rng)
+    nets.student, params['student'], batch_stats['student'], s_in, rng
+  )
   terms['student_seg'] = lw.student_seg * _seg_with_aux(config, s_logits, s_feats, src['label'])
   aux['student_logits'] = s_logits
   if u['distill'] and config.method.distill == 'hint':
     adapted = method.hint_adapters(config, teacher_feats).apply(
-        {'params': params['adapters']}, method.hint_taps(config, s_feats))
-    hint, _ = losses.hint_loss(adapted, teacher_feats, config.method.hint_taps,
-                               kind=config.method.hint_kind)
+      {'params': params['adapters']}, method.hint_taps(config, s_feats)
+    )
+    hint, _ = losses.hint_loss(
+      adapted, teacher_feats, config.method.hint_taps, kind=config.method.hint_kind
+    )
     terms['hint'] = lw.hint * hint
   elif u['distill']:
     terms['kl'] = lw.hint * losses.kl_distillation_loss(
-        s_logits, teacher_feats['logits'], config.method.kl_temperature)
+      s_logits, teacher_feats['logits'], config.method.kl_temperature
+    )
 
 
 def discriminator_losses(d_params, nets, src, tgt, aux):
@@ -215,26 +257,29 @@ def train_step(state, src, tgt, *, config, nets, tx):
   g_params = {k: v for k, v in state.params.items() if k not in method.DISCRIMINATORS}
   d_params = {k: v for k, v in state.params.items() if k in method.DISCRIMINATORS}
 
-  (g_total, (terms, new_stats, aux)), g_grads = jax.value_and_grad(
-      generator_losses, has_aux=True)(g_params, d_params, state.batch_stats, config, nets,
-                                      src, tgt, r_gen)
+  (g_total, (terms, new_stats, aux)), g_grads = jax.value_and_grad(generator_losses, has_aux=True)(
+    g_params, d_params, state.batch_stats, config, nets, src, tgt, r_gen
+  )
   metrics = {f'loss/{k}': v for k, v in terms.items()}
   grads = dict(g_grads)
   pool = state.pool
   if u['trains_translator']:
     fakes = {'fake_target': jax.lax.stop_gradient(aux['fake_target'])}
     if 'target' in pool:
-      fakes['fake_target'], pool_t = image_pool.query_pool(pool['target'],
-                                                           fakes['fake_target'], r_pool_t)
+      fakes['fake_target'], pool_t = image_pool.query_pool(
+        pool['target'], fakes['fake_target'], r_pool_t
+      )
       pool = dict(pool, target=pool_t)
     if nets.disc_source is not None:
       fakes['fake_source'] = jax.lax.stop_gradient(aux['fake_source'])
       if 'source' in pool:
-        fakes['fake_source'], pool_s = image_pool.query_pool(pool['source'],
-                                                             fakes['fake_source'], r_pool_s)
+        fakes['fake_source'], pool_s = image_pool.query_pool(
+          pool['source'], fakes['fake_source'], r_pool_s
+        )
         pool = dict(pool, source=pool_s)
-    (d_total, d_terms), d_grads = jax.value_and_grad(
-        discriminator_losses, has_aux=True)(d_params, nets, src, tgt, fakes)
+    (d_total, d_terms), d_grads = jax.value_and_grad(discriminator_losses, has_aux=True)(
+      d_params, nets, src, tgt, fakes
+    )
     grads.update(d_grads)
     metrics.update({f'loss/{k}': v for k, v in d_terms.items()})
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -246,9 +291,13 @@ def train_step(state, src, tgt, *, config, nets, tx):
     by_group.setdefault(method.GROUP_OF[name], []).append(grad)
   for group, gs in by_group.items():
     metrics[f'grad_norm/{group}'] = optax.tree.norm(gs)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=dict(state.batch_stats, **new_stats),
-                            opt_state=opt_state, pool=pool)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    batch_stats=dict(state.batch_stats, **new_stats),
+    opt_state=opt_state,
+    pool=pool,
+  )
   return new_state, metrics
 
 
@@ -262,14 +311,16 @@ def eval_step(state, images, *, config, nets, with_translations=False):
   out = {}
   test_time = method.get(config).test_time
   if test_time is not None:
-    out['logits'] = method.infer_logits(state.params, state.batch_stats, images, nets=nets,
-                                        test_time=test_time)
+    out['logits'] = method.infer_logits(
+      state.params, state.batch_stats, images, nets=nets, test_time=test_time
+    )
   if with_translations and nets.translator is not None:
     fake = translate(nets, state.params, images)
     out['pseudo_target'] = fake
     if nets.teacher is not None:
-      out['teacher_logits'] = method.segment(nets.teacher, state.params, state.batch_stats,
-                                             'teacher', fake)
+      out['teacher_logits'] = method.segment(
+        nets.teacher, state.params, state.batch_stats, 'teacher', fake
+      )
     if nets.translator_inv is not None:
       out['cycle'] = nets.translator_inv.apply({'params': state.params['translator_inv']}, fake)
   return out

@@ -17,7 +17,7 @@ def parse(config_file, arg, keys, required=()):
   naming the config, the arg and the bad part.
   """
   names = list(keys)
-  assert tuple(required) == tuple(names[:len(required)]), (required, names)
+  assert tuple(required) == tuple(names[: len(required)]), (required, names)
   usage = ''
   for i, k in enumerate(names):
     usage += ('' if k in required else '[') + (',' if i else '') + k.upper()

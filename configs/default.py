@@ -25,21 +25,25 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   # Source = the student's modality, target = the teacher's. Each side is one dataset folder in
   # the MSD / nnU-Net layout (`raw_dir`), prepared once into `prepared_dir`.
-  c.data.source = ml_collections.ConfigDict(dict(
-      name='thorax_ct',                      # Free-form name used in logs.
-      raw_dir='data/phantoms/thorax_ct',     # dataset.json, imagesTr/, labelsTr/, imagesTs/.
+  c.data.source = ml_collections.ConfigDict(
+    dict(
+      name='thorax_ct',  # Free-form name used in logs.
+      raw_dir='data/phantoms/thorax_ct',  # dataset.json, imagesTr/, labelsTr/, imagesTs/.
       prepared_dir='data/prepared/thorax_ct',
-      modality='ct',                         # 'ct' (HU window) or 'mri' (percentile clip).
-  ))
-  c.data.target = ml_collections.ConfigDict(dict(
+      modality='ct',  # 'ct' (HU window) or 'mri' (percentile clip).
+    )
+  )
+  c.data.target = ml_collections.ConfigDict(
+    dict(
       name='thorax_t2w',
       raw_dir='data/phantoms/thorax_t2w',
       prepared_dir='data/prepared/thorax_t2w',
       modality='mri',
-  ))
+    )
+  )
   # Labels of the target set are used to also train the teacher on real target images.
   c.data.target_labels = True
-  c.data.num_classes = 2                 # Including background.
+  c.data.num_classes = 2  # Including background.
   # Label remapping, raw label name (from dataset.json) -> class index; same on both sides.
   c.data.label_map = ml_collections.ConfigDict({'tumor': 1})
   # Defaults of the preparation (data_prep/prepare.py) and the input pipeline (cmedl_jax/
@@ -50,7 +54,7 @@ def get_config(arg=None):
   c.data.mri_percentiles = prepare.MRI_PERCENTILES  # MRI clip percentiles (per volume) -> [-1, 1].
   c.data.val_fraction = prepare.VAL_FRACTION  # Fraction of imagesTr cases held out for validation.
   c.data.foreground_ratio = input_pipeline.FOREGROUND_RATIO  # Fraction drawn with foreground.
-  c.data.context_slices = 1              # 2.5D input: k neighbouring slices as channels (odd).
+  c.data.context_slices = 1  # 2.5D input: k neighbouring slices as channels (odd).
   # Augmentation: flip (random left-right flip; True = probability 0.5), rotate_deg (max absolute
   # in-plane rotation, degrees), scale (max relative isotropic scale change), intensity (max
   # intensity shift and relative contrast change, in [-1, 1] units); flip_ud (up-down flip, off)
@@ -60,7 +64,7 @@ def get_config(arg=None):
 
   # ------------------------------------------------------------------------------- models
   c.model = ml_collections.ConfigDict()
-  c.model.dtype = 'float32'              # Compute dtype: 'float32' or 'bfloat16' (params f32).
+  c.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params f32).
   # Rematerialisation: recompute each block's activations (U-Net conv-BN-ReLU, ResNet block,
   # dense block, residual block) in the backward pass instead of keeping them: less memory for
   # larger batches or images, about one more forward pass of compute. Same results.
@@ -71,16 +75,23 @@ def get_config(arg=None):
   c.model.teacher = segmenter_config('unet')
   # Translator: 'cyclegan' (two generators + cycle), 'cut' (one generator + PatchNCE); the
   # generator's width and residual blocks, default: models.ResnetGenerator's.
-  c.model.translator = ml_collections.ConfigDict(dict(
-      name='cyclegan', ngf=models.ResnetGenerator.ngf, n_blocks=models.ResnetGenerator.n_blocks))
+  c.model.translator = ml_collections.ConfigDict(
+    dict(name='cyclegan', ngf=models.ResnetGenerator.ngf, n_blocks=models.ResnetGenerator.n_blocks)
+  )
   # PatchGAN discriminators: width, strided conv layers (default: models.PatchGAN's).
-  c.model.discriminator = ml_collections.ConfigDict(dict(
-      ndf=models.PatchGAN.ndf, n_layers=models.PatchGAN.n_layers))
+  c.model.discriminator = ml_collections.ConfigDict(
+    dict(ndf=models.PatchGAN.ndf, n_layers=models.PatchGAN.n_layers)
+  )
   # CUT's PatchNCE: generator layers tapped, patches per layer, MLP width (default:
   # models.PatchSampleMLP's), temperature.
-  c.model.nce = ml_collections.ConfigDict(dict(
-      layers=(0, 4, 8, 12, 16), num_patches=256,
-      num_features=models.PatchSampleMLP.num_features, temperature=0.07))
+  c.model.nce = ml_collections.ConfigDict(
+    dict(
+      layers=(0, 4, 8, 12, 16),
+      num_patches=256,
+      num_features=models.PatchSampleMLP.num_features,
+      temperature=0.07,
+    )
+  )
 
   # ------------------------------------------------------------------------------- method
   c.method = ml_collections.ConfigDict()
@@ -90,74 +101,94 @@ def get_config(arg=None):
   # 'pmri_teacher'    translator + teacher; at test time the teacher segments the translation.
   # 'translator_only' translator alone (stage 1 of the two-stage ablation).
   c.method.name = 'cmedl'
-  c.method.distill = 'hint'              # 'hint', 'kl' or 'none'.
+  c.method.distill = 'hint'  # 'hint', 'kl' or 'none'.
   c.method.hint_taps = ('penultimate', 'last')  # Feature taps paired by the hint loss.
-  c.method.hint_kind = 'l2'              # 'l2', 'l1' or 'cosine'.
+  c.method.hint_kind = 'l2'  # 'l2', 'l1' or 'cosine'.
   c.method.kl_temperature = 2.0
   c.method.teacher_stop_gradient = True  # Hint loss updates the student only.
-  c.method.seg_feedback = True           # Teacher's seg loss on the translation trains it too.
-  c.method.freeze_translator = False     # Two-stage: translator fixed (loaded from init_from).
-  c.method.translator_init = ''          # Workdir of a 'translator_only' run to load from.
-  c.method.history_pool = 0              # Fake-image history pool size for the D's (0 = off).
-  c.method.contextual_patch = 5          # Contextual loss: patch side (pixels) of features.
-  c.method.contextual_points = 1024      # Contextual loss: feature locations sampled per image.
+  c.method.seg_feedback = True  # Teacher's seg loss on the translation trains it too.
+  c.method.freeze_translator = False  # Two-stage: translator fixed (loaded from init_from).
+  c.method.translator_init = ''  # Workdir of a 'translator_only' run to load from.
+  c.method.history_pool = 0  # Fake-image history pool size for the D's (0 = off).
+  c.method.contextual_patch = 5  # Contextual loss: patch side (pixels) of features.
+  c.method.contextual_points = 1024  # Contextual loss: feature locations sampled per image.
 
   # ------------------------------------------------------------------------ loss weights
-  c.loss = ml_collections.ConfigDict(dict(
-      gan=1.0,            # LSGAN generator terms.
-      cycle=10.0,         # CycleGAN L1 cycle, lambda.
-      identity=0.5,       # CycleGAN identity, as a fraction of `cycle` (0.5 * lambda).
-      nce=1.0,            # CUT PatchNCE (and identity PatchNCE on target images).
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      gan=1.0,  # LSGAN generator terms.
+      cycle=10.0,  # CycleGAN L1 cycle, lambda.
+      identity=0.5,  # CycleGAN identity, as a fraction of `cycle` (0.5 * lambda).
+      nce=1.0,  # CUT PatchNCE (and identity PatchNCE on target images).
       nce_identity=True,
-      contextual=1.0,     # Contextual loss between source and its translation.
-      teacher_seg=1.0,    # Teacher CE+Dice on pseudo-target (and real target when labelled).
-      student_seg=1.0,    # Student CE+Dice on source.
-      ce=1.0,             # Weight of cross-entropy inside a segmentation loss.
-      dice=1.0,           # Weight of soft Dice inside a segmentation loss.
-      hint=1.0,           # Distillation weight (hint or KL).
-  ))
+      contextual=1.0,  # Contextual loss between source and its translation.
+      teacher_seg=1.0,  # Teacher CE+Dice on pseudo-target (and real target when labelled).
+      student_seg=1.0,  # Student CE+Dice on source.
+      ce=1.0,  # Weight of cross-entropy inside a segmentation loss.
+      dice=1.0,  # Weight of soft Dice inside a segmentation loss.
+      hint=1.0,  # Distillation weight (hint or KL).
+    )
+  )
 
   # ---------------------------------------------------------------------------- optimiser
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=2e-4, b1=0.5, b2=0.999, eps=1e-8,
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr=2e-4,
+      b1=0.5,
+      b2=0.999,
+      eps=1e-8,
       # Learning rate constant for this fraction of num_steps, then linear decay to 0.
       constant_fraction=0.5,
       # Per-group multipliers of lr: translator, discriminator, teacher, student.
-      lr_scale=ml_collections.ConfigDict(dict(
-          translator=1.0, discriminator=1.0, teacher=1.0, student=1.0)),
-  ))
+      lr_scale=ml_collections.ConfigDict(
+        dict(translator=1.0, discriminator=1.0, teacher=1.0, student=1.0)
+      ),
+    )
+  )
 
   # ---------------------------------------------------------------------------- training
-  c.train = ml_collections.ConfigDict(dict(
-      global_batch_size=4,   # Sharded over all devices on the 'data' mesh axis.
+  c.train = ml_collections.ConfigDict(
+    dict(
+      global_batch_size=4,  # Sharded over all devices on the 'data' mesh axis.
       num_steps=20000,
-      log_every=50,          # Console + TensorBoard scalars.
-      image_every=1000,      # TensorBoard image summaries.
-      eval_every=1000,       # Whole-volume validation.
+      log_every=50,  # Console + TensorBoard scalars.
+      image_every=1000,  # TensorBoard image summaries.
+      eval_every=1000,  # Whole-volume validation.
       checkpoint_every=1000,
-      keep_checkpoints=3,    # Latest K kept (plus the best by validation DSC).
-  ))
+      keep_checkpoints=3,  # Latest K kept (plus the best by validation DSC).
+    )
+  )
 
-  c.eval = ml_collections.ConfigDict(dict(
-      batch_size=16,         # Slices per inference batch (global).
-      tolerance_mm=2.0,      # Surface Dice tolerance.
-      max_volumes=0,         # Validate on at most this many volumes (0 = all).
-  ))
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      batch_size=16,  # Slices per inference batch (global).
+      tolerance_mm=2.0,  # Surface Dice tolerance.
+      max_volumes=0,  # Validate on at most this many volumes (0 = all).
+    )
+  )
   return c
 
 
 def segmenter_config(name):
   """A segmenter's fields; None = the network's default (its module's, see cmedl_jax/models)."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       name=name,
       # U-Net: width of the first level (doubles per level), levels, 'transpose' | 'resize' up.
-      base_width=placeholder(int), depth=placeholder(int), up=placeholder(str),
+      base_width=placeholder(int),
+      depth=placeholder(int),
+      up=placeholder(str),
       # FC-DenseNet: 56 | 67 | 103, or explicit growth rate / layers per dense block / pools.
-      variant=placeholder(int), growth_rate=placeholder(int),
-      layers_per_block=placeholder(tuple), n_pool=placeholder(int),
+      variant=placeholder(int),
+      growth_rate=placeholder(int),
+      layers_per_block=placeholder(tuple),
+      n_pool=placeholder(int),
       first_filters=placeholder(int),
       # PSPNet: backbone width and residual blocks per stage, pyramid bins, auxiliary head.
-      blocks=placeholder(tuple), bottleneck=placeholder(bool), bins=placeholder(tuple),
+      blocks=placeholder(tuple),
+      bottleneck=placeholder(bool),
+      bins=placeholder(tuple),
       aux_head=placeholder(bool),
       dropout=placeholder(float),  # FC-DenseNet and PSPNet dropout rate.
-  ))
+    )
+  )

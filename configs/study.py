@@ -25,16 +25,20 @@ from configs import weak_teacher
 
 ROOT = 'runs/study'
 STEPS = 500
-SETTINGS = {'informative': None, 'weak': weak_teacher.apply_setting,
-            'equal': equal_teacher.apply_setting}
+SETTINGS = {
+  'informative': None,
+  'weak': weak_teacher.apply_setting,
+  'equal': equal_teacher.apply_setting,
+}
 METHODS = ('cmedl',) + baseline.METHODS + two_stage.STAGES
 ARG = {'setting': tuple(SETTINGS), 'method': METHODS, **cmedl.ARG}
 # Small networks of each kind (fields as in configs/default.py).
 SEGMENTER_SIZES = {
-    'unet': dict(base_width=8, depth=3),
-    'densefcn': dict(growth_rate=6, layers_per_block=(2, 2, 2, 3, 2, 2, 2), n_pool=3,
-                     first_filters=16),
-    'pspnet': dict(base_width=8, blocks=(1, 1, 1, 1), bins=(1, 2, 4)),
+  'unet': dict(base_width=8, depth=3),
+  'densefcn': dict(
+    growth_rate=6, layers_per_block=(2, 2, 2, 3, 2, 2, 2), n_pool=3, first_filters=16
+  ),
+  'pspnet': dict(base_width=8, blocks=(1, 1, 1, 1), bins=(1, 2, 4)),
 }
 
 
@@ -59,12 +63,23 @@ def get_config(arg='informative,cmedl'):
   set_root(config, ROOT)
   config.data.image_size = 64
   config.data.spacing_mm = 6.0
-  cmedl.set_sizes(config, segmenter=SEGMENTER_SIZES[config.model.student.name],
-                  translator=dict(ngf=8, n_blocks=3), discriminator=dict(ndf=8, n_layers=2),
-                  nce=dict(layers=(0, 4, 8), num_patches=64, num_features=64))
+  cmedl.set_sizes(
+    config,
+    segmenter=SEGMENTER_SIZES[config.model.student.name],
+    translator=dict(ngf=8, n_blocks=3),
+    discriminator=dict(ndf=8, n_layers=2),
+    nce=dict(layers=(0, 4, 8), num_patches=64, num_features=64),
+  )
   config.method.contextual_points = 256
   config.optim.lr = 1e-3
-  config.train.update(global_batch_size=8, num_steps=STEPS, log_every=50, image_every=STEPS,
-                      eval_every=STEPS, checkpoint_every=STEPS, keep_checkpoints=1)
+  config.train.update(
+    global_batch_size=8,
+    num_steps=STEPS,
+    log_every=50,
+    image_every=STEPS,
+    eval_every=STEPS,
+    checkpoint_every=STEPS,
+    keep_checkpoints=1,
+  )
   config.eval.batch_size = 32
   return config

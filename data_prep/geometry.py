@@ -16,6 +16,7 @@ Prepared grid conventions (the same for every dataset):
 original voxel grid: labels by nearest neighbour (exact inverse when `spacing_mm` <= the original
 in-plane spacing and nothing was cropped away), float maps by linear interpolation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,7 @@ import nibabel.orientations as nio
 import numpy as np
 import scipy.ndimage as ndi
 
-CANONICAL_AXCODES = ("L", "P", "S")  # array axes of the canonical grid before the [Z,H,W] transpose
+CANONICAL_AXCODES = ('L', 'P', 'S')  # array axes of the canonical grid before the [Z,H,W] transpose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Geometry:
     spacing_mm: (z, y, x) voxel sizes of the prepared grid.
     affine: 4x4 prepared voxel (z, h, w) -> world (mm) affine.
   """
+
   original_affine: tuple
   original_shape: tuple
   original_spacing_mm: tuple
@@ -64,7 +66,7 @@ class Geometry:
     return {f.name: _to_lists(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
   @classmethod
-  def from_dict(cls, d: dict) -> "Geometry":
+  def from_dict(cls, d: dict) -> 'Geometry':
     return cls(**{f.name: _to_tuples(d[f.name]) for f in dataclasses.fields(cls)})
 
 
@@ -101,8 +103,9 @@ def _crop_start(lo: float, hi: float, n_resampled: int, size: int) -> int:
   return min(max(start, 0), n_resampled - size)
 
 
-def make_geometry(affine, shape, spacing_mm: Sequence[float], size: Sequence[int],
-                  body_mask_canonical=None) -> Geometry:
+def make_geometry(
+  affine, shape, spacing_mm: Sequence[float], size: Sequence[int], body_mask_canonical=None
+) -> Geometry:
   """Builds the Geometry of one volume.
 
   Args:
@@ -122,7 +125,7 @@ def make_geometry(affine, shape, spacing_mm: Sequence[float], size: Sequence[int
   ry, rx = max(1, int(round(ny * fy))), max(1, int(round(nx * fx)))
   H, W = int(size[0]), int(size[1])
   if body_mask_canonical is not None and body_mask_canonical.any():
-    frac = body_mask_canonical.mean(axis=0)            # [Y, X]: fraction of slices with body
+    frac = body_mask_canonical.mean(axis=0)  # [Y, X]: fraction of slices with body
     proj = frac >= 0.1 if (frac >= 0.1).any() else frac > 0
     rows, cols = np.nonzero(proj.any(axis=1))[0], np.nonzero(proj.any(axis=0))[0]
     y_lo, y_hi = rows[0] * fy, (rows[-1] + 1) * fy
@@ -131,24 +134,28 @@ def make_geometry(affine, shape, spacing_mm: Sequence[float], size: Sequence[int
     y_lo, y_hi, x_lo, x_hi = 0.0, float(ry), 0.0, float(rx)
   y0, x0 = _crop_start(y_lo, y_hi, ry, H), _crop_start(x_lo, x_hi, rx, W)
   # prepared (z, h, w, 1) -> canonical (i_x, i_y, i_z, 1) -> world.
-  to_canonical_index = np.array([
+  to_canonical_index = np.array(
+    [
       [0.0, 0.0, 1.0 / fx, (x0 + 0.5) / fx - 0.5],
       [0.0, 1.0 / fy, 0.0, (y0 + 0.5) / fy - 0.5],
       [1.0, 0.0, 0.0, 0.0],
-      [0.0, 0.0, 0.0, 1.0]])
+      [0.0, 0.0, 0.0, 1.0],
+    ]
+  )
   return Geometry(
-      original_affine=_to_tuples(np.asarray(affine, np.float64)),
-      original_shape=shape,
-      original_spacing_mm=_to_tuples(voxel_spacing(affine)),
-      orientation=_to_tuples(transform.astype(int)),
-      canonical_shape=canonical_shape,
-      canonical_spacing_mm=(float(sx), float(sy), float(sz)),
-      zoom=(float(fy), float(fx)),
-      resampled_shape=(nz, ry, rx),
-      crop_offset=(int(y0), int(x0)),
-      size=(H, W),
-      spacing_mm=(float(sz), float(spacing_mm[0]), float(spacing_mm[1])),
-      affine=_to_tuples(canonical_affine @ to_canonical_index))
+    original_affine=_to_tuples(np.asarray(affine, np.float64)),
+    original_shape=shape,
+    original_spacing_mm=_to_tuples(voxel_spacing(affine)),
+    orientation=_to_tuples(transform.astype(int)),
+    canonical_shape=canonical_shape,
+    canonical_spacing_mm=(float(sx), float(sy), float(sz)),
+    zoom=(float(fy), float(fx)),
+    resampled_shape=(nz, ry, rx),
+    crop_offset=(int(y0), int(x0)),
+    size=(H, W),
+    spacing_mm=(float(sz), float(spacing_mm[0]), float(spacing_mm[1])),
+    affine=_to_tuples(canonical_affine @ to_canonical_index),
+  )
 
 
 def canonical_zyx(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -177,8 +184,9 @@ def resample_labels(canonical: np.ndarray, geometry: Geometry) -> np.ndarray:
   return out
 
 
-def resample_image(canonical: np.ndarray, geometry: Geometry, order: int,
-                   fill_value: float) -> np.ndarray:
+def resample_image(
+  canonical: np.ndarray, geometry: Geometry, order: int, fill_value: float
+) -> np.ndarray:
   """Canonical [Z,Y,X] float image -> prepared [Z,H,W] float32 (spline `order`; pad `fill_value`)."""
   (_, ry, rx), (y0, x0), (H, W) = geometry.resampled_shape, geometry.crop_offset, geometry.size
   fy, fx = geometry.zoom
@@ -186,8 +194,14 @@ def resample_image(canonical: np.ndarray, geometry: Geometry, order: int,
   offset = np.array([(y0 + 0.5) / fy - 0.5, (x0 + 0.5) / fx - 0.5])
   out = np.empty((canonical.shape[0], H, W), np.float32)
   for z in range(canonical.shape[0]):  # 2D per slice: no spline prefiltering across slices
-    out[z] = ndi.affine_transform(canonical[z].astype(np.float32, copy=False), matrix, offset,
-                                  output_shape=(H, W), order=order, mode="nearest")
+    out[z] = ndi.affine_transform(
+      canonical[z].astype(np.float32, copy=False),
+      matrix,
+      offset,
+      output_shape=(H, W),
+      order=order,
+      mode='nearest',
+    )
   h, w = np.arange(H) + y0, np.arange(W) + x0
   outside = ~(((h >= 0) & (h < ry))[:, None] & ((w >= 0) & (w < rx))[None, :])
   out[:, outside] = fill_value
@@ -222,7 +236,7 @@ def invert_labels(pred_prepared: np.ndarray, geometry: Geometry) -> np.ndarray:
   pred = np.asarray(pred_prepared)
   (nz, ry, rx), (y0, x0), (H, W) = geometry.resampled_shape, geometry.crop_offset, geometry.size
   if pred.shape[:3] != (nz, H, W):
-    raise ValueError(f"prediction shape {pred.shape} != prepared shape {(nz, H, W)}")
+    raise ValueError(f'prediction shape {pred.shape} != prepared shape {(nz, H, W)}')
   nx, ny, _ = geometry.canonical_shape
   hy, vy = _prepared_index(ny, y0, geometry.zoom[0], ry, H)
   hx, vx = _prepared_index(nx, x0, geometry.zoom[1], rx, W)
@@ -231,8 +245,9 @@ def invert_labels(pred_prepared: np.ndarray, geometry: Geometry) -> np.ndarray:
   return _to_original(canonical, geometry)
 
 
-def invert_image(prepared: np.ndarray, geometry: Geometry, fill_value: float = 0.0,
-                 order: int = 1) -> np.ndarray:
+def invert_image(
+  prepared: np.ndarray, geometry: Geometry, fill_value: float = 0.0, order: int = 1
+) -> np.ndarray:
   """Prepared [Z,H,W] or [Z,H,W,C] float map -> original grid (linear by default), float32.
 
   Voxels outside the prepared window get `fill_value` (e.g. 0 for probabilities).
@@ -244,7 +259,7 @@ def invert_image(prepared: np.ndarray, geometry: Geometry, fill_value: float = 0
     arr = arr[..., None]
   (nz, ry, rx), (y0, x0), (H, W) = geometry.resampled_shape, geometry.crop_offset, geometry.size
   if arr.shape[:3] != (nz, H, W):
-    raise ValueError(f"map shape {prepared.shape} != prepared shape {(nz, H, W)}")
+    raise ValueError(f'map shape {prepared.shape} != prepared shape {(nz, H, W)}')
   nx, ny, _ = geometry.canonical_shape
   fy, fx = geometry.zoom
   matrix = np.array([fy, fx])
@@ -252,8 +267,9 @@ def invert_image(prepared: np.ndarray, geometry: Geometry, fill_value: float = 0
   out = np.empty((nz, ny, nx, arr.shape[-1]), np.float32)
   for z in range(nz):
     for c in range(arr.shape[-1]):
-      out[z, :, :, c] = ndi.affine_transform(arr[z, :, :, c], matrix, offset, output_shape=(ny, nx),
-                                             order=order, mode="nearest")
+      out[z, :, :, c] = ndi.affine_transform(
+        arr[z, :, :, c], matrix, offset, output_shape=(ny, nx), order=order, mode='nearest'
+      )
   jy, jx = (np.arange(ny) + 0.5) * fy - 0.5, (np.arange(nx) + 0.5) * fx - 0.5
   in_y = (jy > -0.5) & (jy < ry - 0.5) & (jy - y0 > -0.5) & (jy - y0 < H - 0.5)
   in_x = (jx > -0.5) & (jx < rx - 0.5) & (jx - x0 > -0.5) & (jx - x0 < W - 0.5)

@@ -3,6 +3,7 @@
 `data_prep.prepare` writes prepared folders; `data_prep.tfds_builder` and
 `cmedl_jax.input_pipeline` read them through this module (no import of `prepare` needed).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,17 @@ def read_manifest(prepared_dir) -> dict:
   """Reads `prepared.json`; raises DataError when the folder is not a complete preparation."""
   path = os.path.join(os.fspath(prepared_dir), MANIFEST)
   if not os.path.isfile(path):
-    raise DataError(path, 'not a complete prepared dataset (no prepared.json); run '
-                    '`python -m data_prep.prepare` first')
+    raise DataError(
+      path,
+      'not a complete prepared dataset (no prepared.json); run `python -m data_prep.prepare` first',
+    )
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get('format') != FORMAT or manifest.get('version') != FORMAT_VERSION:
-    raise DataError(path, f'unsupported prepared format/version '
-                    f"{manifest.get('format')}/{manifest.get('version')}")
+    raise DataError(
+      path,
+      f'unsupported prepared format/version {manifest.get("format")}/{manifest.get("version")}',
+    )
   return manifest
 
 

@@ -18,6 +18,7 @@ A dataset folder holds `dataset.json`, `imagesTr/`, `labelsTr/`, optionally `ima
 
 Every problem raises `DataError` naming the file and what is wrong.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
+NIFTI_ENDINGS = ('.nii.gz', '.nii')
 # Plausible voxel spacing of a medical volume, mm: outside it the header is wrong (units).
 SPACING_RANGE_MM = (0.01, 100.0)
 AFFINE_ATOL_MM = 1e-3  # image/label affines must agree to this (mm), plus 1e-5 relative.
@@ -45,7 +46,7 @@ class DataError(ValueError):
   def __init__(self, path, problem: str):
     self.path = str(path)
     self.problem = problem
-    super().__init__(f"{path}: {problem}")
+    super().__init__(f'{path}: {problem}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,23 +59,24 @@ class CaseFiles:
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What `dataset.json` and the folder listing say about a raw dataset."""
+
   root: str
   name: str
-  modality: str                 # channel 0's name, e.g. "CT", "T2".
-  labels: dict                  # {int value: str name}, as declared.
-  training: tuple               # tuple[CaseFiles], sorted by case id.
-  test: tuple                   # tuple[CaseFiles]; label None when there is no labelsTs.
+  modality: str  # channel 0's name, e.g. "CT", "T2".
+  labels: dict  # {int value: str name}, as declared.
+  training: tuple  # tuple[CaseFiles], sorted by case id.
+  test: tuple  # tuple[CaseFiles]; label None when there is no labelsTs.
 
 
 def strip_ending(name: str, ending: Optional[str] = None) -> Optional[str]:
   """File name without its NIfTI ending (or the given one); None if it has none."""
-  for e in ((ending,) if ending else NIFTI_ENDINGS):
+  for e in (ending,) if ending else NIFTI_ENDINGS:
     if name.endswith(e):
       return name[: -len(e)]
   return None
 
 
-_CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+_CHANNEL_SUFFIX = re.compile(r'_(\d{4})$')
 
 
 def case_id(filename, image: bool = False, ending: Optional[str] = None) -> Optional[str]:
@@ -82,18 +84,19 @@ def case_id(filename, image: bool = False, ending: Optional[str] = None) -> Opti
   with image=True (nnU-Net channel suffix dropped); labels and predictions keep their name."""
   stem = strip_ending(os.path.basename(os.fspath(filename)), ending)
   if stem is not None and image:
-    stem = _CHANNEL_SUFFIX.sub("", stem)
+    stem = _CHANNEL_SUFFIX.sub('', stem)
   return stem
 
 
 def channel_of(filename) -> int:
   """nnU-Net channel of an image file name (`_0001` -> 1); 0 without a suffix."""
-  m = _CHANNEL_SUFFIX.search(strip_ending(os.path.basename(os.fspath(filename))) or "")
+  m = _CHANNEL_SUFFIX.search(strip_ending(os.path.basename(os.fspath(filename))) or '')
   return int(m.group(1)) if m else 0
 
 
-def list_cases(directory, image: bool = False, ending: Optional[str] = None,
-               missing_ok: bool = False) -> dict:
+def list_cases(
+  directory, image: bool = False, ending: Optional[str] = None, missing_ok: bool = False
+) -> dict:
   """{case id: path} of the NIfTI files in `directory`, sorted by name.
 
   image=True: only channel 0 of each case (`_0000`, or no suffix). Hidden files (e.g. macOS
@@ -104,28 +107,32 @@ def list_cases(directory, image: bool = False, ending: Optional[str] = None,
   if not os.path.isdir(directory):
     if missing_ok:
       return {}
-    raise DataError(directory, "folder does not exist")
+    raise DataError(directory, 'folder does not exist')
   cases = {}
   for name in sorted(os.listdir(directory)):
     cid = case_id(name, image, ending)
-    if cid is None or name.startswith(".") or (image and channel_of(name) != 0):
+    if cid is None or name.startswith('.') or (image and channel_of(name) != 0):
       continue
     if cid in cases:
-      raise DataError(os.path.join(directory, name), f"case {cid!r} has a second "
-                      f"{'image' if image else 'file'}; the first is {cases[cid]}")
+      raise DataError(
+        os.path.join(directory, name),
+        f'case {cid!r} has a second {"image" if image else "file"}; the first is {cases[cid]}',
+      )
     cases[cid] = os.path.join(directory, name)
   if not cases and not missing_ok:
-    raise DataError(directory, f"no NIfTI files ({', '.join(ending and [ending] or NIFTI_ENDINGS)})")
+    raise DataError(
+      directory, f'no NIfTI files ({", ".join(ending and [ending] or NIFTI_ENDINGS)})'
+    )
   return cases
 
 
 def temporary_path(path) -> str:
   """Where an atomic write of `path` writes first: `.tmp<pid>_<name>` in the same folder."""
   directory, name = os.path.split(os.path.abspath(os.fspath(path)))
-  return os.path.join(directory, f".tmp{os.getpid()}_{name}")
+  return os.path.join(directory, f'.tmp{os.getpid()}_{name}')
 
 
-TEMPORARY_PATTERN = r"\.tmp(?P<pid>\d+)_.+"  # Names `temporary_path` gives (for clean-ups).
+TEMPORARY_PATTERN = r'\.tmp(?P<pid>\d+)_.+'  # Names `temporary_path` gives (for clean-ups).
 
 
 def atomic_write(path, data) -> None:
@@ -135,10 +142,10 @@ def atomic_write(path, data) -> None:
   tmp = temporary_path(path)
   try:
     if isinstance(data, str):
-      with open(tmp, "w", encoding="utf-8", newline="") as f:
+      with open(tmp, 'w', encoding='utf-8', newline='') as f:
         f.write(data)
     else:
-      with open(tmp, "wb") as f:
+      with open(tmp, 'wb') as f:
         f.write(data)
     os.replace(tmp, path)
   finally:
@@ -183,34 +190,34 @@ def _parse_labels(raw, path) -> dict:
   out = {}
   for key, value in raw.items():
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-      out_value, name = int(value), str(key)          # nnU-Net: name -> int
-    elif isinstance(value, (list, tuple)):            # nnU-Net region labels: not supported
-      raise DataError(path, f"label {key!r} is a region (list of values); not supported")
+      out_value, name = int(value), str(key)  # nnU-Net: name -> int
+    elif isinstance(value, (list, tuple)):  # nnU-Net region labels: not supported
+      raise DataError(path, f'label {key!r} is a region (list of values); not supported')
     else:
       try:
-        out_value, name = int(key), str(value)         # MSD: "1" -> name
+        out_value, name = int(key), str(value)  # MSD: "1" -> name
       except ValueError:
-        raise DataError(path, f"cannot read label entry {key!r}: {value!r}") from None
+        raise DataError(path, f'cannot read label entry {key!r}: {value!r}') from None
     if out_value in out:
-      raise DataError(path, f"label value {out_value} declared twice")
+      raise DataError(path, f'label value {out_value} declared twice')
     out[out_value] = name
   if 0 not in out:
-    raise DataError(path, "labels do not declare background value 0")
+    raise DataError(path, 'labels do not declare background value 0')
   return dict(sorted(out.items()))
 
 
 def _resolve(root: str, rel, json_path: str) -> str:
   """A dataset.json path, which must stay inside the dataset folder (no absolute or ../)."""
   if not isinstance(rel, str) or not rel:
-    raise DataError(json_path, f"path {rel!r} is not a file name")
+    raise DataError(json_path, f'path {rel!r} is not a file name')
   path = os.path.normpath(os.path.join(root, rel))
   if os.path.isabs(rel) or os.path.relpath(path, root).split(os.sep)[0] == os.pardir:
-    raise DataError(json_path, f"path {rel!r} points outside the dataset folder")
+    raise DataError(json_path, f'path {rel!r} points outside the dataset folder')
   return path
 
 
 def _label_path(folder: str, case: str, ending: Optional[str]) -> Optional[str]:
-  for e in ((ending,) if ending else NIFTI_ENDINGS):
+  for e in (ending,) if ending else NIFTI_ENDINGS:
     path = os.path.join(folder, case + e)
     if os.path.exists(path):
       return path
@@ -249,15 +256,21 @@ def _scan_images(folder, ending) -> dict:
 def _training_cases(root: str, meta: dict, json_path: str, ending) -> list:
   """[CaseFiles] of the MSD 'training' listing, or of a scan of imagesTr/ (nnU-Net)."""
   if not (isinstance(meta.get('training'), list) and meta['training']):
-    return [CaseFiles(case, image, _label_path(os.path.join(root, 'labelsTr'), case, ending)
-                      or os.path.join(root, 'labelsTr', case + (ending or '.nii.gz')))
-            for case, image in _scan_images(os.path.join(root, 'imagesTr'), ending).items()]
+    return [
+      CaseFiles(
+        case,
+        image,
+        _label_path(os.path.join(root, 'labelsTr'), case, ending)
+        or os.path.join(root, 'labelsTr', case + (ending or '.nii.gz')),
+      )
+      for case, image in _scan_images(os.path.join(root, 'imagesTr'), ending).items()
+    ]
   training = []
   for entry in meta['training']:
     if not isinstance(entry, dict) or 'image' not in entry:
       raise DataError(json_path, f"malformed 'training' entry {entry!r}")
     image = _resolve(root, entry['image'], json_path)
-    if not os.path.exists(image):   # nnU-Net-converted MSD: X.nii.gz listed, X_0000 on disk
+    if not os.path.exists(image):  # nnU-Net-converted MSD: X.nii.gz listed, X_0000 on disk
       alt = _scan_images(os.path.dirname(image), ending).get(_image_case(image))
       image = alt or image
     label = _resolve(root, entry['label'], json_path) if entry.get('label') else None
@@ -269,8 +282,10 @@ def _test_cases(root: str, meta: dict, json_path: str, ending) -> list:
   """[CaseFiles] of the 'test' listing or of imagesTs/; labels from labelsTs/ when it exists."""
   labels_ts = os.path.join(root, 'labelsTs')
   if isinstance(meta.get('test'), list) and meta['test']:
-    paths = [_resolve(root, t if isinstance(t, str) else t.get('image', ''), json_path)
-             for t in meta['test']]
+    paths = [
+      _resolve(root, t if isinstance(t, str) else t.get('image', ''), json_path)
+      for t in meta['test']
+    ]
   else:
     paths = list(_scan_images(os.path.join(root, 'imagesTs'), ending).values())
   has_labels = os.path.isdir(labels_ts)
@@ -300,13 +315,16 @@ def read_dataset(root) -> DatasetInfo:
   if dupes:
     raise DataError(json_path, f'case ids used more than once: {dupes[:5]}')
   return DatasetInfo(
-      root=root, name=str(meta.get('name', os.path.basename(os.path.normpath(root)))),
-      modality=str(channels['0']), labels=labels,
-      training=tuple(sorted(training, key=lambda c: c.case_id)),
-      test=tuple(sorted(test, key=lambda c: c.case_id)))
+    root=root,
+    name=str(meta.get('name', os.path.basename(os.path.normpath(root)))),
+    modality=str(channels['0']),
+    labels=labels,
+    training=tuple(sorted(training, key=lambda c: c.case_id)),
+    test=tuple(sorted(test, key=lambda c: c.case_id)),
+  )
 
 
-def read_nifti(path, what: str = "image", ndims=(3,)):
+def read_nifti(path, what: str = 'image', ndims=(3,)):
   """(nibabel image, data array) of a NIfTI file, a trailing singleton 4th axis dropped.
 
   Raises DataError for a missing or unreadable file and for data whose number of dimensions is
@@ -314,25 +332,26 @@ def read_nifti(path, what: str = "image", ndims=(3,)):
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise DataError(path, f"{what} file does not exist")
+    raise DataError(path, f'{what} file does not exist')
   try:
     img = nib.load(path)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
       shape = shape[:3]
     if len(shape) not in ndims:
-      dims = " or ".join(f"{n}D" for n in ndims)
-      raise DataError(path, f"{what} must be a {dims} volume, got {len(img.shape)}D shape "
-                            f"{img.shape}")
+      dims = ' or '.join(f'{n}D' for n in ndims)
+      raise DataError(
+        path, f'{what} must be a {dims} volume, got {len(img.shape)}D shape {img.shape}'
+      )
     data = np.asanyarray(img.dataobj)
   except DataError:
     raise
   except Exception as e:  # nibabel raises several types for corrupt files
-    raise DataError(path, f"cannot read {what} as NIfTI ({type(e).__name__}: {e})") from None
+    raise DataError(path, f'cannot read {what} as NIfTI ({type(e).__name__}: {e})') from None
   return img, data.reshape(shape)
 
 
-def load_volume(path, what: str = "image", spacing_range_mm=SPACING_RANGE_MM):
+def load_volume(path, what: str = 'image', spacing_range_mm=SPACING_RANGE_MM):
   """Loads a 3D NIfTI volume. Returns (array float32 or label int64 [X,Y,Z], affine 4x4).
 
   A trailing singleton 4th axis is dropped. Raises DataError for a missing or unreadable
@@ -341,45 +360,53 @@ def load_volume(path, what: str = "image", spacing_range_mm=SPACING_RANGE_MM):
   img, data = read_nifti(path, what)
   affine = np.asarray(img.affine, np.float64)
   if not np.all(np.isfinite(affine)):
-    raise DataError(path, "affine is not finite")
+    raise DataError(path, 'affine is not finite')
   spacing = np.linalg.norm(affine[:3, :3], axis=0)
   lo, hi = spacing_range_mm
   if spacing.min() < lo or spacing.max() > hi:
-    raise DataError(path, f"voxel spacing {[float(f'{v:.4g}') for v in spacing]} mm is outside "
-                          f"the plausible {lo}..{hi} mm (wrong header units?); fix the header "
-                          "or widen the range (prepare --spacing-range)")
+    raise DataError(
+      path,
+      f'voxel spacing {[float(f"{v:.4g}") for v in spacing]} mm is outside '
+      f'the plausible {lo}..{hi} mm (wrong header units?); fix the header '
+      'or widen the range (prepare --spacing-range)',
+    )
   if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-    raise DataError(path, "affine is singular")
-  if what == "label":
+    raise DataError(path, 'affine is singular')
+  if what == 'label':
     if np.issubdtype(data.dtype, np.floating):
       if not np.all(np.isfinite(data)):
-        raise DataError(path, "label has NaN/Inf voxels")
+        raise DataError(path, 'label has NaN/Inf voxels')
       if not np.all(data == np.round(data)):
-        raise DataError(path, "label has non-integer values")
+        raise DataError(path, 'label has non-integer values')
     return data.astype(np.int64), affine
   data = data.astype(np.float32)
   bad = ~np.isfinite(data)
   if bad.any():
-    raise DataError(path, f"image has {int(bad.sum())} NaN/Inf voxels")
+    raise DataError(path, f'image has {int(bad.sum())} NaN/Inf voxels')
   return data, affine
 
 
 def check_pair(image, image_affine, label, label_affine, label_path) -> None:
   """Image and label must share shape and affine (within AFFINE_ATOL_MM)."""
   if image.shape != label.shape:
-    raise DataError(label_path, f"label shape {label.shape} != image shape {image.shape}")
+    raise DataError(label_path, f'label shape {label.shape} != image shape {image.shape}')
   if not np.allclose(image_affine, label_affine, rtol=1e-5, atol=AFFINE_ATOL_MM):
-    raise DataError(label_path, "label affine differs from the image affine:\n"
-                    f"image {np.round(image_affine, 4).tolist()}\n"
-                    f"label {np.round(label_affine, 4).tolist()}")
+    raise DataError(
+      label_path,
+      'label affine differs from the image affine:\n'
+      f'image {np.round(image_affine, 4).tolist()}\n'
+      f'label {np.round(label_affine, 4).tolist()}',
+    )
 
 
 def check_label_values(label, declared, label_path) -> None:
   values = np.unique(label)
   unknown = sorted(set(values.tolist()) - set(declared))
   if unknown:
-    raise DataError(label_path, f"label values {unknown} are not declared in dataset.json "
-                    f"(declared: {sorted(declared)})")
+    raise DataError(
+      label_path,
+      f'label values {unknown} are not declared in dataset.json (declared: {sorted(declared)})',
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -393,8 +420,12 @@ def pid_alive(pid: int) -> bool:
   return True
 
 
-def remove_stale_temporaries(directory, pattern: str = TEMPORARY_PATTERN, min_age_s: float = 60.0,
-                             no_pid_min_age_s: float = 86400.0) -> list:
+def remove_stale_temporaries(
+  directory,
+  pattern: str = TEMPORARY_PATTERN,
+  min_age_s: float = 60.0,
+  no_pid_min_age_s: float = 86400.0,
+) -> list:
   """Deletes the temporaries an interrupted writer left in `directory`; returns their paths.
 
   Only entries whose whole name matches the regex `pattern` go, and only stale ones: older
@@ -411,7 +442,7 @@ def remove_stale_temporaries(directory, pattern: str = TEMPORARY_PATTERN, min_ag
     if not m:
       continue
     path = os.path.join(directory, name)
-    pid = m.groupdict().get("pid")
+    pid = m.groupdict().get('pid')
     try:
       age = now - os.lstat(path).st_mtime
     except FileNotFoundError:
@@ -420,7 +451,7 @@ def remove_stale_temporaries(directory, pattern: str = TEMPORARY_PATTERN, min_ag
       continue
     if pid is not None and (int(pid) == os.getpid() or pid_alive(int(pid))):
       continue
-    logging.warning("deleting %s (left by an interrupted run)", path)
+    logging.warning('deleting %s (left by an interrupted run)', path)
     if os.path.isdir(path) and not os.path.islink(path):
       shutil.rmtree(path, ignore_errors=True)
     else:

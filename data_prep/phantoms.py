@@ -21,6 +21,7 @@ one does. Each output slice averages `Z_SUPERSAMPLE` thin sub-slices (slice prof
 volume) and is blurred in-plane (PSF) before noise. Every case is a different random patient:
 case i of a kind is drawn from SeedSequence([seed, kind index, i]).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,56 +40,111 @@ from scipy import ndimage
 
 from data_prep import nifti_io
 
-GENERATOR_VERSION = "1.0.0"
-KINDS = ("thorax_ct", "thorax_t2w", "abdomen_t1w", "abdomen_t2w")
+GENERATOR_VERSION = '1.0.0'
+KINDS = ('thorax_ct', 'thorax_t2w', 'abdomen_t1w', 'abdomen_t2w')
 
 # Tissue classes of the tissue maps (uint8). Same table for every kind.
 TISSUES = {
-    "background": 0, "fat": 1, "muscle": 2, "lung": 3, "mediastinum": 4, "heart": 5,
-    "aorta": 6, "bone": 7, "tumor": 8, "liver": 9, "spleen": 10, "kidney_left": 11,
-    "kidney_right": 12, "lung_vessel": 13, "csf": 14, "gas": 15, "bowel": 16, "fluid": 17,
-    "vein": 18,
+  'background': 0,
+  'fat': 1,
+  'muscle': 2,
+  'lung': 3,
+  'mediastinum': 4,
+  'heart': 5,
+  'aorta': 6,
+  'bone': 7,
+  'tumor': 8,
+  'liver': 9,
+  'spleen': 10,
+  'kidney_left': 11,
+  'kidney_right': 12,
+  'lung_vessel': 13,
+  'csf': 14,
+  'gas': 15,
+  'bowel': 16,
+  'fluid': 17,
+  'vein': 18,
 }
 _T = TISSUES
-THORAX_LABELS = {"background": 0, "tumor": 1}
-ABDOMEN_LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
-TUMOR_TYPES = ("peripheral", "juxta_mediastinal")
+THORAX_LABELS = {'background': 0, 'tumor': 1}
+ABDOMEN_LABELS = {'background': 0, 'liver': 1, 'spleen': 2, 'kidney_left': 3, 'kidney_right': 4}
+TUMOR_TYPES = ('peripheral', 'juxta_mediastinal')
 
 # Per-patient nominal tissue values are drawn uniformly from these ranges. CT: HU. MRI: relative
 # signal before the bias field (about 0.75-1.33) and the random global scale (meta "mri_scale").
 # Juxta-mediastinal CT tumors: mediastinum + U(-6, 6) HU; heart: mediastinum + U(-2, 4) HU.
 TISSUE_RANGES = {
-    "thorax_ct": {
-        "background": (-1000, -1000), "fat": (-120, -80), "muscle": (35, 60),
-        "lung": (-870, -820), "mediastinum": (30, 50), "aorta": (40, 200), "bone": (250, 700),
-        "csf": (5, 20), "gas": (-1000, -960), "lung_vessel": (30, 50),
-        "tumor_peripheral": (0, 60)},
-    "thorax_t2w": {
-        "background": (0, 0), "fat": (0.55, 0.75), "muscle": (0.10, 0.18), "lung": (0.02, 0.05),
-        "mediastinum": (0.25, 0.35), "heart": (0.08, 0.15), "aorta": (0.03, 0.08),
-        "bone": (0.25, 0.40), "csf": (0.90, 1.00), "gas": (0.0, 0.02),
-        "lung_vessel": (0.04, 0.08), "tumor": (0.60, 0.85)},
-    "abdomen_t1w": {
-        "background": (0, 0), "fat": (0.80, 0.95), "muscle": (0.25, 0.35), "liver": (0.45, 0.60),
-        "spleen": (0.30, 0.40), "kidney_left": (0.35, 0.45), "kidney_right": (0.35, 0.45),
-        "bone": (0.50, 0.70), "csf": (0.05, 0.12), "aorta": (0.10, 0.20), "vein": (0.10, 0.20),
-        "bowel": (0.15, 0.35), "fluid": (0.05, 0.12), "gas": (0.0, 0.02)},
-    "abdomen_t2w": {
-        "background": (0, 0), "fat": (0.55, 0.75), "muscle": (0.08, 0.14), "liver": (0.15, 0.25),
-        "spleen": (0.40, 0.55), "kidney_left": (0.45, 0.60), "kidney_right": (0.45, 0.60),
-        "bone": (0.30, 0.45), "csf": (0.90, 1.00), "aorta": (0.03, 0.08), "vein": (0.05, 0.10),
-        "bowel": (0.30, 0.60), "fluid": (0.85, 1.00), "gas": (0.0, 0.02)},
+  'thorax_ct': {
+    'background': (-1000, -1000),
+    'fat': (-120, -80),
+    'muscle': (35, 60),
+    'lung': (-870, -820),
+    'mediastinum': (30, 50),
+    'aorta': (40, 200),
+    'bone': (250, 700),
+    'csf': (5, 20),
+    'gas': (-1000, -960),
+    'lung_vessel': (30, 50),
+    'tumor_peripheral': (0, 60),
+  },
+  'thorax_t2w': {
+    'background': (0, 0),
+    'fat': (0.55, 0.75),
+    'muscle': (0.10, 0.18),
+    'lung': (0.02, 0.05),
+    'mediastinum': (0.25, 0.35),
+    'heart': (0.08, 0.15),
+    'aorta': (0.03, 0.08),
+    'bone': (0.25, 0.40),
+    'csf': (0.90, 1.00),
+    'gas': (0.0, 0.02),
+    'lung_vessel': (0.04, 0.08),
+    'tumor': (0.60, 0.85),
+  },
+  'abdomen_t1w': {
+    'background': (0, 0),
+    'fat': (0.80, 0.95),
+    'muscle': (0.25, 0.35),
+    'liver': (0.45, 0.60),
+    'spleen': (0.30, 0.40),
+    'kidney_left': (0.35, 0.45),
+    'kidney_right': (0.35, 0.45),
+    'bone': (0.50, 0.70),
+    'csf': (0.05, 0.12),
+    'aorta': (0.10, 0.20),
+    'vein': (0.10, 0.20),
+    'bowel': (0.15, 0.35),
+    'fluid': (0.05, 0.12),
+    'gas': (0.0, 0.02),
+  },
+  'abdomen_t2w': {
+    'background': (0, 0),
+    'fat': (0.55, 0.75),
+    'muscle': (0.08, 0.14),
+    'liver': (0.15, 0.25),
+    'spleen': (0.40, 0.55),
+    'kidney_left': (0.45, 0.60),
+    'kidney_right': (0.45, 0.60),
+    'bone': (0.30, 0.45),
+    'csf': (0.90, 1.00),
+    'aorta': (0.03, 0.08),
+    'vein': (0.05, 0.10),
+    'bowel': (0.30, 0.60),
+    'fluid': (0.85, 1.00),
+    'gas': (0.0, 0.02),
+  },
 }
-CT_NOISE_HU = (12.0, 22.0)          # Gaussian noise sigma (HU), per case.
-MRI_NOISE_REL = (0.015, 0.035)      # Rician sigma relative to the unscaled signal.
-MRI_SCALE = (300.0, 2000.0)         # Random positive global intensity scale per MRI case.
-Z_SUPERSAMPLE = 3                   # Sub-slices averaged per output slice (slice profile).
+CT_NOISE_HU = (12.0, 22.0)  # Gaussian noise sigma (HU), per case.
+MRI_NOISE_REL = (0.015, 0.035)  # Rician sigma relative to the unscaled signal.
+MRI_SCALE = (300.0, 2000.0)  # Random positive global intensity scale per MRI case.
+Z_SUPERSAMPLE = 3  # Sub-slices averaged per output slice (slice profile).
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
   """Voxel grid of one kind: in-plane `size` x `size` at `spacing` mm, `slices` at
   `slice_spacing` mm, stored in `orientation` (axis codes of nib.aff2axcodes)."""
+
   size: int
   spacing: float
   slices: int
@@ -105,40 +161,49 @@ class Grid:
 
 
 DEFAULT_GRIDS = {
-    "thorax_ct": Grid(160, 2.4, 48, 3.0, "RAS"),
-    "thorax_t2w": Grid(144, 2.8, 28, 5.0, "LPS"),
-    "abdomen_t1w": Grid(160, 2.5, 36, 4.0, "LAS"),
-    "abdomen_t2w": Grid(144, 2.8, 30, 5.0, "LPS"),
+  'thorax_ct': Grid(160, 2.4, 48, 3.0, 'RAS'),
+  'thorax_t2w': Grid(144, 2.8, 28, 5.0, 'LPS'),
+  'abdomen_t1w': Grid(160, 2.5, 36, 4.0, 'LAS'),
+  'abdomen_t2w': Grid(144, 2.8, 30, 5.0, 'LPS'),
 }
-_MODALITY = {"thorax_ct": ("CT", "CT"), "thorax_t2w": ("T2", "MRI"),
-             "abdomen_t1w": ("T1", "MRI"), "abdomen_t2w": ("T2", "MRI")}
+_MODALITY = {
+  'thorax_ct': ('CT', 'CT'),
+  'thorax_t2w': ('T2', 'MRI'),
+  'abdomen_t1w': ('T1', 'MRI'),
+  'abdomen_t2w': ('T2', 'MRI'),
+}
 _DESCRIPTIONS = {
-    "thorax_ct": "Synthetic thorax CT (HU) with lobulated lung tumors, peripheral and "
-                 "juxta-mediastinal (near-mediastinal HU).",
-    "thorax_t2w": "Synthetic thorax T2-weighted MRI (unpaired patients) with bright lung tumors.",
-    "abdomen_t1w": "Synthetic abdominal T1-weighted MRI: liver, spleen, kidneys.",
-    "abdomen_t2w": "Synthetic abdominal T2-weighted MRI: liver, spleen, kidneys.",
+  'thorax_ct': 'Synthetic thorax CT (HU) with lobulated lung tumors, peripheral and '
+  'juxta-mediastinal (near-mediastinal HU).',
+  'thorax_t2w': 'Synthetic thorax T2-weighted MRI (unpaired patients) with bright lung tumors.',
+  'abdomen_t1w': 'Synthetic abdominal T1-weighted MRI: liver, spleen, kidneys.',
+  'abdomen_t2w': 'Synthetic abdominal T2-weighted MRI: liver, spleen, kidneys.',
 }
 
 
 def _check_kind(kind):
   if kind not in KINDS:
-    raise ValueError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
+    raise ValueError(f'unknown phantom kind {kind!r}; choose one of {", ".join(KINDS)}')
 
 
 def make_grid(kind, size=None, spacing=None, slices=None, slice_spacing=None) -> Grid:
   """The default grid of `kind` with any of its fields overridden. Raises ValueError."""
   _check_kind(kind)
   g = DEFAULT_GRIDS[kind]
-  g = Grid(int(size if size is not None else g.size),
-           float(spacing if spacing is not None else g.spacing),
-           int(slices if slices is not None else g.slices),
-           float(slice_spacing if slice_spacing is not None else g.slice_spacing), g.orientation)
+  g = Grid(
+    int(size if size is not None else g.size),
+    float(spacing if spacing is not None else g.spacing),
+    int(slices if slices is not None else g.slices),
+    float(slice_spacing if slice_spacing is not None else g.slice_spacing),
+    g.orientation,
+  )
   if g.size < 16 or g.slices < 2:
-    raise ValueError(f"grid too small: size {g.size} (min 16), slices {g.slices} (min 2)")
+    raise ValueError(f'grid too small: size {g.size} (min 16), slices {g.slices} (min 2)')
   if not (0.2 <= g.spacing <= 10.0 and 0.2 <= g.slice_spacing <= 20.0):
-    raise ValueError(f"spacing {g.spacing} mm / slice spacing {g.slice_spacing} mm out of "
-                     "range (0.2-10 / 0.2-20 mm)")
+    raise ValueError(
+      f'spacing {g.spacing} mm / slice spacing {g.slice_spacing} mm out of '
+      'range (0.2-10 / 0.2-20 mm)'
+    )
   return g
 
 
@@ -147,9 +212,9 @@ def grid_affine(grid: Grid, center_mm) -> np.ndarray:
   central voxel position is `center_mm`."""
   signs = []
   for axis, code in enumerate(grid.orientation):
-    pos, neg = "RAS"[axis], "LPI"[axis]
+    pos, neg = 'RAS'[axis], 'LPI'[axis]
     if code not in (pos, neg):
-      raise ValueError(f"orientation {grid.orientation!r}: axis {axis} must be {pos} or {neg}")
+      raise ValueError(f'orientation {grid.orientation!r}: axis {axis} must be {pos} or {neg}')
     signs.append(1.0 if code == pos else -1.0)
   lin = np.diag(np.array(signs) * np.array(grid.zooms))
   aff = np.eye(4)
@@ -228,8 +293,12 @@ class _Deformation:
   def __call__(self, x, y, z):
     def field(i, a, b):
       amp, k, ph = self.terms[i]
-      return sum(np.float32(amp[j]) * np.sin(np.float32(k[j, 0]) * a + np.float32(k[j, 1]) * b
-                                             + np.float32(ph[j])) for j in range(2))
+      return sum(
+        np.float32(amp[j])
+        * np.sin(np.float32(k[j, 0]) * a + np.float32(k[j, 1]) * b + np.float32(ph[j]))
+        for j in range(2)
+      )
+
     return x + field(0, y, z), y + field(1, x, z), z + field(2, x, y)
 
 
@@ -263,9 +332,9 @@ class _Body:
   def paint(self, t, X, Y, Z, s, ribs_below=None):
     """Writes fat, muscle, cavity placeholder (returned mask), ribs and spine into `t`."""
     body = _se(X / (self.a_b * s), Y / (self.b_b * s), 3) < 1
-    t[body] = _T["fat"]
+    t[body] = _T['fat']
     inner = _se(X / ((self.a_b - self.t_f) * s), Y / ((self.b_b - self.t_f) * s), 3) < 1
-    t[inner] = _T["muscle"]
+    t[inner] = _T['muscle']
     cav_val = _se(X / (self.a_c * s), (Y - self.y_c) / (self.b_c * s), 3)
     cavity = cav_val < 1
     outer = (1.0 + 11.0 / min(self.a_c, self.b_c)) ** 3
@@ -276,23 +345,23 @@ class _Body:
     ribs = ring & band & ~gaps
     if ribs_below is not None:
       ribs &= Z > ribs_below
-    t[ribs] = _T["bone"]
+    t[ribs] = _T['bone']
     sternum = ring & (np.abs(X) < 16) & (Y > self.y_c)
     if ribs_below is None:
-      t[sternum] = _T["bone"]
+      t[sternum] = _T['bone']
     return cavity
 
   def paint_spine(self, t, X, Y, Z):
     dx = X * X
-    vb = dx + (Y - self.y_vb) ** 2 < self.r_v ** 2
+    vb = dx + (Y - self.y_vb) ** 2 < self.r_v**2
     margin = dx + (Y - self.y_vb) ** 2 < (self.r_v + 5) ** 2
     canal_d2 = dx + (Y - self.y_canal) ** 2
     arch = canal_d2 < (self.r_canal + 5) ** 2
     spinous = (np.abs(X) < 5) & (Y < self.y_canal) & (Y > self.y_canal - 35)
     transverse = (np.abs(Y - self.y_canal - 2) < 5) & (np.abs(X) < self.r_v + 14)
-    t[margin & (t != _T["fat"]) & (t != _T["background"])] = _T["muscle"]
-    t[vb | arch | spinous | transverse] = _T["bone"]
-    t[canal_d2 < self.r_canal ** 2] = _T["csf"]
+    t[margin & (t != _T['fat']) & (t != _T['background'])] = _T['muscle']
+    t[vb | arch | spinous | transverse] = _T['bone']
+    t[canal_d2 < self.r_canal**2] = _T['csf']
     return margin
 
 
@@ -328,29 +397,35 @@ class _Thorax:
     X, Y, Z = (np.broadcast_to(a, shape) for a in (X, Y, Z))
     t = np.zeros(shape, np.uint8)
     cavity = b.paint(t, X, Y, Z, s)
-    t[cavity] = _T["lung"]
+    t[cavity] = _T['lung']
     # Mediastinum: a column from the spine to the sternum, the pericardium, great vessels.
     column = (np.abs(X - self.x_m) < self.mediastinum_half_width(Y)) & (Y > b.y_vb)
     hc, hr, pr = self.heart_c, self.heart_r, self.peri
     heart = _ellipsoid(X, Y, Z, hc, hr)
     shell = _ellipsoid(X, Y, Z, hc, (hr[0] + pr, hr[1] + pr, hr[2] + pr))
     asc, desc, za = self.asc, self.desc, self.z_arch
-    aorta = (_tube(X, Y, Z, (*asc, -300), (*asc, za), self.r_a)
-             | _tube(X, Y, Z, (*asc, za), (*desc, za), self.r_a)
-             | _tube(X, Y, Z, (*desc, za), (*desc, -300), self.r_a * 0.85))
-    aorta_wall = (_tube(X, Y, Z, (*asc, -300), (*asc, za), self.r_a + 5)
-                  | _tube(X, Y, Z, (*asc, za), (*desc, za), self.r_a + 5)
-                  | _tube(X, Y, Z, (*desc, za), (*desc, -300), self.r_a * 0.85 + 5))
+    aorta = (
+      _tube(X, Y, Z, (*asc, -300), (*asc, za), self.r_a)
+      | _tube(X, Y, Z, (*asc, za), (*desc, za), self.r_a)
+      | _tube(X, Y, Z, (*desc, za), (*desc, -300), self.r_a * 0.85)
+    )
+    aorta_wall = (
+      _tube(X, Y, Z, (*asc, -300), (*asc, za), self.r_a + 5)
+      | _tube(X, Y, Z, (*asc, za), (*desc, za), self.r_a + 5)
+      | _tube(X, Y, Z, (*desc, za), (*desc, -300), self.r_a * 0.85 + 5)
+    )
     tr, zc = self.trachea, self.z_car
-    airway = (_tube(X, Y, Z, (*tr, zc), (*tr, 400), self.r_tr)
-              | _tube(X, Y, Z, (*tr, zc), (tr[0] + self.bronchus_dx, tr[1] + 5, zc - 25), 6.5)
-              | _tube(X, Y, Z, (*tr, zc), (tr[0] - self.bronchus_dx, tr[1] + 5, zc - 25), 6.0))
-    airway_wall = (_tube(X, Y, Z, (*tr, zc), (*tr, 400), self.r_tr + 4))
+    airway = (
+      _tube(X, Y, Z, (*tr, zc), (*tr, 400), self.r_tr)
+      | _tube(X, Y, Z, (*tr, zc), (tr[0] + self.bronchus_dx, tr[1] + 5, zc - 25), 6.5)
+      | _tube(X, Y, Z, (*tr, zc), (tr[0] - self.bronchus_dx, tr[1] + 5, zc - 25), 6.0)
+    )
+    airway_wall = _tube(X, Y, Z, (*tr, zc), (*tr, 400), self.r_tr + 4)
     med = cavity & (column | shell | aorta_wall | airway_wall)
-    t[med] = _T["mediastinum"]
-    t[cavity & heart] = _T["heart"]
-    t[cavity & aorta] = _T["aorta"]
-    t[cavity & airway] = _T["gas"]
+    t[med] = _T['mediastinum']
+    t[cavity & heart] = _T['heart']
+    t[cavity & aorta] = _T['aorta']
+    t[cavity & airway] = _T['gas']
     b.paint_spine(t, X, Y, Z)
     return t
 
@@ -369,8 +444,8 @@ class _Abdomen:
     self.spleen_angle = np.deg2rad(u(-50, -30))
     zl = u(-25, 0)
     self.kid = {
-        "kidney_left": ((-u(55, 70), b.y_vb + u(0, 10), zl), np.deg2rad(u(20, 40))),
-        "kidney_right": ((u(55, 70), b.y_vb + u(0, 10), zl - u(5, 20)), -np.deg2rad(u(20, 40))),
+      'kidney_left': ((-u(55, 70), b.y_vb + u(0, 10), zl), np.deg2rad(u(20, 40))),
+      'kidney_right': ((u(55, 70), b.y_vb + u(0, 10), zl - u(5, 20)), -np.deg2rad(u(20, 40))),
     }
     self.kid_r = (u(22, 28), u(20, 26), u(45, 60))
     self.aorta = (-u(10, 18), b.y_vb + b.r_v + u(8, 14), u(9, 12))
@@ -386,7 +461,7 @@ class _Abdomen:
     for name, (c, ang) in self.kid.items():
       r = self.kid_r
       k = _ellipsoid(X, Y, Z, c, r, ang)
-      side = -1.0 if c[0] > 0 else 1.0    # hilum faces the midline and forwards
+      side = -1.0 if c[0] > 0 else 1.0  # hilum faces the midline and forwards
       hil = (c[0] + side * 0.85 * r[0] * np.cos(ang), c[1] + 0.5 * r[1], c[2])
       k &= ~_ellipsoid(X, Y, Z, hil, (0.5 * r[0], 0.45 * r[1], 0.45 * r[2]))
       inner = k & _ellipsoid(X, Y, Z, c, (0.6 * r[0], 0.6 * r[1], 0.7 * r[2]), ang)
@@ -401,32 +476,31 @@ class _Abdomen:
     t = np.zeros(shape, np.uint8)
     cavity = b.paint(t, X, Y, Z, s, ribs_below=-10.0)
     retro = Y < b.y_vb + b.r_v + 18
-    t[cavity & retro] = _T["fat"]
-    t[cavity & ~retro] = _T["bowel"]
+    t[cavity & retro] = _T['fat']
+    t[cavity & ~retro] = _T['bowel']
     stomach = cavity & _ellipsoid(X, Y, Z, self.stomach_c, self.stomach_r)
-    t[stomach] = _T["bowel"]
-    t[stomach & (Y > self.stomach_c[1] + 0.55 * self.stomach_r[1])] = _T["gas"]
+    t[stomach] = _T['bowel']
+    t[stomach & (Y > self.stomach_c[1] + 0.55 * self.stomach_r[1])] = _T['gas']
     lc, (kappa, cut) = self.liver_c, self.liver_cut
-    liver = cavity & _ellipsoid(X, Y, Z, lc, self.liver_r) & (
-        X + kappa * (Y - lc[1]) > lc[0] - cut)
-    t[liver] = _T["liver"]
-    t[cavity & _ellipsoid(X, Y, Z, self.gb, (14, 12, 24))] = _T["fluid"]
+    liver = cavity & _ellipsoid(X, Y, Z, lc, self.liver_r) & (X + kappa * (Y - lc[1]) > lc[0] - cut)
+    t[liver] = _T['liver']
+    t[cavity & _ellipsoid(X, Y, Z, self.gb, (14, 12, 24))] = _T['fluid']
     spleen = cavity & _ellipsoid(X, Y, Z, self.spleen_c, self.spleen_r, self.spleen_angle)
-    t[spleen] = _T["spleen"]
+    t[spleen] = _T['spleen']
     inner_all = np.zeros(shape, bool)
     for name, (k, inner) in self.kidney_masks(X, Y, Z).items():
       t[cavity & k] = _T[name]
       inner_all |= cavity & inner
     ax, ay, ar = self.aorta
-    t[cavity & ((X - ax) ** 2 + (Y - ay) ** 2 < ar * ar)] = _T["aorta"]
+    t[cavity & ((X - ax) ** 2 + (Y - ay) ** 2 < ar * ar)] = _T['aorta']
     vx, vy, vrx, vry = self.ivc
-    t[cavity & (((X - vx) / vrx) ** 2 + ((Y - vy) / vry) ** 2 < 1)] = _T["vein"]
+    t[cavity & (((X - vx) / vrx) ** 2 + ((Y - vy) / vry) ** 2 < 1)] = _T['vein']
     r_ps = self.psoas[0] + self.psoas[1] * np.maximum(0.0, 20.0 - Z)
     psoas = (((np.abs(X) - (b.r_v + r_ps)) / r_ps) ** 2 + ((Y - b.y_vb) / (r_ps * 1.2)) ** 2) < 1
-    t[cavity & psoas] = _T["muscle"]
+    t[cavity & psoas] = _T['muscle']
     b.paint_spine(t, X, Y, Z)
     if with_inner:
-      return t, inner_all & (t >= _T["kidney_left"]) & (t <= _T["kidney_right"])
+      return t, inner_all & (t >= _T['kidney_left']) & (t <= _T['kidney_right'])
     return t
 
 
@@ -437,12 +511,11 @@ def _lung_vessel_points(model: _Thorax, rng, z_range):
   """Branching vessel trees grown from both hila. Returns (N,3) world points, (N,) radii mm,
   keeping only the parts of branches that stay inside lung."""
   b = model.body
-  segs = []     # (points (n,3), radius, parent index)
+  segs = []  # (points (n,3), radius, parent index)
   for side in (1.0, -1.0):
     hx = model.x_m + side * (model.mediastinum_half_width(np.float32(b.y_c)) + 3)
     for _ in range(int(rng.integers(10, 14))):
-      start = np.array([hx, b.y_c + rng.uniform(-25, 20),
-                        rng.uniform(*z_range) * 0.6], np.float64)
+      start = np.array([hx, b.y_c + rng.uniform(-25, 20), rng.uniform(*z_range) * 0.6], np.float64)
       d = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(-0.9, 0.9)])
       stack = [(start, d / np.linalg.norm(d), rng.uniform(3.0, 4.5), -1)]
       while stack:
@@ -461,10 +534,10 @@ def _lung_vessel_points(model: _Thorax, rng, z_range):
             nd = end_d + sgn * 0.6 * turn / (np.linalg.norm(turn) + 1e-9)
             stack.append((pts[-1], nd / np.linalg.norm(nd), r * rng.uniform(0.65, 0.8), me))
   allp = np.concatenate([s[0] for s in segs])
-  lung = model.tissues(*(allp[:, i].astype(np.float32) for i in range(3))) == _T["lung"]
+  lung = model.tissues(*(allp[:, i].astype(np.float32) for i in range(3))) == _T['lung']
   keep_pts, keep_r, alive, offset = [], [], [], 0
   for pts, r, parent in segs:
-    ok = lung[offset:offset + len(pts)]
+    ok = lung[offset : offset + len(pts)]
     offset += len(pts)
     n_ok = len(pts) if ok.all() else int(np.argmin(ok))
     live = (parent < 0 or alive[parent]) and n_ok == len(pts)
@@ -492,11 +565,11 @@ def _stamp_vessels(shape, affine, k, pts, radii):
     ox = np.arange(-int(np.ceil(ext / sx)), int(np.ceil(ext / sx)) + 1)
     oy = np.arange(-int(np.ceil(ext / sy)), int(np.ceil(ext / sy)) + 1)
     oz = np.arange(-int(np.ceil(ext / sz)), int(np.ceil(ext / sz)) + 1)
-    off = np.stack(np.meshgrid(ox, oy, oz, indexing="ij"), -1).reshape(-1, 3)
+    off = np.stack(np.meshgrid(ox, oy, oz, indexing='ij'), -1).reshape(-1, 3)
     base = np.round(idx[sel]).astype(np.int64)
     vox = base[:, None, :] + off[None]
     frac = (vox - idx[sel][:, None, :]) * np.array([sx, sy, sz])
-    dist = np.sqrt((frac ** 2).sum(-1))
+    dist = np.sqrt((frac**2).sum(-1))
     val = (np.clip((r_eff - dist) / (2 * h) + 0.5, 0, 1) * amp).astype(np.float32)
     inside = np.all((vox >= 0) & (vox < np.array(shape)), axis=-1) & (val > 0)
     flat = np.ravel_multi_index(tuple(vox[inside].T), shape)
@@ -506,13 +579,13 @@ def _stamp_vessels(shape, affine, k, pts, radii):
 
 @dataclasses.dataclass
 class _Tumor:
-  center: np.ndarray      # world mm
-  radius: float           # nominal (mm)
-  kind: str               # TUMOR_TYPES
-  coef: np.ndarray        # lobulation amplitudes
-  order: np.ndarray       # Chebyshev orders (2..4)
-  axes: np.ndarray        # (J,3) unit vectors
-  value: float = 0.0      # nominal intensity (HU or relative)
+  center: np.ndarray  # world mm
+  radius: float  # nominal (mm)
+  kind: str  # TUMOR_TYPES
+  coef: np.ndarray  # lobulation amplitudes
+  order: np.ndarray  # Chebyshev orders (2..4)
+  axes: np.ndarray  # (J,3) unit vectors
+  value: float = 0.0  # nominal intensity (HU or relative)
 
   def max_radius(self):
     return self.radius * (1 + np.abs(self.coef).sum())
@@ -533,14 +606,13 @@ def _random_tumor(rng, center, radius, kind):
   axes = rng.normal(0, 1, (j, 3))
   axes /= np.linalg.norm(axes, axis=1, keepdims=True)
   coef = rng.uniform(0.04, 0.10, j) * rng.choice([-1, 1], j)
-  return _Tumor(np.asarray(center, float), float(radius), kind, coef,
-                rng.integers(2, 5, j), axes)
+  return _Tumor(np.asarray(center, float), float(radius), kind, coef, rng.integers(2, 5, j), axes)
 
 
 def _fibonacci_sphere(n):
   i = np.arange(n) + 0.5
   phi = np.arccos(1 - 2 * i / n)
-  theta = np.pi * (1 + 5 ** 0.5) * i
+  theta = np.pi * (1 + 5**0.5) * i
   return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], 1)
 
 
@@ -556,16 +628,22 @@ def _place_tumors(model: _Thorax, rng, z_lim, types):
   placed = []
   for kind in types:
     for attempt in range(6):
-      diam = np.exp(rng.uniform(np.log(10.0), np.log(50.0))) * (0.85 ** attempt)
+      diam = np.exp(rng.uniform(np.log(10.0), np.log(50.0))) * (0.85**attempt)
       r = diam / 2
       reach = r * 1.25
       zlo, zhi = z_lim[0] + reach, z_lim[1] - reach
       if zhi <= zlo:
         continue
       n = 64
-      if kind == "peripheral":
-        cand = np.stack([rng.uniform(-b.a_c, b.a_c, n), rng.uniform(b.y_post, b.y_ant, n),
-                         rng.uniform(zlo, zhi, n)], 1)
+      if kind == 'peripheral':
+        cand = np.stack(
+          [
+            rng.uniform(-b.a_c, b.a_c, n),
+            rng.uniform(b.y_post, b.y_ant, n),
+            rng.uniform(zlo, zhi, n),
+          ],
+          1,
+        )
       else:
         side = rng.choice([-1.0, 1.0], n)
         y0 = rng.uniform(b.y_vb + b.r_v, b.y_ant - 10, n)
@@ -573,11 +651,13 @@ def _place_tumors(model: _Thorax, rng, z_lim, types):
         ang = rng.uniform(-0.6, 0.6, n)
         dirs = np.stack([side * np.cos(ang), np.sin(ang), np.zeros(n)], 1)
         steps = np.arange(0, 140, 1.0)
-        ray = (np.stack([np.full(n, model.x_m), y0, z0], 1)[:, None, :]
-               + steps[None, :, None] * dirs[:, None, :])
+        ray = (
+          np.stack([np.full(n, model.x_m), y0, z0], 1)[:, None, :]
+          + steps[None, :, None] * dirs[:, None, :]
+        )
         tis = model.tissues(*(ray[..., i].astype(np.float32) for i in range(3)))
-        first = np.argmax(tis == _T["lung"], axis=1)
-        ok = (tis == _T["lung"]).any(axis=1) & (first > 0)
+        first = np.argmax(tis == _T['lung'], axis=1)
+        ok = (tis == _T['lung']).any(axis=1) & (first > 0)
         bnd = ray[np.arange(n), first]
         cand = bnd + dirs * (r * rng.uniform(0.25, 0.6, n))[:, None]
         cand = cand[ok]
@@ -588,14 +668,19 @@ def _place_tumors(model: _Thorax, rng, z_lim, types):
       pts = np.concatenate([shell, core, cand[:, None, :]], 1)
       tis = model.tissues(*(pts[..., i].astype(np.float32) for i in range(3)))
       sh, co = tis[:, :96], tis[:, 96:]
-      lung = _T["lung"]
-      if kind == "peripheral":
+      lung = _T['lung']
+      if kind == 'peripheral':
         good = (tis == lung).all(axis=1)
       else:
-        soft = np.isin(sh, [lung, _T["mediastinum"], _T["heart"]])
-        frac_med = np.isin(sh, [_T["mediastinum"], _T["heart"]]).mean(1)
-        good = (soft.all(1) & (frac_med > 0.1) & (frac_med < 0.6) & ((sh == lung).mean(1) > 0.3)
-                & np.isin(co, [lung, _T["mediastinum"], _T["heart"]]).all(1))
+        soft = np.isin(sh, [lung, _T['mediastinum'], _T['heart']])
+        frac_med = np.isin(sh, [_T['mediastinum'], _T['heart']]).mean(1)
+        good = (
+          soft.all(1)
+          & (frac_med > 0.1)
+          & (frac_med < 0.6)
+          & ((sh == lung).mean(1) > 0.3)
+          & np.isin(co, [lung, _T['mediastinum'], _T['heart']]).all(1)
+        )
       for c in cand[good]:
         if all(np.linalg.norm(c - o.center) > reach + o.max_radius() + 6 for o in placed):
           placed.append(_random_tumor(rng, c, r, kind))
@@ -612,8 +697,8 @@ def _place_tumors(model: _Thorax, rng, z_lim, types):
 def _tissue_values(kind, rng):
   """Per-patient nominal value of each tissue (HU or relative), drawn from TISSUE_RANGES."""
   vals = {name: float(rng.uniform(*rng_)) for name, rng_ in TISSUE_RANGES[kind].items()}
-  if kind == "thorax_ct":
-    vals["heart"] = vals["mediastinum"] + float(rng.uniform(-2, 4))
+  if kind == 'thorax_ct':
+    vals['heart'] = vals['mediastinum'] + float(rng.uniform(-2, 4))
   return vals
 
 
@@ -638,8 +723,14 @@ def _bias_field(rng, x, y, z):
   """Smooth multiplicative field exp(low-order polynomial), about 0.75-1.33 over the FOV."""
   xs, ys, zs = x / 200.0, y / 200.0, z / 200.0
   c = rng.uniform(-0.15, 0.15, 6)
-  log_b = (c[0] * xs + c[1] * ys + c[2] * zs + c[3] * xs * ys + c[4] * (xs * xs - 0.1)
-           + c[5] * (ys * ys - 0.1))
+  log_b = (
+    c[0] * xs
+    + c[1] * ys
+    + c[2] * zs
+    + c[3] * xs * ys
+    + c[4] * (xs * xs - 0.1)
+    + c[5] * (ys * ys - 0.1)
+  )
   return np.exp(np.clip(log_b, -0.29, 0.29)).astype(np.float32)
 
 
@@ -650,18 +741,18 @@ def _downsample_z(a, k):
 
 @dataclasses.dataclass
 class PhantomCase:
-  image: np.ndarray      # int16 HU (CT) or uint16 (MRI), grid shape
-  label: np.ndarray      # uint8
-  tissues: np.ndarray    # uint8 TISSUES codes
+  image: np.ndarray  # int16 HU (CT) or uint16 (MRI), grid shape
+  label: np.ndarray  # uint8
+  tissues: np.ndarray  # uint8 TISSUES codes
   instances: np.ndarray  # uint8 tumor instance ids (0 = none)
-  affine: np.ndarray     # 4x4 voxel -> world RAS+ mm
-  meta: dict             # JSON-serialisable ground truth
+  affine: np.ndarray  # 4x4 voxel -> world RAS+ mm
+  meta: dict  # JSON-serialisable ground truth
 
 
 def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> PhantomCase:
   """Like `generate_case`, on an explicit Grid, also returning the tumor instance map."""
   _check_kind(kind)
-  thorax = kind.startswith("thorax")
+  thorax = kind.startswith('thorax')
   k = Z_SUPERSAMPLE
   center = np.array([rng.uniform(-8, 8), rng.uniform(-8, 8), rng.uniform(-10, 10)])
   affine = grid_affine(grid, center)
@@ -675,11 +766,11 @@ def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> Phantom
     tis_f, inner = model.tissues(x, y, z, with_inner=True)
   values = _tissue_values(kind, rng)
   img_f = _lut(values)[tis_f]
-  is_ct = kind == "thorax_ct"
+  is_ct = kind == 'thorax_ct'
   tumors, tumor_f = [], None
   if thorax:
     b = model.body
-    lung = tis_f == _T["lung"]
+    lung = tis_f == _T['lung']
     # Gravity: dependent (posterior) lung denser / brighter.
     grad = rng.uniform(15, 35) if is_ct else rng.uniform(0.0, 0.01)
     post = np.clip(-(y - b.y_c) / b.b_c, -1, 1).astype(np.float32)
@@ -687,8 +778,8 @@ def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> Phantom
     zr = sorted((float(z.min()), float(z.max())))
     pts, radii = _lung_vessel_points(model, rng, zr)
     occ = _stamp_vessels(fshape, affine, k, pts, radii) * lung
-    img_f += occ * (np.float32(values["lung_vessel"]) - img_f) * lung
-    tis_f[occ > 0.5] = _T["lung_vessel"]
+    img_f += occ * (np.float32(values['lung_vessel']) - img_f) * lung
+    tis_f[occ > 0.5] = _T['lung_vessel']
     n_t = int(rng.integers(1, 4))
     if n_t == 1:
       types = [TUMOR_TYPES[int(rng.integers(0, 2))]]
@@ -705,11 +796,14 @@ def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> Phantom
       sl = tuple(slice(a[d], bb[d]) for d in range(3))
       m = tm.inside(x[sl[0]], y[:, sl[1]], z[:, :, sl[2]])
       if is_ct:
-        tv = (values["mediastinum"] + rng.uniform(-6, 6) if tm.kind == "juxta_mediastinal"
-              else rng.uniform(*TISSUE_RANGES["thorax_ct"]["tumor_peripheral"]))
+        tv = (
+          values['mediastinum'] + rng.uniform(-6, 6)
+          if tm.kind == 'juxta_mediastinal'
+          else rng.uniform(*TISSUE_RANGES['thorax_ct']['tumor_peripheral'])
+        )
         tex = 4.0
       else:
-        tv = rng.uniform(*TISSUE_RANGES[kind]["tumor"])
+        tv = rng.uniform(*TISSUE_RANGES[kind]['tumor'])
         tex = 0.04 * tv
       tm.value = float(tv)
       field = _smooth_noise(rng, m.shape, 1.5) * np.float32(tex) + np.float32(tv)
@@ -717,10 +811,10 @@ def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> Phantom
       tumor_f[sl][m] = i
   else:
     # Kidney medulla (T1 darker, T2 brighter) and bowel content texture.
-    img_f[inner] *= np.float32(0.7 if kind == "abdomen_t1w" else 1.25)
-    bowel = tis_f == _T["bowel"]
+    img_f[inner] *= np.float32(0.7 if kind == 'abdomen_t1w' else 1.25)
+    bowel = tis_f == _T['bowel']
     tex = _smooth_noise(rng, fshape, (2.0, 2.0, 2.0 * k))
-    if kind == "abdomen_t2w":
+    if kind == 'abdomen_t2w':
       img_f = np.where(bowel, img_f + np.float32(0.25) * np.clip(tex, -1, 1.5), img_f)
     else:
       img_f = np.where(bowel, img_f + np.float32(0.08) * np.clip(tex, -1, 1.5), img_f)
@@ -729,22 +823,22 @@ def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> Phantom
   # Partial volume: average sub-slices, then an in-plane PSF.
   img = _downsample_z(img_f, k)
   img = ndimage.gaussian_filter(img, (0.5, 0.5, 0.0) if is_ct else (0.6, 0.6, 0.0))
-  tissues = np.ascontiguousarray(tis_f[:, :, k // 2::k])
+  tissues = np.ascontiguousarray(tis_f[:, :, k // 2 :: k])
   instances = np.zeros(grid.shape, np.uint8)
   if thorax:
     fr = tumor_f.reshape(*grid.shape, k)
     kept = []
     for i, tm in enumerate(tumors, start=1):
       m = (fr == i).mean(-1) >= 0.5
-      if m.any():                   # a sub-voxel tumor that no slice holds is dropped
+      if m.any():  # a sub-voxel tumor that no slice holds is dropped
         kept.append(tm)
         instances[m] = len(kept)
     tumors = kept
     # Where sub-slice majority and centre sub-slice disagree, the tissue follows the label.
-    tissues[(instances > 0)] = _T["tumor"]
-    was_tumor = (tumor_f[:, :, k // 2::k] > 0) & (instances == 0)
+    tissues[(instances > 0)] = _T['tumor']
+    was_tumor = (tumor_f[:, :, k // 2 :: k] > 0) & (instances == 0)
     if was_tumor.any():
-      base = model.tissues(x, y, z[:, :, k // 2::k])
+      base = model.tissues(x, y, z[:, :, k // 2 :: k])
       tissues[was_tumor] = base[was_tumor]
     label = (instances > 0).astype(np.uint8)
   else:
@@ -753,40 +847,63 @@ def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> Phantom
       if v:
         label[tissues == _T[name]] = v
 
-  meta = {"kind": kind, "generator_version": GENERATOR_VERSION, "modality": _MODALITY[kind][1],
-          "channel": _MODALITY[kind][0], "orientation": grid.orientation,
-          "shape": list(grid.shape), "spacing_mm": list(grid.zooms),
-          "affine": np.round(affine, 6).tolist(), "z_supersample": k,
-          "tissue_codes": dict(TISSUES),
-          "tissue_values": {n: round(v, 4) for n, v in values.items() if not n.startswith("tumor")}}
+  meta = {
+    'kind': kind,
+    'generator_version': GENERATOR_VERSION,
+    'modality': _MODALITY[kind][1],
+    'channel': _MODALITY[kind][0],
+    'orientation': grid.orientation,
+    'shape': list(grid.shape),
+    'spacing_mm': list(grid.zooms),
+    'affine': np.round(affine, 6).tolist(),
+    'z_supersample': k,
+    'tissue_codes': dict(TISSUES),
+    'tissue_values': {n: round(v, 4) for n, v in values.items() if not n.startswith('tumor')},
+  }
   if is_ct:
     sigma = float(rng.uniform(*CT_NOISE_HU))
     img = img + rng.normal(0, sigma, img.shape).astype(np.float32)
     image = np.clip(np.round(img), -1024, 3071).astype(np.int16)
-    meta.update(intensity_units="HU", noise_sigma=sigma)
+    meta.update(intensity_units='HU', noise_sigma=sigma)
   else:
     xo, yo, zo = _fine_axes(affine, grid.shape, 1)
     bias = _bias_field(rng, xo, yo, zo)
     sig_rel = float(rng.uniform(*MRI_NOISE_REL))
     scale = float(rng.uniform(*MRI_SCALE))
     s = img * bias
-    s = np.hypot(s + rng.normal(0, sig_rel, s.shape).astype(np.float32),
-                 rng.normal(0, sig_rel, s.shape).astype(np.float32))
+    s = np.hypot(
+      s + rng.normal(0, sig_rel, s.shape).astype(np.float32),
+      rng.normal(0, sig_rel, s.shape).astype(np.float32),
+    )
     image = np.clip(np.round(s * scale), 0, 65535).astype(np.uint16)
-    meta.update(intensity_units="arbitrary: relative value x bias x mri_scale",
-                noise_sigma=sig_rel * scale, noise_sigma_relative=sig_rel, mri_scale=scale,
-                noise_model="rician")
+    meta.update(
+      intensity_units='arbitrary: relative value x bias x mri_scale',
+      noise_sigma=sig_rel * scale,
+      noise_sigma_relative=sig_rel,
+      mri_scale=scale,
+      noise_model='rician',
+    )
   vox_ml = float(np.prod(grid.zooms)) / 1000.0
   inv = np.linalg.inv(affine)
-  meta["tumors"] = [{
-      "instance_id": i, "type": tm.kind, "center_mm": np.round(tm.center, 3).tolist(),
-      "center_voxel": np.round((inv @ np.r_[tm.center, 1])[:3], 2).tolist(),
-      "diameter_mm": round(2 * tm.radius, 2), "n_voxels": int((instances == i).sum()),
-      "volume_ml": round(int((instances == i).sum()) * vox_ml, 3),
-      "nominal_value": round(tm.value, 4)} for i, tm in enumerate(tumors, start=1)]
+  meta['tumors'] = [
+    {
+      'instance_id': i,
+      'type': tm.kind,
+      'center_mm': np.round(tm.center, 3).tolist(),
+      'center_voxel': np.round((inv @ np.r_[tm.center, 1])[:3], 2).tolist(),
+      'diameter_mm': round(2 * tm.radius, 2),
+      'n_voxels': int((instances == i).sum()),
+      'volume_ml': round(int((instances == i).sum()) * vox_ml, 3),
+      'nominal_value': round(tm.value, 4),
+    }
+    for i, tm in enumerate(tumors, start=1)
+  ]
   if not thorax:
-    meta["organs"] = {n: {"label": v, "volume_ml": round(int((label == v).sum()) * vox_ml, 3)}
-                      for n, v in ABDOMEN_LABELS.items() if v}
+    meta['organs'] = {
+      n: {'label': v, 'volume_ml': round(int((label == v).sum()) * vox_ml, 3)}
+      for n, v in ABDOMEN_LABELS.items()
+      if v
+    }
   return PhantomCase(image, label, tissues, instances, affine, meta)
 
 
@@ -852,8 +969,15 @@ def _make_out_dir(out: Path) -> Path:
 
 def _subdirs(kind) -> list:
   thorax = kind.startswith('thorax')
-  return (['imagesTr', 'labelsTr', 'tissuesTr', 'imagesTs', 'labelsTs', 'tissuesTs',
-           'phantom_meta'] + (['instancesTr', 'instancesTs'] if thorax else []))
+  return [
+    'imagesTr',
+    'labelsTr',
+    'tissuesTr',
+    'imagesTs',
+    'labelsTs',
+    'tissuesTs',
+    'phantom_meta',
+  ] + (['instancesTr', 'instancesTs'] if thorax else [])
 
 
 def _clear_stale(out: Path, kind: str, ids: list) -> None:
@@ -870,24 +994,35 @@ def _clear_stale(out: Path, kind: str, ids: list) -> None:
         os.remove(out / d / f)
 
 
-def _write_case(out: Path, kind: str, seed: int, index: int, case: str, split: str,
-                grid: Grid) -> dict:
+def _write_case(
+  out: Path, kind: str, seed: int, index: int, case: str, split: str, grid: Grid
+) -> dict:
   """Generates and writes case `index` (split "Tr" or "Ts"); returns its dataset.json entry."""
   c = generate_phantom(kind, np.random.default_rng(case_seed(seed, kind, index)), grid)
   desc = f'cmedl-jax phantom {kind} v{GENERATOR_VERSION}'
-  rel = {'image': f'images{split}/{case}_0000.nii.gz', 'label': f'labels{split}/{case}.nii.gz',
-         'tissues': f'tissues{split}/{case}.nii.gz'}
+  rel = {
+    'image': f'images{split}/{case}_0000.nii.gz',
+    'label': f'labels{split}/{case}.nii.gz',
+    'tissues': f'tissues{split}/{case}.nii.gz',
+  }
   if kind.startswith('thorax'):
     rel['instances'] = f'instances{split}/{case}.nii.gz'
   for what, path in rel.items():
     nifti_io.atomic_write(out / path, _nifti_gz_bytes(getattr(c, what), c.affine, desc))
-  meta = dict(case_id=case, split='train' if split == 'Tr' else 'test', seed=int(seed),
-              case_index=index, image=f"./{rel['image']}", label=f"./{rel['label']}",
-              tissues=f"./{rel['tissues']}", **c.meta)
+  meta = dict(
+    case_id=case,
+    split='train' if split == 'Tr' else 'test',
+    seed=int(seed),
+    case_index=index,
+    image=f'./{rel["image"]}',
+    label=f'./{rel["label"]}',
+    tissues=f'./{rel["tissues"]}',
+    **c.meta,
+  )
   if 'instances' in rel:
-    meta['instances'] = f"./{rel['instances']}"
+    meta['instances'] = f'./{rel["instances"]}'
   nifti_io.atomic_write(out / f'phantom_meta/{case}.json', _json_text(meta))
-  return {'image': f"./{rel['image']}", 'label': f"./{rel['label']}"}
+  return {'image': f'./{rel["image"]}', 'label': f'./{rel["label"]}'}
 
 
 def _dataset_json(kind: str, seed: int, grid: Grid, training: list, test: list) -> dict:
@@ -895,23 +1030,48 @@ def _dataset_json(kind: str, seed: int, grid: Grid, training: list, test: list) 
   thorax = kind.startswith('thorax')
   channel, modality = _MODALITY[kind]
   return {
-      'name': f'Phantom_{kind}', 'description': _DESCRIPTIONS[kind],
-      'reference': 'synthetic (cmedl-jax data_prep/phantoms.py)', 'licence': 'CC0-1.0',
-      'release': GENERATOR_VERSION, 'tensorImageSize': '3D',
-      'channel_names': {'0': channel}, 'modality': {'0': modality},
-      'labels': dict(THORAX_LABELS if thorax else ABDOMEN_LABELS), 'numTraining': len(training),
-      'numTest': len(test), 'file_ending': '.nii.gz', 'training': training, 'test': test,
-      'phantom': {'kind': kind, 'seed': int(seed), 'generator_version': GENERATOR_VERSION,
-                  'orientation': grid.orientation, 'shape': list(grid.shape),
-                  'spacing_mm': list(grid.zooms), 'z_supersample': Z_SUPERSAMPLE,
-                  'tissue_codes': dict(TISSUES), 'meta_dir': './phantom_meta',
-                  'tissues_dirs': ['./tissuesTr', './tissuesTs'],
-                  'instances_dirs': ['./instancesTr', './instancesTs'] if thorax else []},
+    'name': f'Phantom_{kind}',
+    'description': _DESCRIPTIONS[kind],
+    'reference': 'synthetic (cmedl-jax data_prep/phantoms.py)',
+    'licence': 'CC0-1.0',
+    'release': GENERATOR_VERSION,
+    'tensorImageSize': '3D',
+    'channel_names': {'0': channel},
+    'modality': {'0': modality},
+    'labels': dict(THORAX_LABELS if thorax else ABDOMEN_LABELS),
+    'numTraining': len(training),
+    'numTest': len(test),
+    'file_ending': '.nii.gz',
+    'training': training,
+    'test': test,
+    'phantom': {
+      'kind': kind,
+      'seed': int(seed),
+      'generator_version': GENERATOR_VERSION,
+      'orientation': grid.orientation,
+      'shape': list(grid.shape),
+      'spacing_mm': list(grid.zooms),
+      'z_supersample': Z_SUPERSAMPLE,
+      'tissue_codes': dict(TISSUES),
+      'meta_dir': './phantom_meta',
+      'tissues_dirs': ['./tissuesTr', './tissuesTs'],
+      'instances_dirs': ['./instancesTr', './instancesTs'] if thorax else [],
+    },
   }
 
 
-def write_dataset(kind, n, seed, out, n_test=None, size=None, spacing=None, slices=None,
-                  slice_spacing=None, verbose=False) -> Path:
+def write_dataset(
+  kind,
+  n,
+  seed,
+  out,
+  n_test=None,
+  size=None,
+  spacing=None,
+  slices=None,
+  slice_spacing=None,
+  verbose=False,
+) -> Path:
   """Writes `n` training and `n_test` (default max(2, n // 4)) test cases of `kind` into the
   dataset folder `out` (created; our stale case files and dataset.json are removed first;
   dataset.json is written last). Returns Path(out). Raises ValueError / OSError."""
@@ -929,8 +1089,9 @@ def write_dataset(kind, n, seed, out, n_test=None, size=None, spacing=None, slic
     (training if split == 'Tr' else test).append(_write_case(out, kind, seed, i, case, split, grid))
     if verbose:
       print(f'  {case}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
-  nifti_io.atomic_write(out / 'dataset.json', _json_text(_dataset_json(kind, seed, grid, training,
-                                                                       test)))
+  nifti_io.atomic_write(
+    out / 'dataset.json', _json_text(_dataset_json(kind, seed, grid, training, test))
+  )
   return out
 
 
@@ -941,7 +1102,7 @@ class _Parser(argparse.ArgumentParser):
   """argparse with one-line errors: 'phantoms: error: ...' on stderr, exit status 2."""
 
   def error(self, message):
-    self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+    self.exit(2, f'{self.prog}: error: {" ".join(str(message).split())}\n')
 
 
 def _int_at_least(lo):
@@ -949,10 +1110,11 @@ def _int_at_least(lo):
     try:
       v = int(s)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+      raise argparse.ArgumentTypeError(f'expected an integer, got {s!r}') from None
     if v < lo:
-      raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+      raise argparse.ArgumentTypeError(f'must be >= {lo}, got {v}')
     return v
+
   return parse
 
 
@@ -960,27 +1122,34 @@ def _positive_float(s):
   try:
     v = float(s)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    raise argparse.ArgumentTypeError(f'expected a number, got {s!r}') from None
   if not np.isfinite(v) or v <= 0:
-    raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    raise argparse.ArgumentTypeError(f'must be > 0, got {s}')
   return v
 
 
 def main(argv=None) -> int:
-  p = _Parser(prog="phantoms", description="Write a synthetic phantom dataset "
-              "(MSD / nnU-Net layout) for cmedl-jax.")
-  p.add_argument("--kind", required=True, choices=KINDS)
-  p.add_argument("--n", type=_int_at_least(1), default=20, help="training cases (default 20)")
-  p.add_argument("--n-test", type=_int_at_least(0), default=None,
-                 help="test cases (default max(2, n // 4))")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", required=True, help="dataset folder to write (created)")
-  p.add_argument("--size", type=_int_at_least(16), default=None,
-                 help="in-plane matrix; keep size x spacing >= ~350 mm or the body is cut off")
-  p.add_argument("--spacing", type=_positive_float, default=None, help="in-plane mm")
-  p.add_argument("--slices", type=_int_at_least(2), default=None)
-  p.add_argument("--slice-spacing", type=_positive_float, default=None, help="mm")
-  p.add_argument("--verbose", action="store_true")
+  p = _Parser(
+    prog='phantoms',
+    description='Write a synthetic phantom dataset (MSD / nnU-Net layout) for cmedl-jax.',
+  )
+  p.add_argument('--kind', required=True, choices=KINDS)
+  p.add_argument('--n', type=_int_at_least(1), default=20, help='training cases (default 20)')
+  p.add_argument(
+    '--n-test', type=_int_at_least(0), default=None, help='test cases (default max(2, n // 4))'
+  )
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--out', required=True, help='dataset folder to write (created)')
+  p.add_argument(
+    '--size',
+    type=_int_at_least(16),
+    default=None,
+    help='in-plane matrix; keep size x spacing >= ~350 mm or the body is cut off',
+  )
+  p.add_argument('--spacing', type=_positive_float, default=None, help='in-plane mm')
+  p.add_argument('--slices', type=_int_at_least(2), default=None)
+  p.add_argument('--slice-spacing', type=_positive_float, default=None, help='mm')
+  p.add_argument('--verbose', action='store_true')
   args = p.parse_args(argv)
   try:
     grid = make_grid(args.kind, args.size, args.spacing, args.slices, args.slice_spacing)
@@ -989,16 +1158,27 @@ def main(argv=None) -> int:
     p.error(str(e))
   t0 = time.perf_counter()
   try:
-    write_dataset(args.kind, args.n, args.seed, out, n_test=args.n_test, size=grid.size,
-                  spacing=grid.spacing, slices=grid.slices, slice_spacing=grid.slice_spacing,
-                  verbose=args.verbose)
+    write_dataset(
+      args.kind,
+      args.n,
+      args.seed,
+      out,
+      n_test=args.n_test,
+      size=grid.size,
+      spacing=grid.spacing,
+      slices=grid.slices,
+      slice_spacing=grid.slice_spacing,
+      verbose=args.verbose,
+    )
   except OSError as e:
-    p.exit(1, f"{p.prog}: error: {' '.join(str(e).split())}\n")
+    p.exit(1, f'{p.prog}: error: {" ".join(str(e).split())}\n')
   n_test = max(2, args.n // 4) if args.n_test is None else args.n_test
-  print(f"wrote {args.n} training + {n_test} test {args.kind} cases to {out} "
-        f"in {time.perf_counter() - t0:.1f} s")
+  print(
+    f'wrote {args.n} training + {n_test} test {args.kind} cases to {out} '
+    f'in {time.perf_counter() - t0:.1f} s'
+  )
   return 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   sys.exit(main())

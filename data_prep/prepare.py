@@ -30,6 +30,7 @@ window; a pixel belongs to the body box when it is body in >= 10% of the slices.
 resampled image fits into `size` it is centred whole (nothing is lost); otherwise the window is
 centred on the body box and kept inside the image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,20 +50,39 @@ import numpy as np
 from data_prep import geometry as geo
 from data_prep import nifti_io
 from data_prep.geometry import Geometry, invert_image, invert_labels  # re-exported
-from data_prep.manifest import (ARRAYS, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS,  # re-exported
-                                is_prepared, read_manifest)
+from data_prep.manifest import (
+  ARRAYS,
+  FORMAT,
+  FORMAT_VERSION,
+  MANIFEST,
+  SPLITS,  # re-exported
+  is_prepared,
+  read_manifest,
+)
 from data_prep.nifti_io import DataError
 
 # Defaults, chosen for thorax (module doc); configs/default.py's data section uses these.
 CT_WINDOW_HU = (-1000.0, 500.0)  # HU mapped to [-1, 1].
-MRI_PERCENTILES = (0.5, 99.5)    # Per-volume percentiles mapped to [-1, 1].
-SPACING_MM = 1.5                 # In-plane spacing, mm.
-IMAGE_SIZE = 256                 # In-plane size, pixels (square).
-VAL_FRACTION = 0.2               # Fraction of the imagesTr cases held out for validation.
+MRI_PERCENTILES = (0.5, 99.5)  # Per-volume percentiles mapped to [-1, 1].
+SPACING_MM = 1.5  # In-plane spacing, mm.
+IMAGE_SIZE = 256  # In-plane size, pixels (square).
+VAL_FRACTION = 0.2  # Fraction of the imagesTr cases held out for validation.
 
-__all__ = ["PrepSpec", "Geometry", "DataError", "prepare_volume", "prepare_label", "invert_labels",
-           "invert_image", "normalize_intensity", "resolve_label_map", "prepare_dataset",
-           "read_manifest", "is_prepared", "spec_from_config"]
+__all__ = [
+  'PrepSpec',
+  'Geometry',
+  'DataError',
+  'prepare_volume',
+  'prepare_label',
+  'invert_labels',
+  'invert_image',
+  'normalize_intensity',
+  'resolve_label_map',
+  'prepare_dataset',
+  'read_manifest',
+  'is_prepared',
+  'spec_from_config',
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -81,13 +101,14 @@ class PrepSpec:
     body_threshold_hu: CT body threshold (HU); body_threshold_mri: MRI body threshold as a
       fraction of the percentile window.
   """
-  modality: str = "ct"
+
+  modality: str = 'ct'
   spacing_mm: tuple = (SPACING_MM, SPACING_MM)
   size: tuple = (IMAGE_SIZE, IMAGE_SIZE)
   ct_window_hu: tuple = CT_WINDOW_HU
   mri_percentiles: tuple = MRI_PERCENTILES
   label_map: Optional[Mapping] = None
-  interpolation: str = "linear"
+  interpolation: str = 'linear'
   body_threshold_hu: float = -500.0
   body_threshold_mri: float = 0.1
 
@@ -95,46 +116,47 @@ class PrepSpec:
     def pair(x):
       x = tuple(x) if isinstance(x, (tuple, list, np.ndarray)) else (x, x)
       if len(x) != 2:
-        raise ValueError(f"expected a pair, got {x}")
+        raise ValueError(f'expected a pair, got {x}')
       return x
-    object.__setattr__(self, "modality", str(self.modality).lower())
-    object.__setattr__(self, "spacing_mm", tuple(float(v) for v in pair(self.spacing_mm)))
-    object.__setattr__(self, "size", tuple(int(v) for v in pair(self.size)))
-    object.__setattr__(self, "ct_window_hu", tuple(float(v) for v in self.ct_window_hu))
-    object.__setattr__(self, "mri_percentiles", tuple(float(v) for v in self.mri_percentiles))
+
+    object.__setattr__(self, 'modality', str(self.modality).lower())
+    object.__setattr__(self, 'spacing_mm', tuple(float(v) for v in pair(self.spacing_mm)))
+    object.__setattr__(self, 'size', tuple(int(v) for v in pair(self.size)))
+    object.__setattr__(self, 'ct_window_hu', tuple(float(v) for v in self.ct_window_hu))
+    object.__setattr__(self, 'mri_percentiles', tuple(float(v) for v in self.mri_percentiles))
     if self.label_map is not None:
-      object.__setattr__(self, "label_map", dict(self.label_map))
-    if self.modality not in ("ct", "mri"):
+      object.__setattr__(self, 'label_map', dict(self.label_map))
+    if self.modality not in ('ct', 'mri'):
       raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
-    if self.interpolation not in ("linear", "cubic"):
+    if self.interpolation not in ('linear', 'cubic'):
       raise ValueError(f"interpolation must be 'linear' or 'cubic', got {self.interpolation!r}")
     if not min(self.spacing_mm) > 0:
-      raise ValueError(f"spacing must be > 0 mm, got {self.spacing_mm}")
+      raise ValueError(f'spacing must be > 0 mm, got {self.spacing_mm}')
     if min(self.size) <= 0:
-      raise ValueError(f"size must be >= 1 pixel, got {self.size}")
+      raise ValueError(f'size must be >= 1 pixel, got {self.size}')
     lo, hi = self.ct_window_hu
     plo, phi = self.mri_percentiles
     if not (lo < hi and 0 <= plo < phi <= 100):
-      raise ValueError(f"bad windows: ct {self.ct_window_hu}, mri {self.mri_percentiles}")
+      raise ValueError(f'bad windows: ct {self.ct_window_hu}, mri {self.mri_percentiles}')
 
   def __hash__(self):
     return hash(json.dumps(self.to_dict(), sort_keys=True))
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    d["spacing_mm"], d["size"] = list(self.spacing_mm), list(self.size)
-    d["ct_window_hu"], d["mri_percentiles"] = list(self.ct_window_hu), list(self.mri_percentiles)
+    d['spacing_mm'], d['size'] = list(self.spacing_mm), list(self.size)
+    d['ct_window_hu'], d['mri_percentiles'] = list(self.ct_window_hu), list(self.mri_percentiles)
     if self.label_map is not None:
-      d["label_map"] = {str(k): int(v) for k, v in self.label_map.items()}
+      d['label_map'] = {str(k): int(v) for k, v in self.label_map.items()}
     return d
 
   @classmethod
-  def from_dict(cls, d: Mapping) -> "PrepSpec":
+  def from_dict(cls, d: Mapping) -> 'PrepSpec':
     return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
   @property
   def order(self) -> int:
-    return 1 if self.interpolation == "linear" else 3
+    return 1 if self.interpolation == 'linear' else 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +165,7 @@ class PrepSpec:
 
 def intensity_window(image: np.ndarray, spec: PrepSpec) -> tuple:
   """(low, high) raw intensities mapped to -1 and 1 for this volume."""
-  if spec.modality == "ct":
+  if spec.modality == 'ct':
     return spec.ct_window_hu
   lo, hi = np.percentile(image, spec.mri_percentiles)
   if not hi > lo:
@@ -159,12 +181,16 @@ MRI_FLOOR = -100.0
 def modality_mismatch(image: np.ndarray, spec: PrepSpec) -> Optional[str]:
   """Why `image` [X,Y,Z] does not look like the modality `spec` prepares, or None."""
   lowest = float(np.percentile(image, 1))
-  if spec.modality == "ct" and lowest > CT_AIR_CEILING_HU:
-    return (f"1 % of its voxels are below {lowest:.0f}, but CT in HU has air near -1000 HU: "
-            "is this CT? The model was trained on CT")
-  if spec.modality == "mri" and lowest < MRI_FLOOR:
-    return (f"1 % of its voxels are below {lowest:.0f} (like CT in HU): is this MRI? The model "
-            "was trained on MRI")
+  if spec.modality == 'ct' and lowest > CT_AIR_CEILING_HU:
+    return (
+      f'1 % of its voxels are below {lowest:.0f}, but CT in HU has air near -1000 HU: '
+      'is this CT? The model was trained on CT'
+    )
+  if spec.modality == 'mri' and lowest < MRI_FLOOR:
+    return (
+      f'1 % of its voxels are below {lowest:.0f} (like CT in HU): is this MRI? The model '
+      'was trained on MRI'
+    )
   return None
 
 
@@ -175,8 +201,7 @@ def normalize_intensity(image: np.ndarray, window) -> np.ndarray:
   return ((out - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
 
 
-def resolve_label_map(declared: Mapping[int, str], label_map: Optional[Mapping],
-                      where="label_map"):
+def resolve_label_map(declared: Mapping[int, str], label_map: Optional[Mapping], where='label_map'):
   """Builds the source-value -> class lookup.
 
   Args:
@@ -192,25 +217,27 @@ def resolve_label_map(declared: Mapping[int, str], label_map: Optional[Mapping],
   by_name = {n: v for v, n in declared.items()}
   by_lower = {n.lower(): v for v, n in declared.items()}
   lut = {v: 0 for v in declared}
-  names = {0: ["background"]}
+  names = {0: ['background']}
   for key, cls in label_map.items():
     cls = int(cls)
     if not 0 <= cls <= 255:
-      raise DataError(where, f"class index {cls} for {key!r} is outside 0..255")
+      raise DataError(where, f'class index {cls} for {key!r} is outside 0..255')
     if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.strip().isdigit()):
       value = int(key)
       if value not in declared:
-        raise DataError(where, f"label value {value} is not declared (declared: {declared})")
+        raise DataError(where, f'label value {value} is not declared (declared: {declared})')
     elif key in by_name or str(key).lower() in by_lower:
       value = by_name.get(key, by_lower.get(str(key).lower()))
     else:
-      raise DataError(where, f"label {key!r} is not declared in dataset.json (declared: "
-                      f"{sorted(declared.values())})")
+      raise DataError(
+        where,
+        f'label {key!r} is not declared in dataset.json (declared: {sorted(declared.values())})',
+      )
     lut[value] = cls
     if cls:
       names.setdefault(cls, []).append(declared[value])
   num_classes = max(lut.values()) + 1
-  class_names = ["+".join(names.get(c, [f"class_{c}"])) for c in range(num_classes)]
+  class_names = ['+'.join(names.get(c, [f'class_{c}'])) for c in range(num_classes)]
   return lut, class_names
 
 
@@ -238,19 +265,20 @@ def prepare_volume(image: np.ndarray, affine: np.ndarray, spec: PrepSpec):
   """
   image = np.asarray(image)
   if image.ndim != 3:
-    raise ValueError(f"image must be 3D, got shape {image.shape}")
+    raise ValueError(f'image must be 3D, got shape {image.shape}')
   if not np.all(np.isfinite(image)):
-    raise ValueError("image has NaN/Inf voxels")
+    raise ValueError('image has NaN/Inf voxels')
   window = intensity_window(image, spec)
   normalized = normalize_intensity(image, window)
   canonical = np.ascontiguousarray(geo.to_canonical(normalized, affine)[0].transpose(2, 1, 0))
-  if spec.modality == "ct":
+  if spec.modality == 'ct':
     lo, hi = spec.ct_window_hu
     body_level = (spec.body_threshold_hu - lo) * 2.0 / (hi - lo) - 1.0
   else:
     body_level = 2.0 * spec.body_threshold_mri - 1.0
-  geometry = geo.make_geometry(affine, image.shape, spec.spacing_mm, spec.size,
-                               body_mask_canonical=canonical > body_level)
+  geometry = geo.make_geometry(
+    affine, image.shape, spec.spacing_mm, spec.size, body_mask_canonical=canonical > body_level
+  )
   prepared = geo.resample_image(canonical, geometry, spec.order, fill_value=-1.0)
   np.clip(prepared, -1.0, 1.0, out=prepared)
   return prepared, geometry
@@ -262,13 +290,18 @@ def prepare_label(label: np.ndarray, geometry: Geometry) -> np.ndarray:
   return geo.resample_labels(geo.canonical_zyx(np.asarray(label), geometry), geometry)
 
 
-def prepare_case(case: nifti_io.CaseFiles, spec: PrepSpec, declared, lut,
-                 spacing_range_mm=nifti_io.SPACING_RANGE_MM):
+def prepare_case(
+  case: nifti_io.CaseFiles,
+  spec: PrepSpec,
+  declared,
+  lut,
+  spacing_range_mm=nifti_io.SPACING_RANGE_MM,
+):
   """Loads, checks and prepares one case. Returns (image, label or None, Geometry)."""
-  image, affine = nifti_io.load_volume(case.image, "image", spacing_range_mm)
+  image, affine = nifti_io.load_volume(case.image, 'image', spacing_range_mm)
   label = None
   if case.label is not None:
-    raw_label, label_affine = nifti_io.load_volume(case.label, "label")
+    raw_label, label_affine = nifti_io.load_volume(case.label, 'label')
     nifti_io.check_pair(image, affine, raw_label, label_affine, case.label)
     nifti_io.check_label_values(raw_label, declared, case.label)
     label = apply_label_map(raw_label, lut)
@@ -285,13 +318,13 @@ def assign_splits(case_ids, val_fraction: float, seed: int) -> dict:
   """Deterministic train/validation split of sorted case ids for `seed`."""
   ids = sorted(case_ids)
   if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
   n_val = int(round(val_fraction * len(ids)))
   if val_fraction > 0 and len(ids) >= 2:
     n_val = min(max(n_val, 1), len(ids) - 1)
   order = np.random.default_rng(seed).permutation(len(ids))
   val = {ids[i] for i in order[:n_val]}
-  return {"train": [i for i in ids if i not in val], "validation": [i for i in ids if i in val]}
+  return {'train': [i for i in ids if i not in val], 'validation': [i for i in ids if i in val]}
 
 
 def _progress(iterable, total, enabled):
@@ -308,13 +341,17 @@ def _read_raw_dataset(raw_dir) -> nifti_io.DatasetInfo:
   """`read_dataset`, and its training cases are either all labelled or all unlabelled."""
   info = nifti_io.read_dataset(raw_dir)
   if not info.training:
-    raise DataError(raw_dir, 'empty dataset: no training cases (imagesTr/ or dataset.json '
-                             "'training')")
+    raise DataError(
+      raw_dir, "empty dataset: no training cases (imagesTr/ or dataset.json 'training')"
+    )
   unlabelled = [c.case_id for c in info.training if c.label is None]
   if unlabelled and len(unlabelled) < len(info.training):
     # A split is labelled or not: unlabelled cases would train as all background.
-    raise DataError(raw_dir, f'{len(unlabelled)} of {len(info.training)} training cases have '
-                             f'no label (e.g. {unlabelled[:3]}); label them or remove them')
+    raise DataError(
+      raw_dir,
+      f'{len(unlabelled)} of {len(info.training)} training cases have '
+      f'no label (e.g. {unlabelled[:3]}); label them or remove them',
+    )
   return info
 
 
@@ -324,8 +361,10 @@ def _assign_all_splits(info, splits, val_fraction: float, seed: int) -> dict:
   if splits is None:
     assignment = assign_splits(train_ids, val_fraction, seed)
   else:
-    assignment = {'train': list(splits.get('train', [])),
-                  'validation': list(splits.get('validation', []))}
+    assignment = {
+      'train': list(splits.get('train', [])),
+      'validation': list(splits.get('validation', [])),
+    }
     unknown = set(assignment['train'] + assignment['validation']) - set(train_ids)
     if unknown:
       raise ValueError(f'splits name cases not in imagesTr: {sorted(unknown)}')
@@ -341,15 +380,23 @@ def _sibling(out_dir: str, kind: str) -> str:
 
 def _case_record(case: nifti_io.CaseFiles, image, label, geometry: Geometry) -> dict:
   """The manifest entry of one prepared case (image [Z,H,W], label [Z,H,W] or None)."""
-  return {'case_id': case.case_id, 'image_file': case.image, 'label_file': case.label,
-          'has_label': label is not None, 'num_slices': int(image.shape[0]),
-          'foreground_slices': int((label.reshape(label.shape[0], -1).max(1) > 0).sum())
-                               if label is not None else 0,
-          'spacing_mm': list(geometry.spacing_mm), 'geometry': geometry.to_dict()}
+  return {
+    'case_id': case.case_id,
+    'image_file': case.image,
+    'label_file': case.label,
+    'has_label': label is not None,
+    'num_slices': int(image.shape[0]),
+    'foreground_slices': int((label.reshape(label.shape[0], -1).max(1) > 0).sum())
+    if label is not None
+    else 0,
+    'spacing_mm': list(geometry.spacing_mm),
+    'geometry': geometry.to_dict(),
+  }
 
 
-def _prepare_cases(cases, split_of: dict, prepare_one, case_dir: str, skip_bad: bool,
-                   progress: bool):
+def _prepare_cases(
+  cases, split_of: dict, prepare_one, case_dir: str, skip_bad: bool, progress: bool
+):
   """Prepares each case into `case_dir` ({id}_image.npy, {id}_label.npy).
 
   Returns ({split: [case record]}, [skipped case]); `prepare_one(case)` -> (image, label, geometry).
@@ -379,9 +426,12 @@ def _check_usable(raw_dir, assignment: dict, records: dict, skipped: list) -> No
     raise DataError(raw_dir, f'empty dataset: no usable cases ({len(skipped)} skipped)')
   for split in ('train', 'validation'):
     if assignment[split] and not records[split]:
-      raise DataError(raw_dir, f'every {split} case was skipped as bad '
-                               f"({', '.join(sorted(assignment[split])[:5])}); fix or "
-                               'remove them')
+      raise DataError(
+        raw_dir,
+        f'every {split} case was skipped as bad '
+        f'({", ".join(sorted(assignment[split])[:5])}); fix or '
+        'remove them',
+      )
 
 
 def _new_array(path: str, dtype, shape):
@@ -406,13 +456,13 @@ def _write_split(split_dir: str, case_dir: str, records: list, size) -> None:
   offset = 0
   for k, r in enumerate(records):
     stem, m = os.path.join(case_dir, r['case_id']), r['num_slices']
-    images[offset:offset + m] = np.load(stem + '_image.npy')
+    images[offset : offset + m] = np.load(stem + '_image.npy')
     if r['has_label']:
       lab = np.load(stem + '_label.npy')
-      labels[offset:offset + m] = lab
-      has_fg[offset:offset + m] = lab.reshape(m, -1).max(1) > 0
-    case_index[offset:offset + m] = k
-    slice_index[offset:offset + m] = np.arange(m)
+      labels[offset : offset + m] = lab
+      has_fg[offset : offset + m] = lab.reshape(m, -1).max(1) > 0
+    case_index[offset : offset + m] = k
+    slice_index[offset : offset + m] = np.arange(m)
     r['offset'] = offset
     offset += m
   if n:
@@ -426,31 +476,50 @@ def _write_split(split_dir: str, case_dir: str, records: list, size) -> None:
   nifti_io.save_npy(path['has_foreground'], has_fg)
 
 
-def _summary(info, out_dir: str, class_names: list, records: dict, skipped: list,
-             seconds: float) -> dict:
+def _summary(
+  info, out_dir: str, class_names: list, records: dict, skipped: list, seconds: float
+) -> dict:
   """What `prepare_dataset` returns (and the manifest keeps under "summary")."""
   n_cases = sum(len(r) for r in records.values())
   return {
-      'dataset': info.name, 'modality': info.modality, 'raw_dir': os.path.abspath(info.root),
-      'out_dir': out_dir, 'num_classes': len(class_names), 'class_names': class_names,
-      'cases': {s: len(records[s]) for s in SPLITS},
-      'slices': {s: sum(r['num_slices'] for r in records[s]) for s in SPLITS},
-      'foreground_slices': {s: sum(r['foreground_slices'] for r in records[s]) for s in SPLITS},
-      'skipped': skipped, 'seconds': round(seconds, 3),
-      'seconds_per_case': round(seconds / max(n_cases, 1), 3)}
+    'dataset': info.name,
+    'modality': info.modality,
+    'raw_dir': os.path.abspath(info.root),
+    'out_dir': out_dir,
+    'num_classes': len(class_names),
+    'class_names': class_names,
+    'cases': {s: len(records[s]) for s in SPLITS},
+    'slices': {s: sum(r['num_slices'] for r in records[s]) for s in SPLITS},
+    'foreground_slices': {s: sum(r['foreground_slices'] for r in records[s]) for s in SPLITS},
+    'skipped': skipped,
+    'seconds': round(seconds, 3),
+    'seconds_per_case': round(seconds / max(n_cases, 1), 3),
+  }
 
 
-def _manifest(spec: PrepSpec, info, lut: dict, class_names: list, records: dict,
-              summary: dict) -> dict:
+def _manifest(
+  spec: PrepSpec, info, lut: dict, class_names: list, records: dict, summary: dict
+) -> dict:
   """The content of prepared.json."""
   return {
-      'format': FORMAT, 'version': FORMAT_VERSION, 'spec': spec.to_dict(),
-      'dataset': {'name': info.name, 'modality': info.modality, 'raw_dir': summary['raw_dir'],
-                  'labels': {str(k): v for k, v in info.labels.items()}},
-      'label_lut': {str(k): v for k, v in lut.items()},
-      'num_classes': len(class_names), 'class_names': class_names, 'channels': 1,
-      'size': list(spec.size), 'in_plane_spacing_mm': list(spec.spacing_mm),
-      'splits': records, 'summary': summary}
+    'format': FORMAT,
+    'version': FORMAT_VERSION,
+    'spec': spec.to_dict(),
+    'dataset': {
+      'name': info.name,
+      'modality': info.modality,
+      'raw_dir': summary['raw_dir'],
+      'labels': {str(k): v for k, v in info.labels.items()},
+    },
+    'label_lut': {str(k): v for k, v in lut.items()},
+    'num_classes': len(class_names),
+    'class_names': class_names,
+    'channels': 1,
+    'size': list(spec.size),
+    'in_plane_spacing_mm': list(spec.spacing_mm),
+    'splits': records,
+    'summary': summary,
+  }
 
 
 def _move_into_place(tmp_dir: str, out_dir: str) -> None:
@@ -464,10 +533,30 @@ def _move_into_place(tmp_dir: str, out_dir: str) -> None:
     os.rename(tmp_dir, out_dir)
 
 
-def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, splits=None,
-                    val_fraction: float = VAL_FRACTION, seed: int = 0, overwrite: bool = False,
-                    progress: bool = True,
-                    spacing_range_mm=nifti_io.SPACING_RANGE_MM) -> dict:
+def _make_partial(out_dir, overwrite):
+  """(out_dir absolute, its hidden partial sibling, the partial's _cases folder), created."""
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f'{out_dir}: already exists (use overwrite=True / --overwrite)')
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  tmp_dir = _sibling(out_dir, 'partial')
+  case_dir = os.path.join(tmp_dir, '_cases')
+  os.makedirs(case_dir)
+  return out_dir, tmp_dir, case_dir
+
+
+def prepare_dataset(
+  raw_dir,
+  out_dir,
+  spec: PrepSpec,
+  skip_bad: bool = False,
+  splits=None,
+  val_fraction: float = VAL_FRACTION,
+  seed: int = 0,
+  overwrite: bool = False,
+  progress: bool = True,
+  spacing_range_mm=nifti_io.SPACING_RANGE_MM,
+) -> dict:
   """Prepares every case of a raw dataset folder into `out_dir` (atomically).
 
   Args:
@@ -488,18 +577,12 @@ def prepare_dataset(raw_dir, out_dir, spec: PrepSpec, skip_bad: bool = False, sp
   spec = spec if isinstance(spec, PrepSpec) else PrepSpec.from_dict(spec)
   remove_stale_partials(out_dir)
   info = _read_raw_dataset(raw_dir)
-  where = f"label_map for {os.path.join(raw_dir, 'dataset.json')}"
+  where = f'label_map for {os.path.join(raw_dir, "dataset.json")}'
   lut, class_names = resolve_label_map(info.labels, spec.label_map, where=where)
   assignment = _assign_all_splits(info, splits, val_fraction, seed)
   split_of = {cid: s for s, ids in assignment.items() for cid in ids}
   cases = [c for c in info.training + info.test if c.case_id in split_of]
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir}: already exists (use overwrite=True / --overwrite)')
-  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-  tmp_dir = _sibling(out_dir, 'partial')
-  case_dir = os.path.join(tmp_dir, '_cases')
-  os.makedirs(case_dir)
+  out_dir, tmp_dir, case_dir = _make_partial(out_dir, overwrite)
 
   def prepare_one(case):
     return prepare_case(case, spec, info.labels, lut, spacing_range_mm)
@@ -529,7 +612,8 @@ def remove_stale_partials(out_dir) -> list:
   out_dir = os.path.abspath(os.fspath(out_dir))
   name = re.escape(os.path.basename(out_dir))
   return nifti_io.remove_stale_temporaries(
-      os.path.dirname(out_dir), rf"\.{name}\.(partial|old)-((?P<pid>\d+)-)?[0-9a-f]{{8}}")
+    os.path.dirname(out_dir), rf'\.{name}\.(partial|old)-((?P<pid>\d+)-)?[0-9a-f]{{8}}'
+  )
 
 
 def spec_from_config(config, side: str) -> PrepSpec:
@@ -540,9 +624,14 @@ def spec_from_config(config, side: str) -> PrepSpec:
   """
   d = config.data
   label_map = d.label_map.to_dict() if hasattr(d.label_map, 'to_dict') else d.label_map
-  return PrepSpec(modality=d[side].modality, spacing_mm=d.spacing_mm, size=d.image_size,
-                  ct_window_hu=tuple(d.ct_window_hu), mri_percentiles=tuple(d.mri_percentiles),
-                  label_map=dict(label_map) if label_map else None)
+  return PrepSpec(
+    modality=d[side].modality,
+    spacing_mm=d.spacing_mm,
+    size=d.image_size,
+    ct_window_hu=tuple(d.ct_window_hu),
+    mri_percentiles=tuple(d.mri_percentiles),
+    label_map=dict(label_map) if label_map else None,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,77 +643,109 @@ def _parse_label_map(items):
     return None
   out = {}
   for item in items:
-    if "=" not in item:
-      raise SystemExit(f"--label-map expects NAME=CLASS, got {item!r}")
-    key, value = item.rsplit("=", 1)
+    if '=' not in item:
+      raise SystemExit(f'--label-map expects NAME=CLASS, got {item!r}')
+    key, value = item.rsplit('=', 1)
     out[key] = int(value)
   return out
 
 
 def format_summary(summary: dict) -> str:
-  lines = [f"prepared {summary['dataset']} ({summary['modality']}) -> {summary['out_dir']}",
-           f"  classes ({summary['num_classes']}): {', '.join(summary['class_names'])}"]
+  lines = [
+    f'prepared {summary["dataset"]} ({summary["modality"]}) -> {summary["out_dir"]}',
+    f'  classes ({summary["num_classes"]}): {", ".join(summary["class_names"])}',
+  ]
   for s in SPLITS:
-    lines.append(f"  {s:<10} {summary['cases'][s]:5d} cases {summary['slices'][s]:7d} slices "
-                 f"({summary['foreground_slices'][s]} with foreground)")
-  lines.append(f"  {summary['seconds']:.1f} s ({summary['seconds_per_case']:.2f} s/case)")
-  if summary["skipped"]:
-    lines.append(f"  skipped {len(summary['skipped'])} bad cases:")
-    lines += [f"    {s['case_id']}: {s['file']}: {s['problem']}" for s in summary["skipped"]]
-  return "\n".join(lines)
+    lines.append(
+      f'  {s:<10} {summary["cases"][s]:5d} cases {summary["slices"][s]:7d} slices '
+      f'({summary["foreground_slices"][s]} with foreground)'
+    )
+  lines.append(f'  {summary["seconds"]:.1f} s ({summary["seconds_per_case"]:.2f} s/case)')
+  if summary['skipped']:
+    lines.append(f'  skipped {len(summary["skipped"])} bad cases:')
+    lines += [f'    {s["case_id"]}: {s["file"]}: {s["problem"]}' for s in summary['skipped']]
+  return '\n'.join(lines)
+
+
+def _parser():
+  p = argparse.ArgumentParser(
+    prog='python -m data_prep.prepare', description=__doc__.split('\n')[0]
+  )
+  p.add_argument('--dataset', required=True, help='raw MSD / nnU-Net dataset folder')
+  p.add_argument('--out', required=True, help='output folder (prepared dataset)')
+  p.add_argument('--modality', required=True, choices=('ct', 'mri'))
+  p.add_argument(
+    '--spacing', type=float, nargs='+', default=[SPACING_MM], help='in-plane mm (1 or 2)'
+  )
+  p.add_argument('--size', type=int, nargs='+', default=[IMAGE_SIZE], help='in-plane size (1 or 2)')
+  p.add_argument('--ct-window', type=float, nargs=2, default=list(CT_WINDOW_HU))
+  p.add_argument('--mri-percentiles', type=float, nargs=2, default=list(MRI_PERCENTILES))
+  p.add_argument('--label-map', nargs='*', help='NAME=CLASS or VALUE=CLASS, e.g. tumor=1')
+  p.add_argument('--interpolation', choices=('linear', 'cubic'), default=PrepSpec.interpolation)
+  p.add_argument('--skip-bad', action='store_true', help='skip bad cases with a warning')
+  p.add_argument(
+    '--spacing-range',
+    type=float,
+    nargs=2,
+    default=list(nifti_io.SPACING_RANGE_MM),
+    metavar=('MIN', 'MAX'),
+    help='plausible voxel spacing of the inputs, mm',
+  )
+  p.add_argument('--val-fraction', type=float, default=VAL_FRACTION)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--overwrite', action='store_true')
+  p.add_argument('--no-progress', action='store_true')
+  p.add_argument(
+    '--tfds',
+    action='store_true',
+    help='also build the TFDS datasets into OUT/tfds (data_prep.tfds_builder)',
+  )
+  return p
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m data_prep.prepare", description=__doc__.split("\n")[0])
-  p.add_argument("--dataset", required=True, help="raw MSD / nnU-Net dataset folder")
-  p.add_argument("--out", required=True, help="output folder (prepared dataset)")
-  p.add_argument("--modality", required=True, choices=("ct", "mri"))
-  p.add_argument("--spacing", type=float, nargs="+", default=[SPACING_MM],
-                 help="in-plane mm (1 or 2)")
-  p.add_argument("--size", type=int, nargs="+", default=[IMAGE_SIZE], help="in-plane size (1 or 2)")
-  p.add_argument("--ct-window", type=float, nargs=2, default=list(CT_WINDOW_HU))
-  p.add_argument("--mri-percentiles", type=float, nargs=2, default=list(MRI_PERCENTILES))
-  p.add_argument("--label-map", nargs="*", help="NAME=CLASS or VALUE=CLASS, e.g. tumor=1")
-  p.add_argument("--interpolation", choices=("linear", "cubic"), default=PrepSpec.interpolation)
-  p.add_argument("--skip-bad", action="store_true", help="skip bad cases with a warning")
-  p.add_argument("--spacing-range", type=float, nargs=2, default=list(nifti_io.SPACING_RANGE_MM),
-                 metavar=("MIN", "MAX"), help="plausible voxel spacing of the inputs, mm")
-  p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--no-progress", action="store_true")
-  p.add_argument("--tfds", action="store_true",
-                 help="also build the TFDS datasets into OUT/tfds (data_prep.tfds_builder)")
-  args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  for flag in ("spacing", "size"):
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  for flag in ('spacing', 'size'):
     if len(getattr(args, flag)) > 2:
-      print(f"error: --{flag} takes 1 or 2 values, got {getattr(args, flag)}", file=sys.stderr)
+      print(f'error: --{flag} takes 1 or 2 values, got {getattr(args, flag)}', file=sys.stderr)
       return 2
   try:
-    spec = PrepSpec(modality=args.modality,
-                    spacing_mm=tuple(args.spacing * (3 - len(args.spacing)))[:2],
-                    size=tuple(args.size * (3 - len(args.size)))[:2],
-                    ct_window_hu=tuple(args.ct_window), mri_percentiles=tuple(args.mri_percentiles),
-                    label_map=_parse_label_map(args.label_map), interpolation=args.interpolation)
+    spec = PrepSpec(
+      modality=args.modality,
+      spacing_mm=tuple(args.spacing * (3 - len(args.spacing)))[:2],
+      size=tuple(args.size * (3 - len(args.size)))[:2],
+      ct_window_hu=tuple(args.ct_window),
+      mri_percentiles=tuple(args.mri_percentiles),
+      label_map=_parse_label_map(args.label_map),
+      interpolation=args.interpolation,
+    )
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)
     return 2
   try:
-    summary = prepare_dataset(args.dataset, args.out, spec, skip_bad=args.skip_bad,
-                              val_fraction=args.val_fraction, seed=args.seed,
-                              overwrite=args.overwrite, progress=not args.no_progress,
-                              spacing_range_mm=tuple(args.spacing_range))
+    summary = prepare_dataset(
+      args.dataset,
+      args.out,
+      spec,
+      skip_bad=args.skip_bad,
+      val_fraction=args.val_fraction,
+      seed=args.seed,
+      overwrite=args.overwrite,
+      progress=not args.no_progress,
+      spacing_range_mm=tuple(args.spacing_range),
+    )
   except (DataError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)
     return 1
   print(format_summary(summary))
   if args.tfds:
     from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+
     for name, builder in tfds_builder.build(args.out).items():
-      print(f"TFDS {name}: {builder.data_dir}")
+      print(f'TFDS {name}: {builder.data_dir}')
   return 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   sys.exit(main())

@@ -19,6 +19,7 @@ Reading back without this module: `tfds.builder_from_directory(path).as_data_sou
 The training pipeline (`cmedl_jax/input_pipeline.py`) reads the prepared .npy arrays directly
 (memory-mapped, faster on few cores); both hold the same values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,22 +32,23 @@ import tensorflow_datasets as tfds
 
 from data_prep import manifest as manifest_lib
 
-BUILDER_VERSION = "1.0.0"
+BUILDER_VERSION = '1.0.0'
 
 
 class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base: reads the manifest of `prepared_dir` (also the manual dir)."""
 
   VERSION = tfds.core.Version(BUILDER_VERSION)
-  RELEASE_NOTES = {BUILDER_VERSION: "Slices / volumes of a data_prep.prepare folder."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Prepare the NIfTI dataset with `python -m data_prep.prepare` "
-                                  "and pass the prepared folder as manual_dir.")
+  RELEASE_NOTES = {BUILDER_VERSION: 'Slices / volumes of a data_prep.prepare folder.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    'Prepare the NIfTI dataset with `python -m data_prep.prepare` '
+    'and pass the prepared folder as manual_dir.'
+  )
   DESCRIPTION = ''  # Subclasses: with {} for the dataset's name.
 
   def __init__(self, *, prepared_dir=None, **kwargs):
     self._prepared_dir = os.fspath(prepared_dir) if prepared_dir is not None else None
-    self._manifest = (manifest_lib.read_manifest(prepared_dir) if prepared_dir is not None
-                      else None)
+    self._manifest = manifest_lib.read_manifest(prepared_dir) if prepared_dir is not None else None
     super().__init__(**kwargs)
 
   def _features(self, h: int, w: int) -> dict:
@@ -55,22 +57,24 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     if self._manifest is None:
-      raise ValueError("construct with prepared_dir=... to build; to read an existing build use "
-                       "tfds.builder_from_directory")
+      raise ValueError(
+        'construct with prepared_dir=... to build; to read an existing build use '
+        'tfds.builder_from_directory'
+      )
     return self.dataset_info_from_configs(
-        description=self.DESCRIPTION.format(self._manifest['dataset']['name']),
-        features=tfds.features.FeaturesDict(self._features(*self._manifest['size'])),
-        disable_shuffling=True,  # example i of a split = row i of the prepared arrays
-        metadata=tfds.core.MetadataDict(prepared=_metadata(self._manifest)))
+      description=self.DESCRIPTION.format(self._manifest['dataset']['name']),
+      features=tfds.features.FeaturesDict(self._features(*self._manifest['size'])),
+      disable_shuffling=True,  # example i of a split = row i of the prepared arrays
+      metadata=tfds.core.MetadataDict(prepared=_metadata(self._manifest)),
+    )
 
   def _splits(self, splits):
-    return {s: self._generate_examples(split=s) for s in splits
-            if self._manifest["splits"].get(s)}
+    return {s: self._generate_examples(split=s) for s in splits if self._manifest['splits'].get(s)}
 
   def _split_arrays(self, split):
     d = os.path.join(self._prepared_dir, split)
-    load = lambda name: np.load(os.path.join(d, name), mmap_mode="r")
-    return load("images.npy"), load("labels.npy")
+    load = lambda name: np.load(os.path.join(d, name), mmap_mode='r')
+    return load('images.npy'), load('labels.npy')
 
 
 class PreparedSlices(_PreparedBuilder, skip_registration=True):
@@ -80,12 +84,12 @@ class PreparedSlices(_PreparedBuilder, skip_registration=True):
 
   def _features(self, h, w):
     return {
-        'image': tfds.features.Tensor(shape=(h, w), dtype=np.float32),
-        'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
-        'case_id': tfds.features.Text(),
-        'slice_index': tfds.features.Scalar(dtype=np.int32),
-        'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
-        'has_foreground': tfds.features.Scalar(dtype=np.bool_),
+      'image': tfds.features.Tensor(shape=(h, w), dtype=np.float32),
+      'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
+      'case_id': tfds.features.Text(),
+      'slice_index': tfds.features.Scalar(dtype=np.int32),
+      'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+      'has_foreground': tfds.features.Scalar(dtype=np.bool_),
     }
 
   def _split_generators(self, dl_manager):
@@ -94,14 +98,20 @@ class PreparedSlices(_PreparedBuilder, skip_registration=True):
 
   def _generate_examples(self, split):
     images, labels = self._split_arrays(split)
-    for case in self._manifest["splits"][split]:
-      for z in range(case["num_slices"]):
-        g = case["offset"] + z
-        yield f"{case['case_id']}/{z:04d}", {
-            "image": np.asarray(images[g]), "label": np.asarray(labels[g]),
-            "case_id": case["case_id"], "slice_index": z,
-            "spacing_mm": np.asarray(case["spacing_mm"], np.float32),
-            "has_foreground": bool(labels[g].any())}
+    for case in self._manifest['splits'][split]:
+      for z in range(case['num_slices']):
+        g = case['offset'] + z
+        yield (
+          f'{case["case_id"]}/{z:04d}',
+          {
+            'image': np.asarray(images[g]),
+            'label': np.asarray(labels[g]),
+            'case_id': case['case_id'],
+            'slice_index': z,
+            'spacing_mm': np.asarray(case['spacing_mm'], np.float32),
+            'has_foreground': bool(labels[g].any()),
+          },
+        )
 
 
 class PreparedVolumes(_PreparedBuilder, skip_registration=True):
@@ -111,45 +121,56 @@ class PreparedVolumes(_PreparedBuilder, skip_registration=True):
 
   def _features(self, h, w):
     return {
-        'image': tfds.features.Tensor(shape=(None, h, w), dtype=np.float32),
-        'label': tfds.features.Tensor(shape=(None, h, w), dtype=np.uint8),
-        'case_id': tfds.features.Text(),
-        'has_label': tfds.features.Scalar(dtype=np.bool_),
-        'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
-        'geometry': tfds.features.Text(),
+      'image': tfds.features.Tensor(shape=(None, h, w), dtype=np.float32),
+      'label': tfds.features.Tensor(shape=(None, h, w), dtype=np.uint8),
+      'case_id': tfds.features.Text(),
+      'has_label': tfds.features.Scalar(dtype=np.bool_),
+      'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+      'geometry': tfds.features.Text(),
     }
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return self._splits(("validation", "test"))
+    return self._splits(('validation', 'test'))
 
   def _generate_examples(self, split):
     images, labels = self._split_arrays(split)
-    for case in self._manifest["splits"][split]:
-      lo, hi = case["offset"], case["offset"] + case["num_slices"]
-      yield case["case_id"], {
-          "image": np.asarray(images[lo:hi]), "label": np.asarray(labels[lo:hi]),
-          "case_id": case["case_id"], "has_label": bool(case["has_label"]),
-          "spacing_mm": np.asarray(case["spacing_mm"], np.float32),
-          "geometry": json.dumps(case["geometry"])}
+    for case in self._manifest['splits'][split]:
+      lo, hi = case['offset'], case['offset'] + case['num_slices']
+      yield (
+        case['case_id'],
+        {
+          'image': np.asarray(images[lo:hi]),
+          'label': np.asarray(labels[lo:hi]),
+          'case_id': case['case_id'],
+          'has_label': bool(case['has_label']),
+          'spacing_mm': np.asarray(case['spacing_mm'], np.float32),
+          'geometry': json.dumps(case['geometry']),
+        },
+      )
 
 
 def _metadata(manifest):
-  return {"spec": manifest["spec"], "num_classes": manifest["num_classes"],
-          "class_names": manifest["class_names"], "dataset": manifest["dataset"]["name"]}
+  return {
+    'spec': manifest['spec'],
+    'num_classes': manifest['num_classes'],
+    'class_names': manifest['class_names'],
+    'dataset': manifest['dataset']['name'],
+  }
 
 
-def build(prepared_dir, data_dir=None, file_format="array_record", volumes=True) -> dict:
+def build(prepared_dir, data_dir=None, file_format='array_record', volumes=True) -> dict:
   """Builds the TFDS datasets of a prepared folder offline. Returns {name: builder}."""
   prepared_dir = os.fspath(prepared_dir)
-  data_dir = data_dir or os.path.join(prepared_dir, "tfds")
+  data_dir = data_dir or os.path.join(prepared_dir, 'tfds')
   config = tfds.download.DownloadConfig(manual_dir=prepared_dir, try_download_gcs=False)
   builders = {}
   classes = [PreparedSlices] + ([PreparedVolumes] if volumes else [])
   manifest = manifest_lib.read_manifest(prepared_dir)
   for cls in classes:
-    if cls is PreparedVolumes and not (manifest["splits"]["validation"]
-                                       or manifest["splits"]["test"]):
+    if cls is PreparedVolumes and not (
+      manifest['splits']['validation'] or manifest['splits']['test']
+    ):
       continue
     builder = cls(prepared_dir=prepared_dir, data_dir=data_dir, file_format=file_format)
     builder.download_and_prepare(download_config=config)
@@ -158,19 +179,24 @@ def build(prepared_dir, data_dir=None, file_format="array_record", volumes=True)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m data_prep.tfds_builder",
-                              description="Builds TFDS datasets from a prepared folder.")
-  p.add_argument("--prepared", required=True)
-  p.add_argument("--data-dir", default=None, help="default: PREPARED/tfds")
-  p.add_argument("--file-format", default="array_record", choices=("array_record", "tfrecord"))
+  p = argparse.ArgumentParser(
+    prog='python -m data_prep.tfds_builder',
+    description='Builds TFDS datasets from a prepared folder.',
+  )
+  p.add_argument('--prepared', required=True)
+  p.add_argument('--data-dir', default=None, help='default: PREPARED/tfds')
+  p.add_argument('--file-format', default='array_record', choices=('array_record', 'tfrecord'))
   args = p.parse_args(argv)
   # Builders must live in an importable package module, not __main__ (TFDS looks them up).
   from data_prep import tfds_builder as module  # pylint: disable=g-import-not-at-top,import-self
+
   for name, b in module.build(args.prepared, args.data_dir, args.file_format).items():
-    print(f"{name}: {b.data_dir}  " + ", ".join(
-        f"{s}={v.num_examples}" for s, v in b.info.splits.items()))
+    print(
+      f'{name}: {b.data_dir}  '
+      + ', '.join(f'{s}={v.num_examples}' for s, v in b.info.splits.items())
+    )
   return 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   sys.exit(main())

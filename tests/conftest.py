@@ -12,6 +12,7 @@
   and by the subprocesses the tests start, so one network compiled in one test is loaded, not
   compiled again, by the next test or process that builds the same program.
 """
+
 import atexit
 import os
 import shutil
@@ -48,6 +49,7 @@ def tiny_data(tmp_path_factory):
   prepared at 32x32 (12 mm). Returns the root (tests/tiny_runs.py layout)."""
   from cmedl_jax import train  # pylint: disable=g-import-not-at-top
   import tiny_runs  # pylint: disable=g-import-not-at-top
+
   root = tmp_path_factory.mktemp('tiny_data')
   tiny_runs.write_phantoms(root, n=5, seed=0, slices=6)
   train.prepare_data(tiny_runs.small_config(root))
@@ -61,6 +63,7 @@ def tiny_run(tiny_data, tmp_path_factory):
   session. Returns (data root, workdir)."""
   from cmedl_jax import train  # pylint: disable=g-import-not-at-top
   import tiny_runs  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path_factory.mktemp('tiny_run') / 'run'
   train.train_and_evaluate(tiny_runs.small_config(tiny_data, keep_checkpoints=2), str(workdir))
   return tiny_data, workdir

@@ -9,8 +9,9 @@ from cmedl_jax import curves
 def test_curves_read_what_the_trainer_writes(tmp_path):
   writer = metric_writers.SummaryWriter(str(tmp_path))
   for step in (10, 20, 30):
-    writer.write_scalars(step, {'loss/student_seg': 1.0 / step, 'val_dsc': step / 100,
-                                'perf/steps_per_sec': 2.0})
+    writer.write_scalars(
+      step, {'loss/student_seg': 1.0 / step, 'val_dsc': step / 100, 'perf/steps_per_sec': 2.0}
+    )
   writer.write_images(30, {'source': np.zeros((1, 4, 4, 1), np.float32)})
   writer.write_scalars(20, {'loss/student_seg': 7.0})  # A resumed run rewrites step 20.
   writer.flush()

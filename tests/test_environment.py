@@ -23,7 +23,7 @@ def test_a_run_records_its_environment_and_a_resume_elsewhere_warns(tmp_path, ca
   (tmp_path / 'environment.json').write_text(json.dumps(saved))
   with caplog.at_level('WARNING'):
     changes = environment.record(str(tmp_path))
-  assert changes == ["devices.count: 1 -> 8", f"packages.jax: '0.0.1' -> '{jax.__version__}'"]
+  assert changes == ['devices.count: 1 -> 8', f"packages.jax: '0.0.1' -> '{jax.__version__}'"]
   assert 'another environment' in caplog.text and 'packages.jax' in caplog.text
   history = json.loads((tmp_path / 'environment.json').read_text())['history']
   assert len(history) == 2 and history[-1]['packages']['jax'] == jax.__version__

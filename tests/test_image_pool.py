@@ -1,4 +1,5 @@
 """Tests of cmedl_jax.image_pool against CycleGAN's ImagePool semantics, replayed in numpy."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

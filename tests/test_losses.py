@@ -1,4 +1,5 @@
 """Tests of cmedl_jax.losses and cmedl_jax.models.adapters against NumPy formulas and closed forms."""
+
 import math
 
 import jax
@@ -17,10 +18,12 @@ def _jit(fn, *args, **kwargs):
   taps, kind, ...) and all keyword arguments are closed over as constants.
   """
   traced = [isinstance(a, (np.ndarray, jax.Array, dict)) for a in args]
+
   def call(*dynamic):
     it = iter(dynamic)
     full = [next(it) if t else a for a, t in zip(args, traced)]
     return fn(*full, **kwargs)
+
   return jax.jit(call)(*[a for a, t in zip(args, traced) if t])
 
 
@@ -52,11 +55,13 @@ def test_lsgan_losses_match_numpy():
   r = _rng(1)
   d_real = r.normal(size=(2, 30, 30, 1)).astype(np.float32)
   d_fake = r.normal(size=(2, 30, 30, 1)).astype(np.float32)
-  np.testing.assert_allclose(_jit(losses.lsgan_generator_loss, d_fake), np.mean((d_fake - 1) ** 2),
-                             rtol=1e-6)
-  expected_d = 0.5 * (np.mean((d_real - 1) ** 2) + np.mean(d_fake ** 2))
-  np.testing.assert_allclose(_jit(losses.lsgan_discriminator_loss, d_real, d_fake), expected_d,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    _jit(losses.lsgan_generator_loss, d_fake), np.mean((d_fake - 1) ** 2), rtol=1e-6
+  )
+  expected_d = 0.5 * (np.mean((d_real - 1) ** 2) + np.mean(d_fake**2))
+  np.testing.assert_allclose(
+    _jit(losses.lsgan_discriminator_loss, d_real, d_fake), expected_d, rtol=1e-6
+  )
   # Closed forms: a perfect discriminator and a perfectly fooled one.
   assert float(_jit(losses.lsgan_discriminator_loss, jnp.ones(4), jnp.zeros(4))) == 0.0
   assert float(_jit(losses.lsgan_generator_loss, jnp.ones(4))) == 0.0
@@ -100,8 +105,9 @@ def test_patch_nce_matches_numpy_rederivation():
   q = _unit(r.normal(size=(2, 7, 16))).astype(np.float32)
   k = _unit(r.normal(size=(2, 7, 16))).astype(np.float32)
   for tau in (0.07, 0.5):
-    np.testing.assert_allclose(_jit(losses.patch_nce_loss, q, k, tau), _np_patch_nce(q, k, tau),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      _jit(losses.patch_nce_loss, q, k, tau), _np_patch_nce(q, k, tau), rtol=1e-5
+    )
 
 
 def test_patch_nce_orthogonal_closed_form():
@@ -124,7 +130,7 @@ def test_patch_nce_gradients_and_key_detaching():
   assert float(jnp.abs(gk2).sum()) > 0
   zeros = jnp.zeros((1, 4, 8))
   assert _finite_tree(_jgrad(losses.patch_nce_loss)(zeros, zeros))
-  with pytest.raises(ValueError, match="patch_nce_loss"):
+  with pytest.raises(ValueError, match='patch_nce_loss'):
     _jit(losses.patch_nce_loss, q, k[:, :3])
 
 
@@ -137,12 +143,21 @@ def test_patch_features_match_numpy():
   ps, st = 3, 2
   out = np.asarray(losses.patch_features(x, ps, st))
   lh, lw = (9 - ps) // st + 1, (11 - ps) // st + 1
-  expected = np.stack([
-      np.stack([x[n, i * st:i * st + ps, j * st:j * st + ps, :].transpose(2, 0, 1).reshape(-1)
-                for i in range(lh) for j in range(lw)]) for n in range(2)])
+  expected = np.stack(
+    [
+      np.stack(
+        [
+          x[n, i * st : i * st + ps, j * st : j * st + ps, :].transpose(2, 0, 1).reshape(-1)
+          for i in range(lh)
+          for j in range(lw)
+        ]
+      )
+      for n in range(2)
+    ]
+  )
   assert out.shape == (2, lh * lw, ps * ps * 2)
   np.testing.assert_allclose(out, expected, rtol=0, atol=0)
-  with pytest.raises(ValueError, match="smaller than patch_size"):
+  with pytest.raises(ValueError, match='smaller than patch_size'):
     losses.patch_features(x[:, :2], 5, 2)
 
 
@@ -187,7 +202,9 @@ def test_contextual_loss_identity_is_minimal_and_rises_for_other_images():
   assert float(_jit(losses.contextual_loss, other, x)) > same + 0.1
   # Translating x rigidly by one pattern row keeps most patches: a smaller loss than noise.
   shifted = np.roll(x, 2, axis=1)
-  assert float(_jit(losses.contextual_loss, shifted, x)) < float(_jit(losses.contextual_loss, other, x))
+  assert float(_jit(losses.contextual_loss, shifted, x)) < float(
+    _jit(losses.contextual_loss, other, x)
+  )
 
 
 def test_contextual_loss_subsampling_and_feature_fn():
@@ -209,10 +226,13 @@ def test_contextual_loss_subsampling_and_feature_fn():
   idx = losses.subsample_indices(100, 30)
   assert len(np.unique(idx)) == 30 and idx[0] == 0 and idx[-1] == 99
   assert losses.subsample_indices(100, 200) is None
+
   # A feature function returning a [N, h, w, C] map: per-pixel intensities + gradients.
   def grad_feats(img):
-    return jnp.concatenate([img[:, 1:, 1:], img[:, 1:, 1:] - img[:, :-1, 1:],
-                            img[:, 1:, 1:] - img[:, 1:, :-1]], axis=-1)
+    return jnp.concatenate(
+      [img[:, 1:, 1:], img[:, 1:, 1:] - img[:, :-1, 1:], img[:, 1:, 1:] - img[:, 1:, :-1]], axis=-1
+    )
+
   fx = np.asarray(grad_feats(x)).reshape(1, -1, 3)
   fy = np.asarray(grad_feats(y)).reshape(1, -1, 3)
   got = _jit(losses.contextual_loss, x, y, feature_fn=grad_feats, max_points=None)
@@ -223,8 +243,12 @@ def test_contextual_loss_gradients_finite():
   r = _rng(9)
   x = jnp.asarray(r.normal(size=(1, 12, 12, 1)), jnp.float32)
   value_and_grad = _jvgrad(losses.contextual_loss, argnums=(0, 1))
-  for a, b in ((x, x), (x, jnp.zeros_like(x)), (jnp.zeros_like(x), jnp.zeros_like(x)),
-               (x, x[:, ::-1])):
+  for a, b in (
+    (x, x),
+    (x, jnp.zeros_like(x)),
+    (jnp.zeros_like(x), jnp.zeros_like(x)),
+    (x, x[:, ::-1]),
+  ):
     val, g = value_and_grad(a, b)
     assert np.isfinite(float(val)) and _finite_tree(g)
 
@@ -241,29 +265,38 @@ def _np_seg(logits, labels, k, mask, include_bg, smooth):
   ce = (ce_pix * w).sum() / w.sum()
   p = np.exp(logp) * w[..., None]
   g = onehot * w[..., None]
-  dices = [(2 * (p[..., c] * g[..., c]).sum() + smooth) /
-           (p[..., c].sum() + g[..., c].sum() + smooth)
-           for c in range(0 if include_bg else 1, k)]
+  dices = [
+    (2 * (p[..., c] * g[..., c]).sum() + smooth) / (p[..., c].sum() + g[..., c].sum() + smooth)
+    for c in range(0 if include_bg else 1, k)
+  ]
   return ce, 1 - np.mean(dices)
 
 
-@pytest.mark.parametrize("include_bg", [False, True])
+@pytest.mark.parametrize('include_bg', [False, True])
 def test_segmentation_loss_matches_numpy(include_bg):
   r = _rng(10)
   k = 4
   logits = r.normal(size=(3, 6, 5, k)).astype(np.float32) * 2
   labels = r.integers(0, k, size=(3, 6, 5))
   mask = np.array([1.0, 0.0, 0.5], np.float32)
-  total, parts = _jit(losses.segmentation_loss, logits, labels, k, ce_weight=0.7, dice_weight=1.3,
-                                          mask=mask, include_background=include_bg)
+  total, parts = _jit(
+    losses.segmentation_loss,
+    logits,
+    labels,
+    k,
+    ce_weight=0.7,
+    dice_weight=1.3,
+    mask=mask,
+    include_background=include_bg,
+  )
   ce, dice = _np_seg(logits, labels, k, mask, include_bg, 1.0)
-  np.testing.assert_allclose(parts["ce"], ce, rtol=1e-5)
-  np.testing.assert_allclose(parts["dice"], dice, rtol=1e-5)
+  np.testing.assert_allclose(parts['ce'], ce, rtol=1e-5)
+  np.testing.assert_allclose(parts['dice'], dice, rtol=1e-5)
   np.testing.assert_allclose(total, 0.7 * ce + 1.3 * dice, rtol=1e-5)
   # No mask = all ones; smooth is configurable.
   _, parts = _jit(losses.segmentation_loss, logits, labels, k, smooth=1e-5)
   ce, dice = _np_seg(logits, labels, k, np.ones(3), False, 1e-5)
-  np.testing.assert_allclose([parts["ce"], parts["dice"]], [ce, dice], rtol=1e-5)
+  np.testing.assert_allclose([parts['ce'], parts['dice']], [ce, dice], rtol=1e-5)
 
 
 def test_segmentation_loss_closed_forms():
@@ -271,11 +304,11 @@ def test_segmentation_loss_closed_forms():
   labels = jnp.asarray(_rng(11).integers(0, k, size=(2, 8, 8)))
   # Uniform logits: CE = log K exactly.
   _, parts = _jit(losses.segmentation_loss, jnp.zeros((2, 8, 8, k)), labels, k)
-  np.testing.assert_allclose(parts["ce"], math.log(k), rtol=1e-6)
+  np.testing.assert_allclose(parts['ce'], math.log(k), rtol=1e-6)
   # Perfect, confident prediction: CE ~ 0 and Dice loss ~ 0.
   perfect = 30.0 * jax.nn.one_hot(labels, k)
   total, parts = _jit(losses.segmentation_loss, perfect, labels, k)
-  assert float(parts["ce"]) < 1e-6 and float(parts["dice"]) < 1e-6 and float(total) < 1e-5
+  assert float(parts['ce']) < 1e-6 and float(parts['dice']) < 1e-6 and float(total) < 1e-5
   # All examples masked out: both terms 0, gradients finite.
   fn = lambda lg: _jit(losses.segmentation_loss, lg, labels, k, mask=jnp.zeros(2))[0]
   assert float(fn(perfect)) == 0.0 and _finite_tree(_jgrad(fn)(perfect))
@@ -286,13 +319,14 @@ def test_segmentation_loss_empty_class_and_bf16():
   labels = jnp.zeros((2, 8, 8), jnp.int32).at[:, 2:4, 2:4].set(1)  # class 2 absent
   logits = jnp.asarray(_rng(12).normal(size=(2, 8, 8, k)), jnp.bfloat16)
   (total, parts), g = _jvgrad(
-      lambda lg: _jit(losses.segmentation_loss, lg, labels, k), has_aux=True)(logits)
+    lambda lg: _jit(losses.segmentation_loss, lg, labels, k), has_aux=True
+  )(logits)
   assert total.dtype == jnp.float32 and np.isfinite(float(total)) and _finite_tree(g)
   ce, dice = _np_seg(np.asarray(logits, np.float32), np.asarray(labels), k, np.ones(2), False, 1.0)
-  np.testing.assert_allclose([parts["ce"], parts["dice"]], [ce, dice], rtol=1e-4)
-  with pytest.raises(ValueError, match="num_classes"):
+  np.testing.assert_allclose([parts['ce'], parts['dice']], [ce, dice], rtol=1e-4)
+  with pytest.raises(ValueError, match='num_classes'):
     _jit(losses.segmentation_loss, logits, labels, 4)
-  with pytest.raises(ValueError, match="labels shape"):
+  with pytest.raises(ValueError, match='labels shape'):
     _jit(losses.segmentation_loss, logits, labels[:, :4], k)
 
 
@@ -302,27 +336,31 @@ def test_segmentation_loss_empty_class_and_bf16():
 def _np_hint(s, t, kind):
   s = s.astype(np.float64)
   t = t.astype(np.float64)
-  if kind == "l2":
+  if kind == 'l2':
     return np.mean((s - t) ** 2)
-  if kind == "l1":
+  if kind == 'l1':
     return np.mean(np.abs(s - t))
   cos = (s * t).sum(-1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1))
   return np.mean(1 - cos)
 
 
-@pytest.mark.parametrize("kind", ["l2", "l1", "cosine"])
+@pytest.mark.parametrize('kind', ['l2', 'l1', 'cosine'])
 def test_hint_loss_matches_numpy(kind):
   r = _rng(13)
-  s = {"dec3": r.normal(size=(2, 8, 8, 4)).astype(np.float32),
-       "dec4": r.normal(size=(2, 16, 16, 2)).astype(np.float32)}
-  t = {"dec3": r.normal(size=(2, 8, 8, 4)).astype(np.float32),
-       "dec4": r.normal(size=(2, 16, 16, 2)).astype(np.float32)}
-  total, per_tap = _jit(losses.hint_loss, s, t, ["dec3", "dec4"], kind=kind)
-  for tap in ("dec3", "dec4"):
+  s = {
+    'dec3': r.normal(size=(2, 8, 8, 4)).astype(np.float32),
+    'dec4': r.normal(size=(2, 16, 16, 2)).astype(np.float32),
+  }
+  t = {
+    'dec3': r.normal(size=(2, 8, 8, 4)).astype(np.float32),
+    'dec4': r.normal(size=(2, 16, 16, 2)).astype(np.float32),
+  }
+  total, per_tap = _jit(losses.hint_loss, s, t, ['dec3', 'dec4'], kind=kind)
+  for tap in ('dec3', 'dec4'):
     np.testing.assert_allclose(per_tap[tap], _np_hint(s[tap], t[tap], kind), rtol=1e-5)
-  np.testing.assert_allclose(total, 0.5 * (per_tap["dec3"] + per_tap["dec4"]), rtol=1e-6)
-  total1, per_tap1 = _jit(losses.hint_loss, s, t, ["dec4"], kind=kind)
-  assert list(per_tap1) == ["dec4"] and float(total1) == float(per_tap["dec4"])
+  np.testing.assert_allclose(total, 0.5 * (per_tap['dec3'] + per_tap['dec4']), rtol=1e-6)
+  total1, per_tap1 = _jit(losses.hint_loss, s, t, ['dec4'], kind=kind)
+  assert list(per_tap1) == ['dec4'] and float(total1) == float(per_tap['dec4'])
 
 
 def test_hint_loss_resizes_teacher_and_uses_adapter_outputs():
@@ -330,38 +368,38 @@ def test_hint_loss_resizes_teacher_and_uses_adapter_outputs():
   # constants, so the loss is the closed form mean over channels of (s_c - t_c)^2.
   t_vals = np.array([1.0, -2.0, 0.5], np.float32)
   s_vals = np.array([0.0, -1.0, 2.5], np.float32)
-  teacher = {"a": np.broadcast_to(t_vals, (2, 4, 4, 3))}
-  student = {"a": np.broadcast_to(s_vals, (2, 8, 8, 3))}
-  _, per_tap = _jit(losses.hint_loss, student, teacher, ["a"])
-  np.testing.assert_allclose(per_tap["a"], np.mean((s_vals - t_vals) ** 2), rtol=1e-6)
+  teacher = {'a': np.broadcast_to(t_vals, (2, 4, 4, 3))}
+  student = {'a': np.broadcast_to(s_vals, (2, 8, 8, 3))}
+  _, per_tap = _jit(losses.hint_loss, student, teacher, ['a'])
+  np.testing.assert_allclose(per_tap['a'], np.mean((s_vals - t_vals) ** 2), rtol=1e-6)
   # Downsampling the teacher works too (antialiased).
-  teacher_big = {"a": np.broadcast_to(t_vals, (2, 16, 16, 3))}
-  _, per_tap = _jit(losses.hint_loss, student, teacher_big, ["a"], kind="l1")
-  np.testing.assert_allclose(per_tap["a"], np.mean(np.abs(s_vals - t_vals)), rtol=1e-6)
+  teacher_big = {'a': np.broadcast_to(t_vals, (2, 16, 16, 3))}
+  _, per_tap = _jit(losses.hint_loss, student, teacher_big, ['a'], kind='l1')
+  np.testing.assert_allclose(per_tap['a'], np.mean(np.abs(s_vals - t_vals)), rtol=1e-6)
   # adapters_out replaces the student features of its taps; width mismatch is an error.
-  narrow = {"a": np.ones((2, 8, 8, 2), np.float32)}
-  with pytest.raises(ValueError, match="HintAdapters"):
-    _jit(losses.hint_loss, narrow, teacher, ["a"])
-  _, per_tap = _jit(losses.hint_loss, narrow, teacher, ["a"], adapters_out=student)
-  np.testing.assert_allclose(per_tap["a"], np.mean((s_vals - t_vals) ** 2), rtol=1e-6)
+  narrow = {'a': np.ones((2, 8, 8, 2), np.float32)}
+  with pytest.raises(ValueError, match='HintAdapters'):
+    _jit(losses.hint_loss, narrow, teacher, ['a'])
+  _, per_tap = _jit(losses.hint_loss, narrow, teacher, ['a'], adapters_out=student)
+  np.testing.assert_allclose(per_tap['a'], np.mean((s_vals - t_vals) ** 2), rtol=1e-6)
   with pytest.raises(KeyError, match="'b'"):
-    _jit(losses.hint_loss, student, teacher, ["b"])
-  with pytest.raises(ValueError, match="kind"):
-    _jit(losses.hint_loss, student, teacher, ["a"], kind="l3")
+    _jit(losses.hint_loss, student, teacher, ['b'])
+  with pytest.raises(ValueError, match='kind'):
+    _jit(losses.hint_loss, student, teacher, ['a'], kind='l3')
 
 
-@pytest.mark.parametrize("kind", ["l2", "l1", "cosine"])
+@pytest.mark.parametrize('kind', ['l2', 'l1', 'cosine'])
 def test_hint_loss_gradients_finite_at_edge_cases(kind):
   r = _rng(14)
   f = jnp.asarray(r.normal(size=(1, 4, 4, 3)), jnp.float32)
   z = jnp.zeros((1, 4, 4, 3))
-  fn = lambda s_, t_: losses.hint_loss({"x": s_}, {"x": t_}, ["x"], kind=kind)[0]
+  fn = lambda s_, t_: losses.hint_loss({'x': s_}, {'x': t_}, ['x'], kind=kind)[0]
   value_and_grad = _jvgrad(fn, argnums=(0, 1))
   for s, t in ((f, f), (z, z), (z, f), (f, f[:, :2, :2])):
     val, g = value_and_grad(s, t)
     assert np.isfinite(float(val)) and _finite_tree(g)
-  if kind == "cosine":  # identical inputs: 1 - cos = 0
-    assert abs(float(_jit(losses.hint_loss, {"x": f}, {"x": f}, ["x"], kind=kind)[0])) < 1e-6
+  if kind == 'cosine':  # identical inputs: 1 - cos = 0
+    assert abs(float(_jit(losses.hint_loss, {'x': f}, {'x': f}, ['x'], kind=kind)[0])) < 1e-6
 
 
 # --------------------------------------------------------------------------- KL
@@ -374,7 +412,7 @@ def test_kl_distillation_matches_numpy_and_is_zero_for_equal_logits():
   temp = 2.0
   lps = _np_log_softmax(s.astype(np.float64) / temp)
   lpt = _np_log_softmax(t.astype(np.float64) / temp)
-  expected = temp ** 2 * np.mean((np.exp(lpt) * (lpt - lps)).sum(-1))
+  expected = temp**2 * np.mean((np.exp(lpt) * (lpt - lps)).sum(-1))
   np.testing.assert_allclose(_jit(losses.kl_distillation_loss, s, t, temp), expected, rtol=1e-5)
   assert abs(float(_jit(losses.kl_distillation_loss, t, t))) < 1e-6
   g = _jgrad(losses.kl_distillation_loss, argnums=(0, 1))(jnp.asarray(t), jnp.asarray(t))
@@ -390,31 +428,35 @@ def test_kl_distillation_matches_numpy_and_is_zero_for_equal_logits():
 
 def test_hint_adapters_project_only_mismatched_widths():
   r = _rng(16)
-  feats = {"dec3": jnp.asarray(r.normal(size=(2, 4, 4, 8)), jnp.float32),
-           "dec4": jnp.asarray(r.normal(size=(2, 8, 8, 16)), jnp.float32),
-           "extra": jnp.ones((2, 2, 2, 5))}
-  module = HintAdapters(out_channels={"dec3": 12, "dec4": 16})
+  feats = {
+    'dec3': jnp.asarray(r.normal(size=(2, 4, 4, 8)), jnp.float32),
+    'dec4': jnp.asarray(r.normal(size=(2, 8, 8, 16)), jnp.float32),
+    'extra': jnp.ones((2, 2, 2, 5)),
+  }
+  module = HintAdapters(out_channels={'dec3': 12, 'dec4': 16})
   variables = module.init(jax.random.PRNGKey(0), feats)
-  params = variables["params"]
-  assert set(params) == {"adapter_dec3"}
-  kernel = params["adapter_dec3"]["kernel"]
-  bias = params["adapter_dec3"]["bias"]
+  params = variables['params']
+  assert set(params) == {'adapter_dec3'}
+  kernel = params['adapter_dec3']['kernel']
+  bias = params['adapter_dec3']['bias']
   assert kernel.shape == (1, 1, 8, 12) and kernel.dtype == jnp.float32
   out = module.apply(variables, feats)
-  assert out["dec3"].shape == (2, 4, 4, 12)
-  expected = np.asarray(feats["dec3"]) @ np.asarray(kernel[0, 0]) + np.asarray(bias)
-  np.testing.assert_allclose(out["dec3"], expected, rtol=1e-5, atol=1e-6)
-  assert out["dec4"] is feats["dec4"] and out["extra"] is feats["extra"]
+  assert out['dec3'].shape == (2, 4, 4, 12)
+  expected = np.asarray(feats['dec3']) @ np.asarray(kernel[0, 0]) + np.asarray(bias)
+  np.testing.assert_allclose(out['dec3'], expected, rtol=1e-5, atol=1e-6)
+  assert out['dec4'] is feats['dec4'] and out['extra'] is feats['extra']
   # bf16 inputs keep float32 params; the adapted features then feed the hint loss.
   bf = {k: v.astype(jnp.bfloat16) for k, v in feats.items()}
   variables_bf = module.init(jax.random.PRNGKey(0), bf)
   assert jax.tree_util.tree_leaves(variables_bf)[0].dtype == jnp.float32
-  teacher = {"dec3": jnp.zeros((2, 4, 4, 12)), "dec4": jnp.zeros((2, 8, 8, 16))}
+  teacher = {'dec3': jnp.zeros((2, 4, 4, 12)), 'dec4': jnp.zeros((2, 8, 8, 16))}
+
   def loss_fn(p):
-    adapted = module.apply({"params": p}, feats)
-    return _jit(losses.hint_loss, feats, teacher, ["dec3", "dec4"], adapters_out=adapted)[0]
+    adapted = module.apply({'params': p}, feats)
+    return _jit(losses.hint_loss, feats, teacher, ['dec3', 'dec4'], adapters_out=adapted)[0]
+
   g = _jgrad(loss_fn)(params)
-  assert _finite_tree(g) and float(jnp.abs(g["adapter_dec3"]["kernel"]).sum()) > 0
+  assert _finite_tree(g) and float(jnp.abs(g['adapter_dec3']['kernel']).sum()) > 0
 
 
 def test_all_losses_jit():
@@ -426,12 +468,16 @@ def test_all_losses_jit():
 
   @jax.jit
   def everything(x, logits, labels, q):
-    return (losses.lsgan_generator_loss(x), losses.lsgan_discriminator_loss(x, -x),
-            losses.l1_loss(x, -x), losses.patch_nce_loss(q, q[:, ::-1]),
-            losses.contextual_loss(x, -x, max_points=16),
-            losses.segmentation_loss(logits, labels, 3, mask=jnp.array([1.0, 0.0]))[0],
-            losses.hint_loss({"t": logits}, {"t": logits[:, ::2, ::2]}, ["t"], "cosine")[0],
-            losses.kl_distillation_loss(logits, -logits))
+    return (
+      losses.lsgan_generator_loss(x),
+      losses.lsgan_discriminator_loss(x, -x),
+      losses.l1_loss(x, -x),
+      losses.patch_nce_loss(q, q[:, ::-1]),
+      losses.contextual_loss(x, -x, max_points=16),
+      losses.segmentation_loss(logits, labels, 3, mask=jnp.array([1.0, 0.0]))[0],
+      losses.hint_loss({'t': logits}, {'t': logits[:, ::2, ::2]}, ['t'], 'cosine')[0],
+      losses.kl_distillation_loss(logits, -logits),
+    )
 
   outs = everything(x, logits, labels, q)
   assert all(o.shape == () and o.dtype == jnp.float32 and np.isfinite(float(o)) for o in outs)

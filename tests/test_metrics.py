@@ -1,4 +1,5 @@
 """Tests of cmedl_jax.evaluation.metrics: closed forms, scipy formulations, surface-distance."""
+
 import math
 import warnings
 
@@ -19,21 +20,22 @@ def box(shape, lo, hi):
 
 
 def sphere(shape, center_mm, radius_mm, spacing):
-  grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
-  return sum((g - c) ** 2 for g, c in zip(grid, center_mm)) <= radius_mm ** 2
+  grid = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing='ij')
+  return sum((g - c) ** 2 for g, c in zip(grid, center_mm)) <= radius_mm**2
 
 
 def random_blob(rng, shape, fraction=0.5, sigma=1.5):
   return ndimage.gaussian_filter(rng.random(shape), sigma) > np.quantile(
-      ndimage.gaussian_filter(rng.random(shape), sigma), fraction)
+    ndimage.gaussian_filter(rng.random(shape), sigma), fraction
+  )
 
 
 # --------------------------------------------------------------------------------------
 # Bounding box and cropping.
 
 
-@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int16, np.int32])
-@pytest.mark.parametrize("shape", [(7, 9), (5, 6, 7), (16, 8, 8)])
+@pytest.mark.parametrize('dtype', [bool, np.uint8, np.int16, np.int32])
+@pytest.mark.parametrize('shape', [(7, 9), (5, 6, 7), (16, 8, 8)])
 def test_bounding_box_matches_nonzero(dtype, shape):
   rng = np.random.default_rng(0)
   for _ in range(5):
@@ -62,8 +64,8 @@ def test_dice_shifted_boxes_and_empty():
   assert metrics.dice(ref, empty) == 0.0
 
 
-@pytest.mark.parametrize("convention", ["area", "voxel"])
-@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize('convention', ['area', 'voxel'])
+@pytest.mark.parametrize('axis', [0, 1, 2])
 def test_shifted_boxes_hausdorff_anisotropic(convention, axis):
   shape, lo, hi = (24, 24, 16), [4, 4, 3], [16, 14, 10]
   ref = box(shape, lo, hi)
@@ -79,7 +81,7 @@ def test_shifted_boxes_hausdorff_anisotropic(convention, axis):
   assert metrics.surface_dice(pred, ref, SPACING_3D, expected * 0.99, convention) < 1.0
 
 
-@pytest.mark.parametrize("convention", ["area", "voxel"])
+@pytest.mark.parametrize('convention', ['area', 'voxel'])
 def test_concentric_boxes_hausdorff_is_corner_distance(convention):
   margin = (1, 2, 1)
   inner = box((20, 20, 14), (5, 5, 4), (14, 13, 10))
@@ -92,7 +94,7 @@ def test_tolerance_compared_in_float64():
   # The distance 0.8 mm equals the tolerance; in float32 0.8 becomes 0.80000001 > 0.8.
   ref = box((12, 12, 6), (3, 3, 1), (8, 8, 4))
   pred = box((12, 12, 6), (4, 3, 1), (9, 8, 4))
-  for convention in ("area", "voxel"):
+  for convention in ('area', 'voxel'):
     sd = metrics.surface_distances(pred, ref, SPACING_3D, convention)
     assert sd.pred_to_ref.dtype == np.float64
     assert metrics.surface_dice_from(sd, 0.8) == 1.0
@@ -106,7 +108,7 @@ def test_concentric_spheres():
   center = (8.75, 8.75, 8.75)
   ref = sphere(shape, center, 5.0, spacing)
   pred = sphere(shape, center, 7.0, spacing)  # radii differ by 2 mm
-  for convention in ("area", "voxel"):
+  for convention in ('area', 'voxel'):
     hd95 = metrics.hausdorff(pred, ref, spacing, 95.0, convention)
     assert 1.5 <= hd95 <= 2.6
     assert 1.5 <= metrics.assd(pred, ref, spacing, convention) <= 2.5
@@ -114,10 +116,9 @@ def test_concentric_spheres():
     assert metrics.surface_dice(pred, ref, spacing, 1.0, convention) == 0.0
 
 
-@pytest.mark.parametrize("shape,spacing,offset", [
-    ((9, 11), (0.7, 1.9), (3, -2)),
-    ((9, 11, 7), SPACING_3D, (2, 1, -3)),
-])
+@pytest.mark.parametrize(
+  'shape,spacing,offset', [((9, 11), (0.7, 1.9), (3, -2)), ((9, 11, 7), SPACING_3D, (2, 1, -3))]
+)
 def test_single_voxels_voxel_convention(shape, spacing, offset):
   a = np.zeros(shape, bool)
   b = np.zeros(shape, bool)
@@ -125,25 +126,30 @@ def test_single_voxels_voxel_convention(shape, spacing, offset):
   a[center] = True
   b[tuple(c + o for c, o in zip(center, offset))] = True
   expected = math.sqrt(sum((o * s) ** 2 for o, s in zip(offset, spacing)))
-  assert metrics.hausdorff(a, b, spacing, 95.0, "voxel") == pytest.approx(expected)
-  assert metrics.assd(a, b, spacing, "voxel") == pytest.approx(expected)
+  assert metrics.hausdorff(a, b, spacing, 95.0, 'voxel') == pytest.approx(expected)
+  assert metrics.assd(a, b, spacing, 'voxel') == pytest.approx(expected)
   assert metrics.dice(a, b) == 0.0
 
 
-@pytest.mark.parametrize("convention", ["area", "voxel"])
-@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize('convention', ['area', 'voxel'])
+@pytest.mark.parametrize('ndim', [2, 3])
 def test_empty_mask_conventions(convention, ndim):
   shape = (10,) * ndim
   spacing = (1.0,) * ndim
   empty = np.zeros(shape, bool)
   full = box(shape, (2,) * ndim, (6,) * ndim)
   pair = metrics.evaluate_pair(empty, empty, spacing, 2.0, convention, convention)
-  assert (pair["dice"], pair["surface_dice"], pair["hd95"], pair["hd"], pair["assd"]) == (
-      1.0, 1.0, 0.0, 0.0, 0.0)
+  assert (pair['dice'], pair['surface_dice'], pair['hd95'], pair['hd'], pair['assd']) == (
+    1.0,
+    1.0,
+    0.0,
+    0.0,
+    0.0,
+  )
   for pred, ref in ((empty, full), (full, empty)):
     pair = metrics.evaluate_pair(pred, ref, spacing, 2.0, convention, convention)
-    assert pair["dice"] == 0.0 and pair["surface_dice"] == 0.0
-    assert pair["hd95"] == math.inf and pair["hd"] == math.inf and pair["assd"] == math.inf
+    assert pair['dice'] == 0.0 and pair['surface_dice'] == 0.0
+    assert pair['hd95'] == math.inf and pair['hd'] == math.inf and pair['assd'] == math.inf
     assert metrics.hausdorff(pred, ref, spacing, 95.0, convention) == math.inf
     assert metrics.surface_dice(pred, ref, spacing, 2.0, convention) == 0.0
 
@@ -152,9 +158,17 @@ def test_identical_masks():
   rng = np.random.default_rng(1)
   m = random_blob(rng, (12, 14, 10))
   pair = metrics.evaluate_pair(m, m, SPACING_3D, 0.0)
-  assert pair == pytest.approx({"dice": 1.0, "surface_dice": 1.0, "hd95": 0.0, "hd": 0.0,
-                                "assd": 0.0, "pred_volume_mm3": m.sum() * 1.6,
-                                "ref_volume_mm3": m.sum() * 1.6})
+  assert pair == pytest.approx(
+    {
+      'dice': 1.0,
+      'surface_dice': 1.0,
+      'hd95': 0.0,
+      'hd': 0.0,
+      'assd': 0.0,
+      'pred_volume_mm3': m.sum() * 1.6,
+      'ref_volume_mm3': m.sum() * 1.6,
+    }
+  )
 
 
 # --------------------------------------------------------------------------------------
@@ -162,7 +176,7 @@ def test_identical_masks():
 # release uses np.Inf, removed in NumPy 2, when a mask is empty).
 
 
-@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize('ndim', [2, 3])
 def test_area_convention_matches_surface_distance(ndim):
   rng = np.random.default_rng(ndim)
   checked = 0
@@ -174,25 +188,29 @@ def test_area_convention_matches_surface_distance(ndim):
     if trial % 3 == 0:  # masks touching the array border
       pred[0] = True
     with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
+      warnings.simplefilter('ignore')
       theirs = surface_distance.compute_surface_distances(ref, pred, spacing)
-    mine = metrics.surface_distances(pred, ref, spacing, "area")
-    np.testing.assert_allclose(mine.ref_to_pred, theirs["distances_gt_to_pred"], atol=1e-4)
-    np.testing.assert_allclose(mine.pred_to_ref, theirs["distances_pred_to_gt"], atol=1e-4)
-    np.testing.assert_allclose(mine.ref_weights, theirs["surfel_areas_gt"], atol=1e-4)
-    np.testing.assert_allclose(mine.pred_weights, theirs["surfel_areas_pred"], atol=1e-4)
+    mine = metrics.surface_distances(pred, ref, spacing, 'area')
+    np.testing.assert_allclose(mine.ref_to_pred, theirs['distances_gt_to_pred'], atol=1e-4)
+    np.testing.assert_allclose(mine.pred_to_ref, theirs['distances_pred_to_gt'], atol=1e-4)
+    np.testing.assert_allclose(mine.ref_weights, theirs['surfel_areas_gt'], atol=1e-4)
+    np.testing.assert_allclose(mine.pred_weights, theirs['surfel_areas_pred'], atol=1e-4)
     for tol in (0.0, 0.5, 1.0, 2.0, float(spacing[0])):
       assert metrics.surface_dice(pred, ref, spacing, tol) == pytest.approx(
-          surface_distance.compute_surface_dice_at_tolerance(theirs, tol), abs=1e-4)
+        surface_distance.compute_surface_dice_at_tolerance(theirs, tol), abs=1e-4
+      )
     for q in (50.0, 95.0, 100.0):
-      assert metrics.hausdorff(pred, ref, spacing, q, "area") == pytest.approx(
-          surface_distance.compute_robust_hausdorff(theirs, q), abs=1e-4)
+      assert metrics.hausdorff(pred, ref, spacing, q, 'area') == pytest.approx(
+        surface_distance.compute_robust_hausdorff(theirs, q), abs=1e-4
+      )
     d_rp, d_pr = surface_distance.compute_average_surface_distance(theirs)
-    a_r, a_p = theirs["surfel_areas_gt"].sum(), theirs["surfel_areas_pred"].sum()
-    assert metrics.assd(pred, ref, spacing, "area") == pytest.approx(
-        (d_rp * a_r + d_pr * a_p) / (a_r + a_p), abs=1e-4)
+    a_r, a_p = theirs['surfel_areas_gt'].sum(), theirs['surfel_areas_pred'].sum()
+    assert metrics.assd(pred, ref, spacing, 'area') == pytest.approx(
+      (d_rp * a_r + d_pr * a_p) / (a_r + a_p), abs=1e-4
+    )
     assert metrics.dice(pred, ref) == pytest.approx(
-        surface_distance.compute_dice_coefficient(ref, pred), abs=1e-12)
+      surface_distance.compute_dice_coefficient(ref, pred), abs=1e-12
+    )
     checked += 1
   assert checked == 12
 
@@ -209,15 +227,15 @@ def voxel_reference(pred, ref, spacing, tolerance):
   d_pr = ndimage.distance_transform_edt(~border_r, sampling=spacing)[border_p]
   d_rp = ndimage.distance_transform_edt(~border_p, sampling=spacing)[border_r]
   return {
-      "hd95": max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)),
-      "hd": max(d_pr.max(), d_rp.max()),
-      "assd": (d_pr.sum() + d_rp.sum()) / (d_pr.size + d_rp.size),
-      "surface_dice": (np.sum(d_pr <= tolerance) + np.sum(d_rp <= tolerance)) /
-                      (d_pr.size + d_rp.size),
+    'hd95': max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)),
+    'hd': max(d_pr.max(), d_rp.max()),
+    'assd': (d_pr.sum() + d_rp.sum()) / (d_pr.size + d_rp.size),
+    'surface_dice': (np.sum(d_pr <= tolerance) + np.sum(d_rp <= tolerance))
+    / (d_pr.size + d_rp.size),
   }
 
 
-@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize('ndim', [2, 3])
 def test_voxel_convention_matches_scipy_formulation(ndim):
   rng = np.random.default_rng(10 + ndim)
   for trial in range(10):
@@ -231,12 +249,14 @@ def test_voxel_convention_matches_scipy_formulation(ndim):
       continue
     tol = float(rng.uniform(0.5, 3.0))
     expected = voxel_reference(pred, ref, spacing, tol)
-    got = metrics.evaluate_pair(pred, ref, spacing, tol, surface_dice_convention="voxel",
-                                distance_convention="voxel")
+    got = metrics.evaluate_pair(
+      pred, ref, spacing, tol, surface_dice_convention='voxel', distance_convention='voxel'
+    )
     for key, value in expected.items():
       assert got[key] == pytest.approx(value, abs=1e-9), key
-    assert metrics.surface_dice(pred, ref, spacing, tol, "voxel") == pytest.approx(
-        expected["surface_dice"], abs=1e-12)
+    assert metrics.surface_dice(pred, ref, spacing, tol, 'voxel') == pytest.approx(
+      expected['surface_dice'], abs=1e-12
+    )
 
 
 def test_voxel_border_uses_face_connectivity():
@@ -244,7 +264,7 @@ def test_voxel_border_uses_face_connectivity():
   # interior with the face cross (MONAI/medpy) and a border voxel with a full 3x3x3.
   m = np.zeros((7, 7, 7), bool)
   m[3, 3, 2:5] = m[3, 2:5, 3] = m[2:5, 3, 3] = True
-  sd = metrics.surface_distances(m, m, (1.0, 1.0, 1.0), "voxel")
+  sd = metrics.surface_distances(m, m, (1.0, 1.0, 1.0), 'voxel')
   assert sd.pred_to_ref.size == 6  # centre eroded away with the face cross, not with full
 
 
@@ -259,13 +279,13 @@ def test_evaluate_case_matches_per_class_pairs():
   ref[2:6, 2:8, 3:9] = 2
   pred = np.roll(ref, 1, axis=0)
   pred[pred == 2] = 0  # class 2 missing in prediction -> inf distances
-  classes = {"tumor": 1, "organ": 2, "absent": 3}
+  classes = {'tumor': 1, 'organ': 2, 'absent': 3}
   got = metrics.evaluate_case(pred, ref, SPACING_3D, classes, tolerance_mm=1.5)
   assert set(got) == set(classes)
   for name, label in classes.items():
     assert got[name] == metrics.evaluate_pair(pred == label, ref == label, SPACING_3D, 1.5)
-  assert got["organ"]["hd95"] == math.inf and got["organ"]["dice"] == 0.0
-  assert got["absent"]["dice"] == 1.0 and got["absent"]["hd95"] == 0.0
+  assert got['organ']['hd95'] == math.inf and got['organ']['dice'] == 0.0
+  assert got['absent']['dice'] == 1.0 and got['absent']['hd95'] == 0.0
 
 
 def test_evaluate_tumors_matching_rule():
@@ -274,13 +294,13 @@ def test_evaluate_tumors_matching_rule():
   pred = box(shape, (4, 2, 2), (10, 8, 6))  # tumor 1: shifted by 2 -> dice 4/6
   pred |= box(shape, (0, 20, 0), (2, 24, 3))  # false positive, far from both tumors
   rows = metrics.evaluate_tumors(pred, ref, SPACING_3D, 2.0)
-  assert [r["tumor"] for r in rows] == [1, 2]
-  assert rows[0]["detected"] and rows[0]["n_pred_components"] == 1
-  assert rows[0]["dice"] == pytest.approx(4 / 6)
-  assert rows[0]["ref_volume_mm3"] == pytest.approx(6 * 6 * 4 * 1.6)
-  assert rows[0]["centroid_vox"] == pytest.approx((4.5, 4.5, 3.5))
-  assert not rows[1]["detected"] and rows[1]["dice"] == 0.0 and rows[1]["hd95"] == math.inf
-  assert rows[1]["ref_volume_mm3"] == pytest.approx(6 * 8 * 5 * 1.6)
+  assert [r['tumor'] for r in rows] == [1, 2]
+  assert rows[0]['detected'] and rows[0]['n_pred_components'] == 1
+  assert rows[0]['dice'] == pytest.approx(4 / 6)
+  assert rows[0]['ref_volume_mm3'] == pytest.approx(6 * 6 * 4 * 1.6)
+  assert rows[0]['centroid_vox'] == pytest.approx((4.5, 4.5, 3.5))
+  assert not rows[1]['detected'] and rows[1]['dice'] == 0.0 and rows[1]['hd95'] == math.inf
+  assert rows[1]['ref_volume_mm3'] == pytest.approx(6 * 8 * 5 * 1.6)
   assert metrics.count_false_positive_components(pred, ref) == 1
   assert metrics.evaluate_tumors(pred, np.zeros_like(ref), SPACING_3D) == []
 
@@ -294,17 +314,17 @@ def test_evaluate_tumors_connectivity_and_2d():
   m2 = np.zeros((12, 12), bool)
   m2[1:4, 1:4] = m2[7:10, 6:11] = True
   rows = metrics.evaluate_tumors(m2, m2, (0.5, 2.0))
-  assert [r["dice"] for r in rows] == [1.0, 1.0]
-  assert [r["ref_volume_mm3"] for r in rows] == [9.0, 15.0]
+  assert [r['dice'] for r in rows] == [1.0, 1.0]
+  assert [r['ref_volume_mm3'] for r in rows] == [9.0, 15.0]
 
 
 def test_bad_input_errors():
   a = np.zeros((4, 4, 4), bool)
-  with pytest.raises(ValueError, match="shape"):
+  with pytest.raises(ValueError, match='shape'):
     metrics.dice(a, np.zeros((4, 4, 5), bool))
-  with pytest.raises(ValueError, match="spacing_mm"):
+  with pytest.raises(ValueError, match='spacing_mm'):
     metrics.hausdorff(a, a, (1.0, 1.0))
-  with pytest.raises(ValueError, match="convention"):
-    metrics.surface_distances(a, a, (1, 1, 1), "mesh")
-  with pytest.raises(ValueError, match="2D or 3D"):
+  with pytest.raises(ValueError, match='convention'):
+    metrics.surface_distances(a, a, (1, 1, 1), 'mesh')
+  with pytest.raises(ValueError, match='2D or 3D'):
     metrics.surface_distances(np.zeros(4, bool), np.zeros(4, bool), (1.0,))

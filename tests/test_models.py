@@ -1,5 +1,6 @@
 """Tests of cmedl_jax.models: shapes, taps, exactness of the fast formulations, gradients,
 bfloat16, parameter counts and batch norm under a data-parallel mesh. Tiny networks only."""
+
 from __future__ import annotations
 
 import pathlib
@@ -16,10 +17,10 @@ from cmedl_jax import models
 from cmedl_jax.models import layers
 
 TINY_SEGMENTERS = {
-    "unet": dict(name="unet", base_width=4, depth=2),
-    "unet_resize": dict(name="unet", base_width=4, depth=2, up="resize"),
-    "densefcn": dict(name="densefcn", growth_rate=3, layers_per_block=1, n_pool=2, first_filters=6),
-    "pspnet": dict(name="pspnet", base_width=4, blocks=(1, 1, 1, 1), aux_head=True),
+  'unet': dict(name='unet', base_width=4, depth=2),
+  'unet_resize': dict(name='unet', base_width=4, depth=2, up='resize'),
+  'densefcn': dict(name='densefcn', growth_rate=3, layers_per_block=1, n_pool=2, first_filters=6),
+  'pspnet': dict(name='pspnet', base_width=4, blocks=(1, 1, 1, 1), aux_head=True),
 }
 
 
@@ -34,7 +35,7 @@ def seg_cfg(arch, num_classes=3, **extra):
 def key(seed=0):
   # RngBitGenerator keys: XLA:CPU compiles them far faster than threefry (~0.15 s vs ~1 s
   # per random op), which dominates the time of these tiny tests.
-  return jax.random.key(seed, impl="rbg")
+  return jax.random.key(seed, impl='rbg')
 
 
 def init_seg(net, x):
@@ -50,6 +51,7 @@ def rand(shape, seed=0):
 
 
 # --------------------------------------------------------------------------- exact layers
+
 
 def torch_conv_transpose_np(x, kernel, stride, padding, output_padding):
   """Direct scatter form of PyTorch ConvTranspose2d (NHWC, kernel [kh, kw, Cin, Cout])."""
@@ -68,42 +70,50 @@ def torch_conv_transpose_np(x, kernel, stride, padding, output_padding):
   return out
 
 
-@pytest.mark.parametrize("impl", ["subpixel", "subpixel1", "xla"])
+@pytest.mark.parametrize('impl', ['subpixel', 'subpixel1', 'xla'])
 def test_conv_transpose_3x3_matches_pytorch_semantics(impl):
   x, k, b = rand((2, 5, 6, 3), 1), rand((3, 3, 3, 4), 2), rand((4,), 3)
   module = layers.ConvTranspose3x3S2(4, impl=impl)
-  y = module.apply({"params": {"kernel": k, "bias": b}}, x)
-  ref = torch_conv_transpose_np(np.asarray(x, np.float64), np.asarray(k, np.float64), 2, 1, 1) + np.asarray(b)
+  y = module.apply({'params': {'kernel': k, 'bias': b}}, x)
+  ref = torch_conv_transpose_np(
+    np.asarray(x, np.float64), np.asarray(k, np.float64), 2, 1, 1
+  ) + np.asarray(b)
   assert y.shape == (2, 10, 12, 4)
   np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
   # Flax's own transposed convolution with the same parameters (kernel flipped: lax does
   # not flip, PyTorch's transposed conv is the adjoint of a correlation).
   flax_ct = nn.ConvTranspose(4, (3, 3), strides=(2, 2), padding=((1, 2), (1, 2)))
-  y_flax = flax_ct.apply({"params": {"kernel": k[::-1, ::-1], "bias": b}}, x)
+  y_flax = flax_ct.apply({'params': {'kernel': k[::-1, ::-1], 'bias': b}}, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_flax), atol=1e-5)
 
 
 def test_conv_transpose_2x2_matches_pytorch_semantics():
   x, k, b = rand((1, 3, 5, 2), 4), rand((2, 2, 2, 3), 5), rand((3,), 6)
-  y = layers.ConvTranspose2x2S2(3).apply({"params": {"kernel": k, "bias": b}}, x)
-  ref = torch_conv_transpose_np(np.asarray(x, np.float64), np.asarray(k, np.float64), 2, 0, 0) + np.asarray(b)
+  y = layers.ConvTranspose2x2S2(3).apply({'params': {'kernel': k, 'bias': b}}, x)
+  ref = torch_conv_transpose_np(
+    np.asarray(x, np.float64), np.asarray(k, np.float64), 2, 0, 0
+  ) + np.asarray(b)
   np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["concat", "gather", "jnp"])
-@pytest.mark.parametrize("pad", [1, 3])
+@pytest.mark.parametrize('impl', ['concat', 'gather', 'jnp'])
+@pytest.mark.parametrize('pad', [1, 3])
 def test_reflect_pad_matches_numpy_and_gradients_agree(impl, pad):
   x = rand((2, 7, 5, 3), 7)
   y = layers.reflect_pad(x, pad, impl)
-  np.testing.assert_array_equal(np.asarray(y), np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect"))
+  np.testing.assert_array_equal(
+    np.asarray(y), np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+  )
   w = rand(y.shape, 8)
   g = jax.grad(lambda t: jnp.sum(layers.reflect_pad(t, pad, impl) * w))(x)
-  g_ref = jax.grad(lambda t: jnp.sum(jnp.pad(t, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect") * w))(x)
+  g_ref = jax.grad(
+    lambda t: jnp.sum(jnp.pad(t, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect') * w)
+  )(x)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6)
 
 
 def test_reflect_pad_rejects_too_small_input():
-  with pytest.raises(ValueError, match="reflect_pad"):
+  with pytest.raises(ValueError, match='reflect_pad'):
     layers.reflect_pad(jnp.zeros((1, 3, 8, 1)), 3)
 
 
@@ -126,119 +136,140 @@ def test_adaptive_avg_pool_matches_pytorch_bins():
 
 # --------------------------------------------------------------------------- parameter counts
 
+
 def test_cyclegan_parameter_counts_equal_pytorch_reference():
   x = jax.ShapeDtypeStruct((1, 256, 256, 1), jnp.float32)
-  gen = models.get_translator({"name": "cyclegan"})
+  gen = models.get_translator({'name': 'cyclegan'})
   gen_vars = jax.eval_shape(gen.init, key(0), x)
-  assert set(gen_vars) == {"params"}  # instance norm: no batch statistics
-  assert count(gen_vars["params"]) == 11_365_633
-  gen6 = models.get_translator({"name": "cut", "n_blocks": 6})
+  assert set(gen_vars) == {'params'}  # instance norm: no batch statistics
+  assert count(gen_vars['params']) == 11_365_633
+  gen6 = models.get_translator({'name': 'cut', 'n_blocks': 6})
   # 3 fewer blocks of 2 x (256*256*9 + 256) parameters.
-  assert count(jax.eval_shape(gen6.init, key(0), x)["params"]) == 11_365_633 - 3 * 2 * 590_080
+  assert count(jax.eval_shape(gen6.init, key(0), x)['params']) == 11_365_633 - 3 * 2 * 590_080
   disc = models.get_discriminator({})
   disc_vars = jax.eval_shape(disc.init, key(0), x)
-  assert count(disc_vars["params"]) == 2_762_689
+  assert count(disc_vars['params']) == 2_762_689
   assert jax.eval_shape(disc.apply, disc_vars, x).shape == (1, 30, 30, 1)
 
 
 def test_densefcn_block_layout_of_variants():
   for variant, growth, first_block in ((56, 12, 4), (67, 16, 5), (103, 16, 4)):
-    net = models.get_segmenter({"name": "densefcn", "num_classes": 2, "variant": variant})
+    net = models.get_segmenter({'name': 'densefcn', 'num_classes': 2, 'variant': variant})
     lpb = net.block_layers()
     assert len(lpb) == 11 and lpb[0] == first_block
-  net = models.get_segmenter({"name": "densefcn", "num_classes": 2, "variant": 103})
+  net = models.get_segmenter({'name': 'densefcn', 'num_classes': 2, 'variant': 103})
   assert net.block_layers()[5] == 15
   x = jax.ShapeDtypeStruct((1, 64, 64, 1), jnp.float32)
   v = jax.eval_shape(lambda t: net.init(key(0), t, train=False), x)
   # 48 + 64 (block 1) = 112 skip maps + 80 up-sampled maps = 192 entering the last block,
   # + 4 * 16 new maps = 256 read by the classifier.
   out = jax.eval_shape(lambda vv, t: net.apply(vv, t, train=False), v, x)
-  assert out[1]["penultimate"].shape == (1, 64, 64, 192)
-  assert out[1]["last"].shape == (1, 64, 64, 256)
+  assert out[1]['penultimate'].shape == (1, 64, 64, 192)
+  assert out[1]['last'].shape == (1, 64, 64, 256)
 
 
 # --------------------------------------------------------------------------- segmenters
 
-@pytest.mark.parametrize("arch", list(TINY_SEGMENTERS))
-@pytest.mark.parametrize("shape", [(1, 33, 35, 2)])  # odd H, W, batch 1; batch 2 below
+
+@pytest.mark.parametrize('arch', list(TINY_SEGMENTERS))
+@pytest.mark.parametrize('shape', [(1, 33, 35, 2)])  # odd H, W, batch 1; batch 2 below
 def test_segmenter_shapes_and_taps(arch, shape):
   net = models.get_segmenter(seg_cfg(arch))
   x = rand(shape, 11)
   variables = init_seg(net, x)
-  assert set(variables) == {"params", "batch_stats"}
-  train_and_eval = lambda v, t: (net.apply(v, t, train=True, mutable=["batch_stats"]),
-                                 net.apply(v, t, train=False))
+  assert set(variables) == {'params', 'batch_stats'}
+  train_and_eval = lambda v, t: (
+    net.apply(v, t, train=True, mutable=['batch_stats']),
+    net.apply(v, t, train=False),
+  )
   ((logits, taps), updates), (eval_logits, _) = jax.jit(train_and_eval)(variables, x)
   n, h, w, _ = shape
   assert logits.shape == (n, h, w, 3) and logits.dtype == jnp.float32
-  expected = {"penultimate", "last", "logits"} | ({"aux_logits"} if arch == "pspnet" else set())
+  expected = {'penultimate', 'last', 'logits'} | ({'aux_logits'} if arch == 'pspnet' else set())
   assert set(taps) == expected
-  np.testing.assert_array_equal(np.asarray(taps["logits"]), np.asarray(logits))
-  if arch == "pspnet":
-    assert taps["aux_logits"].shape == logits.shape
+  np.testing.assert_array_equal(np.asarray(taps['logits']), np.asarray(logits))
+  if arch == 'pspnet':
+    assert taps['aux_logits'].shape == logits.shape
     fh, fw = -(-h // 8), -(-w // 8)
-    assert taps["last"].shape == (n, fh, fw, 16)  # C/2 of the 32-map backbone output
-    assert taps["penultimate"].shape == (n, fh, fw, 64)  # 32 + 4 bins * 8
+    assert taps['last'].shape == (n, fh, fw, 16)  # C/2 of the 32-map backbone output
+    assert taps['penultimate'].shape == (n, fh, fw, 64)  # 32 + 4 bins * 8
   else:
-    assert taps["last"].shape[:3] == (n, h, w) and taps["penultimate"].shape[:3] == (n, h, w)
+    assert taps['last'].shape[:3] == (n, h, w) and taps['penultimate'].shape[:3] == (n, h, w)
   # The classifier reads "last": its 1x1 conv applied to "last" gives the logits.
-  if arch != "pspnet":
-    cls = variables["params"]["classifier"]
-    recomputed = jnp.einsum("nhwc,ck->nhwk", taps["last"], cls["kernel"][0, 0]) + cls["bias"]
+  if arch != 'pspnet':
+    cls = variables['params']['classifier']
+    recomputed = jnp.einsum('nhwc,ck->nhwk', taps['last'], cls['kernel'][0, 0]) + cls['bias']
     np.testing.assert_allclose(np.asarray(recomputed), np.asarray(logits), atol=1e-4)
   # train=True moved every running statistic; train=False (running averages, still the
   # initial mean 0 / variance 1) gives other logits.
-  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"])
+  changed = jax.tree.map(
+    lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'], updates['batch_stats']
+  )
   assert all(jax.tree.leaves(changed))
-  assert eval_logits.shape == logits.shape and not np.allclose(np.asarray(eval_logits), np.asarray(logits))
+  assert eval_logits.shape == logits.shape and not np.allclose(
+    np.asarray(eval_logits), np.asarray(logits)
+  )
 
 
 def test_dropout_needs_a_dropout_rng():
-  net = models.get_segmenter(seg_cfg("densefcn", dropout=0.5))
+  net = models.get_segmenter(seg_cfg('densefcn', dropout=0.5))
   x = rand((1, 16, 16, 1), 30)
   variables = init_seg(net, x)
-  run = lambda v, t, k: (net.apply(v, t, train=True, mutable=["batch_stats"], rngs={"dropout": k})[0][0],
-                         net.apply(v, t, train=True, mutable=["batch_stats"])[0][0])
+  run = lambda v, t, k: (
+    net.apply(v, t, train=True, mutable=['batch_stats'], rngs={'dropout': k})[0][0],
+    net.apply(v, t, train=True, mutable=['batch_stats'])[0][0],
+  )
   with_rng, without = jax.jit(run)(variables, x, key(1))
   assert not np.allclose(np.asarray(with_rng), np.asarray(without))
 
 
 def test_registry_defaults_and_errors():
-  unet = models.get_segmenter({"name": "unet", "num_classes": 2})
-  assert (unet.base_width, unet.depth, unet.up, unet.dtype) == (32, 4, "transpose", "float32")
-  psp = models.get_segmenter(ml_collections.ConfigDict({"name": "pspnet", "num_classes": 2}))
+  unet = models.get_segmenter({'name': 'unet', 'num_classes': 2})
+  assert (unet.base_width, unet.depth, unet.up, unet.dtype) == (32, 4, 'transpose', 'float32')
+  psp = models.get_segmenter(ml_collections.ConfigDict({'name': 'pspnet', 'num_classes': 2}))
   assert (psp.base_width, tuple(psp.blocks), psp.aux_head) == (64, (2, 2, 2, 2), False)
-  dense = models.get_segmenter({"name": "densefcn", "num_classes": 2, "growth_rate": None})
+  dense = models.get_segmenter({'name': 'densefcn', 'num_classes': 2, 'growth_rate': None})
   assert dense.variant == 103 and dense.growth_rate is None
-  gen = models.get_translator(ml_collections.ConfigDict({"name": "cut", "dtype": "bfloat16"}))
-  assert (gen.out_channels, gen.ngf, gen.n_blocks, gen.dtype) == (1, 64, 9, "bfloat16")
-  with pytest.raises(ValueError, match="cfg.name"):
-    models.get_segmenter({"name": "segnet", "num_classes": 2})
-  with pytest.raises(ValueError, match="num_classes"):
-    models.get_segmenter({"name": "unet"})
-  with pytest.raises(ValueError, match="cfg.name"):
-    models.get_translator({"name": "pix2pix"})
-  with pytest.raises(ValueError, match="dtype"):
-    models.get_segmenter({"name": "unet", "num_classes": 2, "dtype": "float16"}).init(
-        key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  gen = models.get_translator(ml_collections.ConfigDict({'name': 'cut', 'dtype': 'bfloat16'}))
+  assert (gen.out_channels, gen.ngf, gen.n_blocks, gen.dtype) == (1, 64, 9, 'bfloat16')
+  with pytest.raises(ValueError, match='cfg.name'):
+    models.get_segmenter({'name': 'segnet', 'num_classes': 2})
+  with pytest.raises(ValueError, match='num_classes'):
+    models.get_segmenter({'name': 'unet'})
+  with pytest.raises(ValueError, match='cfg.name'):
+    models.get_translator({'name': 'pix2pix'})
+  with pytest.raises(ValueError, match='dtype'):
+    models.get_segmenter({'name': 'unet', 'num_classes': 2, 'dtype': 'float16'}).init(
+      key(0), jnp.zeros((1, 8, 8, 1)), train=False
+    )
 
 
 def _weighted_sum(tree, seed):
   """sum_i <leaf_i, r_i> with fixed random r_i (numpy, so no random op is compiled)."""
   rng = np.random.default_rng(seed)
-  return sum(jnp.sum(leaf * rng.standard_normal(leaf.shape).astype(np.float32))
-             for leaf in jax.tree.leaves(tree))
+  return sum(
+    jnp.sum(leaf * rng.standard_normal(leaf.shape).astype(np.float32))
+    for leaf in jax.tree.leaves(tree)
+  )
 
 
-@pytest.mark.parametrize("arch", list(TINY_SEGMENTERS))
+@pytest.mark.parametrize('arch', list(TINY_SEGMENTERS))
 def test_segmenter_gradients_reach_every_parameter(arch):
   net = models.get_segmenter(seg_cfg(arch))
   x = rand((2, 20, 20, 1), 12)
   variables = init_seg(net, x)
-  grads = jax.jit(jax.grad(lambda p: _weighted_sum(
-      net.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False), 13)))(variables["params"])
-  dead = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(grads)
-          if not bool(jnp.any(g != 0))]
+  grads = jax.jit(
+    jax.grad(
+      lambda p: _weighted_sum(
+        net.apply({'params': p, 'batch_stats': variables['batch_stats']}, x, train=False), 13
+      )
+    )
+  )(variables['params'])
+  dead = [
+    jax.tree_util.keystr(path)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads)
+    if not bool(jnp.any(g != 0))
+  ]
   assert not dead
 
 
@@ -248,7 +279,7 @@ def _biases_before_instance_norm(params, exempt_modules):
   PyTorch reference too."""
   names = set()
   for path, _ in jax.tree_util.tree_leaves_with_path(params):
-    if path[-1].key == "bias" and path[0].key in exempt_modules:
+    if path[-1].key == 'bias' and path[0].key in exempt_modules:
       names.add(jax.tree_util.keystr(path))
   return names
 
@@ -257,12 +288,20 @@ def test_translator_and_discriminator_gradients():
   gen = models.ResnetGenerator(out_channels=1, ngf=4, n_blocks=2)
   disc = models.PatchGAN(ndf=4, n_layers=3)
   x = rand((1, 33, 35, 1), 14)
-  gp = init_net(gen, x)["params"]
-  dp = init_net(disc, x)["params"]
-  g_grad = jax.jit(jax.grad(lambda p: _weighted_sum(gen.apply({"params": p}, x), 15)))(gp)
-  d_grad = jax.jit(jax.grad(lambda p: _weighted_sum(disc.apply({"params": p}, x), 16)))(dp)
-  gen_exempt = {"conv_in", "down_0", "down_1", "block_0", "block_1", "up_0", "up_1"}  # all but conv_out
-  disc_exempt = {"conv_1", "conv_2", "conv_3"}  # conv_0 and conv_out have no norm after them
+  gp = init_net(gen, x)['params']
+  dp = init_net(disc, x)['params']
+  g_grad = jax.jit(jax.grad(lambda p: _weighted_sum(gen.apply({'params': p}, x), 15)))(gp)
+  d_grad = jax.jit(jax.grad(lambda p: _weighted_sum(disc.apply({'params': p}, x), 16)))(dp)
+  gen_exempt = {
+    'conv_in',
+    'down_0',
+    'down_1',
+    'block_0',
+    'block_1',
+    'up_0',
+    'up_1',
+  }  # all but conv_out
+  disc_exempt = {'conv_1', 'conv_2', 'conv_3'}  # conv_0 and conv_out have no norm after them
   for grads, modules in ((g_grad, gen_exempt), (d_grad, disc_exempt)):
     exempt = _biases_before_instance_norm(grads, modules)
     assert len(exempt) == len(modules) + (2 if modules is gen_exempt else 0)  # blocks: 2 convs
@@ -276,6 +315,7 @@ def test_translator_and_discriminator_gradients():
 
 # --------------------------------------------------------------------------- translators
 
+
 def test_generator_odd_sizes_range_and_init():
   gen = models.ResnetGenerator(out_channels=2, ngf=4, n_blocks=2)
   x = rand((1, 33, 35, 1), 17)
@@ -285,7 +325,7 @@ def test_generator_odd_sizes_range_and_init():
   assert float(jnp.max(jnp.abs(y))) <= 1.0
   kernels = np.concatenate([np.ravel(l) for l in jax.tree.leaves(variables) if l.ndim == 4])
   assert abs(kernels.std() - 0.02) < 0.002 and abs(kernels.mean()) < 0.002
-  with pytest.raises(ValueError, match="at least 4x4"):
+  with pytest.raises(ValueError, match='at least 4x4'):
     gen.apply(variables, jnp.zeros((1, 3, 8, 1)))
 
 
@@ -297,18 +337,28 @@ def test_generator_nce_layers_follow_cut_indexing():
   (y, feats), y_plain = jax.jit(both)(variables, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_plain), atol=1e-5)
   shapes = [f.shape for f in feats]
-  assert shapes == [(2, 42, 42, 1), (2, 36, 36, 4), (2, 36, 36, 4), (2, 18, 18, 8),
-                    (2, 9, 9, 16), (2, 9, 9, 16), (2, 9, 9, 16), (2, 36, 36, 1)]
+  assert shapes == [
+    (2, 42, 42, 1),
+    (2, 36, 36, 4),
+    (2, 36, 36, 4),
+    (2, 18, 18, 8),
+    (2, 9, 9, 16),
+    (2, 9, 9, 16),
+    (2, 9, 9, 16),
+    (2, 36, 36, 1),
+  ]
   # 0: the input, reflection-padded to a multiple of 4 and then by 3.
-  padded = np.pad(np.asarray(x), ((0, 0), (0, 3), (0, 1), (0, 0)), mode="reflect")
-  np.testing.assert_array_equal(np.asarray(feats[0]), np.pad(padded, ((0, 0), (3, 3), (3, 3), (0, 0)), mode="reflect"))
+  padded = np.pad(np.asarray(x), ((0, 0), (0, 3), (0, 1), (0, 0)), mode='reflect')
+  np.testing.assert_array_equal(
+    np.asarray(feats[0]), np.pad(padded, ((0, 0), (3, 3), (3, 3), (0, 0)), mode='reflect')
+  )
   # 2: instance norm output (zero mean, unit variance per sample and channel); 3: its ReLU.
   np.testing.assert_allclose(np.asarray(feats[1].mean(axis=(1, 2))), 0, atol=1e-4)
   np.testing.assert_allclose(np.asarray(feats[1].var(axis=(1, 2))), 1, atol=1e-2)
   np.testing.assert_array_equal(np.asarray(feats[2]), np.maximum(np.asarray(feats[1]), 0))
   # 27: tanh output before cropping.
   np.testing.assert_array_equal(np.asarray(feats[7][:, :33, :35]), np.asarray(y))
-  with pytest.raises(ValueError, match="out of range"):
+  with pytest.raises(ValueError, match='out of range'):
     gen.apply(variables, x, (28,))
 
 
@@ -334,43 +384,53 @@ def test_patch_sample_mlp_reuses_ids_and_normalises():
   for s in q + k:
     np.testing.assert_allclose(np.linalg.norm(np.asarray(s), axis=-1), 1.0, atol=1e-5)
   # Independent reference for layer 0 of the key features.
-  p = variables["params"]
+  p = variables['params']
   flat = np.asarray(f2[0]).reshape(2, 30, 3)[:, np.asarray(ids[0])]
-  hid = np.maximum(flat @ np.asarray(p["mlp_0_0"]["kernel"]) + np.asarray(p["mlp_0_0"]["bias"]), 0)
-  out = hid @ np.asarray(p["mlp_0_1"]["kernel"]) + np.asarray(p["mlp_0_1"]["bias"])
+  hid = np.maximum(flat @ np.asarray(p['mlp_0_0']['kernel']) + np.asarray(p['mlp_0_0']['bias']), 0)
+  out = hid @ np.asarray(p['mlp_0_1']['kernel']) + np.asarray(p['mlp_0_1']['bias'])
   out /= np.linalg.norm(out, axis=-1, keepdims=True) + 1e-7
   np.testing.assert_allclose(np.asarray(k[0]), out, atol=1e-5)
-  grads = jax.jit(jax.grad(lambda pp: _weighted_sum(sampler.apply({"params": pp}, f1, 16, ids)[0], 24)))(p)
+  grads = jax.jit(
+    jax.grad(lambda pp: _weighted_sum(sampler.apply({'params': pp}, f1, 16, ids)[0], 24))
+  )(p)
   assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
 
 
 # --------------------------------------------------------------------------- dtypes, sharding
 
+
 def _rel_rms(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2))
+  return np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2))
 
 
-@pytest.mark.parametrize("arch", list(TINY_SEGMENTERS))
+@pytest.mark.parametrize('arch', list(TINY_SEGMENTERS))
 def test_segmenter_bfloat16_close_to_float32(arch):
   x = rand((2, 24, 24, 1), 25)
   net32 = models.get_segmenter(seg_cfg(arch))
-  net16 = models.get_segmenter(seg_cfg(arch, dtype="bfloat16"))
+  net16 = models.get_segmenter(seg_cfg(arch, dtype='bfloat16'))
   variables = init_seg(net32, x)
   v16 = jax.eval_shape(lambda t: net16.init(key(0), t, train=False), x)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(v16))
-  both = lambda v, t: (net32.apply(v, t, train=True, mutable=["batch_stats"])[0],
-                       net16.apply(v, t, train=True, mutable=["batch_stats"])[0])
+  both = lambda v, t: (
+    net32.apply(v, t, train=True, mutable=['batch_stats'])[0],
+    net16.apply(v, t, train=True, mutable=['batch_stats'])[0],
+  )
   (l32, t32), (l16, t16) = jax.jit(both)(variables, x)
   assert l16.dtype == jnp.float32
   assert _rel_rms(l16, l32) < 0.05
-  assert _rel_rms(t16["last"], t32["last"]) < 0.05
+  assert _rel_rms(t16['last'], t32['last']) < 0.05
 
 
 def test_translator_discriminator_bfloat16_close_to_float32():
   x = rand((1, 32, 32, 1), 26)
-  for m32, m16 in ((models.ResnetGenerator(ngf=8, n_blocks=2), models.ResnetGenerator(ngf=8, n_blocks=2, dtype="bfloat16")),
-                   (models.PatchGAN(ndf=8), models.PatchGAN(ndf=8, dtype="bfloat16"))):
+  for m32, m16 in (
+    (
+      models.ResnetGenerator(ngf=8, n_blocks=2),
+      models.ResnetGenerator(ngf=8, n_blocks=2, dtype='bfloat16'),
+    ),
+    (models.PatchGAN(ndf=8), models.PatchGAN(ndf=8, dtype='bfloat16')),
+  ):
     variables = init_net(m32, x)
     y32, y16 = jax.jit(lambda v, t: (m32.apply(v, t), m16.apply(v, t)))(variables, x)
     assert y16.dtype == jnp.float32
@@ -380,14 +440,17 @@ def test_translator_discriminator_bfloat16_close_to_float32():
 def test_batch_norm_uses_global_batch_statistics_under_sharded_jit():
   devices = np.array(jax.devices())
   if devices.size < 2:
-    pytest.skip("needs several devices (tests/conftest.py forces 8 CPU devices)")
-  mesh = Mesh(devices, ("data",))
-  net = models.get_segmenter(seg_cfg("unet"))
-  x = rand((devices.size, 16, 16, 1), 27) + jnp.arange(devices.size, dtype=jnp.float32)[:, None, None, None]
+    pytest.skip('needs several devices (tests/conftest.py forces 8 CPU devices)')
+  mesh = Mesh(devices, ('data',))
+  net = models.get_segmenter(seg_cfg('unet'))
+  x = (
+    rand((devices.size, 16, 16, 1), 27)
+    + jnp.arange(devices.size, dtype=jnp.float32)[:, None, None, None]
+  )
   variables = init_seg(net, x)
-  step = lambda v, t: net.apply(v, t, train=True, mutable=["batch_stats"])
+  step = lambda v, t: net.apply(v, t, train=True, mutable=['batch_stats'])
   (ref_logits, _), ref_stats = jax.jit(step)(variables, x)
-  x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+  x_sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
   v_repl = jax.device_put(variables, NamedSharding(mesh, P()))
   (logits, _), stats = jax.jit(step)(v_repl, x_sharded)
   assert len(logits.sharding.device_set) == devices.size
@@ -399,18 +462,21 @@ def test_batch_norm_uses_global_batch_statistics_under_sharded_jit():
 # --------------------------------------------------------------------- rematerialisation
 
 REMAT_NETS = {
-    "unet": dict(TINY_SEGMENTERS["unet"]),
-    "densefcn": dict(TINY_SEGMENTERS["densefcn"], layers_per_block=2),
-    "pspnet": dict(TINY_SEGMENTERS["pspnet"]),
-    "translator": dict(name="cyclegan", ngf=4, n_blocks=2),
+  'unet': dict(TINY_SEGMENTERS['unet']),
+  'densefcn': dict(TINY_SEGMENTERS['densefcn'], layers_per_block=2),
+  'pspnet': dict(TINY_SEGMENTERS['pspnet']),
+  'translator': dict(name='cyclegan', ngf=4, n_blocks=2),
 }
 
 
 def _remat_pair(arch):
   """(network without remat, with remat, is_segmenter)."""
-  if arch == "translator":
-    return (models.get_translator(dict(REMAT_NETS[arch], remat=False)),
-            models.get_translator(dict(REMAT_NETS[arch], remat=True)), False)
+  if arch == 'translator':
+    return (
+      models.get_translator(dict(REMAT_NETS[arch], remat=False)),
+      models.get_translator(dict(REMAT_NETS[arch], remat=True)),
+      False,
+    )
   cfg = lambda remat: ml_collections.ConfigDict(dict(REMAT_NETS[arch], num_classes=3, remat=remat))
   return models.get_segmenter(cfg(False)), models.get_segmenter(cfg(True)), True
 
@@ -418,12 +484,14 @@ def _remat_pair(arch):
 def _train_loss(net, segmenter, variables, x):
   """A scalar of the training-mode forward pass, as a function of the parameters."""
   if not segmenter:
-    return lambda p: jnp.mean(net.apply({"params": p}, x) ** 2)
+    return lambda p: jnp.mean(net.apply({'params': p}, x) ** 2)
 
   def loss(p):
-    (logits, taps), _ = net.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
-                                  train=True, mutable=["batch_stats"])
-    return jnp.mean(logits ** 2) + jnp.mean(taps["penultimate"] ** 2)
+    (logits, taps), _ = net.apply(
+      {'params': p, 'batch_stats': variables['batch_stats']}, x, train=True, mutable=['batch_stats']
+    )
+    return jnp.mean(logits**2) + jnp.mean(taps['penultimate'] ** 2)
+
   return loss
 
 
@@ -433,7 +501,7 @@ def _residual_bytes(loss, params):
   return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
 
 
-@pytest.mark.parametrize("arch", list(REMAT_NETS))
+@pytest.mark.parametrize('arch', list(REMAT_NETS))
 def test_remat_same_parameters_and_gradients_fewer_residuals(arch):
   plain, remat, segmenter = _remat_pair(arch)
   x = rand((2, 32, 32, 1), seed=3)
@@ -444,8 +512,8 @@ def test_remat_same_parameters_and_gradients_fewer_residuals(arch):
   for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(v_remat)):
     np.testing.assert_array_equal(a, b)
   loss, loss_remat = (_train_loss(n, segmenter, v, x) for n in (plain, remat))
-  value, grads = jax.jit(jax.value_and_grad(loss))(v["params"])
-  value_r, grads_r = jax.jit(jax.value_and_grad(loss_remat))(v["params"])
+  value, grads = jax.jit(jax.value_and_grad(loss))(v['params'])
+  value_r, grads_r = jax.jit(jax.value_and_grad(loss_remat))(v['params'])
   np.testing.assert_allclose(value_r, value, rtol=1e-6)
   # Tolerance relative to the largest gradient: biases before batch norm have exactly-zero
   # gradients in theory, so their float32 values are rounding noise either way.
@@ -454,75 +522,86 @@ def test_remat_same_parameters_and_gradients_fewer_residuals(arch):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)
   # What remat is for: fewer activations kept for the backward pass (on GPU/TPU that is the
   # activation memory; XLA:CPU removes the recomputation again, see docs/PERFORMANCE.md).
-  kept, kept_remat = _residual_bytes(loss, v["params"]), _residual_bytes(loss_remat, v["params"])
+  kept, kept_remat = _residual_bytes(loss, v['params']), _residual_bytes(loss_remat, v['params'])
   assert kept_remat < 0.85 * kept, (kept_remat, kept)
 
 
 # --------------------------------------------------------------------------- README figures
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 NCE_LAYERS = (0, 4, 8, 12, 16)
 # Rows of README.md's "Networks and parameter counts" table -> (kind, registry config, input
 # channels). Unset fields take the registry defaults, so a changed default changes a count.
 README_NETWORKS = {
-    'U-Net, base 32, depth 4, `up="transpose"` (default)': ("segmenter", {"name": "unet"}, 1),
-    'U-Net, base 32, depth 4, `up="resize"`': ("segmenter", {"name": "unet", "up": "resize"}, 1),
-    "FC-DenseNet56 (`variant=56`)": ("segmenter", {"name": "densefcn", "variant": 56}, 1),
-    "FC-DenseNet67 (`variant=67`)": ("segmenter", {"name": "densefcn", "variant": 67}, 1),
-    "FC-DenseNet103 (`variant=103`, default)": ("segmenter", {"name": "densefcn"}, 1),
-    "FC-DenseNet103, 3 input channels, 11 classes (CamVid, as published)":
-        ("segmenter", {"name": "densefcn", "num_classes": 11}, 3),
-    "PSPNet, dilated ResNet-18-style backbone, base 64 (default)":
-        ("segmenter", {"name": "pspnet"}, 1),
-    "PSPNet default + auxiliary head (`aux_head=True`)":
-        ("segmenter", {"name": "pspnet", "aux_head": True}, 1),
-    "PSPNet, bottleneck blocks (3, 4, 6, 3) (ResNet-50 backbone, as the paper's)":
-        ("segmenter", {"name": "pspnet", "bottleneck": True, "blocks": (3, 4, 6, 3)}, 1),
-    "CycleGAN/CUT ResNet generator, ngf 64, 9 blocks": ("translator", {"name": "cyclegan"}, 1),
-    "ResNet generator, ngf 64, 6 blocks": ("translator", {"name": "cut", "n_blocks": 6}, 1),
-    "PatchGAN discriminator, ndf 64, 3 layers": ("discriminator", {}, 1),
-    "CUT PatchSampleF (MLP heads on nce_layers 0,4,8,12,16, 1-channel input)":
-        ("sampler", {}, 1),
+  'U-Net, base 32, depth 4, `up="transpose"` (default)': ('segmenter', {'name': 'unet'}, 1),
+  'U-Net, base 32, depth 4, `up="resize"`': ('segmenter', {'name': 'unet', 'up': 'resize'}, 1),
+  'FC-DenseNet56 (`variant=56`)': ('segmenter', {'name': 'densefcn', 'variant': 56}, 1),
+  'FC-DenseNet67 (`variant=67`)': ('segmenter', {'name': 'densefcn', 'variant': 67}, 1),
+  'FC-DenseNet103 (`variant=103`, default)': ('segmenter', {'name': 'densefcn'}, 1),
+  'FC-DenseNet103, 3 input channels, 11 classes (CamVid, as published)': (
+    'segmenter',
+    {'name': 'densefcn', 'num_classes': 11},
+    3,
+  ),
+  'PSPNet, dilated ResNet-18-style backbone, base 64 (default)': (
+    'segmenter',
+    {'name': 'pspnet'},
+    1,
+  ),
+  'PSPNet default + auxiliary head (`aux_head=True`)': (
+    'segmenter',
+    {'name': 'pspnet', 'aux_head': True},
+    1,
+  ),
+  "PSPNet, bottleneck blocks (3, 4, 6, 3) (ResNet-50 backbone, as the paper's)": (
+    'segmenter',
+    {'name': 'pspnet', 'bottleneck': True, 'blocks': (3, 4, 6, 3)},
+    1,
+  ),
+  'CycleGAN/CUT ResNet generator, ngf 64, 9 blocks': ('translator', {'name': 'cyclegan'}, 1),
+  'ResNet generator, ngf 64, 6 blocks': ('translator', {'name': 'cut', 'n_blocks': 6}, 1),
+  'PatchGAN discriminator, ndf 64, 3 layers': ('discriminator', {}, 1),
+  'CUT PatchSampleF (MLP heads on nce_layers 0,4,8,12,16, 1-channel input)': ('sampler', {}, 1),
 }
 
 
 def readme_network_table():
   """{label: (parameters, BN stats or None, taps text)} of the README table, and its prose."""
-  section = README.read_text().split("\n## Networks and parameter counts\n", 1)[1]
-  section = section.split("\n## ", 1)[0]
+  section = README.read_text().split('\n## Networks and parameter counts\n', 1)[1]
+  section = section.split('\n## ', 1)[0]
   rows = {}
   for line in section.splitlines():
-    if not line.startswith("|"):
+    if not line.startswith('|'):
       continue
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if cells[0] == "network (config)" or not cells[0].strip("-:"):
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if cells[0] == 'network (config)' or not cells[0].strip('-:'):
       continue
     label, params, stats, taps = cells
-    number = lambda s: int(s.strip("*").replace(",", ""))
-    rows[label] = (number(params), None if stats == "-" else number(stats), taps)
+    number = lambda s: int(s.strip('*').replace(',', ''))
+    rows[label] = (number(params), None if stats == '-' else number(stats), taps)
   return rows, section
 
 
 def network_figures(kind, cfg, channels):
   """(parameters, BN stats or None, (penultimate, last) tap shapes or None) at 256x256."""
   x = jax.ShapeDtypeStruct((1, 256, 256, channels), jnp.float32)
-  if kind == "segmenter":
-    net = models.get_segmenter({"num_classes": 2, **cfg})
+  if kind == 'segmenter':
+    net = models.get_segmenter({'num_classes': 2, **cfg})
     v = jax.eval_shape(lambda t: net.init(key(0), t, train=False), x)
     _, taps = jax.eval_shape(lambda vv, t: net.apply(vv, t, train=False), v, x)
-    shapes = tuple(taps[name].shape[1:] for name in ("penultimate", "last"))
-    return count(v["params"]), count(v["batch_stats"]), shapes
-  if kind == "sampler":
-    gen = models.get_translator({"name": "cut"})
+    shapes = tuple(taps[name].shape[1:] for name in ('penultimate', 'last'))
+    return count(v['params']), count(v['batch_stats']), shapes
+  if kind == 'sampler':
+    gen = models.get_translator({'name': 'cut'})
     gv = jax.eval_shape(gen.init, key(0), x)
     feats = jax.eval_shape(lambda vv, t: gen.apply(vv, t, NCE_LAYERS)[1], gv, x)
     net = models.get_patch_sampler({})
     v = jax.eval_shape(lambda f: net.init(key(0), f, 256, None, key(1)), feats)
   else:
-    net = (models.get_translator if kind == "translator" else models.get_discriminator)(cfg)
+    net = (models.get_translator if kind == 'translator' else models.get_discriminator)(cfg)
     v = jax.eval_shape(net.init, key(0), x)
-  assert set(v) == {"params"}, kind  # no batch-norm statistics
-  return count(v["params"]), None, None
+  assert set(v) == {'params'}, kind  # no batch-norm statistics
+  return count(v['params']), None, None
 
 
 def test_readme_parameter_counts():
@@ -534,18 +613,20 @@ def test_readme_parameter_counts():
   for label, (params, stats, taps) in rows.items():
     got_params, got_stats, got_taps = network_figures(*README_NETWORKS[label])
     assert (got_params, got_stats) == (params, stats), label
-    if taps == "same":
+    if taps == 'same':
       taps = previous_taps
     if taps:
-      want = [tuple(int(d) for d in t.strip().split("x")) for t in taps.split("/")]
+      want = [tuple(int(d) for d in t.strip().split('x')) for t in taps.split('/')]
       assert list(got_taps) == want, label
     previous_taps = taps
   # The prose under the table repeats some of its figures.
-  prose = " ".join(prose.split())
-  gen = rows["CycleGAN/CUT ResNet generator, ngf 64, 9 blocks"][0]
-  disc = rows["PatchGAN discriminator, ndf 64, 3 layers"][0]
-  assert f"generator {gen:,} and 70x70 PatchGAN {disc:,} parameters" in prose
-  camvid = "FC-DenseNet103, 3 input channels, 11 classes (CamVid, as published)"
+  prose = ' '.join(prose.split())
+  gen = rows['CycleGAN/CUT ResNet generator, ngf 64, 9 blocks'][0]
+  disc = rows['PatchGAN discriminator, ndf 64, 3 layers'][0]
+  assert f'generator {gen:,} and 70x70 PatchGAN {disc:,} parameters' in prose
+  camvid = 'FC-DenseNet103, 3 input channels, 11 classes (CamVid, as published)'
   camvid_params, camvid_stats, _ = rows[camvid]
-  assert (f"{camvid_params:,} trainable + {camvid_stats:,} batch-norm statistics = "
-          f"{camvid_params + camvid_stats:,}") in prose
+  assert (
+    f'{camvid_params:,} trainable + {camvid_stats:,} batch-norm statistics = '
+    f'{camvid_params + camvid_stats:,}'
+  ) in prose

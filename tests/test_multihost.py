@@ -42,19 +42,37 @@ def _free_port():
 def _start(root, workdir, log, devices, extra=()):
   """`python -m cmedl_jax.main` with `devices` CPU devices, output to the file `log`."""
   flags = [f for f in os.environ['XLA_FLAGS'].split() if not f.startswith(_DEVICES)]
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=' '.join(flags + [f'{_DEVICES}={devices}']))
+  env = dict(
+    os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=' '.join(flags + [f'{_DEVICES}={devices}'])
+  )
   with open(log, 'w') as f:
     return subprocess.Popen(
-        [sys.executable, '-m', 'cmedl_jax.main', *main_args(root, workdir, _EPS + tuple(extra))],
-        cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+      [sys.executable, '-m', 'cmedl_jax.main', *main_args(root, workdir, _EPS + tuple(extra))],
+      cwd=ROOT,
+      env=env,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    )
 
 
 def _start_pair(root, workdir, logs):
   """Processes 0 and 1 of a 2-process run, 2 devices each."""
   address = f'localhost:{_free_port()}'
-  return [_start(root, workdir, log, 2, ['--jax_distributed', f'--coordinator_address={address}',
-                                         '--num_processes=2', f'--process_id={i}'])
-          for i, log in enumerate(logs)]
+  return [
+    _start(
+      root,
+      workdir,
+      log,
+      2,
+      [
+        '--jax_distributed',
+        f'--coordinator_address={address}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+    )
+    for i, log in enumerate(logs)
+  ]
 
 
 def _tail(log):
@@ -72,8 +90,9 @@ def _wait(procs, logs):
 def test_two_processes_resume_and_equal_one_process(tmp_path):
   write_phantoms(tmp_path, n=5, seed=0, slices=6)  # Prepared by process 0 of the first run.
   multi, single = tmp_path / 'multi', tmp_path / 'single'
-  logs = [tmp_path / f'{name}.log' for name in ('killed0', 'killed1', 'resumed0', 'resumed1',
-                                                 'single')]
+  logs = [
+    tmp_path / f'{name}.log' for name in ('killed0', 'killed1', 'resumed0', 'resumed1', 'single')
+  ]
   procs = []
   try:
     # Both processes SIGKILLed as soon as checkpoint 3 is committed (during step 4).
@@ -121,14 +140,16 @@ def test_two_processes_resume_and_equal_one_process(tmp_path):
   shape = (*input_pipeline.dataset_info(config.data.source.prepared_dir)['image_size'], c)
   nets = method.build_networks(config, c)
   init = jax.jit(lambda r: train_state.create_train_state(config, nets, r, shape)[0].params)(
-      jax.random.PRNGKey(config.seed))
+    jax.random.PRNGKey(config.seed)
+  )
   for step, factor in ((3, 1), (NUM_STEPS, 10)):
     one = checkpoint.restore_state(str(single / 'checkpoints'), None, step=step)
     two = checkpoint.restore_state(str(multi / 'checkpoints'), None, step=step)
     assert int(one['step']) == int(two['step']) == step
     assert jax.tree.structure(one['params']) == jax.tree.structure(two['params'])
-    for a, b, a0 in zip(jax.tree.leaves(one['params']), jax.tree.leaves(two['params']),
-                        jax.tree.leaves(init)):
+    for a, b, a0 in zip(
+      jax.tree.leaves(one['params']), jax.tree.leaves(two['params']), jax.tree.leaves(init)
+    ):
       a, b, a0 = np.asarray(a), np.asarray(b), np.asarray(a0)
       atol = 5e-3 * np.abs(a - a0).max() + 4e-8 + np.spacing(np.abs(a0).max())
       np.testing.assert_allclose(a - a0, b - a0, rtol=0, atol=factor * atol, err_msg=step)

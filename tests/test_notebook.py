@@ -17,8 +17,12 @@ def test_demo_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv('CMEDL_DEMO_STEPS', '20')
   monkeypatch.setenv('CMEDL_DEMO_CONFIG', 'tiny')
   nb = nbformat.read(ROOT / 'notebooks' / 'cmedl_demo.ipynb', as_version=4)
-  NotebookClient(nb, timeout=900, kernel_name='python3',
-                 resources={'metadata': {'path': str(ROOT / 'notebooks')}}).execute()
+  NotebookClient(
+    nb,
+    timeout=900,
+    kernel_name='python3',
+    resources={'metadata': {'path': str(ROOT / 'notebooks')}},
+  ).execute()
   outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
   assert not [o for o in outputs if o.output_type == 'error']
   text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')

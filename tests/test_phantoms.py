@@ -1,4 +1,5 @@
 """Phantom generator: tissue intensities, tumor contrast, determinism, headers, layout, CLI."""
+
 import json
 import os
 import subprocess
@@ -14,10 +15,12 @@ from data_prep import phantoms as P
 
 T = P.TISSUES
 # Small grids keep the tests fast; 4 mm in-plane still covers the whole body.
-SMALL = {"thorax_ct": dict(size=96, spacing=4.0, slices=20, slice_spacing=3.0),
-         "thorax_t2w": dict(size=96, spacing=4.0, slices=12, slice_spacing=5.0),
-         "abdomen_t1w": dict(size=96, spacing=4.0, slices=12, slice_spacing=5.0),
-         "abdomen_t2w": dict(size=96, spacing=4.0, slices=12, slice_spacing=5.0)}
+SMALL = {
+  'thorax_ct': dict(size=96, spacing=4.0, slices=20, slice_spacing=3.0),
+  'thorax_t2w': dict(size=96, spacing=4.0, slices=12, slice_spacing=5.0),
+  'abdomen_t1w': dict(size=96, spacing=4.0, slices=12, slice_spacing=5.0),
+  'abdomen_t2w': dict(size=96, spacing=4.0, slices=12, slice_spacing=5.0),
+}
 INPLANE = np.zeros((3, 3, 3), bool)
 INPLANE[:, :, 1] = True
 INPLANE[1, 1, :] = True  # 6-neighbourhood
@@ -28,9 +31,9 @@ def _case(kind, index, seed=0):
   return P.generate_phantom(kind, rng, P.make_grid(kind, **SMALL[kind]))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def thorax_cases():
-  return {kind: [_case(kind, i) for i in range(8)] for kind in ("thorax_ct", "thorax_t2w")}
+  return {kind: [_case(kind, i) for i in range(8)] for kind in ('thorax_ct', 'thorax_t2w')}
 
 
 def _core(mask, iterations=1):
@@ -41,34 +44,34 @@ def _core(mask, iterations=1):
 
 
 def test_ct_tissue_means_match_nominal_values_in_documented_ranges(thorax_cases):
-  ranges = P.TISSUE_RANGES["thorax_ct"]
-  for case in thorax_cases["thorax_ct"][:3]:
-    img, nominal = case.image.astype(np.float64), case.meta["tissue_values"]
-    sigma = case.meta["noise_sigma"]
-    for name in ("fat", "muscle", "lung", "mediastinum", "heart", "bone", "background"):
+  ranges = P.TISSUE_RANGES['thorax_ct']
+  for case in thorax_cases['thorax_ct'][:3]:
+    img, nominal = case.image.astype(np.float64), case.meta['tissue_values']
+    sigma = case.meta['noise_sigma']
+    for name in ('fat', 'muscle', 'lung', 'mediastinum', 'heart', 'bone', 'background'):
       core = _core(case.tissues == T[name], 2)
       if core.sum() < 30:
         continue
-      lo, hi = ranges.get(name, ranges["mediastinum"])
-      if name == "heart":  # mediastinum + U(-2, 4)
-        lo, hi = ranges["mediastinum"][0] - 2, ranges["mediastinum"][1] + 4
+      lo, hi = ranges.get(name, ranges['mediastinum'])
+      if name == 'heart':  # mediastinum + U(-2, 4)
+        lo, hi = ranges['mediastinum'][0] - 2, ranges['mediastinum'][1] + 4
       assert lo <= nominal[name] <= hi, name
       measured = img[core].mean()
       # Lung: posterior gravity gradient (up to +-35 HU) and faint sub-voxel vessels.
-      tol = 25.0 if name == "lung" else 3.0 + 4 * sigma / np.sqrt(core.sum())
-      if name == "background":  # air clipped at -1024 HU on disk
+      tol = 25.0 if name == 'lung' else 3.0 + 4 * sigma / np.sqrt(core.sum())
+      if name == 'background':  # air clipped at -1024 HU on disk
         tol = 8.0
       assert abs(measured - nominal[name]) < tol, (name, measured, nominal[name])
     # The noise is what the meta says: std in the mediastinum core.
-    core = _core(case.tissues == T["mediastinum"], 2)
+    core = _core(case.tissues == T['mediastinum'], 2)
     assert abs(img[core].std() / sigma - 1) < 0.15
 
 
-@pytest.mark.parametrize("kind", ["thorax_t2w", "abdomen_t1w", "abdomen_t2w"])
+@pytest.mark.parametrize('kind', ['thorax_t2w', 'abdomen_t1w', 'abdomen_t2w'])
 def test_mri_tissue_means_within_documented_ranges(kind):
   case = _case(kind, 0)
   assert case.image.dtype == np.uint16 and case.image.min() >= 0
-  rel = case.image.astype(np.float64) / case.meta["mri_scale"]
+  rel = case.image.astype(np.float64) / case.meta['mri_scale']
   checked = 0
   for name, (lo, hi) in P.TISSUE_RANGES[kind].items():
     if lo < 0.1 or name not in T:
@@ -78,19 +81,21 @@ def test_mri_tissue_means_within_documented_ranges(kind):
       continue
     mean = rel[core].mean()
     # Documented: nominal x bias field (0.75-1.33) x scale; kidney medulla x0.7 (T1) / x1.25 (T2).
-    slack = (0.7, 1.25) if name.startswith("kidney") else (1.0, 1.0)
+    slack = (0.7, 1.25) if name.startswith('kidney') else (1.0, 1.0)
     assert lo * 0.75 * slack[0] - 0.02 <= mean <= hi * 1.34 * slack[1] + 0.02, (name, mean)
     checked += 1
   assert checked >= 4
 
 
 def test_t2w_thorax_contrast_order():
-  case = _case("thorax_t2w", 1)
+  case = _case('thorax_t2w', 1)
   img = case.image.astype(np.float64)
-  mean = {n: img[_core(case.tissues == T[n])].mean() for n in ("lung", "muscle", "mediastinum",
-                                                              "fat", "csf")}
-  assert mean["lung"] < mean["muscle"] < mean["mediastinum"] < mean["fat"] < mean["csf"]
-  assert mean["lung"] < 0.4 * mean["mediastinum"]
+  mean = {
+    n: img[_core(case.tissues == T[n])].mean()
+    for n in ('lung', 'muscle', 'mediastinum', 'fat', 'csf')
+  }
+  assert mean['lung'] < mean['muscle'] < mean['mediastinum'] < mean['fat'] < mean['csf']
+  assert mean['lung'] < 0.4 * mean['mediastinum']
 
 
 # ---------------------------------------------------------------- tumor contrast (the premise)
@@ -101,63 +106,65 @@ def _tumor_contrasts(case):
   Reference: adjacent mediastinum/heart (ring 1-3 voxels out) for juxta-mediastinal tumors,
   adjacent lung for peripheral ones (whose noise is taken from the mediastinum core)."""
   img = case.image.astype(np.float64)
-  soft = _core(np.isin(case.tissues, [T["mediastinum"], T["heart"]]))
-  lung = _core(case.tissues == T["lung"])
-  med_core = _core(case.tissues == T["mediastinum"], 2)
+  soft = _core(np.isin(case.tissues, [T['mediastinum'], T['heart']]))
+  lung = _core(case.tissues == T['lung'])
+  med_core = _core(case.tissues == T['mediastinum'], 2)
   out = []
-  for tm in case.meta["tumors"]:
-    mask = case.instances == tm["instance_id"]
+  for tm in case.meta['tumors']:
+    mask = case.instances == tm['instance_id']
     core = _core(mask)
     ring = ndimage.binary_dilation(mask, INPLANE, 3) & ~ndimage.binary_dilation(mask, INPLANE, 1)
-    ref = ring & (soft if tm["type"] == "juxta_mediastinal" else lung)
+    ref = ring & (soft if tm['type'] == 'juxta_mediastinal' else lung)
     if core.sum() < 8 or ref.sum() < 8:
       continue
-    sigma = img[ref].std() if tm["type"] == "juxta_mediastinal" else img[med_core].std()
-    out.append((tm["type"], abs(img[core].mean() - img[ref].mean()) / sigma))
+    sigma = img[ref].std() if tm['type'] == 'juxta_mediastinal' else img[med_core].std()
+    out.append((tm['type'], abs(img[core].mean() - img[ref].mean()) / sigma))
   return out
 
 
 def test_juxta_mediastinal_tumors_low_contrast_in_ct_high_in_t2w(thorax_cases):
-  cnr = {kind: [c for case in cases for c in _tumor_contrasts(case)]
-         for kind, cases in thorax_cases.items()}
-  ct_juxta = [v for t, v in cnr["thorax_ct"] if t == "juxta_mediastinal"]
-  ct_peri = [v for t, v in cnr["thorax_ct"] if t == "peripheral"]
-  mr_juxta = [v for t, v in cnr["thorax_t2w"] if t == "juxta_mediastinal"]
+  cnr = {
+    kind: [c for case in cases for c in _tumor_contrasts(case)]
+    for kind, cases in thorax_cases.items()
+  }
+  ct_juxta = [v for t, v in cnr['thorax_ct'] if t == 'juxta_mediastinal']
+  ct_peri = [v for t, v in cnr['thorax_ct'] if t == 'peripheral']
+  mr_juxta = [v for t, v in cnr['thorax_t2w'] if t == 'juxta_mediastinal']
   assert len(ct_juxta) >= 3 and len(mr_juxta) >= 3 and len(ct_peri) >= 2, cnr
-  assert max(ct_juxta) < 1.0, ct_juxta        # invisible against the mediastinum on CT
-  assert min(mr_juxta) > 3.0, mr_juxta        # bright against it on T2w
-  assert min(ct_peri) > 10.0, ct_peri         # peripheral tumors stand out in lung on CT
+  assert max(ct_juxta) < 1.0, ct_juxta  # invisible against the mediastinum on CT
+  assert min(mr_juxta) > 3.0, mr_juxta  # bright against it on T2w
+  assert min(ct_peri) > 10.0, ct_peri  # peripheral tumors stand out in lung on CT
 
 
 def test_tumor_types_and_geometry(thorax_cases):
   types = []
-  for case in thorax_cases["thorax_ct"] + thorax_cases["thorax_t2w"]:
-    tumors = case.meta["tumors"]
+  for case in thorax_cases['thorax_ct'] + thorax_cases['thorax_t2w']:
+    tumors = case.meta['tumors']
     assert 1 <= len(tumors) <= 3
-    kinds = [t["type"] for t in tumors]
+    kinds = [t['type'] for t in tumors]
     types += kinds
     assert np.array_equal(case.label, (case.instances > 0).astype(np.uint8))
-    assert np.array_equal(case.label == 1, case.tissues == T["tumor"])
+    assert np.array_equal(case.label == 1, case.tissues == T['tumor'])
     for t in tumors:
-      mask = case.instances == t["instance_id"]
-      assert t["n_voxels"] == mask.sum() > 0
-      assert 10 * 0.85 ** 5 <= t["diameter_mm"] <= 50
+      mask = case.instances == t['instance_id']
+      assert t['n_voxels'] == mask.sum() > 0
+      assert 10 * 0.85**5 <= t['diameter_mm'] <= 50
       around = ndimage.binary_dilation(mask, INPLANE, 1) & ~mask
-      touches_med = np.isin(case.tissues[around], [T["mediastinum"], T["heart"]]).any()
-      if t["type"] == "juxta_mediastinal":
+      touches_med = np.isin(case.tissues[around], [T['mediastinum'], T['heart']]).any()
+      if t['type'] == 'juxta_mediastinal':
         assert touches_med
       else:  # in lung with a 3 mm margin (the 4 mm test voxels may graze the pleura)
-        assert np.isin(case.tissues[around], [T["lung"], T["lung_vessel"]]).mean() > 0.8
-  assert types.count("peripheral") >= 4 and types.count("juxta_mediastinal") >= 4
+        assert np.isin(case.tissues[around], [T['lung'], T['lung_vessel']]).mean() > 0.8
+  assert types.count('peripheral') >= 4 and types.count('juxta_mediastinal') >= 4
 
 
 # ---------------------------------------------------------------- determinism & geometry
 
 
 def test_same_seed_same_arrays_other_seed_other_arrays():
-  a = P.generate_case("thorax_ct", np.random.default_rng(5), **SMALL["thorax_ct"])
-  b = P.generate_case("thorax_ct", np.random.default_rng(5), **SMALL["thorax_ct"])
-  c = P.generate_case("thorax_ct", np.random.default_rng(6), **SMALL["thorax_ct"])
+  a = P.generate_case('thorax_ct', np.random.default_rng(5), **SMALL['thorax_ct'])
+  b = P.generate_case('thorax_ct', np.random.default_rng(5), **SMALL['thorax_ct'])
+  c = P.generate_case('thorax_ct', np.random.default_rng(6), **SMALL['thorax_ct'])
   for x, y in zip(a[:4], b[:4]):
     assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
   assert a[4] == b[4]
@@ -170,24 +177,25 @@ def test_kinds_with_same_seed_are_different_patients():
 
 
 def test_orientation_on_disk_does_not_move_the_anatomy():
-  grid = P.make_grid("thorax_ct", **SMALL["thorax_ct"])
-  lps = P.Grid(grid.size, grid.spacing, grid.slices, grid.slice_spacing, "LPS")
-  ras_case = P.generate_phantom("thorax_ct", np.random.default_rng(3), grid)
-  lps_case = P.generate_phantom("thorax_ct", np.random.default_rng(3), lps)
-  assert nib.aff2axcodes(lps_case.affine) == ("L", "P", "S")
+  grid = P.make_grid('thorax_ct', **SMALL['thorax_ct'])
+  lps = P.Grid(grid.size, grid.spacing, grid.slices, grid.slice_spacing, 'LPS')
+  ras_case = P.generate_phantom('thorax_ct', np.random.default_rng(3), grid)
+  lps_case = P.generate_phantom('thorax_ct', np.random.default_rng(3), lps)
+  assert nib.aff2axcodes(lps_case.affine) == ('L', 'P', 'S')
   canon = nib.as_closest_canonical(nib.Nifti1Image(lps_case.tissues, lps_case.affine))
   assert np.allclose(canon.affine, ras_case.affine)
   assert (np.asarray(canon.dataobj) == ras_case.tissues).mean() > 0.999
   # Anatomical sanity in world RAS: the heart lies left (x < 0) and anterior of the spine.
-  xyz = np.argwhere(ras_case.tissues == T["heart"])
+  xyz = np.argwhere(ras_case.tissues == T['heart'])
   world = nib.affines.apply_affine(ras_case.affine, xyz).mean(0)
-  spine = nib.affines.apply_affine(ras_case.affine,
-                                   np.argwhere(ras_case.tissues == T["csf"])).mean(0)
+  spine = nib.affines.apply_affine(ras_case.affine, np.argwhere(ras_case.tissues == T['csf'])).mean(
+    0
+  )
   assert world[0] < 0 and world[1] > spine[1]
 
 
 def test_abdomen_left_right_organs_in_world_coordinates():
-  for kind in ("abdomen_t1w", "abdomen_t2w"):
+  for kind in ('abdomen_t1w', 'abdomen_t2w'):
     case = _case(kind, 2)
     x = {}
     for name, v in P.ABDOMEN_LABELS.items():
@@ -195,133 +203,173 @@ def test_abdomen_left_right_organs_in_world_coordinates():
         vox = np.argwhere(case.label == v)
         assert len(vox) > 20, (kind, name)
         x[name] = nib.affines.apply_affine(case.affine, vox)[:, 0].mean()
-    assert x["liver"] > 0 and x["kidney_right"] > 0       # RAS+: patient right is +x
-    assert x["spleen"] < 0 and x["kidney_left"] < 0
+    assert x['liver'] > 0 and x['kidney_right'] > 0  # RAS+: patient right is +x
+    assert x['spleen'] < 0 and x['kidney_left'] < 0
 
 
 # ---------------------------------------------------------------- written dataset
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def written(tmp_path_factory):
-  root = tmp_path_factory.mktemp("phantoms")
+  root = tmp_path_factory.mktemp('phantoms')
   out = {}
   for kind in P.KINDS:
     out[kind] = P.write_dataset(kind, 2, 7, root / kind, n_test=1, **SMALL[kind])
   return out
 
 
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize('kind', P.KINDS)
 def test_header_geometry(written, kind):
   grid = P.make_grid(kind, **SMALL[kind])
-  ds = json.loads((written[kind] / "dataset.json").read_text())
-  for entry in ds["training"] + ds["test"]:
-    img = nib.load(written[kind] / entry["image"])
-    lab = nib.load(written[kind] / entry["label"])
+  ds = json.loads((written[kind] / 'dataset.json').read_text())
+  for entry in ds['training'] + ds['test']:
+    img = nib.load(written[kind] / entry['image'])
+    lab = nib.load(written[kind] / entry['label'])
     for im in (img, lab):
       assert im.shape == grid.shape
       assert np.allclose(im.header.get_zooms(), grid.zooms)
       assert nib.aff2axcodes(im.affine) == tuple(grid.orientation)
-      assert im.header["sform_code"] == 1 and im.header["qform_code"] == 1
+      assert im.header['sform_code'] == 1 and im.header['qform_code'] == 1
       assert np.allclose(im.header.get_qform(), im.affine, atol=1e-4)
     assert lab.get_data_dtype() == np.uint8
-    assert img.get_data_dtype() == (np.int16 if kind == "thorax_ct" else np.uint16)
+    assert img.get_data_dtype() == (np.int16 if kind == 'thorax_ct' else np.uint16)
     assert np.allclose(img.affine, lab.affine)
-  expected = {"thorax_ct": "RAS", "thorax_t2w": "LPS", "abdomen_t1w": "LAS", "abdomen_t2w": "LPS"}
+  expected = {'thorax_ct': 'RAS', 'thorax_t2w': 'LPS', 'abdomen_t1w': 'LAS', 'abdomen_t2w': 'LPS'}
   assert grid.orientation == expected[kind]
 
 
-@pytest.mark.parametrize("kind", P.KINDS)
+@pytest.mark.parametrize('kind', P.KINDS)
 def test_dataset_json_is_valid(written, kind):
   root = written[kind]
-  ds = json.loads((root / "dataset.json").read_text())
-  thorax = kind.startswith("thorax")
+  ds = json.loads((root / 'dataset.json').read_text())
+  thorax = kind.startswith('thorax')
   labels = P.THORAX_LABELS if thorax else P.ABDOMEN_LABELS
-  assert ds["labels"] == labels and ds["labels"]["background"] == 0
-  assert ds["channel_names"] == {"0": {"thorax_ct": "CT", "thorax_t2w": "T2",
-                                       "abdomen_t1w": "T1", "abdomen_t2w": "T2"}[kind]}
-  assert ds["modality"] == {"0": "CT" if kind == "thorax_ct" else "MRI"}
-  assert ds["file_ending"] == ".nii.gz"
-  assert ds["numTraining"] == len(ds["training"]) == 2 and ds["numTest"] == len(ds["test"]) == 1
-  assert ds["phantom"]["kind"] == kind and ds["phantom"]["seed"] == 7
-  assert ds["phantom"]["generator_version"] == P.GENERATOR_VERSION
-  assert sorted(os.listdir(root / "imagesTr")) == sorted(
-      os.path.basename(e["image"]) for e in ds["training"])
+  assert ds['labels'] == labels and ds['labels']['background'] == 0
+  assert ds['channel_names'] == {
+    '0': {'thorax_ct': 'CT', 'thorax_t2w': 'T2', 'abdomen_t1w': 'T1', 'abdomen_t2w': 'T2'}[kind]
+  }
+  assert ds['modality'] == {'0': 'CT' if kind == 'thorax_ct' else 'MRI'}
+  assert ds['file_ending'] == '.nii.gz'
+  assert ds['numTraining'] == len(ds['training']) == 2 and ds['numTest'] == len(ds['test']) == 1
+  assert ds['phantom']['kind'] == kind and ds['phantom']['seed'] == 7
+  assert ds['phantom']['generator_version'] == P.GENERATOR_VERSION
+  assert sorted(os.listdir(root / 'imagesTr')) == sorted(
+    os.path.basename(e['image']) for e in ds['training']
+  )
   seen = set()
-  for split, entries in (("Tr", ds["training"]), ("Ts", ds["test"])):
+  for split, entries in (('Tr', ds['training']), ('Ts', ds['test'])):
     for e in entries:
-      case = os.path.basename(e["label"])[:-len(".nii.gz")]
-      assert e["image"] == f"./images{split}/{case}_0000.nii.gz" and case.startswith(kind + "_")
-      assert (root / e["image"]).is_file() and (root / e["label"]).is_file()
-      lab = np.asarray(nib.load(root / e["label"]).dataobj)
+      case = os.path.basename(e['label'])[: -len('.nii.gz')]
+      assert e['image'] == f'./images{split}/{case}_0000.nii.gz' and case.startswith(kind + '_')
+      assert (root / e['image']).is_file() and (root / e['label']).is_file()
+      lab = np.asarray(nib.load(root / e['label']).dataobj)
       seen |= set(np.unique(lab).tolist())
       assert set(np.unique(lab).tolist()) <= set(labels.values())
-      meta = json.loads((root / "phantom_meta" / f"{case}.json").read_text())
-      assert meta["case_id"] == case and meta["tissue_codes"] == P.TISSUES
-      tis = nib.load(root / f"tissues{split}" / f"{case}.nii.gz")
+      meta = json.loads((root / 'phantom_meta' / f'{case}.json').read_text())
+      assert meta['case_id'] == case and meta['tissue_codes'] == P.TISSUES
+      tis = nib.load(root / f'tissues{split}' / f'{case}.nii.gz')
       assert tis.get_data_dtype() == np.uint8 and tis.shape == lab.shape
       if thorax:
-        inst = np.asarray(nib.load(root / f"instances{split}" / f"{case}.nii.gz").dataobj)
-        assert sorted(t["instance_id"] for t in meta["tumors"]) == sorted(
-            set(np.unique(inst).tolist()) - {0})
-        assert all(t["type"] in P.TUMOR_TYPES for t in meta["tumors"])
+        inst = np.asarray(nib.load(root / f'instances{split}' / f'{case}.nii.gz').dataobj)
+        assert sorted(t['instance_id'] for t in meta['tumors']) == sorted(
+          set(np.unique(inst).tolist()) - {0}
+        )
+        assert all(t['type'] in P.TUMOR_TYPES for t in meta['tumors'])
   assert seen == set(labels.values())
-  assert not [f for f in os.listdir(root) if f.startswith(".")]  # no temp files left
+  assert not [f for f in os.listdir(root) if f.startswith('.')]  # no temp files left
 
 
 def test_reader_of_the_pipeline_accepts_it(written):
-  info = nifti_io.read_dataset(written["thorax_t2w"])
-  assert len(info.training) == 2 and len(info.test) == 1 and info.labels == {0: "background",
-                                                                             1: "tumor"}
+  info = nifti_io.read_dataset(written['thorax_t2w'])
+  assert (
+    len(info.training) == 2 and len(info.test) == 1 and info.labels == {0: 'background', 1: 'tumor'}
+  )
   assert all(c.label and os.path.isfile(c.label) for c in info.training + info.test)
 
 
 def test_rewrite_is_byte_identical_and_removes_stale_cases(tmp_path):
-  kw = SMALL["abdomen_t2w"]
-  a = P.write_dataset("abdomen_t2w", 3, 1, tmp_path / "a", n_test=0, **kw)
-  b = P.write_dataset("abdomen_t2w", 3, 1, tmp_path / "b", n_test=0, **kw)
-  for sub in ("imagesTr", "labelsTr", "tissuesTr"):
+  kw = SMALL['abdomen_t2w']
+  a = P.write_dataset('abdomen_t2w', 3, 1, tmp_path / 'a', n_test=0, **kw)
+  b = P.write_dataset('abdomen_t2w', 3, 1, tmp_path / 'b', n_test=0, **kw)
+  for sub in ('imagesTr', 'labelsTr', 'tissuesTr'):
     for f in os.listdir(a / sub):
       assert (a / sub / f).read_bytes() == (b / sub / f).read_bytes()
-  P.write_dataset("abdomen_t2w", 1, 1, a, n_test=0, **kw)
-  assert os.listdir(a / "imagesTr") == ["abdomen_t2w_000_0000.nii.gz"]
-  assert len(os.listdir(a / "phantom_meta")) == 1
+  P.write_dataset('abdomen_t2w', 1, 1, a, n_test=0, **kw)
+  assert os.listdir(a / 'imagesTr') == ['abdomen_t2w_000_0000.nii.gz']
+  assert len(os.listdir(a / 'phantom_meta')) == 1
 
 
 # ---------------------------------------------------------------- CLI
 
 
 def test_cli_writes_a_dataset(tmp_path, capsys):
-  out = tmp_path / "ct"
-  assert P.main(["--kind", "thorax_ct", "--n", "1", "--n-test", "1", "--seed", "3", "--out",
-                 str(out), "--size", "64", "--spacing", "6", "--slices", "8"]) == 0
-  assert "wrote 1 training + 1 test thorax_ct cases" in capsys.readouterr().out
-  ds = json.loads((out / "dataset.json").read_text())
-  assert ds["numTraining"] == 1 and nib.load(out / ds["training"][0]["image"]).shape == (64, 64, 8)
+  out = tmp_path / 'ct'
+  assert (
+    P.main(
+      [
+        '--kind',
+        'thorax_ct',
+        '--n',
+        '1',
+        '--n-test',
+        '1',
+        '--seed',
+        '3',
+        '--out',
+        str(out),
+        '--size',
+        '64',
+        '--spacing',
+        '6',
+        '--slices',
+        '8',
+      ]
+    )
+    == 0
+  )
+  assert 'wrote 1 training + 1 test thorax_ct cases' in capsys.readouterr().out
+  ds = json.loads((out / 'dataset.json').read_text())
+  assert ds['numTraining'] == 1 and nib.load(out / ds['training'][0]['image']).shape == (64, 64, 8)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--kind", "thorax_mri", "--n", "2"], "invalid choice"),
-    (["--kind", "thorax_ct", "--n", "0"], "must be >= 1"),
-    (["--kind", "thorax_ct", "--n", "two"], "expected an integer"),
-    (["--kind", "thorax_ct", "--spacing", "-1"], "must be > 0"),
-])
+@pytest.mark.parametrize(
+  'args, fragment',
+  [
+    (['--kind', 'thorax_mri', '--n', '2'], 'invalid choice'),
+    (['--kind', 'thorax_ct', '--n', '0'], 'must be >= 1'),
+    (['--kind', 'thorax_ct', '--n', 'two'], 'expected an integer'),
+    (['--kind', 'thorax_ct', '--spacing', '-1'], 'must be > 0'),
+  ],
+)
 def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, fragment):
   with pytest.raises(SystemExit) as e:
-    P.main(args + ["--out", str(tmp_path / "x")])
+    P.main(args + ['--out', str(tmp_path / 'x')])
   assert e.value.code == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and err.startswith("phantoms: error:") and fragment in err
-  assert not (tmp_path / "x").exists()
+  assert err.count('\n') == 1 and err.startswith('phantoms: error:') and fragment in err
+  assert not (tmp_path / 'x').exists()
 
 
 def test_cli_unwritable_out_dir_exit_2(tmp_path):
-  blocker = tmp_path / "a_file"
-  blocker.write_text("not a directory")
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
   proc = subprocess.run(
-      [sys.executable, "-m", "data_prep.phantoms", "--kind", "abdomen_t1w", "--n", "1",
-       "--out", str(blocker / "sub")], capture_output=True, text=True,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    [
+      sys.executable,
+      '-m',
+      'data_prep.phantoms',
+      '--kind',
+      'abdomen_t1w',
+      '--n',
+      '1',
+      '--out',
+      str(blocker / 'sub'),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert proc.returncode == 2
-  assert proc.stderr.count("\n") == 1 and "phantoms: error:" in proc.stderr
-  assert str(blocker / "sub") in proc.stderr and proc.stdout == ""
+  assert proc.stderr.count('\n') == 1 and 'phantoms: error:' in proc.stderr
+  assert str(blocker / 'sub') in proc.stderr and proc.stdout == ''

@@ -50,11 +50,17 @@ def direct(predictor, image, affine, tree, name='student'):
   p, stats = tree['params'], tree['batch_stats']
   fake = nets.translator.apply({'params': p['translator']}, x)
   inputs = fake if name == 'teacher' else x
-  logits = getattr(nets, name).apply({'params': p[name], 'batch_stats': stats[name]}, inputs,
-                                     train=False)[0]
+  logits = getattr(nets, name).apply(
+    {'params': p[name], 'batch_stats': stats[name]}, inputs, train=False
+  )[0]
   probs = np.asarray(jax.nn.softmax(logits, -1))  # [Z, H, W, K]
-  probs = np.stack([prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
-                    for k in range(probs.shape[-1])], -1)
+  probs = np.stack(
+    [
+      prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))
+      for k in range(probs.shape[-1])
+    ],
+    -1,
+  )
   fake = prepare.invert_image(np.asarray(fake[..., 0]), geometry, fill_value=-1.0)
   return probs, fake
 
@@ -64,8 +70,9 @@ def test_prediction_overlays_an_lps_anisotropic_oddly_sized_input(run_dir, tmp_p
   source = lps_odd_input(root, tmp_path)
   predictor = inference.Predictor(workdir=str(workdir), pseudo_target=True)
   out_dir = tmp_path / 'out'
-  result = predict.predict_files(predictor, [str(source)], str(out_dir), probabilities=True,
-                                 pseudo_target=True, progress=False)
+  result = predict.predict_files(
+    predictor, [str(source)], str(out_dir), probabilities=True, pseudo_target=True, progress=False
+  )
   assert result['written'] == [str(out_dir / 'lps_odd.nii.gz')] and not result['failed']
   ref, out = nib.load(source), nib.load(out_dir / 'lps_odd.nii.gz')
   assert out.shape == ref.shape == (41, 37, 6)
@@ -117,25 +124,32 @@ def test_cli_predicts_from_the_export_any_checkpoint_and_the_teacher(run_dir, tm
   root, workdir = run_dir
   good = ct_test_case(root)
   best = sorted(os.listdir(workdir / 'best'))[0]
-  runs = {'export': ['--workdir', str(workdir)],
-          'final': ['--checkpoint', str(workdir / 'checkpoints' / '8')],
-          'best': ['--checkpoint', str(workdir / 'best' / best)],
-          'teacher': ['--workdir', str(workdir), '--teacher']}
+  runs = {
+    'export': ['--workdir', str(workdir)],
+    'final': ['--checkpoint', str(workdir / 'checkpoints' / '8')],
+    'best': ['--checkpoint', str(workdir / 'best' / best)],
+    'teacher': ['--workdir', str(workdir), '--teacher'],
+  }
   probs = {}
   for name, args in runs.items():
     out = tmp_path / name
-    assert predict.main(args + ['--input', str(good), '--output', str(out),
-                                '--probabilities']) == 0, name
+    assert (
+      predict.main(args + ['--input', str(good), '--output', str(out), '--probabilities']) == 0
+    ), name
     case = good.name.replace('_0000', '')
-    assert sorted(os.listdir(out)) == sorted([case, case.replace('.nii.gz',
-                                                                 '_probabilities.nii.gz')])
-    probs[name] = np.asarray(nib.load(out / case.replace('.nii.gz', '_probabilities.nii.gz'))
-                             .dataobj)
+    assert sorted(os.listdir(out)) == sorted(
+      [case, case.replace('.nii.gz', '_probabilities.nii.gz')]
+    )
+    probs[name] = np.asarray(
+      nib.load(out / case.replace('.nii.gz', '_probabilities.nii.gz')).dataobj
+    )
   np.testing.assert_array_equal(probs['final'], probs['export'])
   src = nib.load(good)
   image = np.asarray(src.dataobj, np.float32)
-  for name, kwargs in (('best', dict(checkpoint_path=str(workdir / 'best' / best))),
-                       ('teacher', dict(workdir=str(workdir), teacher=True))):
+  for name, kwargs in (
+    ('best', dict(checkpoint_path=str(workdir / 'best' / best))),
+    ('teacher', dict(workdir=str(workdir), teacher=True)),
+  ):
     want = inference.Predictor(**kwargs).predict_array(image, src.affine)['probabilities']
     np.testing.assert_allclose(probs[name], want, atol=1e-6, err_msg=name)
   assert not np.allclose(probs['teacher'], probs['export'], atol=1e-4)
@@ -166,19 +180,26 @@ def test_cli_keeps_outputs_reports_bad_inputs_and_goes_on(run_dir, tmp_path, cap
 
 def test_cli_without_a_run_is_a_clear_error(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
-    predict.main(['--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
-                  str(tmp_path / 'o')])
+    predict.main(
+      ['--workdir', str(tmp_path), '--input', str(tmp_path), '--output', str(tmp_path / 'o')]
+    )
   assert e.value.code == 2
   assert 'predict: error:' in capsys.readouterr().err
 
 
 def test_a_killed_prediction_s_temporaries_are_deleted_at_the_next_start(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
+
   dead = subprocess.Popen(['true'])
   dead.wait()
-  names = {f'.tmp{dead.pid}_case.nii.gz': 120, f'.tmp{dead.pid}_b_probabilities.nii.gz': 120,
-           f'.tmp{os.getppid()}_c.nii.gz': 120, f'.tmp{dead.pid}_d.nii.gz': 0,
-           '.tmpnotours.nii.gz': 120, f'.tmp{dead.pid}_e.txt': 120}
+  names = {
+    f'.tmp{dead.pid}_case.nii.gz': 120,
+    f'.tmp{dead.pid}_b_probabilities.nii.gz': 120,
+    f'.tmp{os.getppid()}_c.nii.gz': 120,
+    f'.tmp{dead.pid}_d.nii.gz': 0,
+    '.tmpnotours.nii.gz': 120,
+    f'.tmp{dead.pid}_e.txt': 120,
+  }
   for name, age in names.items():
     (tmp_path / name).write_bytes(b'x')
     t = os.path.getmtime(tmp_path / name) - age
@@ -186,15 +207,28 @@ def test_a_killed_prediction_s_temporaries_are_deleted_at_the_next_start(tmp_pat
   result = predict.predict_files(None, [], str(tmp_path), progress=False)
   assert result == {'written': [], 'skipped': [], 'failed': [], 'warned': []}
   assert sorted(os.listdir(tmp_path)) == sorted(
-      [f'.tmp{os.getppid()}_c.nii.gz', f'.tmp{dead.pid}_d.nii.gz', '.tmpnotours.nii.gz',
-       f'.tmp{dead.pid}_e.txt'])
+    [
+      f'.tmp{os.getppid()}_c.nii.gz',
+      f'.tmp{dead.pid}_d.nii.gz',
+      '.tmpnotours.nii.gz',
+      f'.tmp{dead.pid}_e.txt',
+    ]
+  )
 
 
 def test_cli_output_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
   (tmp_path / 'out.nii.gz').write_bytes(b'a file')
   with pytest.raises(SystemExit) as e:
-    predict.main(['--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
-                  str(tmp_path / 'out.nii.gz')])
+    predict.main(
+      [
+        '--workdir',
+        str(tmp_path),
+        '--input',
+        str(tmp_path),
+        '--output',
+        str(tmp_path / 'out.nii.gz'),
+      ]
+    )
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith('predict: error: --output ') and 'not a folder' in err
@@ -205,14 +239,19 @@ def test_two_inputs_of_one_case_are_an_error_naming_both(tmp_path, capsys):
   for name in ('case_0000.nii.gz', 'case.nii', 'other.nii.gz'):
     (tmp_path / name).write_bytes(b'x')
   with pytest.raises(SystemExit) as e:
-    predict.main(['--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
-                  str(tmp_path / 'out')])
+    predict.main(
+      ['--workdir', str(tmp_path), '--input', str(tmp_path), '--output', str(tmp_path / 'out')]
+    )
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert str(tmp_path / 'case_0000.nii.gz') in err and str(tmp_path / 'case.nii') in err
   with pytest.raises(ValueError, match="both case 'case'"):
-    predict.predict_files(None, [str(tmp_path / 'case.nii'), str(tmp_path / 'case_0000.nii.gz')],
-                          str(tmp_path / 'out'), progress=False)
+    predict.predict_files(
+      None,
+      [str(tmp_path / 'case.nii'), str(tmp_path / 'case_0000.nii.gz')],
+      str(tmp_path / 'out'),
+      progress=False,
+    )
   assert not os.path.exists(tmp_path / 'out')
 
 
@@ -221,8 +260,9 @@ def test_an_mri_given_to_a_ct_model_is_named_in_a_warning(run_dir, tmp_path, cap
   root, workdir = run_dir
   mri = sorted((root / 'raw' / 'thorax_t2w' / 'imagesTs').glob('*.nii.gz'))[0]
   predictor = inference.Predictor(workdir=str(workdir))
-  result = predict.predict_files(predictor, [str(mri), str(ct_test_case(root))],
-                                 str(tmp_path), progress=False)
+  result = predict.predict_files(
+    predictor, [str(mri), str(ct_test_case(root))], str(tmp_path), progress=False
+  )
   assert [p for p, _ in result['warned']] == [str(mri)]  # The CT case raises no doubt.
   assert len(result['written']) == 2
   err = capsys.readouterr().err

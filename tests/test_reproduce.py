@@ -16,8 +16,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
   root, out = tmp_path / 'study', tmp_path / 'docs' / 'RESULTS.md'
-  cmd = [sys.executable, 'benchmarks/reproduce.py', '--tiny', '--root', str(root),
-         '--out', str(out)]
+  cmd = [
+    sys.executable,
+    'benchmarks/reproduce.py',
+    '--tiny',
+    '--root',
+    str(root),
+    '--out',
+    str(out),
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
@@ -26,8 +33,10 @@ def test_tiny_study_end_to_end(tmp_path):
   assert (tmp_path / 'docs' / 'RESULTS_figures' / 'overlays.png').stat().st_size > 1000
 
   meta_dir = root / 'data' / 'phantoms' / 'thorax_ct' / 'phantom_meta'
-  test_cases = sorted(p.name[:-len('.nii.gz')] for p in
-                      (root / 'data' / 'phantoms' / 'thorax_ct' / 'labelsTs').iterdir())
+  test_cases = sorted(
+    p.name[: -len('.nii.gz')]
+    for p in (root / 'data' / 'phantoms' / 'thorax_ct' / 'labelsTs').iterdir()
+  )
   for method in ('student_only', 'cmedl'):
     run_dir = root / 'runs' / f'informative-{method}-s0'
     record = json.loads((run_dir / 'test_eval.json').read_text())
@@ -53,8 +62,9 @@ def test_tiny_study_end_to_end(tmp_path):
 
   # --report-only rebuilds the same report from the saved runs without training.
   before = text
-  proc = subprocess.run(cmd + ['--report-only'], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    cmd + ['--report-only'], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'training' not in proc.stdout
   assert out.read_text() == before

@@ -90,13 +90,16 @@ def _inject_nan_at(monkeypatch, bad_step):
 
       def close(self):
         it.close()
+
     return WithNaN()
+
   monkeypatch.setattr(input_pipeline, 'create_train_iterator', create_with_nan)
 
 
 @pytest.mark.slow
 def test_nan_in_batch_stops_naming_loss_and_step_and_keeps_last_checkpoint(
-    tiny_data, tmp_path, monkeypatch):
+  tiny_data, tmp_path, monkeypatch
+):
   _inject_nan_at(monkeypatch, 4)  # The batch of the 5th step.
   config = small_config(tiny_data, checkpoint_every=2, log_every=1, eval_every=100)
   with pytest.raises(train.NonFiniteLossError, match=r'loss/\w+ is nan at step 5; stopping'):
@@ -128,16 +131,29 @@ def test_prepared_data_of_another_raw_folder_is_an_error(tiny_data, tmp_path):
   other = tmp_path / 'copy_of_ct'
   shutil.copytree(config.data.source.raw_dir, other)
   config.data.source.raw_dir = str(other)
-  with pytest.raises(ValueError, match=r'was prepared from .*thorax_ct, but data.source.raw_dir '
-                     r'is .*copy_of_ct; point data.source.prepared_dir elsewhere'):
+  with pytest.raises(
+    ValueError,
+    match=r'was prepared from .*thorax_ct, but data.source.raw_dir '
+    r'is .*copy_of_ct; point data.source.prepared_dir elsewhere',
+  ):
     train.prepare_data(config)
 
 
 def test_mistyped_config_field_is_an_error(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'cmedl_jax.main', '--config=configs/tiny.py',
-       f'--workdir={tmp_path}', '--config.train.num_stepz=3'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'cmedl_jax.main',
+      '--config=configs/tiny.py',
+      f'--workdir={tmp_path}',
+      '--config.train.num_stepz=3',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode != 0
   assert 'num_stepz' in result.stderr
   assert not os.path.exists(tmp_path / 'config.json')
@@ -158,12 +174,14 @@ def test_two_stage_training_end_to_end(tiny_data, tmp_path):
   result = train.train_and_evaluate(stage2, str(tmp_path / 'stage2'))
   assert np.isfinite(result['val_dsc'])
   final = checkpoint.restore_tree(str(tmp_path / 'stage2' / 'checkpoints' / '2'))
-  for a, b in zip(jax.tree.leaves(saved['params']['translator']),
-                  jax.tree.leaves(final['params']['translator'])):
+  for a, b in zip(
+    jax.tree.leaves(saved['params']['translator']), jax.tree.leaves(final['params']['translator'])
+  ):
     np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------------------------------------ checkpoints
+
 
 def test_checkpoints_keep_the_latest_k_and_the_best(tmp_path):
   ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
@@ -194,13 +212,20 @@ def test_a_run_keeps_its_latest_checkpoints_best_and_export(tiny_run):
   exported = checkpoint.load_variables(str(workdir / 'export'))
   final = final_state(workdir)
   assert set(exported['params']) == {'student'}
-  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(
-      {'params': {'student': final['params']['student']},
-       'batch_stats': {'student': final['batch_stats']['student']}})):
+  for a, b in zip(
+    jax.tree.leaves(exported),
+    jax.tree.leaves(
+      {
+        'params': {'student': final['params']['student']},
+        'batch_stats': {'student': final['batch_stats']['student']},
+      }
+    ),
+  ):
     np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------------------------------------ TensorBoard
+
 
 def read_image_tags(workdir):
   """{tag: sorted steps} of the image summaries in WORKDIR's event files."""
@@ -218,11 +243,26 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
   _, workdir = tiny_run
   scalars = curves.read_scalars(str(workdir))
   logged = [2, 4, 6, 8]  # train.log_every = 2.
-  terms = ('gan_target', 'gan_source', 'cycle', 'identity', 'contextual', 'teacher_seg',
-           'student_seg', 'hint', 'disc_target', 'disc_source', 'total_generator_side')
+  terms = (
+    'gan_target',
+    'gan_source',
+    'cycle',
+    'identity',
+    'contextual',
+    'teacher_seg',
+    'student_seg',
+    'hint',
+    'disc_target',
+    'disc_source',
+    'total_generator_side',
+  )
   groups = ('translator', 'discriminator', 'teacher', 'student')
-  for tag in ([f'loss/{t}' for t in terms] + [f'grad_norm/{g}' for g in groups]
-              + [f'lr/{g}' for g in groups] + ['perf/steps_per_sec', 'perf/data_wait_fraction']):
+  for tag in (
+    [f'loss/{t}' for t in terms]
+    + [f'grad_norm/{g}' for g in groups]
+    + [f'lr/{g}' for g in groups]
+    + ['perf/steps_per_sec', 'perf/data_wait_fraction']
+  ):
     assert tag in scalars, tag
     np.testing.assert_array_equal(scalars[tag][0], logged, err_msg=tag)
     assert np.isfinite(scalars[tag][1]).all(), tag
@@ -231,15 +271,23 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
     want = [float(train_state.learning_rates(config, s)[g]) for s in logged]
     np.testing.assert_allclose(scalars[f'lr/{g}'][1], want, rtol=1e-6, err_msg=g)
   np.testing.assert_allclose(
-      scalars['loss/total_generator_side'][1],
-      sum(scalars[f'loss/{t}'][1] for t in terms[:8]), rtol=1e-5)
+    scalars['loss/total_generator_side'][1],
+    sum(scalars[f'loss/{t}'][1] for t in terms[:8]),
+    rtol=1e-5,
+  )
   history = json.loads((workdir / 'validation.json').read_text())
   for key in ('val_dsc', 'val_sdsc', 'val_hd95'):
     np.testing.assert_array_equal(scalars[key][0], [4, 8])
     np.testing.assert_allclose(scalars[key][1], [r[key] for r in history], rtol=1e-6)
   images = read_image_tags(workdir)
-  for tag in ('source', 'label', 'pseudo_target', 'cycle_source', 'prediction/inference',
-              'prediction/teacher_on_pseudo_target'):
+  for tag in (
+    'source',
+    'label',
+    'pseudo_target',
+    'cycle_source',
+    'prediction/inference',
+    'prediction/teacher_on_pseudo_target',
+  ):
     assert images.get(tag) == [4, 8], (tag, images)
 
 
@@ -261,8 +309,9 @@ def test_resume_with_a_changed_network_is_an_error_before_any_write(tmp_path):
 def test_resume_may_change_logging_eval_and_checkpoint_cadence(tmp_path):
   config = small_config(tmp_path)
   checkpoint.save_config(str(tmp_path), config)
-  config.train.update(log_every=5, image_every=7, eval_every=9, checkpoint_every=11,
-                      keep_checkpoints=1)
+  config.train.update(
+    log_every=5, image_every=7, eval_every=9, checkpoint_every=11, keep_checkpoints=1
+  )
   config.eval.batch_size = 4
   config.data.prefetch = 1
   checkpoint.save_config(str(tmp_path), config)
@@ -286,12 +335,21 @@ def test_resume_of_a_run_saved_before_a_config_field_existed_warns(tmp_path, cap
     checkpoint.check_resume_config(str(tmp_path), config)
 
 
-
-@pytest.mark.parametrize('field, value', [
-    ('optim.lr', 0.0), ('optim.lr', -1e-3), ('train.num_steps', 0),
-    ('train.global_batch_size', 6), ('train.log_every', 0), ('data.image_size', 0),
-    ('eval.batch_size', 0), ('data.context_slices', 2), ('data.image_size', 11),
-    ('method.name', 'cmdel')])
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('optim.lr', 0.0),
+    ('optim.lr', -1e-3),
+    ('train.num_steps', 0),
+    ('train.global_batch_size', 6),
+    ('train.log_every', 0),
+    ('data.image_size', 0),
+    ('eval.batch_size', 0),
+    ('data.context_slices', 2),
+    ('data.image_size', 11),
+    ('method.name', 'cmdel'),
+  ],
+)
 def test_config_errors_name_the_field_before_any_work(tmp_path, field, value):
   config = small_config(tmp_path / 'nothing_here')
   section, name = field.split('.')
@@ -344,18 +402,19 @@ def test_a_kill_between_the_export_renames_is_recovered(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / 'export')  # Old moved aside, new not yet in place.
   # Readers (predict) find the previous export; the next training start puts it back.
   found = checkpoint.export_dir(str(tmp_path))
-  np.testing.assert_array_equal(
-      checkpoint.load_variables(found)['params']['student']['w'], 1.0)
+  np.testing.assert_array_equal(checkpoint.load_variables(found)['params']['student']['w'], 1.0)
   checkpoint.clean_export_leftovers(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['export']
   np.testing.assert_array_equal(
-      checkpoint.load_variables(str(tmp_path / 'export'))['params']['student']['w'], 1.0)
+    checkpoint.load_variables(str(tmp_path / 'export'))['params']['student']['w'], 1.0
+  )
 
 
 def _write_lock(workdir, pid, host=None):
   workdir.mkdir(exist_ok=True)
   (workdir / 'train.lock').write_text(
-      json.dumps({'pid': pid, 'host': host or socket.gethostname()}))
+    json.dumps({'pid': pid, 'host': host or socket.gethostname()})
+  )
 
 
 def test_a_workdir_held_by_a_running_training_is_an_error(tmp_path):
@@ -395,17 +454,30 @@ def test_the_lock_of_a_dead_training_is_taken_over_and_released_on_error(tmp_pat
 def test_a_prepared_dir_without_its_manifest_is_a_clear_error(tmp_path):
   config = small_config(tmp_path)
   os.makedirs(config.data.source.prepared_dir)
-  with pytest.raises(ValueError, match=r'not a complete prepared dataset .*delete it .*'
-                     r'data\.source\.prepared_dir') as e:
+  with pytest.raises(
+    ValueError,
+    match=r'not a complete prepared dataset .*delete it .*'
+    r'data\.source\.prepared_dir',
+  ) as e:
     train.prepare_data(config)
   assert 'overwrite' not in str(e.value)
 
 
 def test_the_trainer_reports_a_config_error_in_one_line(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'cmedl_jax.main', '--config=configs/tiny.py',
-       f'--workdir={tmp_path / "run"}', '--config.train.num_steps=0'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'cmedl_jax.main',
+      '--config=configs/tiny.py',
+      f'--workdir={tmp_path / "run"}',
+      '--config.train.num_steps=0',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1
   assert result.stderr.splitlines()[-1] == 'error: train.num_steps must be an int >= 1, got 0'
   assert 'Traceback' not in result.stderr
@@ -419,17 +491,20 @@ def test_config_check_accepts_the_tiny_config_down_to_its_smallest_size(tmp_path
   train.check_config(config)
 
 
-
 def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path):
   dead = subprocess.Popen(['true'])
   dead.wait()
   run = tmp_path / 'run'
   run.mkdir()
   # Atomic writes' temporaries: .tmp<pid>_<name> (data_prep.nifti_io.temporary_path).
-  names = {f'.tmp{dead.pid}_validation.json': 120, f'.write_probe_{dead.pid}': 120,
-           f'.write_probe_0_{dead.pid}': 120,  # check_workdir's name: process index, pid.
-           f'.tmp{os.getppid()}_config.json': 120, f'.tmp{dead.pid}_preparation.json': 0,
-           '.tmp_notes.json': 120}
+  names = {
+    f'.tmp{dead.pid}_validation.json': 120,
+    f'.write_probe_{dead.pid}': 120,
+    f'.write_probe_0_{dead.pid}': 120,  # check_workdir's name: process index, pid.
+    f'.tmp{os.getppid()}_config.json': 120,
+    f'.tmp{dead.pid}_preparation.json': 0,
+    '.tmp_notes.json': 120,
+  }
   for name, age in names.items():
     (run / name).write_text('{')
     t = os.path.getmtime(run / name) - age
@@ -437,8 +512,14 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
   with pytest.raises(nifti_io.DataError, match='dataset folder does not exist'):
     train.train_and_evaluate(small_config(tmp_path), str(run))  # No data.
   assert sorted(os.listdir(run)) == sorted(
-      ['config.json', 'environment.json', f'.tmp{os.getppid()}_config.json',
-       f'.tmp{dead.pid}_preparation.json', '.tmp_notes.json'])
+    [
+      'config.json',
+      'environment.json',
+      f'.tmp{os.getppid()}_config.json',
+      f'.tmp{dead.pid}_preparation.json',
+      '.tmp_notes.json',
+    ]
+  )
 
 
 def test_the_workdir_lock_is_released_and_another_one_is_left_alone(tmp_path):

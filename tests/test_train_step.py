@@ -30,15 +30,17 @@ def make_batch(seed, n=8, has_label=1.0, channels=1):
   images, labels = [], []
   for _ in range(n):
     cy, cx, r = rng.uniform(8, 24), rng.uniform(8, 24), rng.uniform(3, 7)
-    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
     images.append(np.where(disc, 0.6, -0.4) + 0.1 * rng.standard_normal((H, W)))
     labels.append(disc)
   images = np.stack(images)[..., None]
   if channels > 1:
     images = images + 0.05 * rng.standard_normal((n, H, W, channels))
-  return {'image': jnp.asarray(images, jnp.float32),
-          'label': jnp.asarray(np.stack(labels), jnp.int32),
-          'has_label': jnp.full((n,), has_label, jnp.float32)}
+  return {
+    'image': jnp.asarray(images, jnp.float32),
+    'label': jnp.asarray(np.stack(labels), jnp.int32),
+    'has_label': jnp.full((n,), has_label, jnp.float32),
+  }
 
 
 def setup(config, devices=None, channels=1):
@@ -46,8 +48,10 @@ def setup(config, devices=None, channels=1):
   nets = method.build_networks(config, in_channels=channels)
   tx = train_state.make_optimizer(config)
   mesh = sharding.make_mesh(devices or jax.devices()[:1])
-  init = jax.jit(lambda r: train_state.create_train_state(config, nets, r, (H, W, channels))[0],
-                 out_shardings=sharding.replicated(mesh))
+  init = jax.jit(
+    lambda r: train_state.create_train_state(config, nets, r, (H, W, channels))[0],
+    out_shardings=sharding.replicated(mesh),
+  )
   state = init(jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx))
   return nets, state, step, mesh
@@ -80,14 +84,14 @@ def changed(a, b):
 
 
 METHODS = {
-    'cmedl_cyclegan': ('tiny', 'unet,cyclegan', {}),
-    'cmedl_cut': ('tiny', 'unet,cut', {}),
-    'cmedl_kl': ('tiny', 'unet,cyclegan', {'distill': 'kl'}),
-    'student_only': ('tiny', 'unet', {'name': 'student_only', 'distill': 'none'}),
-    'two_channel': ('tiny', 'unet', {'name': 'two_channel', 'distill': 'none'}),
-    'pmri_teacher': ('tiny', 'unet', {'name': 'pmri_teacher', 'distill': 'none'}),
-    'translator_only': ('tiny', 'unet', {'name': 'translator_only', 'distill': 'none'}),
-    'frozen_translator': ('tiny', 'unet', {'freeze_translator': True}),
+  'cmedl_cyclegan': ('tiny', 'unet,cyclegan', {}),
+  'cmedl_cut': ('tiny', 'unet,cut', {}),
+  'cmedl_kl': ('tiny', 'unet,cyclegan', {'distill': 'kl'}),
+  'student_only': ('tiny', 'unet', {'name': 'student_only', 'distill': 'none'}),
+  'two_channel': ('tiny', 'unet', {'name': 'two_channel', 'distill': 'none'}),
+  'pmri_teacher': ('tiny', 'unet', {'name': 'pmri_teacher', 'distill': 'none'}),
+  'translator_only': ('tiny', 'unet', {'name': 'translator_only', 'distill': 'none'}),
+  'frozen_translator': ('tiny', 'unet', {'freeze_translator': True}),
 }
 
 
@@ -104,8 +108,12 @@ def test_every_method_steps_and_trains_its_groups(key):
   state, new_state, metrics = run_method(key)
   assert all(np.isfinite(v) for v in metrics.values()), metrics
   assert int(new_state.step) == 1
-  expected = {'student': u['student'], 'teacher': u['teacher'],
-              'translator': u['trains_translator'], 'disc_target': u['disc_target']}
+  expected = {
+    'student': u['student'],
+    'teacher': u['teacher'],
+    'translator': u['trains_translator'],
+    'disc_target': u['disc_target'],
+  }
   for name, trains in expected.items():
     if name in state.params:
       assert changed(state.params[name], new_state.params[name]) == trains, name
@@ -118,8 +126,18 @@ def test_every_method_steps_and_trains_its_groups(key):
     assert 'translator_inv' not in state.params and 'nce_head' in state.params
     assert 'loss/nce' in metrics and 'loss/cycle' not in metrics
   if key == 'cmedl_cyclegan':
-    for name in ('gan_target', 'gan_source', 'cycle', 'identity', 'contextual', 'teacher_seg',
-                 'student_seg', 'hint', 'disc_target', 'disc_source'):
+    for name in (
+      'gan_target',
+      'gan_source',
+      'cycle',
+      'identity',
+      'contextual',
+      'teacher_seg',
+      'student_seg',
+      'hint',
+      'disc_target',
+      'disc_source',
+    ):
       assert f'loss/{name}' in metrics, name
     for group in ('translator', 'discriminator', 'teacher', 'student'):
       assert metrics[f'grad_norm/{group}'] > 0, group
@@ -129,19 +147,33 @@ def test_every_method_steps_and_trains_its_groups(key):
 
 RNG = jax.random.PRNGKey(3)
 # Distinct weights, so that a weight applied to the wrong term, twice or not at all shows.
-WEIGHTS = dict(gan=2.0, cycle=3.0, identity=0.25, nce=5.0, contextual=7.0, teacher_seg=11.0,
-               student_seg=13.0, hint=17.0)
+WEIGHTS = dict(
+  gan=2.0,
+  cycle=3.0,
+  identity=0.25,
+  nce=5.0,
+  contextual=7.0,
+  teacher_seg=11.0,
+  student_seg=13.0,
+  hint=17.0,
+)
 UNIT_WEIGHTS = {k: 1.0 for k in WEIGHTS}
 # Each term's factor as a function of the weights.
-FACTOR = {'gan_target': lambda w: w['gan'], 'gan_source': lambda w: w['gan'],
-          'cycle': lambda w: w['cycle'], 'identity': lambda w: w['cycle'] * w['identity'],
-          'contextual': lambda w: w['contextual'], 'nce': lambda w: w['nce'],
-          'nce_identity': lambda w: w['nce'], 'teacher_seg': lambda w: w['teacher_seg'],
-          'student_seg': lambda w: w['student_seg'], 'hint': lambda w: w['hint'],
-          'kl': lambda w: w['hint']}
+FACTOR = {
+  'gan_target': lambda w: w['gan'],
+  'gan_source': lambda w: w['gan'],
+  'cycle': lambda w: w['cycle'],
+  'identity': lambda w: w['cycle'] * w['identity'],
+  'contextual': lambda w: w['contextual'],
+  'nce': lambda w: w['nce'],
+  'nce_identity': lambda w: w['nce'],
+  'teacher_seg': lambda w: w['teacher_seg'],
+  'student_seg': lambda w: w['student_seg'],
+  'hint': lambda w: w['hint'],
+  'kl': lambda w: w['hint'],
+}
 # Configurations whose terms are checked: together they hold every term of the step.
-TERM_CONFIGS = {'cyclegan_hint': ('unet,cyclegan', {}),
-                'cut_kl': ('unet,cut', {'distill': 'kl'})}
+TERM_CONFIGS = {'cyclegan_hint': ('unet,cyclegan', {}), 'cut_kl': ('unet,cut', {'distill': 'kl'})}
 
 
 def terms_config(key, weights):
@@ -170,12 +202,13 @@ def loss_terms(key, weights):
     g_params, d_params = split_params(state)
 
     def forward(g, d, stats):
-      total, (terms, _, _) = ts.generator_losses(g, d, stats, config, nets, make_batch(1),
-                                                 make_batch(2), RNG)
+      total, (terms, _, _) = ts.generator_losses(
+        g, d, stats, config, nets, make_batch(1), make_batch(2), RNG
+      )
       return total, terms
+
     total, terms = jax.device_get(jax.jit(forward)(g_params, d_params, state.batch_stats))
-    _TERMS[cache_key] = (float(total), {k: float(v) for k, v in terms.items()}, config, nets,
-                         state)
+    _TERMS[cache_key] = (float(total), {k: float(v) for k, v in terms.items()}, config, nets, state)
   return _TERMS[cache_key]
 
 
@@ -183,17 +216,35 @@ def loss_terms(key, weights):
 def test_total_is_the_sum_of_the_terms_each_with_its_weight(key):
   total_1, unit, _, _, _ = loss_terms(key, UNIT_WEIGHTS)
   total_w, weighted, _, _, _ = loss_terms(key, WEIGHTS)
-  expected_terms = {'cyclegan_hint': {'gan_target', 'gan_source', 'cycle', 'identity',
-                                      'contextual', 'teacher_seg', 'student_seg', 'hint'},
-                    'cut_kl': {'gan_target', 'nce', 'nce_identity', 'contextual',
-                               'teacher_seg', 'student_seg', 'kl'}}[key]
+  expected_terms = {
+    'cyclegan_hint': {
+      'gan_target',
+      'gan_source',
+      'cycle',
+      'identity',
+      'contextual',
+      'teacher_seg',
+      'student_seg',
+      'hint',
+    },
+    'cut_kl': {
+      'gan_target',
+      'nce',
+      'nce_identity',
+      'contextual',
+      'teacher_seg',
+      'student_seg',
+      'kl',
+    },
+  }[key]
   assert set(unit) == set(weighted) == expected_terms
   assert all(v > 0 for v in unit.values()), unit
   np.testing.assert_allclose(total_1, sum(unit.values()), rtol=1e-6)
   np.testing.assert_allclose(total_w, sum(weighted.values()), rtol=1e-6)
   for name, value in unit.items():
-    np.testing.assert_allclose(weighted[name], FACTOR[name](WEIGHTS) * value, rtol=1e-5,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      weighted[name], FACTOR[name](WEIGHTS) * value, rtol=1e-5, err_msg=name
+    )
 
 
 def test_terms_equal_the_networks_put_through_the_losses():
@@ -209,38 +260,54 @@ def test_terms_equal_the_networks_put_through_the_losses():
   d_s = nets.disc_source.apply({'params': p['disc_source']}, fake_s)
   l1 = lambda a, b: float(jnp.mean(jnp.abs(a - b)))
   want = {
-      'gan_target': float(jnp.mean((d_t - 1.0) ** 2)),
-      'gan_source': float(jnp.mean((d_s - 1.0) ** 2)),
-      'cycle': l1(f(fake_t), x) + l1(g(fake_s), t),
-      'identity': l1(g(t), t) + l1(f(x), x),
+    'gan_target': float(jnp.mean((d_t - 1.0) ** 2)),
+    'gan_source': float(jnp.mean((d_s - 1.0) ** 2)),
+    'cycle': l1(f(fake_t), x) + l1(g(fake_s), t),
+    'identity': l1(g(t), t) + l1(f(x), x),
   }
   _, r_ctx, _, _ = jax.random.split(RNG, 4)
-  want['contextual'] = float(losses.contextual_loss(
-      fake_t, x, feature_fn=functools.partial(losses.patch_features,
-                                              patch_size=config.method.contextual_patch),
-      max_points=config.method.contextual_points, rng=r_ctx))
+  want['contextual'] = float(
+    losses.contextual_loss(
+      fake_t,
+      x,
+      feature_fn=functools.partial(
+        losses.patch_features, patch_size=config.method.contextual_patch
+      ),
+      max_points=config.method.contextual_points,
+      rng=r_ctx,
+    )
+  )
 
   def train_mode(net, name, images):
-    out, _ = net.apply({'params': p[name], 'batch_stats': stats[name]}, images, train=True,
-                       mutable=['batch_stats'])
+    out, _ = net.apply(
+      {'params': p[name], 'batch_stats': stats[name]}, images, train=True, mutable=['batch_stats']
+    )
     return out
+
   k = config.data.num_classes
   s_logits, s_feats = train_mode(nets.student, 'student', x)
   want['student_seg'] = float(losses.segmentation_loss(s_logits, y, k)[0])
   # The teacher sees pseudo-target (labels of x) and real target (its own labels) in one pass.
   t_logits, t_feats = train_mode(nets.teacher, 'teacher', jnp.concatenate([fake_t, t], 0))
-  want['teacher_seg'] = float(losses.segmentation_loss(
-      t_logits, jnp.concatenate([y, tgt['label']], 0), k)[0])
+  want['teacher_seg'] = float(
+    losses.segmentation_loss(t_logits, jnp.concatenate([y, tgt['label']], 0), k)[0]
+  )
   n = x.shape[0]
-  want['hint'] = float(np.mean([np.mean((np.asarray(s_feats[tap])
-                                         - np.asarray(t_feats[tap][:n])) ** 2)
-                                for tap in config.method.hint_taps]))
+  want['hint'] = float(
+    np.mean(
+      [
+        np.mean((np.asarray(s_feats[tap]) - np.asarray(t_feats[tap][:n])) ** 2)
+        for tap in config.method.hint_taps
+      ]
+    )
+  )
   assert set(want) == set(terms)
   for name in want:
     np.testing.assert_allclose(terms[name], want[name], rtol=2e-5, err_msg=name)
 
 
 # ---------------------------------------------------------------------- gradient routing
+
 
 def term_gradient_norms(config):
   """{term: {collection: sum |d term / d params|}} from one jitted Jacobian of the terms."""
@@ -250,6 +317,7 @@ def term_gradient_norms(config):
 
   def terms(p):
     return ts.generator_losses(p, d_params, state.batch_stats, config, nets, src, tgt, RNG)[1][0]
+
   names = sorted(jax.eval_shape(terms, g_params))
   vector = lambda p: jnp.stack([terms(p)[k] for k in names])
   jac = jax.jit(jax.jacrev(vector))(g_params)  # Leaves [n_terms, *shape].
@@ -266,35 +334,35 @@ def term_gradient_norms(config):
 
 # term -> the parameter collections its gradient must reach; every other collection gets 0.
 CYCLEGAN_ROUTES = {
-    'gan_target': {'translator'},
-    'gan_source': {'translator_inv'},
-    'cycle': {'translator', 'translator_inv'},
-    'identity': {'translator', 'translator_inv'},
-    'contextual': {'translator'},
+  'gan_target': {'translator'},
+  'gan_source': {'translator_inv'},
+  'cycle': {'translator', 'translator_inv'},
+  'identity': {'translator', 'translator_inv'},
+  'contextual': {'translator'},
 }
 ROUTES = {
-    'default': dict(
-        CYCLEGAN_ROUTES,
-        teacher_seg={'teacher', 'translator'},  # method.seg_feedback: the teacher trains G.
-        student_seg={'student'},
-        hint={'student', 'adapters'},           # Teacher features under stop_gradient.
-    ),
-    # Both switches flipped; a wider student so that the adapters exist.
-    'no_feedback_hint_trains_teacher': dict(
-        CYCLEGAN_ROUTES,
-        teacher_seg={'teacher'},
-        student_seg={'student'},
-        hint={'student', 'adapters', 'teacher'},
-    ),
-    'cut_kl': dict(
-        gan_target={'translator'},
-        contextual={'translator'},
-        nce={'translator', 'nce_head'},
-        nce_identity={'translator', 'nce_head'},
-        teacher_seg={'teacher', 'translator'},
-        student_seg={'student'},
-        kl={'student'},                         # Teacher logits under stop_gradient.
-    ),
+  'default': dict(
+    CYCLEGAN_ROUTES,
+    teacher_seg={'teacher', 'translator'},  # method.seg_feedback: the teacher trains G.
+    student_seg={'student'},
+    hint={'student', 'adapters'},  # Teacher features under stop_gradient.
+  ),
+  # Both switches flipped; a wider student so that the adapters exist.
+  'no_feedback_hint_trains_teacher': dict(
+    CYCLEGAN_ROUTES,
+    teacher_seg={'teacher'},
+    student_seg={'student'},
+    hint={'student', 'adapters', 'teacher'},
+  ),
+  'cut_kl': dict(
+    gan_target={'translator'},
+    contextual={'translator'},
+    nce={'translator', 'nce_head'},
+    nce_identity={'translator', 'nce_head'},
+    teacher_seg={'teacher', 'translator'},
+    student_seg={'student'},
+    kl={'student'},  # Teacher logits under stop_gradient.
+  ),
 }
 
 
@@ -324,15 +392,19 @@ def test_zero_distillation_weight_equals_student_only():
   config.loss.hint = 0.0
   _, cmedl_state, _ = run_one(config)
   _, alone_state, _ = run_method('student_only')
-  for a, b in zip(jax.tree.leaves(cmedl_state.params['student']),
-                  jax.tree.leaves(alone_state.params['student'])):
+  for a, b in zip(
+    jax.tree.leaves(cmedl_state.params['student']), jax.tree.leaves(alone_state.params['student'])
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  for a, b in zip(jax.tree.leaves(cmedl_state.batch_stats['student']),
-                  jax.tree.leaves(alone_state.batch_stats['student'])):
+  for a, b in zip(
+    jax.tree.leaves(cmedl_state.batch_stats['student']),
+    jax.tree.leaves(alone_state.batch_stats['student']),
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------- other segmenters, bf16, 2.5D input
+
 
 def test_pspnet_student_densefcn_teacher_on_context_slices():
   """PSPNet student (auxiliary head, taps at 1/8 resolution), FC-DenseNet teacher, 3 context
@@ -340,17 +412,24 @@ def test_pspnet_student_densefcn_teacher_on_context_slices():
   pairs its 1/8-resolution taps, through adapters, with the teacher's resized taps."""
   config = tiny.get_config('pspnet,cyclegan')
   config.data.context_slices = 3
-  config.model.student.update(name='pspnet', base_width=4, blocks=(1, 1, 1, 1), aux_head=True,
-                              dropout=0.0)
-  config.model.teacher.update(name='densefcn', growth_rate=3, layers_per_block=(1, 1, 1, 1, 1),
-                              n_pool=2, first_filters=6, dropout=0.0)
+  config.model.student.update(
+    name='pspnet', base_width=4, blocks=(1, 1, 1, 1), aux_head=True, dropout=0.0
+  )
+  config.model.teacher.update(
+    name='densefcn',
+    growth_rate=3,
+    layers_per_block=(1, 1, 1, 1, 1),
+    n_pool=2,
+    first_filters=6,
+    dropout=0.0,
+  )
   nets, state, step, mesh = setup(config, channels=3)
   src, tgt = make_batch(1, channels=3), make_batch(2, channels=3)
-  new_state, metrics = jax.device_get(step(state, *jax.device_put(
-      (src, tgt), sharding.data_sharded(mesh))))
+  new_state, metrics = jax.device_get(
+    step(state, *jax.device_put((src, tgt), sharding.data_sharded(mesh)))
+  )
   assert all(np.isfinite(v) for v in metrics.values()), metrics
-  for name in ('student', 'teacher', 'translator', 'translator_inv', 'disc_target',
-               'adapters'):
+  for name in ('student', 'teacher', 'translator', 'translator_inv', 'disc_target', 'adapters'):
     assert changed(state.params[name], new_state.params[name]), name
 
   # The step's losses are those of the initial state: recompute them from the networks.
@@ -359,22 +438,41 @@ def test_pspnet_student_densefcn_teacher_on_context_slices():
   fake = nets.translator.apply({'params': p['translator']}, x)
   assert fake.shape == (8, H, W, 3)  # 2.5D: all context slices are translated.
   (s_logits, s_feats), _ = nets.student.apply(
-      {'params': p['student'], 'batch_stats': stats['student']}, x, train=True,
-      mutable=['batch_stats'])
-  student_seg = (losses.segmentation_loss(s_logits, y, k)[0]
-                 + 0.4 * losses.segmentation_loss(s_feats['aux_logits'], y, k)[0])
+    {'params': p['student'], 'batch_stats': stats['student']},
+    x,
+    train=True,
+    mutable=['batch_stats'],
+  )
+  student_seg = (
+    losses.segmentation_loss(s_logits, y, k)[0]
+    + 0.4 * losses.segmentation_loss(s_feats['aux_logits'], y, k)[0]
+  )
   np.testing.assert_allclose(metrics['loss/student_seg'], student_seg, rtol=2e-5)
   (_, t_feats), _ = nets.teacher.apply(
-      {'params': p['teacher'], 'batch_stats': stats['teacher']},
-      jnp.concatenate([fake, tgt['image']], 0), train=True, mutable=['batch_stats'])
+    {'params': p['teacher'], 'batch_stats': stats['teacher']},
+    jnp.concatenate([fake, tgt['image']], 0),
+    train=True,
+    mutable=['batch_stats'],
+  )
   taps = config.method.hint_taps
   for tap in taps:
     assert s_feats[tap].shape[1:3] == (H // 8, W // 8), (tap, s_feats[tap].shape)
     assert t_feats[tap].shape[1:3] == (H, W)
-  adapted = method.hint_adapters(config, t_feats).apply({'params': p['adapters']},
-                                                    {t: s_feats[t] for t in taps})
-  hint = np.mean([np.mean((np.asarray(adapted[t]) - np.asarray(jax.image.resize(
-      t_feats[t][:8], adapted[t].shape, 'bilinear'))) ** 2) for t in taps])
+  adapted = method.hint_adapters(config, t_feats).apply(
+    {'params': p['adapters']}, {t: s_feats[t] for t in taps}
+  )
+  hint = np.mean(
+    [
+      np.mean(
+        (
+          np.asarray(adapted[t])
+          - np.asarray(jax.image.resize(t_feats[t][:8], adapted[t].shape, 'bilinear'))
+        )
+        ** 2
+      )
+      for t in taps
+    ]
+  )
   np.testing.assert_allclose(metrics['loss/hint'], hint, rtol=2e-5)
 
 
@@ -385,38 +483,56 @@ def test_bfloat16_step_matches_float32():
   config = method_config('cmedl_cyclegan')
   config.model.dtype = 'bfloat16'
   nets, state, step, mesh = setup(config)
-  feats = nets.student.apply({'params': state.params['student'],
-                              'batch_stats': state.batch_stats['student']},
-                             make_batch(1, n=1)['image'], train=False, capture_intermediates=True,
-                             mutable=['intermediates'])[1]['intermediates']
+  feats = nets.student.apply(
+    {'params': state.params['student'], 'batch_stats': state.batch_stats['student']},
+    make_batch(1, n=1)['image'],
+    train=False,
+    capture_intermediates=True,
+    mutable=['intermediates'],
+  )[1]['intermediates']
   conv_out = feats['enc_0_0']['Conv_0']['__call__'][0]
   assert conv_out.dtype == jnp.bfloat16
-  new_state, metrics = jax.device_get(step(state, *jax.device_put(
-      (make_batch(1), make_batch(2)), sharding.data_sharded(mesh))))
+  new_state, metrics = jax.device_get(
+    step(state, *jax.device_put((make_batch(1), make_batch(2)), sharding.data_sharded(mesh)))
+  )
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(new_state.params))
   assert changed(state.params, new_state.params)
-  for name in ('student_seg', 'teacher_seg', 'cycle', 'identity', 'gan_target', 'hint',
-               'contextual'):
-    np.testing.assert_allclose(metrics[f'loss/{name}'], f32_metrics[f'loss/{name}'], rtol=0.03,
-                               err_msg=name)
+  for name in (
+    'student_seg',
+    'teacher_seg',
+    'cycle',
+    'identity',
+    'gan_target',
+    'hint',
+    'contextual',
+  ):
+    np.testing.assert_allclose(
+      metrics[f'loss/{name}'], f32_metrics[f'loss/{name}'], rtol=0.03, err_msg=name
+    )
 
 
 # --------------------------------------------------------------------------------- eval_step
+
 
 def test_eval_step_equals_the_networks_applied_directly():
   config = method_config('cmedl_cyclegan')
   _, state, _ = run_method('cmedl_cyclegan')
   nets = method.build_networks(config, in_channels=1)
   x = make_batch(1, n=2)['image']
-  out = jax.jit(functools.partial(ts.eval_step, config=config, nets=nets,
-                                  with_translations=True))(state, x)
+  out = jax.jit(functools.partial(ts.eval_step, config=config, nets=nets, with_translations=True))(
+    state, x
+  )
   p, stats = state.params, state.batch_stats
   seg = lambda name, v: nets.__getattribute__(name).apply(
-      {'params': p[name], 'batch_stats': stats[name]}, v, train=False)[0]
+    {'params': p[name], 'batch_stats': stats[name]}, v, train=False
+  )[0]
   fake = nets.translator.apply({'params': p['translator']}, x)
-  want = {'logits': seg('student', x), 'pseudo_target': fake,
-          'teacher_logits': seg('teacher', fake),
-          'cycle': nets.translator_inv.apply({'params': p['translator_inv']}, fake)}
+  want = {
+    'logits': seg('student', x),
+    'pseudo_target': fake,
+    'teacher_logits': seg('teacher', fake),
+    'cycle': nets.translator_inv.apply({'params': p['translator_inv']}, fake),
+  }
   assert set(out) == set(want)
   for name in want:
     assert out[name].shape == want[name].shape, name
@@ -430,18 +546,23 @@ def test_test_time_network_of_each_method(key):
   _, state, _ = run_method(key)
   nets = method.build_networks(config, in_channels=1)
   x = make_batch(1, n=2)['image']
-  got = method.infer_logits(state.params, state.batch_stats, x, nets=nets,
-                            test_time=method.get(config).test_time)
+  got = method.infer_logits(
+    state.params, state.batch_stats, x, nets=nets, test_time=method.get(config).test_time
+  )
   p, stats = state.params, state.batch_stats
   fake = nets.translator.apply({'params': p['translator']}, x)
-  name, inputs = {'two_channel': ('student', jnp.concatenate([x, fake], -1)),
-                  'pmri_teacher': ('teacher', fake)}[key]
-  want = getattr(nets, name).apply({'params': p[name], 'batch_stats': stats[name]}, inputs,
-                                   train=False)[0]
+  name, inputs = {
+    'two_channel': ('student', jnp.concatenate([x, fake], -1)),
+    'pmri_teacher': ('teacher', fake),
+  }[key]
+  want = getattr(nets, name).apply(
+    {'params': p[name], 'batch_stats': stats[name]}, inputs, train=False
+  )[0]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------ devices and remat
+
 
 @pytest.mark.parametrize('translator', ['cyclegan', 'cut'])
 def test_one_device_equals_eight_devices(translator):
@@ -462,8 +583,9 @@ def test_one_device_equals_eight_devices(translator):
     # whose rounding differs with the reduction order; the parameters are compared below.
     tol = 1e-2 if k.startswith('grad_norm/') else 2e-5
     np.testing.assert_allclose(m1[k], m8[k], rtol=tol, atol=1e-6, err_msg=k)
-  for a, b, a0 in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params),
-                      jax.tree.leaves(init.params)):
+  for a, b, a0 in zip(
+    jax.tree.leaves(one.params), jax.tree.leaves(eight.params), jax.tree.leaves(init.params)
+  ):
     # Compare the updates a - a0 and b - a0, relative to the tensor's largest update: the
     # gradients of 1 and 8 devices differ only in reduction order (measured: <= 0.15% of the
     # largest translator update, <= 1 float32 ulp of the parameter elsewhere), while a wrong
@@ -488,7 +610,8 @@ def test_remat_config_gives_the_same_step():
     tol = 1e-2 if k.startswith('grad_norm/') else 1e-5
     np.testing.assert_allclose(m_remat[k], m_plain[k], rtol=tol, atol=1e-6, err_msg=k)
   assert jax.tree.structure(plain.params) == jax.tree.structure(remat.params)
-  for a, b, a0 in zip(jax.tree.leaves(plain.params), jax.tree.leaves(remat.params),
-                      jax.tree.leaves(init.params)):
+  for a, b, a0 in zip(
+    jax.tree.leaves(plain.params), jax.tree.leaves(remat.params), jax.tree.leaves(init.params)
+  ):
     a, b, a0 = np.asarray(a), np.asarray(b), np.asarray(a0)
     np.testing.assert_allclose(b - a0, a - a0, rtol=0, atol=5e-3 * np.abs(a - a0).max() + 4e-8)

@@ -21,18 +21,25 @@ NUM_STEPS = 8
 def write_phantoms(root, n, seed, slices):
   """ROOT/raw/thorax_ct and ROOT/raw/thorax_t2w: n training + 1 test case, 48x48 at 8 mm."""
   for kind in ('thorax_ct', 'thorax_t2w'):
-    phantoms.write_dataset(kind, n, seed, root / 'raw' / kind, n_test=1, size=48, spacing=8.0,
-                           slices=slices)
+    phantoms.write_dataset(
+      kind, n, seed, root / 'raw' / kind, n_test=1, size=48, spacing=8.0, slices=slices
+    )
 
 
 def overrides(root, **train_fields):
   """(field, value) pairs of the tiny config that point it at `root` and set train fields."""
-  fields = {'data.spacing_mm': 12.0, 'data.source.raw_dir': root / 'raw' / 'thorax_ct',
-            'data.source.prepared_dir': root / 'prepared' / 'thorax_ct',
-            'data.target.raw_dir': root / 'raw' / 'thorax_t2w',
-            'data.target.prepared_dir': root / 'prepared' / 'thorax_t2w',
-            'train.num_steps': NUM_STEPS, 'train.checkpoint_every': 3, 'train.eval_every': 4,
-            'train.image_every': 4, 'train.log_every': 2}
+  fields = {
+    'data.spacing_mm': 12.0,
+    'data.source.raw_dir': root / 'raw' / 'thorax_ct',
+    'data.source.prepared_dir': root / 'prepared' / 'thorax_ct',
+    'data.target.raw_dir': root / 'raw' / 'thorax_t2w',
+    'data.target.prepared_dir': root / 'prepared' / 'thorax_t2w',
+    'train.num_steps': NUM_STEPS,
+    'train.checkpoint_every': 3,
+    'train.eval_every': 4,
+    'train.image_every': 4,
+    'train.log_every': 2,
+  }
   fields.update({f'train.{k}': v for k, v in train_fields.items()})
   return fields
 
@@ -51,7 +58,7 @@ def small_config(root, **train_fields):
 # A `python -m cmedl_jax.main` that kills or interrupts itself: SIGNAL when the training loop
 # asks for the batch of step STEP (after STEP steps have run), or, with SAVE as the signal,
 # SIGKILL while orbax saves checkpoint STEP: its files written, its rename not yet done.
-_INTERRUPTING_MAIN = '''
+_INTERRUPTING_MAIN = """
 import os, signal, sys
 from absl import app
 from cmedl_jax import input_pipeline, main
@@ -82,7 +89,7 @@ else:
     return Interrupting()
   input_pipeline.create_train_iterator = create_interrupting
 app.run(main.main)
-'''
+"""
 
 
 def run_main(root, workdir, interrupt=None, extra=()):
@@ -95,8 +102,14 @@ def run_main(root, workdir, interrupt=None, extra=()):
   if interrupt:
     program = ['-c', _INTERRUPTING_MAIN, interrupt[0], str(interrupt[1])]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, *program, *main_args(root, workdir, extra)], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    [sys.executable, *program, *main_args(root, workdir, extra)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 def main_args(root, workdir, extra=()):

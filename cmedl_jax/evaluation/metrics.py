@@ -63,6 +63,7 @@ Public API (used by the trainer's validation, prediction and `cmedl_jax.evaluate
 `dice`, `surface_distances`, `surface_dice`, `hausdorff`, `assd`, `evaluate_pair`,
 `evaluate_case`, `evaluate_tumors`, `count_false_positive_components`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,8 +74,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-CONVENTIONS = ("area", "voxel")
-METRIC_NAMES = ("dice", "surface_dice", "hd95", "hd", "assd")
+CONVENTIONS = ('area', 'voxel')
+METRIC_NAMES = ('dice', 'surface_dice', 'hd95', 'hd', 'assd')
 
 # ----------------------------------------------------------------------------------------
 # Input checks and cropping.
@@ -84,25 +85,27 @@ def _as_mask(mask, name: str) -> np.ndarray:
   mask = np.asarray(mask)
   if mask.dtype != bool:
     if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
-      raise TypeError(f"{name}: expected a boolean or 0/1 array, got dtype {mask.dtype}")
+      raise TypeError(f'{name}: expected a boolean or 0/1 array, got dtype {mask.dtype}')
     mask = mask != 0
   if mask.ndim not in (2, 3):
-    raise ValueError(f"{name}: expected a 2D or 3D array, got shape {mask.shape}")
+    raise ValueError(f'{name}: expected a 2D or 3D array, got shape {mask.shape}')
   return mask
 
 
 def _check_pair(pred, ref, spacing_mm=None):
-  pred, ref = _as_mask(pred, "pred"), _as_mask(ref, "ref")
+  pred, ref = _as_mask(pred, 'pred'), _as_mask(ref, 'ref')
   if pred.shape != ref.shape:
-    raise ValueError(f"pred shape {pred.shape} != ref shape {ref.shape}")
+    raise ValueError(f'pred shape {pred.shape} != ref shape {ref.shape}')
   if spacing_mm is None:
     return pred, ref, None
   spacing = tuple(float(s) for s in np.atleast_1d(np.asarray(spacing_mm, np.float64)))
   if len(spacing) != pred.ndim:
-    raise ValueError(f"spacing_mm {spacing} has {len(spacing)} values for a {pred.ndim}D "
-                     f"array of shape {pred.shape} (one value per array axis)")
+    raise ValueError(
+      f'spacing_mm {spacing} has {len(spacing)} values for a {pred.ndim}D '
+      f'array of shape {pred.shape} (one value per array axis)'
+    )
   if not all(math.isfinite(s) and s > 0 for s in spacing):
-    raise ValueError(f"spacing_mm must be positive and finite, got {spacing}")
+    raise ValueError(f'spacing_mm must be positive and finite, got {spacing}')
   return pred, ref, spacing
 
 
@@ -126,14 +129,14 @@ def bounding_box(mask: np.ndarray):
     return None if r0 is None else (r0,)
   rows = mask.reshape(mask.shape[0], -1)
   row_bytes = rows.shape[1] * rows.itemsize
-  if rows.flags.c_contiguous and row_bytes % 8 == 0 and mask.dtype.kind in "biu":
+  if rows.flags.c_contiguous and row_bytes % 8 == 0 and mask.dtype.kind in 'biu':
     any0 = rows.view(np.uint8).view(np.uint64).max(axis=1) != 0
   else:
     any0 = rows.any(axis=1)
   r0 = _nonzero_range(any0)
   if r0 is None:
     return None
-  return (r0,) + bounding_box(mask[r0[0]:r0[1]].any(axis=0))
+  return (r0,) + bounding_box(mask[r0[0] : r0[1]].any(axis=0))
 
 
 def _union_box(a, b):
@@ -170,7 +173,7 @@ def dice(pred, ref) -> float:
   """
   pred, ref = np.asarray(pred), np.asarray(ref)
   if pred.shape != ref.shape:
-    raise ValueError(f"pred shape {pred.shape} != ref shape {ref.shape}")
+    raise ValueError(f'pred shape {pred.shape} != ref shape {ref.shape}')
   pred = pred if pred.dtype == bool else pred != 0
   ref = ref if ref.dtype == bool else ref != 0
   box = _union_box(bounding_box(pred), bounding_box(ref))
@@ -226,10 +229,11 @@ _NORMALS_X8 = """
 
 
 def _normals_table():
-  entries = [e.strip() for line in _NORMALS_X8.strip().splitlines() for e in line.split("|")]
+  entries = [e.strip() for line in _NORMALS_X8.strip().splitlines() for e in line.split('|')]
   assert len(entries) == 256, len(entries)
-  return [np.array([[int(v) / 8.0 for v in tri.split(",")] for tri in e.split(";")])
-          for e in entries]
+  return [
+    np.array([[int(v) / 8.0 for v in tri.split(',')] for tri in e.split(';')]) for e in entries
+  ]
 
 
 @functools.lru_cache(maxsize=64)
@@ -255,10 +259,22 @@ def _length_table_2d(spacing: tuple) -> np.ndarray:
   vertical, horizontal = spacing[0], spacing[1]
   diag = 0.5 * math.sqrt(spacing[0] ** 2 + spacing[1] ** 2)
   table = np.zeros([16])
-  for code, length in {0b0001: diag, 0b0010: diag, 0b0011: horizontal, 0b0100: diag,
-                       0b0101: vertical, 0b0110: 2 * diag, 0b0111: diag, 0b1000: diag,
-                       0b1001: 2 * diag, 0b1010: vertical, 0b1011: diag,
-                       0b1100: horizontal, 0b1101: diag, 0b1110: diag}.items():
+  for code, length in {
+    0b0001: diag,
+    0b0010: diag,
+    0b0011: horizontal,
+    0b0100: diag,
+    0b0101: vertical,
+    0b0110: 2 * diag,
+    0b0111: diag,
+    0b1000: diag,
+    0b1001: 2 * diag,
+    0b1010: vertical,
+    0b1011: diag,
+    0b1100: horizontal,
+    0b1101: diag,
+    0b1110: diag,
+  }.items():
     table[code] = length
   table.setflags(write=False)
   return table
@@ -276,7 +292,7 @@ def _neighbour_codes(padded: np.ndarray) -> np.ndarray:
   out_shape = tuple(s - 1 for s in padded.shape)
   codes = np.zeros(out_shape, np.uint8)
   for offset in np.ndindex(*(2,) * ndim):
-    bit = (2 ** ndim - 1) - int(np.dot(offset, [2 ** (ndim - 1 - a) for a in range(ndim)]))
+    bit = (2**ndim - 1) - int(np.dot(offset, [2 ** (ndim - 1 - a) for a in range(ndim)]))
     sl = tuple(slice(o, o + s) for o, s in zip(offset, out_shape))
     codes |= p[sl] << np.uint8(bit)
   return codes
@@ -285,7 +301,7 @@ def _neighbour_codes(padded: np.ndarray) -> np.ndarray:
 def _area_elements(padded: np.ndarray, spacing: tuple):
   """Area convention: (border corners mask, neighbour codes, code -> area/length table)."""
   codes = _neighbour_codes(padded)
-  full = 2 ** (2 ** padded.ndim) - 1
+  full = 2 ** (2**padded.ndim) - 1
   border = (codes != 0) & (codes != full)
   table = _area_table_3d(spacing) if padded.ndim == 3 else _length_table_2d(spacing)
   return border, codes, table
@@ -321,6 +337,7 @@ class SurfaceDistances:
   For the area convention each direction is sorted by (distance, weight), as
   surface-distance returns them.
   """
+
   pred_to_ref: np.ndarray
   pred_weights: np.ndarray
   ref_to_pred: np.ndarray
@@ -350,9 +367,10 @@ def _distances_to(target: np.ndarray, query: np.ndarray, spacing: tuple) -> np.n
   points = np.nonzero(query)
   if not target.any():
     return np.full(points[0].size, np.inf)
-  nearest = ndimage.distance_transform_edt(~target, sampling=spacing, return_distances=False,
-                                           return_indices=True)
-  delta = (nearest[(slice(None),) + points] - np.stack(points).astype(np.int32))
+  nearest = ndimage.distance_transform_edt(
+    ~target, sampling=spacing, return_distances=False, return_indices=True
+  )
+  delta = nearest[(slice(None),) + points] - np.stack(points).astype(np.int32)
   delta = delta.astype(np.float64)
   for axis, step in enumerate(spacing):
     delta[axis] *= step
@@ -360,31 +378,38 @@ def _distances_to(target: np.ndarray, query: np.ndarray, spacing: tuple) -> np.n
   return np.sqrt(np.add.reduce(delta, axis=0))
 
 
-def _surface_distances_cropped(p: np.ndarray, r: np.ndarray, spacing: tuple,
-                               convention: str) -> SurfaceDistances:
+def _surface_distances_cropped(
+  p: np.ndarray, r: np.ndarray, spacing: tuple, convention: str
+) -> SurfaceDistances:
   """As surface_distances, on masks already cropped with a zero margin of 1."""
-  if convention == "area":
+  if convention == 'area':
     border_p, codes_p, table = _area_elements(p, spacing)
     border_r, codes_r, _ = _area_elements(r, spacing)
     w_p, w_r = table[codes_p[border_p]], table[codes_r[border_r]]
-  elif convention == "voxel":
+  elif convention == 'voxel':
     border_p, border_r = _voxel_border(p), _voxel_border(r)
     w_p = w_r = None
   else:
-    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
   d_p = _distances_to(border_r, border_p, spacing)
   d_r = _distances_to(border_p, border_r, spacing)
-  if convention == "voxel":
+  if convention == 'voxel':
     w_p, w_r = np.ones(d_p.shape), np.ones(d_r.shape)
   else:
     order_p, order_r = np.lexsort((w_p, d_p)), np.lexsort((w_r, d_r))
     d_p, w_p, d_r, w_r = d_p[order_p], w_p[order_p], d_r[order_r], w_r[order_r]
-  return SurfaceDistances(d_p.astype(np.float64), w_p.astype(np.float64),
-                          d_r.astype(np.float64), w_r.astype(np.float64), convention)
+  return SurfaceDistances(
+    d_p.astype(np.float64),
+    w_p.astype(np.float64),
+    d_r.astype(np.float64),
+    w_r.astype(np.float64),
+    convention,
+  )
 
 
-def surface_distances(pred, ref, spacing_mm: Sequence[float],
-                      convention: str = "area") -> SurfaceDistances:
+def surface_distances(
+  pred, ref, spacing_mm: Sequence[float], convention: str = 'area'
+) -> SurfaceDistances:
   """Distances between the surfaces of `pred` and `ref` (2D or 3D masks, same shape).
 
   spacing_mm: voxel size in mm per array axis. convention: "area" (surface-distance) or
@@ -392,7 +417,7 @@ def surface_distances(pred, ref, spacing_mm: Sequence[float],
   """
   pred, ref, spacing = _check_pair(pred, ref, spacing_mm)
   if convention not in CONVENTIONS:
-    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
   box = _union_box(bounding_box(pred), bounding_box(ref))
   if box is None:
     e = _empty_f64()
@@ -407,7 +432,7 @@ def surface_distances(pred, ref, spacing_mm: Sequence[float],
 def _tolerance(tolerance_mm) -> np.float64:
   tol = np.float64(tolerance_mm)
   if not tol >= 0:
-    raise ValueError(f"tolerance_mm must be >= 0, got {tolerance_mm}")
+    raise ValueError(f'tolerance_mm must be >= 0, got {tolerance_mm}')
   return tol
 
 
@@ -424,7 +449,7 @@ def surface_dice_from(sd: SurfaceDistances, tolerance_mm: float) -> float:
 
 
 def _directed_percentile(distances, weights, percentile, convention) -> float:
-  if convention == "voxel":
+  if convention == 'voxel':
     return float(np.percentile(distances, percentile))
   cum = np.cumsum(weights) / np.sum(weights)  # sorted by (distance, weight)
   idx = np.searchsorted(cum, percentile / 100.0)
@@ -434,13 +459,15 @@ def _directed_percentile(distances, weights, percentile, convention) -> float:
 def hausdorff_from(sd: SurfaceDistances, percentile: float = 95.0) -> float:
   """Max of the two directed `percentile`-th surface distances in mm (100 = HD)."""
   if not 0.0 <= percentile <= 100.0:
-    raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    raise ValueError(f'percentile must be in [0, 100], got {percentile}')
   if sd.pred_empty and sd.ref_empty:
     return 0.0
   if sd.pred_empty or sd.ref_empty:
     return math.inf
-  return max(_directed_percentile(sd.ref_to_pred, sd.ref_weights, percentile, sd.convention),
-             _directed_percentile(sd.pred_to_ref, sd.pred_weights, percentile, sd.convention))
+  return max(
+    _directed_percentile(sd.ref_to_pred, sd.ref_weights, percentile, sd.convention),
+    _directed_percentile(sd.pred_to_ref, sd.pred_weights, percentile, sd.convention),
+  )
 
 
 def assd_from(sd: SurfaceDistances) -> float:
@@ -453,19 +480,17 @@ def assd_from(sd: SurfaceDistances) -> float:
   return float(total / (np.sum(sd.ref_weights) + np.sum(sd.pred_weights)))
 
 
-def surface_dice(pred, ref, spacing_mm, tolerance_mm: float,
-                 convention: str = "area") -> float:
+def surface_dice(pred, ref, spacing_mm, tolerance_mm: float, convention: str = 'area') -> float:
   """Surface Dice (normalised surface distance) at `tolerance_mm`, in [0, 1]."""
   return surface_dice_from(surface_distances(pred, ref, spacing_mm, convention), tolerance_mm)
 
 
-def hausdorff(pred, ref, spacing_mm, percentile: float = 95.0,
-              convention: str = "voxel") -> float:
+def hausdorff(pred, ref, spacing_mm, percentile: float = 95.0, convention: str = 'voxel') -> float:
   """Hausdorff distance in mm: percentile=95 gives HD95, 100 the maximum (HD)."""
   return hausdorff_from(surface_distances(pred, ref, spacing_mm, convention), percentile)
 
 
-def assd(pred, ref, spacing_mm, convention: str = "voxel") -> float:
+def assd(pred, ref, spacing_mm, convention: str = 'voxel') -> float:
   """Average symmetric surface distance in mm."""
   return assd_from(surface_distances(pred, ref, spacing_mm, convention))
 
@@ -474,9 +499,14 @@ def assd(pred, ref, spacing_mm, convention: str = "voxel") -> float:
 # Everything at once: one pair, one case (multi-class), per tumor.
 
 
-def evaluate_pair(pred, ref, spacing_mm, tolerance_mm: float = 2.0,
-                  surface_dice_convention: str = "area",
-                  distance_convention: str = "voxel") -> dict:
+def evaluate_pair(
+  pred,
+  ref,
+  spacing_mm,
+  tolerance_mm: float = 2.0,
+  surface_dice_convention: str = 'area',
+  distance_convention: str = 'voxel',
+) -> dict:
   """All metrics of one binary pair, sharing the crop and the distance transforms.
 
   Returns {"dice", "surface_dice", "hd95", "hd", "assd" (mm), "pred_volume_mm3",
@@ -494,23 +524,31 @@ def evaluate_pair(pred, ref, spacing_mm, tolerance_mm: float = 2.0,
     p, r = _crop(pred, box), _crop(ref, box)
     n_p, n_r = int(np.count_nonzero(p)), int(np.count_nonzero(r))
     n_pr = int(np.count_nonzero(p & r))
-    sds = {c: _surface_distances_cropped(p, r, spacing, c)
-           for c in {surface_dice_convention, distance_convention}}
+    sds = {
+      c: _surface_distances_cropped(p, r, spacing, c)
+      for c in {surface_dice_convention, distance_convention}
+    }
   sd_surf, sd_dist = sds[surface_dice_convention], sds[distance_convention]
   return {
-      "dice": 1.0 if n_p + n_r == 0 else 2.0 * n_pr / (n_p + n_r),
-      "surface_dice": surface_dice_from(sd_surf, tolerance_mm),
-      "hd95": hausdorff_from(sd_dist, 95.0),
-      "hd": hausdorff_from(sd_dist, 100.0),
-      "assd": assd_from(sd_dist),
-      "pred_volume_mm3": n_p * voxel_mm3,
-      "ref_volume_mm3": n_r * voxel_mm3,
+    'dice': 1.0 if n_p + n_r == 0 else 2.0 * n_pr / (n_p + n_r),
+    'surface_dice': surface_dice_from(sd_surf, tolerance_mm),
+    'hd95': hausdorff_from(sd_dist, 95.0),
+    'hd': hausdorff_from(sd_dist, 100.0),
+    'assd': assd_from(sd_dist),
+    'pred_volume_mm3': n_p * voxel_mm3,
+    'ref_volume_mm3': n_r * voxel_mm3,
   }
 
 
-def evaluate_case(pred_labels, ref_labels, spacing_mm, classes: Mapping[str, int],
-                  tolerance_mm: float = 2.0, surface_dice_convention: str = "area",
-                  distance_convention: str = "voxel") -> dict:
+def evaluate_case(
+  pred_labels,
+  ref_labels,
+  spacing_mm,
+  classes: Mapping[str, int],
+  tolerance_mm: float = 2.0,
+  surface_dice_convention: str = 'area',
+  distance_convention: str = 'voxel',
+) -> dict:
   """All metrics per class of one case.
 
   pred_labels, ref_labels: integer label volumes of equal shape (2D or 3D).
@@ -519,26 +557,40 @@ def evaluate_case(pred_labels, ref_labels, spacing_mm, classes: Mapping[str, int
   """
   pred_labels, ref_labels = np.asarray(pred_labels), np.asarray(ref_labels)
   if pred_labels.shape != ref_labels.shape:
-    raise ValueError(f"pred shape {pred_labels.shape} != ref shape {ref_labels.shape}")
+    raise ValueError(f'pred shape {pred_labels.shape} != ref shape {ref_labels.shape}')
   box = _union_box(bounding_box(pred_labels), bounding_box(ref_labels))
   if box is not None:
     sl = tuple(slice(lo, hi) for lo, hi in box)
     pred_labels, ref_labels = pred_labels[sl], ref_labels[sl]
-  return {name: evaluate_pair(pred_labels == label, ref_labels == label, spacing_mm,
-                              tolerance_mm, surface_dice_convention, distance_convention)
-          for name, label in classes.items()}
+  return {
+    name: evaluate_pair(
+      pred_labels == label,
+      ref_labels == label,
+      spacing_mm,
+      tolerance_mm,
+      surface_dice_convention,
+      distance_convention,
+    )
+    for name, label in classes.items()
+  }
 
 
 def _structure(ndim: int, connectivity):
   connectivity = ndim if connectivity is None else int(connectivity)
   if not 1 <= connectivity <= ndim:
-    raise ValueError(f"connectivity must be in 1..{ndim} for {ndim}D, got {connectivity}")
+    raise ValueError(f'connectivity must be in 1..{ndim} for {ndim}D, got {connectivity}')
   return ndimage.generate_binary_structure(ndim, connectivity)
 
 
-def evaluate_tumors(pred, ref, spacing_mm, tolerance_mm: float = 2.0,
-                    connectivity: int | None = None, surface_dice_convention: str = "area",
-                    distance_convention: str = "voxel") -> list[dict]:
+def evaluate_tumors(
+  pred,
+  ref,
+  spacing_mm,
+  tolerance_mm: float = 2.0,
+  connectivity: int | None = None,
+  surface_dice_convention: str = 'area',
+  distance_convention: str = 'voxel',
+) -> list[dict]:
   """Per-tumor metrics: one dict per connected component of `ref`.
 
   pred, ref: binary masks (one class). connectivity: 1 (faces) .. ndim (full; default,
@@ -563,14 +615,14 @@ def evaluate_tumors(pred, ref, spacing_mm, tolerance_mm: float = 2.0,
     matched_ids = np.unique(pred_lab[sl][comp[sl]])
     matched_ids = matched_ids[matched_ids != 0]
     matched = np.isin(pred_lab, matched_ids) if matched_ids.size else np.zeros_like(p)
-    row = {"tumor": k}
-    metrics = evaluate_pair(matched, comp, spacing, tolerance_mm, surface_dice_convention,
-                            distance_convention)
-    row["ref_volume_mm3"] = metrics.pop("ref_volume_mm3")
-    row["centroid_vox"] = tuple(float(c) + o for c, o in
-                                zip(ndimage.center_of_mass(comp), offset))
-    row["detected"] = bool(matched_ids.size)
-    row["n_pred_components"] = int(matched_ids.size)
+    row = {'tumor': k}
+    metrics = evaluate_pair(
+      matched, comp, spacing, tolerance_mm, surface_dice_convention, distance_convention
+    )
+    row['ref_volume_mm3'] = metrics.pop('ref_volume_mm3')
+    row['centroid_vox'] = tuple(float(c) + o for c, o in zip(ndimage.center_of_mass(comp), offset))
+    row['detected'] = bool(matched_ids.size)
+    row['n_pred_components'] = int(matched_ids.size)
     row.update(metrics)
     rows.append(row)
   return rows

@@ -3,6 +3,7 @@
 PNG files (100 dpi), written atomically under OUT/plots/. matplotlib is imported on the
 first plot, with the file-only Agg backend.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,15 +24,17 @@ CONTOUR_COLORS = ('red', 'dodgerblue', 'orange', 'magenta')  # Of the 1st, 2nd, 
 def pyplot():
   """matplotlib.pyplot on the Agg backend (files only, no display)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
 def save_figure(fig, path: str) -> None:
   """Writes `fig` as PNG (100 dpi, tight bounding box) to `path`, atomically."""
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+  fig.savefig(buf, format='png', dpi=100, bbox_inches='tight')
   nifti_io.atomic_write(path, buf.getvalue())
 
 
@@ -46,21 +49,22 @@ def _write_png(fig, out_dir: str, name: str) -> str:
 def plot_boxes(case_rows: Sequence[dict], out_dir: str) -> list[str]:
   """plots/box_<metric>.png: one box per method and class (finite values only)."""
   plt = pyplot()
-  groups = list(dict.fromkeys((r["method"], r["class"]) for r in case_rows))
+  groups = list(dict.fromkeys((r['method'], r['class']) for r in case_rows))
   paths = []
   for m in metrics.METRIC_NAMES:
     data, labels = [], []
     for method, cls in groups:
-      v = np.array([r[m] for r in case_rows if (r["method"], r["class"]) == (method, cls)],
-                   np.float64)
+      v = np.array(
+        [r[m] for r in case_rows if (r['method'], r['class']) == (method, cls)], np.float64
+      )
       finite = v[np.isfinite(v)]
       data.append(finite)
       n_bad = v.size - finite.size
-      labels.append(f"{method}\n{cls}" + (f"\n({n_bad} non-finite)" if n_bad else ""))
+      labels.append(f'{method}\n{cls}' + (f'\n({n_bad} non-finite)' if n_bad else ''))
     fig, ax = plt.subplots(figsize=(max(3.0, 1.6 * len(groups)), 3.6))
     ax.boxplot(data, showmeans=True)
     ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
-    ax.set_ylabel(m + ("" if m in ("dice", "surface_dice") else " (mm)"))
+    ax.set_ylabel(m + ('' if m in ('dice', 'surface_dice') else ' (mm)'))
     ax.set_title(m)
     paths.append(_write_png(fig, out_dir, f'box_{m}.png'))
   return paths
@@ -110,18 +114,29 @@ def _overlay_figure(image, zooms, ref, preds: dict, k: int, title: str):
   sl = image[:, :, k]
   lo, hi = np.percentile(sl, [1, 99])
   fig, ax = plt.subplots(figsize=(5, 5))
-  ax.imshow(sl.T, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1,
-            aspect=zooms[1] / zooms[0])
+  ax.imshow(
+    sl.T,
+    cmap='gray',
+    origin='lower',
+    vmin=lo,
+    vmax=hi if hi > lo else lo + 1,
+    aspect=zooms[1] / zooms[0],
+  )
   for label in np.unique(ref[:, :, k])[1:]:
-    ax.contour((ref[:, :, k] == label).T, levels=[0.5], colors="lime", linewidths=1.2)
+    ax.contour((ref[:, :, k] == label).T, levels=[0.5], colors='lime', linewidths=1.2)
   colors = [CONTOUR_COLORS[i % len(CONTOUR_COLORS)] for i in range(len(preds))]
   for i, pred in enumerate(preds.values()):
     for label in np.unique(pred[:, :, k])[1:]:
-      ax.contour((pred[:, :, k] == label).T, levels=[0.5], colors=colors[i],
-                 linewidths=1.0, linestyles="solid" if i == 0 else "dashed")
+      ax.contour(
+        (pred[:, :, k] == label).T,
+        levels=[0.5],
+        colors=colors[i],
+        linewidths=1.0,
+        linestyles='solid' if i == 0 else 'dashed',
+      )
   legend = ', '.join(f'{c}: {m}' for c, m in zip(colors, preds))
   ax.set_title(f'{title}\ngreen: reference; {legend}', fontsize=8)
-  ax.axis("off")
+  ax.axis('off')
   return fig
 
 
@@ -136,18 +151,22 @@ def plot_overlays(case_rows, ref_files, pred_sets, image_files, out_dir) -> list
   for method in pred_sets:
     for rank, (score, cid) in _picks(case_rows, method).items():
       if cid not in image_files:
-        print(f"warning: no image for case {cid}; overlay skipped", file=sys.stderr)
+        print(f'warning: no image for case {cid}; overlay skipped', file=sys.stderr)
         continue
       image, zooms = canonical(image_files[cid], labels=False)
       ref, _ = canonical(ref_files[cid], labels=True)
-      preds = {m: canonical(files[cid], labels=True)[0] for m, files in pred_sets.items()
-               if cid in files}
+      preds = {
+        m: canonical(files[cid], labels=True)[0] for m, files in pred_sets.items() if cid in files
+      }
       if image.shape != ref.shape:
-        raise ValueError(f"image {image_files[cid]} shape {image.shape} != reference "
-                         f"{ref_files[cid]} shape {ref.shape}")
+        raise ValueError(
+          f'image {image_files[cid]} shape {image.shape} != reference '
+          f'{ref_files[cid]} shape {ref.shape}'
+        )
       k = _slice_index(ref, preds[method])
-      fig = _overlay_figure(image, zooms, ref, preds, k,
-                            f"{method} {rank}: {cid} (mean DSC {score:.3f}), slice {k}")
-      safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"overlay_{method}_{rank}_{cid}.png")
+      fig = _overlay_figure(
+        image, zooms, ref, preds, k, f'{method} {rank}: {cid} (mean DSC {score:.3f}), slice {k}'
+      )
+      safe = re.sub(r'[^A-Za-z0-9_.-]', '_', f'overlay_{method}_{rank}_{cid}.png')
       paths.append(_write_png(fig, out_dir, safe))
   return paths

@@ -3,6 +3,7 @@
 Rows are the dicts of `cases` (per case, per tumor, inter-rater). inf (one mask empty) and
 NaN values are counted, never averaged; paired tests exclude and count pairs with either.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -17,48 +18,74 @@ def describe(values) -> dict:
   """n, counts of inf/NaN and mean, sd (ddof 1), median, q1, q3, IQR of finite values."""
   v = np.asarray(list(values), np.float64)
   finite = v[np.isfinite(v)]
-  out = {"n": int(v.size), "n_finite": int(finite.size), "n_inf": int(np.isinf(v).sum()),
-         "n_nan": int(np.isnan(v).sum())}
+  out = {
+    'n': int(v.size),
+    'n_finite': int(finite.size),
+    'n_inf': int(np.isinf(v).sum()),
+    'n_nan': int(np.isnan(v).sum()),
+  }
   if finite.size:
     q1, median, q3 = np.percentile(finite, [25, 50, 75])
-    out.update(mean=float(finite.mean()),
-               sd=float(finite.std(ddof=1)) if finite.size > 1 else float("nan"),
-               median=float(median), q1=float(q1), q3=float(q3), iqr=float(q3 - q1))
+    out.update(
+      mean=float(finite.mean()),
+      sd=float(finite.std(ddof=1)) if finite.size > 1 else float('nan'),
+      median=float(median),
+      q1=float(q1),
+      q3=float(q3),
+      iqr=float(q3 - q1),
+    )
   else:
-    out.update({k: float("nan") for k in ("mean", "sd", "median", "q1", "q3", "iqr")})
+    out.update({k: float('nan') for k in ('mean', 'sd', 'median', 'q1', 'q3', 'iqr')})
   return out
 
 
-def summarize(rows: Sequence[dict], keys: Sequence[str],
-              metric_names: Sequence[str] = metrics.METRIC_NAMES) -> list[dict]:
+def summarize(
+  rows: Sequence[dict], keys: Sequence[str], metric_names: Sequence[str] = metrics.METRIC_NAMES
+) -> list[dict]:
   """describe() of each metric per group of `keys` (in first-seen order)."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-  return [{**dict(zip(keys, group)), "metric": m, **describe(r[m] for r in members)}
-          for group, members in groups.items() for m in metric_names]
+  return [
+    {**dict(zip(keys, group)), 'metric': m, **describe(r[m] for r in members)}
+    for group, members in groups.items()
+    for m in metric_names
+  ]
 
 
 def detection_counts(case_rows, tumor_rows) -> list[dict]:
   """Per method and class: tumors, detected tumors, false-positive predicted components."""
   out = {}
   for row in case_rows:
-    entry = out.setdefault((row["method"], row["class"]), {
-        "method": row["method"], "class": row["class"], "n_tumors": 0, "n_detected": 0,
-        "n_fp_components": 0})
-    entry["n_fp_components"] += row["n_fp_components"]
+    entry = out.setdefault(
+      (row['method'], row['class']),
+      {
+        'method': row['method'],
+        'class': row['class'],
+        'n_tumors': 0,
+        'n_detected': 0,
+        'n_fp_components': 0,
+      },
+    )
+    entry['n_fp_components'] += row['n_fp_components']
   for row in tumor_rows:
-    entry = out[(row["method"], row["class"])]
-    entry["n_tumors"] += 1
-    entry["n_detected"] += int(row["detected"])
+    entry = out[(row['method'], row['class'])]
+    entry['n_tumors'] += 1
+    entry['n_detected'] += int(row['detected'])
   for entry in out.values():
-    entry["detection_rate"] = (entry["n_detected"] / entry["n_tumors"]
-                               if entry["n_tumors"] else float("nan"))
+    entry['detection_rate'] = (
+      entry['n_detected'] / entry['n_tumors'] if entry['n_tumors'] else float('nan')
+    )
   return list(out.values())
 
 
-def wilcoxon_tests(rows_a, rows_b, pair_keys: Sequence[str], level: str,
-                   metric_names: Sequence[str] = metrics.METRIC_NAMES) -> list[dict]:
+def wilcoxon_tests(
+  rows_a,
+  rows_b,
+  pair_keys: Sequence[str],
+  level: str,
+  metric_names: Sequence[str] = metrics.METRIC_NAMES,
+) -> list[dict]:
   """Paired two-sided Wilcoxon signed-rank tests (scipy.stats.wilcoxon) of B vs A.
 
   Rows are paired by `pair_keys` (e.g. case and class); grouped by class. Pairs where
@@ -66,12 +93,12 @@ def wilcoxon_tests(rows_a, rows_b, pair_keys: Sequence[str], level: str,
   or when all differences are zero.
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   index_b = {tuple(r[k] for k in pair_keys): r for r in rows_b}
   out = []
-  classes = list(dict.fromkeys(r["class"] for r in rows_a))
+  classes = list(dict.fromkeys(r['class'] for r in rows_a))
   for cls in classes:
-    pairs = [(r, index_b.get(tuple(r[k] for k in pair_keys))) for r in rows_a
-             if r["class"] == cls]
+    pairs = [(r, index_b.get(tuple(r[k] for k in pair_keys))) for r in rows_a if r['class'] == cls]
     pairs = [(a, b) for a, b in pairs if b is not None]
     for m in metric_names:
       a = np.array([p[0][m] for p in pairs], np.float64)
@@ -79,17 +106,23 @@ def wilcoxon_tests(rows_a, rows_b, pair_keys: Sequence[str], level: str,
       ok = np.isfinite(a) & np.isfinite(b)
       a, b = a[ok], b[ok]
       diff = b - a
-      entry = {"level": level, "class": cls, "metric": m, "n_pairs": int(a.size),
-               "n_excluded_nonfinite": int((~ok).sum()),
-               "median_a": float(np.median(a)) if a.size else float("nan"),
-               "median_b": float(np.median(b)) if b.size else float("nan"),
-               "median_diff_b_minus_a": float(np.median(diff)) if a.size else float("nan"),
-               "statistic": float("nan"), "p_value": float("nan")}
+      entry = {
+        'level': level,
+        'class': cls,
+        'metric': m,
+        'n_pairs': int(a.size),
+        'n_excluded_nonfinite': int((~ok).sum()),
+        'median_a': float(np.median(a)) if a.size else float('nan'),
+        'median_b': float(np.median(b)) if b.size else float('nan'),
+        'median_diff_b_minus_a': float(np.median(diff)) if a.size else float('nan'),
+        'statistic': float('nan'),
+        'p_value': float('nan'),
+      }
       if a.size >= 2 and np.any(diff != 0):
         with warnings.catch_warnings():
-          warnings.simplefilter("ignore")
+          warnings.simplefilter('ignore')
           result = stats.wilcoxon(b, a)
-        entry["statistic"], entry["p_value"] = float(result.statistic), float(result.pvalue)
+        entry['statistic'], entry['p_value'] = float(result.statistic), float(result.pvalue)
       out.append(entry)
   return out
 
@@ -112,9 +145,9 @@ def summary_sections(case_rows, tumor_rows, rater_rows, pair=None) -> dict:
   pair: (name of method A, name of method B) for paired tests of B vs A, or None.
   """
   return {
-      'per_case': summarize(case_rows, ['method', 'class']),
-      'per_tumor': summarize(tumor_rows, ['method', 'class']) if tumor_rows else [],
-      'detection': detection_counts(case_rows, tumor_rows),
-      'wilcoxon': paired_tests(case_rows, tumor_rows, *pair) if pair else [],
-      'inter_rater': summarize(rater_rows, ['pair', 'class']) if rater_rows else [],
+    'per_case': summarize(case_rows, ['method', 'class']),
+    'per_tumor': summarize(tumor_rows, ['method', 'class']) if tumor_rows else [],
+    'detection': detection_counts(case_rows, tumor_rows),
+    'wilcoxon': paired_tests(case_rows, tumor_rows, *pair) if pair else [],
+    'inter_rater': summarize(rater_rows, ['pair', 'class']) if rater_rows else [],
   }

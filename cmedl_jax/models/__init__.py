@@ -20,6 +20,7 @@ get_translator(cfg): cfg.name in TRANSLATORS (both a ResnetGenerator: out_channe
 get_discriminator(cfg): PatchGAN (ndf, n_layers).
 get_patch_sampler(cfg): PatchSampleMLP, CUT's PatchSampleF (num_features).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +41,22 @@ TAP_NAMES = ('penultimate', 'last', 'logits')
 # Config key of a module field, where the two differ.
 _CONFIG_KEYS = {'dropout_rate': 'dropout'}
 
-__all__ = ['UNet', 'DenseFCN', 'PSPNet', 'ResnetGenerator', 'ResnetBlock', 'PatchGAN',
-           'PatchSampleMLP', 'get_segmenter', 'get_translator', 'get_discriminator',
-           'get_patch_sampler', 'SEGMENTERS', 'TRANSLATORS', 'TAP_NAMES']
+__all__ = [
+  'UNet',
+  'DenseFCN',
+  'PSPNet',
+  'ResnetGenerator',
+  'ResnetBlock',
+  'PatchGAN',
+  'PatchSampleMLP',
+  'get_segmenter',
+  'get_translator',
+  'get_discriminator',
+  'get_patch_sampler',
+  'SEGMENTERS',
+  'TRANSLATORS',
+  'TAP_NAMES',
+]
 
 
 def _from_cfg(module, cfg, **given):

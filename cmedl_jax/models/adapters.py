@@ -1,4 +1,5 @@
 """1x1-conv adapters that map student feature widths to teacher widths for the hint loss."""
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -21,6 +22,7 @@ class HintAdapters(nn.Module):
   equal width, or not listed in `out_channels`, is passed through unchanged and has no
   parameters.
   """
+
   out_channels: Mapping[str, int]
   dtype: Optional[jnp.dtype] = None
 
@@ -33,6 +35,11 @@ class HintAdapters(nn.Module):
         adapted[tap] = feat
         continue
       adapted[tap] = nn.Conv(
-          features=int(width), kernel_size=(1, 1), use_bias=True, dtype=self.dtype,
-          param_dtype=jnp.float32, name=f"adapter_{tap}")(feat)
+        features=int(width),
+        kernel_size=(1, 1),
+        use_bias=True,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=f'adapter_{tap}',
+      )(feat)
     return adapted

@@ -25,6 +25,7 @@ and cropped back. Dropout is active only with train=True and a 'dropout' rng. re
 recomputes each dense block in the backward pass (`nn.remat`; the concatenated stacks and their
 BN-ReLU copies are what fills memory in a DenseNet).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -38,15 +39,22 @@ from cmedl_jax.models import layers
 Array = jax.Array
 
 VARIANTS = {
-    56: dict(growth_rate=12, layers_per_block=4),
-    67: dict(growth_rate=16, layers_per_block=5),
-    103: dict(growth_rate=16, layers_per_block=(4, 5, 7, 10, 12, 15, 12, 10, 7, 5, 4)),
+  56: dict(growth_rate=12, layers_per_block=4),
+  67: dict(growth_rate=16, layers_per_block=5),
+  103: dict(growth_rate=16, layers_per_block=(4, 5, 7, 10, 12, 15, 12, 10, 7, 5, 4)),
 }
 
 
 def _conv(features: int, kernel: int, dtype: Any, name: str | None = None) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=layers.he_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    padding='SAME',
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=layers.he_init,
+    name=name,
+  )
 
 
 class DenseBlock(nn.Module):
@@ -54,6 +62,7 @@ class DenseBlock(nn.Module):
 
   [N, H, W, C] -> (stack [N, H, W, C + n_layers * growth], new maps [N, H, W, n_layers * growth]).
   """
+
   n_layers: int
   growth: int
   dropout_rate: float
@@ -77,6 +86,7 @@ class DenseFCN(nn.Module):
   `growth_rate`, `layers_per_block` (int or 2*n_pool+1 ints) and `n_pool` override the
   variant (for tiny test networks).
   """
+
   num_classes: int
   variant: int = 103
   growth_rate: int | None = None
@@ -84,28 +94,34 @@ class DenseFCN(nn.Module):
   n_pool: int = 5
   first_filters: int = 48
   dropout_rate: float = 0.2
-  dtype: Any = "float32"
+  dtype: Any = 'float32'
   remat: bool = False  # Recompute each dense block's intermediates in the backward pass.
 
   def block_layers(self) -> tuple[int, ...]:
     if self.variant not in VARIANTS:
-      raise ValueError(f"DenseFCN: variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
-    lpb = self.layers_per_block if self.layers_per_block is not None else VARIANTS[self.variant]["layers_per_block"]
+      raise ValueError(f'DenseFCN: variant must be one of {sorted(VARIANTS)}, got {self.variant!r}')
+    lpb = (
+      self.layers_per_block
+      if self.layers_per_block is not None
+      else VARIANTS[self.variant]['layers_per_block']
+    )
     n_blocks = 2 * self.n_pool + 1
     if isinstance(lpb, int):
       return (lpb,) * n_blocks
     lpb = tuple(int(v) for v in lpb)
     if len(lpb) != n_blocks:
-      raise ValueError(f"DenseFCN: layers_per_block needs {n_blocks} entries for n_pool={self.n_pool}, got {lpb}")
+      raise ValueError(
+        f'DenseFCN: layers_per_block needs {n_blocks} entries for n_pool={self.n_pool}, got {lpb}'
+      )
     return lpb
 
   @nn.compact
   def __call__(self, x: Array, train: bool):
     dtype = layers.resolve_dtype(self.dtype)
     lpb = self.block_layers()
-    growth = self.growth_rate or VARIANTS[self.variant]["growth_rate"]
+    growth = self.growth_rate or VARIANTS[self.variant]['growth_rate']
     h_in, w_in = x.shape[1], x.shape[2]
-    x = layers.pad_to_multiple(x, 2 ** self.n_pool).astype(dtype)
+    x = layers.pad_to_multiple(x, 2**self.n_pool).astype(dtype)
 
     def bn_relu(t):
       return nn.relu(layers.batch_norm(train, dtype)(t))
@@ -116,7 +132,7 @@ class DenseFCN(nn.Module):
       """Returns (stack with the new maps appended, the new maps alone)."""
       return block(n_layers, growth, self.dropout_rate, dtype, name=name)(stack, train)
 
-    stack = _conv(self.first_filters, 3, dtype, name="conv_in")(x)
+    stack = _conv(self.first_filters, 3, dtype, name='conv_in')(x)
     skips = []
     for i in range(self.n_pool):
       stack, _ = dense_block(stack, lpb[i], f'down_block_{i}')
@@ -133,7 +149,7 @@ class DenseFCN(nn.Module):
       stack = jnp.concatenate([up, skips[self.n_pool - 1 - i]], axis=-1)
       penultimate = stack
       stack, to_upsample = dense_block(stack, lpb[self.n_pool + i + 1], f'up_block_{i}')
-    logits = _conv(self.num_classes, 1, dtype, name="classifier")(stack)
+    logits = _conv(self.num_classes, 1, dtype, name='classifier')(stack)
     crop = lambda t: t[:, :h_in, :w_in, :].astype(jnp.float32)
     logits = crop(logits)
-    return logits, {"penultimate": crop(penultimate), "last": crop(stack), "logits": logits}
+    return logits, {'penultimate': crop(penultimate), 'last': crop(stack), 'logits': logits}

@@ -4,6 +4,7 @@ Everything here is exact with respect to the PyTorch operation it stands for; wh
 faster XLA:CPU formulation is used (sub-pixel transposed convolution, reflection padding by
 concatenation) a test checks it against the direct form with the same parameters.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -21,18 +22,21 @@ gan_init = nn.initializers.normal(stddev=0.02)
 he_init = nn.initializers.he_normal()
 zeros_init = nn.initializers.zeros
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def resolve_dtype(dtype: Any) -> Any:
   """Maps "float32" / "bfloat16" (or a jnp dtype of those) to the jnp dtype."""
   if isinstance(dtype, str):
     if dtype not in _DTYPES:
-      raise ValueError(f"cmedl_jax.models: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+      raise ValueError(f'cmedl_jax.models: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}')
     return _DTYPES[dtype]
-  if dtype in (jnp.float32, jnp.bfloat16) or np.dtype(dtype) in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16)):
+  if dtype in (jnp.float32, jnp.bfloat16) or np.dtype(dtype) in (
+    np.dtype(jnp.float32),
+    np.dtype(jnp.bfloat16),
+  ):
     return dtype
-  raise ValueError(f"cmedl_jax.models: unsupported compute dtype {dtype!r}")
+  raise ValueError(f'cmedl_jax.models: unsupported compute dtype {dtype!r}')
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -42,14 +46,15 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
   """
   if cfg is None:
     return default
-  getter = getattr(cfg, "get", None)
+  getter = getattr(cfg, 'get', None)
   value = getter(key, default) if callable(getter) else getattr(cfg, key, default)
   return default if value is None else value
 
 
 # ----------------------------------------------------------------------------- padding
 
-def reflect_pad(x: Array, pad: int, impl: str = "concat") -> Array:
+
+def reflect_pad(x: Array, pad: int, impl: str = 'concat') -> Array:
   """Reflection padding of H and W by `pad` (PyTorch `ReflectionPad2d(pad)`), NHWC.
 
   impl: "concat" (slices + reversal + concatenation), "gather" (one static-index take per
@@ -60,20 +65,20 @@ def reflect_pad(x: Array, pad: int, impl: str = "concat") -> Array:
     return x
   h, w = x.shape[1], x.shape[2]
   if pad >= h or pad >= w:
-    raise ValueError(f"reflect_pad: pad {pad} needs H and W > {pad}, got {h}x{w}")
-  if impl == "jnp":
-    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-  if impl == "gather":
+    raise ValueError(f'reflect_pad: pad {pad} needs H and W > {pad}, got {h}x{w}')
+  if impl == 'jnp':
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+  if impl == 'gather':
     idx_h = np.concatenate([np.arange(pad, 0, -1), np.arange(h), np.arange(h - 2, h - 2 - pad, -1)])
     idx_w = np.concatenate([np.arange(pad, 0, -1), np.arange(w), np.arange(w - 2, w - 2 - pad, -1)])
     return jnp.take(jnp.take(x, idx_h, axis=1), idx_w, axis=2)
-  if impl == "concat":
-    x = jnp.concatenate([x[:, pad:0:-1], x, x[:, h - 2:h - 2 - pad:-1]], axis=1)
-    return jnp.concatenate([x[:, :, pad:0:-1], x, x[:, :, w - 2:w - 2 - pad:-1]], axis=2)
+  if impl == 'concat':
+    x = jnp.concatenate([x[:, pad:0:-1], x, x[:, h - 2 : h - 2 - pad : -1]], axis=1)
+    return jnp.concatenate([x[:, :, pad:0:-1], x, x[:, :, w - 2 : w - 2 - pad : -1]], axis=2)
   raise ValueError(f"reflect_pad: impl must be 'concat', 'gather' or 'jnp', got {impl!r}")
 
 
-def pad_to_multiple(x: Array, multiple: int, mode: str = "edge") -> Array:
+def pad_to_multiple(x: Array, multiple: int, mode: str = 'edge') -> Array:
   """Pads H and W at the bottom/right up to the next multiple of `multiple` (NHWC)."""
   h, w = x.shape[1], x.shape[2]
   ph, pw = (-h) % multiple, (-w) % multiple
@@ -83,6 +88,7 @@ def pad_to_multiple(x: Array, multiple: int, mode: str = "edge") -> Array:
 
 
 # ----------------------------------------------------------------------------- norms
+
 
 def instance_norm(x: Array, eps: float = 1e-5) -> Array:
   """PyTorch `InstanceNorm2d(affine=False)`: per sample and channel over H, W (biased
@@ -97,11 +103,18 @@ def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm
   """BatchNorm as PyTorch's defaults (momentum 0.1 = flax 0.9, eps 1e-5), stats in
   `batch_stats`. Under jit with the batch sharded over a mesh the batch mean/variance are
   global-batch statistics (XLA inserts the all-reduce); no axis_name is needed."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 # ----------------------------------------------------------------------------- upsampling
+
 
 def depth_to_space(x: Array, block: int = 2) -> Array:
   """[N, H, W, b*b*C] (channels ordered (row phase, column phase, C)) -> [N, bH, bW, C]."""
@@ -122,11 +135,12 @@ def interleave_phases(p00: Array, p01: Array, p10: Array, p11: Array) -> Array:
 
 
 def _conv(x: Array, kernel: Array, padding) -> Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
 
 
-def conv_transpose_3x3_s2(x: Array, kernel: Array, impl: str = "subpixel") -> Array:
+def conv_transpose_3x3_s2(x: Array, kernel: Array, impl: str = 'subpixel') -> Array:
   """PyTorch `ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1)`, no bias.
 
   x [N, H, W, Cin], kernel [3, 3, Cin, Cout] with PyTorch's meaning
@@ -138,21 +152,22 @@ def conv_transpose_3x3_s2(x: Array, kernel: Array, impl: str = "subpixel") -> Ar
   one 2x2 convolution to 4*Cout channels + depth-to-space (16 taps, 7 of them zero);
   "xla": `lax.conv_transpose` (input-dilated convolution), the direct form.
   """
-  if impl == "xla":
-    return jax.lax.conv_transpose(x, kernel[::-1, ::-1], (2, 2), ((1, 2), (1, 2)),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if impl == 'xla':
+    return jax.lax.conv_transpose(
+      x, kernel[::-1, ::-1], (2, 2), ((1, 2), (1, 2)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
   k = kernel
-  if impl == "subpixel":
+  if impl == 'subpixel':
     xr = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 0)))  # x[:, :, j+1] with zero past the end
     xb = jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
     xrb = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    p00 = _conv(x, k[1:2, 1:2], "VALID")
-    p01 = _conv(xr, jnp.stack([k[1, 2], k[1, 0]])[None], "VALID")
-    p10 = _conv(xb, jnp.stack([k[2, 1], k[0, 1]])[:, None], "VALID")
+    p00 = _conv(x, k[1:2, 1:2], 'VALID')
+    p01 = _conv(xr, jnp.stack([k[1, 2], k[1, 0]])[None], 'VALID')
+    p10 = _conv(xb, jnp.stack([k[2, 1], k[0, 1]])[:, None], 'VALID')
     k11 = jnp.stack([jnp.stack([k[2, 2], k[2, 0]]), jnp.stack([k[0, 2], k[0, 0]])])
-    p11 = _conv(xrb, k11, "VALID")
+    p11 = _conv(xrb, k11, 'VALID')
     return interleave_phases(p00, p01, p10, p11)
-  if impl == "subpixel1":
+  if impl == 'subpixel1':
     z = jnp.zeros_like(k[0, 0])
     # offsets (dy, dx) in {0, 1}^2; phase a uses tap 1 at offset 0 (a=0) or taps 2, 0 at
     # offsets 0, 1 (a=1).
@@ -170,26 +185,29 @@ def conv_transpose_3x3_s2(x: Array, kernel: Array, impl: str = "subpixel") -> Ar
         phases.append(jnp.stack(rows))  # [2, 2, Cin, Cout]
     big = jnp.concatenate(phases, axis=-1)  # [2, 2, Cin, 4*Cout], phase-major
     xrb = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return depth_to_space(_conv(xrb, big, "VALID"), 2)
-  raise ValueError(f"conv_transpose_3x3_s2: impl must be 'subpixel', 'subpixel1' or 'xla', got {impl!r}")
+    return depth_to_space(_conv(xrb, big, 'VALID'), 2)
+  raise ValueError(
+    f"conv_transpose_3x3_s2: impl must be 'subpixel', 'subpixel1' or 'xla', got {impl!r}"
+  )
 
 
 class ConvTranspose3x3S2(nn.Module):
   """`nn.ConvTranspose2d(cin, features, 3, stride=2, padding=1, output_padding=1)`:
   [N, H, W, Cin] -> [N, 2H, 2W, features]. Parameters `kernel` [3, 3, Cin, features] and
   `bias` [features] (same count as PyTorch)."""
+
   features: int
   use_bias: bool = True
   dtype: Any = jnp.float32
   kernel_init: Callable = gan_init
-  impl: str = "subpixel"
+  impl: str = 'subpixel'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param('kernel', self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
     y = conv_transpose_3x3_s2(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
     if self.use_bias:
-      bias = self.param("bias", zeros_init, (self.features,), jnp.float32)
+      bias = self.param('bias', zeros_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
 
@@ -198,6 +216,7 @@ class ConvTranspose2x2S2(nn.Module):
   """`nn.ConvTranspose2d(cin, features, 2, stride=2)` (U-Net up-convolution), computed
   exactly as a 1x1 convolution to 4*features channels + depth-to-space (the 2x2 windows do
   not overlap). Parameters `kernel` [2, 2, Cin, features], `bias` [features]."""
+
   features: int
   dtype: Any = jnp.float32
   kernel_init: Callable = he_init
@@ -205,11 +224,11 @@ class ConvTranspose2x2S2(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cin = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (2, 2, cin, self.features), jnp.float32)
-    bias = self.param("bias", zeros_init, (self.features,), jnp.float32)
+    kernel = self.param('kernel', self.kernel_init, (2, 2, cin, self.features), jnp.float32)
+    bias = self.param('bias', zeros_init, (self.features,), jnp.float32)
     # out[2i+a, 2j+b] = x[i, j] @ kernel[a, b]
     k1 = kernel.transpose(2, 0, 1, 3).reshape(1, 1, cin, 4 * self.features)
-    y = _conv(x.astype(self.dtype), k1.astype(self.dtype), "VALID")
+    y = _conv(x.astype(self.dtype), k1.astype(self.dtype), 'VALID')
     return depth_to_space(y, 2) + bias.astype(self.dtype)
 
 
@@ -223,7 +242,7 @@ def upsample_nearest2x(x: Array) -> Array:
 def resize_bilinear(x: Array, height: int, width: int) -> Array:
   """Bilinear resize of H, W (half-pixel centres, `align_corners=False`)."""
   n, _, _, c = x.shape
-  return jax.image.resize(x, (n, height, width, c), method="bilinear")
+  return jax.image.resize(x, (n, height, width, c), method='bilinear')
 
 
 def adaptive_avg_pool_matrix(size: int, bins: int) -> np.ndarray:
@@ -240,13 +259,12 @@ def adaptive_avg_pool(x: Array, bins: int) -> Array:
   """PyTorch `AdaptiveAvgPool2d(bins)` on NHWC: [N, H, W, C] -> [N, bins, bins, C]."""
   mh = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], bins), x.dtype)
   mw = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], bins), x.dtype)
-  return jnp.einsum("ph,nhwc,qw->npqc", mh, x, mw)
+  return jnp.einsum('ph,nhwc,qw->npqc', mh, x, mw)
 
 
 def dropout(module: nn.Module, x: Array, rate: float, train: bool) -> Array:
   """Dropout that is active only when `train` and a 'dropout' rng was passed to `apply`
   (so a train step that passes no dropout rng gets a deterministic network)."""
-  if rate <= 0.0 or not train or not module.has_rng("dropout"):
+  if rate <= 0.0 or not train or not module.has_rng('dropout'):
     return x
   return nn.Dropout(rate, deterministic=False)(x)
-

@@ -6,6 +6,7 @@ without affine parameters (so every conv has a bias), weights N(0, 0.02). For 1 
 channel, ndf 64, 3 layers: 2,762,689 parameters, as the PyTorch reference. A 256x256 input
 gives a 30x30 map of raw logits (LSGAN: no sigmoid).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,26 +20,35 @@ from cmedl_jax.models import layers
 
 class PatchGAN(nn.Module):
   """[N, H, W, C] -> [N, h, w, 1] float32 logits (h = H/8 - 2 for H divisible by 8)."""
+
   ndf: int = 64
   n_layers: int = 3
-  dtype: Any = "float32"
+  dtype: Any = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = layers.resolve_dtype(self.dtype)
 
     def conv(features, stride, name):
-      return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                     dtype=dtype, param_dtype=jnp.float32, kernel_init=layers.gan_init,
-                     bias_init=layers.zeros_init, name=name)
+      return nn.Conv(
+        features,
+        (4, 4),
+        strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=layers.gan_init,
+        bias_init=layers.zeros_init,
+        name=name,
+      )
 
     h = x.astype(dtype)
-    h = nn.leaky_relu(conv(self.ndf, 2, "conv_0")(h), 0.2)
+    h = nn.leaky_relu(conv(self.ndf, 2, 'conv_0')(h), 0.2)
     mult = 1
     for n in range(1, self.n_layers + 1):
-      mult = min(2 ** n, 8)
+      mult = min(2**n, 8)
       stride = 2 if n < self.n_layers else 1
-      h = conv(self.ndf * mult, stride, f"conv_{n}")(h)
+      h = conv(self.ndf * mult, stride, f'conv_{n}')(h)
       h = nn.leaky_relu(layers.instance_norm(h), 0.2)
-    h = conv(1, 1, "conv_out")(h)
+    h = conv(1, 1, 'conv_out')(h)
     return h.astype(jnp.float32)

@@ -17,6 +17,7 @@ pyramid-pooling concatenation, "last" = the 3x3 head conv output (what the class
 "logits" (and "aux_logits") at input resolution. H, W are edge-padded to a multiple of 8 and
 the logits cropped back. Dropout is active only with train=True and a 'dropout' rng.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -31,15 +32,24 @@ Array = jax.Array
 
 
 def _conv(features, kernel, dtype, stride=1, dilation=1, bias=False, name=None):
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((dilation * (kernel // 2),) * 2,) * 2, kernel_dilation=(dilation, dilation),
-                 use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=layers.he_init, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((dilation * (kernel // 2),) * 2,) * 2,
+    kernel_dilation=(dilation, dilation),
+    use_bias=bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=layers.he_init,
+    name=name,
+  )
 
 
 class ResidualBlock(nn.Module):
   """Basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1 x4) residual block with BN; projection
   shortcut (1x1 conv-BN) when the shape changes."""
+
   width: int
   stride: int = 1
   dilation: int = 1
@@ -64,6 +74,7 @@ class ResidualBlock(nn.Module):
 
 class PSPNet(nn.Module):
   """[N, H, W, C] -> (logits [N, H, W, num_classes] float32, taps dict float32)."""
+
   num_classes: int
   base_width: int = 64
   blocks: Sequence[int] = (2, 2, 2, 2)
@@ -71,14 +82,14 @@ class PSPNet(nn.Module):
   bins: Sequence[int] = (1, 2, 3, 6)
   aux_head: bool = False
   dropout_rate: float = 0.1
-  dtype: Any = "float32"
+  dtype: Any = 'float32'
   remat: bool = False  # Recompute each residual block's intermediates in the backward pass.
 
   @nn.compact
   def __call__(self, x: Array, train: bool):
     dtype = layers.resolve_dtype(self.dtype)
     if len(self.blocks) != 4:
-      raise ValueError(f"PSPNet: blocks needs 4 stage lengths, got {tuple(self.blocks)}")
+      raise ValueError(f'PSPNet: blocks needs 4 stage lengths, got {tuple(self.blocks)}')
     h_in, w_in = x.shape[1], x.shape[2]
     x = layers.pad_to_multiple(x, 8).astype(dtype)
     hp, wp = x.shape[1], x.shape[2]
@@ -86,15 +97,21 @@ class PSPNet(nn.Module):
 
     h = x
     for i, stride in enumerate((2, 1, 1)):
-      h = nn.relu(bn()(_conv(self.base_width, 3, dtype, stride, name=f"stem_{i}")(h)))
+      h = nn.relu(bn()(_conv(self.base_width, 3, dtype, stride, name=f'stem_{i}')(h)))
     h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     block = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
     stage3 = None
     for s, (n_blocks, stride, dilation) in enumerate(zip(self.blocks, (1, 2, 1, 1), (1, 1, 2, 4))):
       for b in range(n_blocks):
-        h = block(self.base_width * 2 ** s, stride if b == 0 else 1, dilation,
-                  self.bottleneck, dtype, name=f"stage{s + 1}_{b}")(h, train)
+        h = block(
+          self.base_width * 2**s,
+          stride if b == 0 else 1,
+          dilation,
+          self.bottleneck,
+          dtype,
+          name=f'stage{s + 1}_{b}',
+        )(h, train)
       if s == 2:
         stage3 = h
 
@@ -102,20 +119,23 @@ class PSPNet(nn.Module):
     pooled = [h]
     for b in self.bins:
       p = layers.adaptive_avg_pool(h, b)
-      p = nn.relu(bn()(_conv(c // len(self.bins), 1, dtype, name=f"ppm_{b}")(p)))
+      p = nn.relu(bn()(_conv(c // len(self.bins), 1, dtype, name=f'ppm_{b}')(p)))
       pooled.append(layers.resize_bilinear(p, fh, fw).astype(dtype))
     penultimate = jnp.concatenate(pooled, axis=-1)
     head_width = c // 4 if self.bottleneck else c // 2
-    last = nn.relu(bn()(_conv(head_width, 3, dtype, name="head")(penultimate)))
+    last = nn.relu(bn()(_conv(head_width, 3, dtype, name='head')(penultimate)))
     t = layers.dropout(self, last, self.dropout_rate, train)
-    logits = _conv(self.num_classes, 1, dtype, bias=True, name="classifier")(t)
+    logits = _conv(self.num_classes, 1, dtype, bias=True, name='classifier')(t)
     to_input = lambda t: layers.resize_bilinear(t.astype(jnp.float32), hp, wp)[:, :h_in, :w_in, :]
     logits = to_input(logits)
-    feats = {"penultimate": penultimate.astype(jnp.float32), "last": last.astype(jnp.float32),
-             "logits": logits}
+    feats = {
+      'penultimate': penultimate.astype(jnp.float32),
+      'last': last.astype(jnp.float32),
+      'logits': logits,
+    }
     if self.aux_head:
-      a = nn.relu(bn()(_conv(head_width // 2, 3, dtype, name="aux_conv")(stage3)))
+      a = nn.relu(bn()(_conv(head_width // 2, 3, dtype, name='aux_conv')(stage3)))
       a = layers.dropout(self, a, self.dropout_rate, train)
-      a = _conv(self.num_classes, 1, dtype, bias=True, name="aux_classifier")(a)
-      feats["aux_logits"] = to_input(a)
+      a = _conv(self.num_classes, 1, dtype, bias=True, name='aux_classifier')(a)
+      feats['aux_logits'] = to_input(a)
     return logits, feats
