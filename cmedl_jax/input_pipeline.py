@@ -502,17 +502,15 @@ def create_train_iterator(
   aug = _augment_params(augment)
   on_device = _warps_on_device(aug, augment_on)
   source, target = _open_sides(source_dir, target_dir, split)
-  streams = _streams(
-    source,
-    target,
-    aug,
-    on_device,
-    target_labels,
-    global_batch_size,
-    seed,
-    foreground_ratio,
-    context_slices,
+  settings = dict(
+    seed=seed,
+    global_batch_size=global_batch_size,
+    foreground_ratio=float(foreground_ratio),
+    augment=aug,
+    context_slices=int(context_slices),
+    on_device=on_device,
   )
+  streams = _streams(source, target, target_labels, settings)
   workers = num_workers or max(1, min(4, os.cpu_count() or 1))
   stop = None if num_steps is None else int(start_step) + int(num_steps)
   return _BatchIterator(
@@ -524,29 +522,15 @@ def create_train_iterator(
   )
 
 
-def _streams(
-  source,
-  target,
-  aug,
-  on_device,
-  target_labels,
-  global_batch_size,
-  seed,
-  foreground_ratio,
-  context_slices,
-):
-  """The source and target _Stream of this process."""
-  tf_augment = _make_tf_augment() if (aug is not None and not on_device) else None
+def _streams(source, target, target_labels, settings):
+  """The source and target _Stream of this process; `settings` as _Stream's keywords."""
   common = dict(
-    seed=seed,
-    global_batch_size=global_batch_size,
+    settings,
     process_index=jax.process_index(),
-    local_batch_size=global_batch_size // jax.process_count(),
-    foreground_ratio=float(foreground_ratio),
-    augment=aug,
-    context_slices=int(context_slices),
-    on_device=on_device,
-    tf_augment=tf_augment,
+    local_batch_size=settings['global_batch_size'] // jax.process_count(),
+    tf_augment=_make_tf_augment()
+    if (settings['augment'] is not None and not settings['on_device'])
+    else None,
   )
   return (
     _Stream(source, stream=_SOURCE_STREAM, use_labels=True, **common),

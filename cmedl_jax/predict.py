@@ -84,20 +84,10 @@ def predict_files(
       result['failed'].append((path, str(e)))
       tqdm.write(f'error: {path}: {e}', file=sys.stderr)
       continue
-    if probabilities:
-      nifti_io.save_nifti_like(
-        pred['probabilities'],
-        reference,
-        os.path.join(output_dir, f'{case}_probabilities.nii.gz'),
-        np.float32,
-      )
-    if pseudo_target:
-      nifti_io.save_nifti_like(
-        pred['pseudo_target'],
-        reference,
-        os.path.join(output_dir, f'{case}_pseudo_target.nii.gz'),
-        np.float32,
-      )
+    extras = {'probabilities': probabilities, 'pseudo_target': pseudo_target}
+    for name in [name for name, wanted in extras.items() if wanted]:
+      path = os.path.join(output_dir, f'{case}_{name}.nii.gz')
+      nifti_io.save_nifti_like(pred[name], reference, path, np.float32)
     nifti_io.save_nifti_like(pred['labels'], reference, out, np.uint8)
     result['written'].append(out)
   return result
