@@ -120,7 +120,7 @@ def study_runs():
       'ablation',
       'informative',
       'cmedl',
-      **{'method.teacher_stop_gradient': False},
+      **{'method.hint_trains_teacher': True, 'method.hint_trains_translator': True},
     ),
     run('ablation-two_stage-stage1', 'ablation', 'informative', 'stage1'),
     run(

@@ -317,7 +317,7 @@ def segmentation_loss(
 # Distillation: hint (feature) loss and KL on softened logits.
 # ---------------------------------------------------------------------------
 
-_HINT_KINDS = ('l2', 'l1', 'cosine')
+_HINT_KINDS = ('l2', 'l1', 'cosine', 'relative_l2')
 
 
 def _hint_pair(student_feats, teacher_feats, tap, adapters_out):
@@ -360,7 +360,9 @@ def hint_loss(
     teacher_feats: tap name -> [N, h', w', C_t] teacher features.
     taps: tap names to use (non-empty).
     kind: "l2" mean squared difference, "l1" mean absolute difference, "cosine" mean
-      over pixels of 1 - cos(student channel vector, teacher channel vector).
+      over pixels of 1 - cos(student channel vector, teacher channel vector),
+      "relative_l2" sum (s - t)^2 / sum t^2 (scale-free: 1 for s = 0, whatever the
+      teacher's feature magnitude; ours).
     adapters_out: optional output of `HintAdapters` applied to the student features;
       where it has a tap, it replaces the student feature of that tap.
 
@@ -389,6 +391,8 @@ def hint_loss(
       value = jnp.mean(jnp.square(s - t))
     elif kind == 'l1':
       value = jnp.mean(jnp.abs(s - t))
+    elif kind == 'relative_l2':
+      value = jnp.sum(jnp.square(s - t)) / (jnp.sum(jnp.square(t)) + 1e-12)
     else:
       value = jnp.mean(1.0 - jnp.sum(l2_normalize(s) * l2_normalize(t), axis=-1))
     per_tap[tap] = value

@@ -71,6 +71,23 @@ METHODS = {
   'translator_only': Method(student=False, teacher=False, translator=True, test_time=None),
 }
 DISTILLATIONS = ('hint', 'kl', 'none')
+# Choices of the method's switches (configs/default.py documents each); the first is the value
+# of a run saved before the switch existed.
+CHOICES = {
+  'distill': DISTILLATIONS,
+  'hint_adapters': ('auto', 'always', 'none'),
+  'teacher_bn': ('joint', 'separate'),
+  'contextual_features': ('patches', 'random_conv'),
+}
+
+
+def switch(config, field):
+  """config.method.<field>, checked against CHOICES (a run saved before it existed: the
+  behaviour of then)."""
+  value = config.method.get(field, CHOICES[field][0])
+  if value not in CHOICES[field]:
+    raise ValueError(f'method.{field}={value!r}: expected one of {CHOICES[field]}')
+  return value
 
 
 def get(config):
@@ -85,8 +102,8 @@ def parts(config):
   """The parts `config` builds and trains: dict of booleans, one per collection of GROUP_OF
   (and 'trains_translator', 'distill')."""
   m = get(config)
-  if config.method.distill not in DISTILLATIONS:
-    raise ValueError(f'method.distill={config.method.distill!r}: expected one of {DISTILLATIONS}')
+  for field in CHOICES:
+    switch(config, field)
   cyclegan = m.translator and config.model.translator.name == 'cyclegan'
   trains_translator = m.translator and not config.method.freeze_translator
   distill = m.distills and config.method.distill != 'none'
@@ -100,7 +117,9 @@ def parts(config):
     nce_head=trains_translator and config.model.translator.name == 'cut',
     trains_translator=trains_translator,
     distill=distill,
-    adapters=distill and config.method.distill == 'hint',
+    adapters=distill
+    and config.method.distill == 'hint'
+    and switch(config, 'hint_adapters') != 'none',
   )
 
 
@@ -162,7 +181,8 @@ def build_networks(config, in_channels):
 def hint_adapters(config, teacher_feats):
   """1x1-conv adapters from the student's widths to the teacher's at the hint taps."""
   return HintAdapters(
-    out_channels={tap: int(teacher_feats[tap].shape[-1]) for tap in config.method.hint_taps}
+    out_channels={tap: int(teacher_feats[tap].shape[-1]) for tap in config.method.hint_taps},
+    always=switch(config, 'hint_adapters') == 'always',
   )
 
 

@@ -4,10 +4,15 @@ Per step, with source batch x (labels y) and unpaired target batch t:
   translator  G: x -> G(x) (pseudo-target). CycleGAN adds F: t -> F(t), cycle and identity L1;
               CUT adds PatchNCE between x and G(x) (and t and G(t)). Both: LSGAN against the
               target discriminator, contextual loss between x and G(x).
-  teacher     segments G(x) with y (and t with its labels when the target set has them).
-              Its loss also trains G when `method.seg_feedback` (G learns to keep tumours).
-  student     segments x with y, plus distillation: hint loss between its features on x and the
-              teacher's on G(x) at `method.hint_taps` (or KL on softened logits).
+  teacher     segments G(x) with y. Its loss also trains G, scaled by
+              `loss.seg_to_translator` (G learns to keep tumours). With `data.target_labels`
+              it also segments labelled real target images (`method.teacher_bn`: separate
+              batch-norm passes, or one joint pass).
+  student     segments x with y, plus distillation: hint loss between its (adapted:
+              `method.hint_adapters`) features on x and the teacher's on G(x) at
+              `method.hint_taps` (or KL on softened logits), weight ramped over
+              `method.hint_warmup`; the teacher's side is constant unless
+              `method.hint_trains_teacher` / `hint_trains_translator`.
   discriminators  real t vs G(x) (and real x vs F(t)), translations under stop_gradient.
 
 Gradients: one `value_and_grad` over every generator-side group (translator, teacher, student,
@@ -78,7 +83,7 @@ def _patch_nce(config, nets, params, source, translated, rng):
   return sum(per_layer) / len(per_layer)
 
 
-def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng):
+def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng, step=0):
   """Total loss of all generator-side groups and its parts: translation + teacher + student.
 
   params: the differentiated groups (translator(s), nce_head, teacher, student, adapters);
@@ -95,7 +100,7 @@ def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng)
     )
   if u['teacher']:
     teacher_feats = teacher_terms(
-      params, batch_stats, config, nets, src, tgt, fake_t, r_teacher, terms, new_stats, aux
+      params, batch_stats, config, nets, src, tgt, fake_t, r_teacher, u, terms, new_stats, aux
     )
   if u['student']:
     student_terms(
@@ -111,6 +116,7 @@ def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng)
       terms,
       new_stats,
       aux,
+      step,
     )
   total = sum(terms.values())
   return total, (terms, new_stats, aux)
@@ -118,8 +124,8 @@ def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng)
 
 def translation_terms(params, d_params, config, nets, src, tgt, r_nce, r_ctx, u, terms, aux):
   """The translator's terms into `terms` (gan_target, contextual, then CycleGAN's gan_source,
-  cycle, identity or CUT's nce, nce_identity). Returns G(x) [B,H,W,C], detached unless the
-  segmentation losses train the translator (method.seg_feedback, translator not frozen)."""
+  cycle, identity or CUT's nce, nce_identity). Returns G(x) [B,H,W,C] (detached when the
+  translator is frozen)."""
   lw = config.loss
   x, t = src['image'], tgt['image']
   fake_t = translate(nets, params, x)  # G(x): pseudo-target.
@@ -142,7 +148,7 @@ def translation_terms(params, d_params, config, nets, src, tgt, r_nce, r_ctx, u,
       _cyclegan_terms(params, d_params, config, nets, x, t, fake_t, terms, aux)
     else:
       _cut_terms(params, config, nets, x, t, fake_t, r_nce, terms)
-  if not config.method.seg_feedback or config.method.freeze_translator:
+  if not u['trains_translator']:
     fake_t = jax.lax.stop_gradient(fake_t)
   return fake_t
 
@@ -182,30 +188,116 @@ def _cut_terms(params, config, nets, x, t, fake_t, rng, terms):
     )
 
 
-def teacher_terms(params, batch_stats, config, nets, src, tgt, fake_t, rng, terms, new_stats, aux):
-  """teacher_seg: the teacher segments G(x) with the source labels, plus real target images
-  where labelled, in one forward (its batch norm sees one batch). Returns its features on
-  G(x) (the distillation targets; detached with method.teacher_stop_gradient)."""
-  x, y, t = src['image'], src['label'], tgt['image']
-  n = x.shape[0]
-  t_in = jnp.concatenate([fake_t, t], 0)
-  t_lab = jnp.concatenate([y, tgt['label']], 0)
-  t_mask = jnp.concatenate([jnp.ones((n,), jnp.float32), tgt['has_label']], 0)
-  t_logits, t_feats, new_stats['teacher'] = _apply_bn(
-    nets.teacher, params['teacher'], batch_stats['teacher'], t_in, rng
+def teacher_terms(
+  params, batch_stats, config, nets, src, tgt, fake_t, rng, u, terms, new_stats, aux
+):
+  """teacher_seg: the teacher segments G(x) with the source labels (and, with
+  data.target_labels, labelled real target images: method.teacher_bn). Returns its features on
+  G(x), the distillation targets, with the gradient routes of _hint_targets."""
+  n = src['label'].shape[0]
+  fake_in = _teacher_input(fake_t, config, u)
+  logits, feats, labels, mask, new_stats['teacher'] = _teacher_passes(
+    params, batch_stats, config, nets, src, tgt, fake_in, rng
   )
   terms['teacher_seg'] = config.loss.teacher_seg * _seg_with_aux(
-    config, t_logits, t_feats, t_lab, t_mask
+    config, logits, feats, labels, mask
   )
-  aux['teacher_logits'] = t_logits[:n]
-  teacher_feats = {k: v[:n] for k, v in t_feats.items()}
-  if config.method.teacher_stop_gradient:
-    teacher_feats = jax.lax.stop_gradient(teacher_feats)
-  return teacher_feats
+  aux['teacher_logits'] = logits[:n]
+  own = {k: v[:n] for k, v in feats.items()}
+  return _hint_targets(params, batch_stats, config, nets, fake_t, own, rng, u)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_gradient(x, scale):
+  """Identity forward; the gradient multiplied by `scale` backward."""
+  return x
+
+
+def _scale_gradient_fwd(x, scale):
+  del scale
+  return x, None
+
+
+def _scale_gradient_bwd(scale, residual, g):
+  del residual
+  return (g * scale,)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def _teacher_input(fake_t, config, u):
+  """G(x) as the teacher's segmentation loss sees it: its gradient into the translator
+  scaled by loss.seg_to_translator (the teacher's own gradient is never scaled)."""
+  scale = config.loss.get('seg_to_translator', 1.0)
+  if not u['trains_translator'] or scale == 1.0:
+    return fake_t
+  if scale == 0.0:
+    return jax.lax.stop_gradient(fake_t)
+  return scale_gradient(fake_t, float(scale))
+
+
+def _teacher_passes(params, batch_stats, config, nets, src, tgt, fake_in, rng):
+  """The teacher's training forward(s): (logits, feats, labels, per-example loss mask, new
+  batch stats). G(x) first, then real target images where they enter."""
+  y, t = src['label'], tgt['image']
+  ones = jnp.ones((y.shape[0],), jnp.float32)
+  cat = lambda a, b: jnp.concatenate([a, b], 0)
+  forward = functools.partial(_apply_bn, nets.teacher, params['teacher'], batch_stats['teacher'])
+  if method.switch(config, 'teacher_bn') == 'joint':
+    # One pass over [G(x), t], t's loss masked by has_label (this code before 2026-12).
+    logits, feats, stats = forward(cat(fake_in, t), rng)
+    return logits, feats, cat(y, tgt['label']), cat(ones, tgt['has_label']), stats
+  logits, feats, stats = forward(fake_in, rng)
+  if not config.data.target_labels:
+    return logits, feats, y, ones, stats
+  # Real target images in their own pass: normalised by their own batch statistics, whose
+  # running averages are dropped (the teacher meets pseudo-target images at test time).
+  real_logits, real_feats, _ = forward(t, jax.random.fold_in(rng, 1))
+  feats = jax.tree.map(cat, feats, real_feats)
+  return cat(logits, real_logits), feats, cat(y, tgt['label']), cat(ones, tgt['has_label']), stats
+
+
+def _hint_targets(params, batch_stats, config, nets, fake_t, feats, rng, u):
+  """The teacher's features on G(x) that the student distils. Their gradient trains the
+  teacher with method.hint_trains_teacher and reaches the translator with
+  method.hint_trains_translator; with neither they are constants."""
+  to_teacher = config.method.get('hint_trains_teacher', False)
+  to_translator = config.method.get('hint_trains_translator', False) and u['trains_translator']
+  if not (to_teacher or to_translator):
+    return jax.lax.stop_gradient(feats)
+  scale = config.loss.get('seg_to_translator', 1.0) if u['trains_translator'] else 0.0
+  if to_teacher and scale == (1.0 if to_translator else 0.0):
+    return feats  # The training pass routes gradients as asked.
+  # Else a second forward on G(x) alone with the asked routes (its running averages dropped).
+  p = params['teacher'] if to_teacher else jax.lax.stop_gradient(params['teacher'])
+  x = fake_t if to_translator else jax.lax.stop_gradient(fake_t)
+  _, feats, _ = _apply_bn(nets.teacher, p, batch_stats['teacher'], x, rng)
+  return feats
+
+
+def hint_weight(config, step):
+  """loss.hint, ramped linearly from 0 over method.hint_warmup x train.num_steps steps."""
+  warmup = config.method.get('hint_warmup', 0.0) * config.train.num_steps
+  if warmup <= 0:
+    return config.loss.hint
+  return config.loss.hint * jnp.clip(step / warmup, 0.0, 1.0)
 
 
 def student_terms(
-  params, batch_stats, config, nets, src, fake_t, teacher_feats, rng, u, terms, new_stats, aux
+  params,
+  batch_stats,
+  config,
+  nets,
+  src,
+  fake_t,
+  teacher_feats,
+  rng,
+  u,
+  terms,
+  new_stats,
+  aux,
+  step=0,
 ):
   """student_seg on x (on [x, G(x)] for two_channel), plus distillation from the teacher's
   features on G(x): hint (adapted student taps vs teacher taps) or kl (softened logits)."""
@@ -219,15 +311,15 @@ def student_terms(
   terms['student_seg'] = lw.student_seg * _seg_with_aux(config, s_logits, s_feats, src['label'])
   aux['student_logits'] = s_logits
   if u['distill'] and config.method.distill == 'hint':
-    adapted = method.hint_adapters(config, teacher_feats).apply(
-      {'params': params['adapters']}, method.hint_taps(config, s_feats)
-    )
+    taps = method.hint_taps(config, s_feats)
+    if u['adapters']:
+      taps = method.hint_adapters(config, teacher_feats).apply({'params': params['adapters']}, taps)
     hint, _ = losses.hint_loss(
-      adapted, teacher_feats, config.method.hint_taps, kind=config.method.hint_kind
+      taps, teacher_feats, config.method.hint_taps, kind=config.method.hint_kind
     )
-    terms['hint'] = lw.hint * hint
+    terms['hint'] = hint_weight(config, step) * hint
   elif u['distill']:
-    terms['kl'] = lw.hint * losses.kl_distillation_loss(
+    terms['kl'] = hint_weight(config, step) * losses.kl_distillation_loss(
       s_logits, teacher_feats['logits'], config.method.kl_temperature
     )
 
@@ -258,7 +350,7 @@ def train_step(state, src, tgt, *, config, nets, tx):
   d_params = {k: v for k, v in state.params.items() if k in method.DISCRIMINATORS}
 
   (g_total, (terms, new_stats, aux)), g_grads = jax.value_and_grad(generator_losses, has_aux=True)(
-    g_params, d_params, state.batch_stats, config, nets, src, tgt, r_gen
+    g_params, d_params, state.batch_stats, config, nets, src, tgt, r_gen, step=state.step
   )
   metrics = {f'loss/{k}': v for k, v in terms.items()}
   grads = dict(g_grads)

@@ -41,8 +41,10 @@ def get_config(arg=None):
       modality='mri',
     )
   )
-  # Labels of the target set are used to also train the teacher on real target images.
-  c.data.target_labels = True
+  # Whether the teacher also trains on labelled real target images. [authors' code] False:
+  # PSIGAN's MRI segmenter learns from pseudo-MRI with CT labels only (it loads the real MRI
+  # labels, no loss uses them); True gives the teacher supervision the student never sees.
+  c.data.target_labels = False
   c.data.num_classes = 2  # Including background.
   # Label remapping, raw label name (from dataset.json) -> class index; same on both sides.
   c.data.label_map = ml_collections.ConfigDict({'tumor': 1})
@@ -100,17 +102,38 @@ def get_config(arg=None):
   # 'two_channel'     student on [source, pseudo-target] channels, no teacher.
   # 'pmri_teacher'    translator + teacher; at test time the teacher segments the translation.
   # 'translator_only' translator alone (stage 1 of the two-stage ablation).
-  c.method.name = 'cmedl'
-  c.method.distill = 'hint'  # 'hint', 'kl' or 'none'.
-  c.method.hint_taps = ('penultimate', 'last')  # Feature taps paired by the hint loss.
-  c.method.hint_kind = 'l2'  # 'l2', 'l1' or 'cosine'.
-  c.method.kl_temperature = 2.0
-  c.method.teacher_stop_gradient = True  # Hint loss updates the student only.
-  c.method.seg_feedback = True  # Teacher's seg loss on the translation trains it too.
+  # Provenance of each default: [paper] the CMEDL paper, [authors' code] their public PSIGAN
+  # code (same lab, same CycleGAN + jointly trained segmenter design), [CycleGAN] Zhu et al.
+  # 2017 / its code, [ours] where both are silent (a pilot on the phantoms is to settle them).
+  c.method.name = 'cmedl'  # [paper]
+  c.method.distill = 'hint'  # 'hint', 'kl' or 'none'. [paper] hint (feature) distillation.
+  c.method.hint_taps = ('penultimate', 'last')  # Feature taps paired by the hint loss. [paper]
+  # 'l2', 'l1', 'cosine', or 'relative_l2' (|s - t|^2 / |t|^2: scale-free; ours). [paper] l2.
+  c.method.hint_kind = 'l2'
+  # 1x1-conv adapters from student to teacher widths: 'auto' (only where widths differ; ours),
+  # 'always' (FitNets' regressor at every tap), 'none' (widths must match). [ours] auto.
+  c.method.hint_adapters = 'auto'
+  # Hint weight ramped linearly from 0 over this fraction of train.num_steps. [ours] 0 = off.
+  c.method.hint_warmup = 0.0
+  c.method.kl_temperature = 2.0  # [ours] (Hinton et al. 2015 use 2-20.)
+  # Whether the hint's gradient trains the teacher, and reaches the translator through the
+  # pseudo-target. [ours] both off: the hint trains the student (and its adapters) only.
+  c.method.hint_trains_teacher = False
+  c.method.hint_trains_translator = False
+  # Teacher batch norm with real target images (data.target_labels): 'separate' passes for
+  # pseudo-target and real target (running statistics: the pseudo-target's, which it meets at
+  # test time; ours), or 'joint' (one pass over both, as this code did before 2026-12).
+  c.method.teacher_bn = 'separate'
   c.method.freeze_translator = False  # Two-stage: translator fixed (loaded from init_from).
   c.method.translator_init = ''  # Workdir of a 'translator_only' run to load from.
-  c.method.history_pool = 0  # Fake-image history pool size for the D's (0 = off).
-  c.method.contextual_patch = 5  # Contextual loss: patch side (pixels) of features.
+  # Fake-image history pool size for the discriminators (0 = off). [CycleGAN] and [authors'
+  # code]: 50.
+  c.method.history_pool = 50
+  # Contextual loss features: 'patches' (raw contextual_patch x contextual_patch intensity
+  # patches) or 'random_conv' (a fixed random conv net; the paper family used VGG features,
+  # which need a download). [ours] patches.
+  c.method.contextual_features = 'patches'
+  c.method.contextual_patch = 5  # Contextual loss: patch side (pixels) of features. [ours]
   c.method.contextual_points = 1024  # Contextual loss: feature locations sampled per image.
 
   # ------------------------------------------------------------------------ loss weights
@@ -123,6 +146,10 @@ def get_config(arg=None):
       nce_identity=True,
       contextual=1.0,  # Contextual loss between source and its translation.
       teacher_seg=1.0,  # Teacher CE+Dice on pseudo-target (and real target when labelled).
+      # Scale of the teacher's segmentation gradient into the translator (0: none; the teacher
+      # itself always gets its full gradient). [ours] 1. PSIGAN's CE is averaged twice (over
+      # pixels, then again by their count), so its effective scale is ~1 / (B * H * W).
+      seg_to_translator=1.0,
       student_seg=1.0,  # Student CE+Dice on source.
       ce=1.0,  # Weight of cross-entropy inside a segmentation loss.
       dice=1.0,  # Weight of soft Dice inside a segmentation loss.

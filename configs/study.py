@@ -42,6 +42,31 @@ SEGMENTER_SIZES = {
 }
 
 
+# The method switches this study ran with (docs/RESULTS.md, 2026-11), named so that the
+# recorded runs stay reproducible whatever configs/default.py says now; the next study
+# chooses its own from a pilot on the phantoms.
+METHOD_SWITCHES = {
+  'data.target_labels': True,
+  'method.teacher_bn': 'joint',
+  'method.history_pool': 0,
+  'method.hint_adapters': 'auto',
+  'method.hint_kind': 'l2',
+  'method.hint_warmup': 0.0,
+  'method.hint_trains_teacher': False,
+  'method.hint_trains_translator': False,
+  'method.contextual_features': 'patches',
+  'loss.seg_to_translator': 1.0,
+}
+
+
+def set_switches(config, switches):
+  """Sets dotted config fields, e.g. {'method.history_pool': 0}."""
+  for field, value in switches.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  return config
+
+
 def set_root(config, root):
   """Points both data sides at ROOT/data/{phantoms,prepared}/<dataset name>."""
   for side in (config.data.source, config.data.target):
@@ -61,6 +86,7 @@ def get_config(arg='informative,cmedl'):
   elif method in two_stage.STAGES:
     two_stage.apply_stage(config, method)
   set_root(config, ROOT)
+  set_switches(config, METHOD_SWITCHES)
   config.data.image_size = 64
   config.data.spacing_mm = 6.0
   cmedl.set_sizes(

@@ -287,11 +287,9 @@ def test_terms_equal_the_networks_put_through_the_losses():
   k = config.data.num_classes
   s_logits, s_feats = train_mode(nets.student, 'student', x)
   want['student_seg'] = float(losses.segmentation_loss(s_logits, y, k)[0])
-  # The teacher sees pseudo-target (labels of x) and real target (its own labels) in one pass.
-  t_logits, t_feats = train_mode(nets.teacher, 'teacher', jnp.concatenate([fake_t, t], 0))
-  want['teacher_seg'] = float(
-    losses.segmentation_loss(t_logits, jnp.concatenate([y, tgt['label']], 0), k)[0]
-  )
+  # The teacher sees pseudo-target with the labels of x (data.target_labels off: the authors').
+  t_logits, t_feats = train_mode(nets.teacher, 'teacher', fake_t)
+  want['teacher_seg'] = float(losses.segmentation_loss(t_logits, y, k)[0])
   n = x.shape[0]
   want['hint'] = float(
     np.mean(
@@ -307,6 +305,16 @@ def test_terms_equal_the_networks_put_through_the_losses():
 
 
 # ---------------------------------------------------------------------- gradient routing
+
+
+_NORMS = {}
+
+
+def routing_norms(key):
+  """term_gradient_norms of routing_config(key), once per session."""
+  if key not in _NORMS:
+    _NORMS[key] = term_gradient_norms(routing_config(key))
+  return _NORMS[key]
 
 
 def term_gradient_norms(config):
@@ -343,16 +351,38 @@ CYCLEGAN_ROUTES = {
 ROUTES = {
   'default': dict(
     CYCLEGAN_ROUTES,
-    teacher_seg={'teacher', 'translator'},  # method.seg_feedback: the teacher trains G.
+    teacher_seg={'teacher', 'translator'},  # loss.seg_to_translator 1: the teacher trains G.
     student_seg={'student'},
     hint={'student', 'adapters'},  # Teacher features under stop_gradient.
   ),
-  # Both switches flipped; a wider student so that the adapters exist.
+  # A wider student below, so that the adapters exist. No feedback, the hint trains the
+  # teacher: the training pass's features carry exactly that route.
   'no_feedback_hint_trains_teacher': dict(
     CYCLEGAN_ROUTES,
     teacher_seg={'teacher'},
     student_seg={'student'},
     hint={'student', 'adapters', 'teacher'},
+  ),
+  # Feedback on, the hint trains the teacher but not G: a second pass with G(x) detached.
+  'hint_trains_teacher': dict(
+    CYCLEGAN_ROUTES,
+    teacher_seg={'teacher', 'translator'},
+    student_seg={'student'},
+    hint={'student', 'adapters', 'teacher'},
+  ),
+  # The hint reaches G through the pseudo-target but does not train the teacher.
+  'hint_trains_translator': dict(
+    CYCLEGAN_ROUTES,
+    teacher_seg={'teacher', 'translator'},
+    student_seg={'student'},
+    hint={'student', 'adapters', 'translator'},
+  ),
+  # Both (the study's teacher_grad ablation), with the feedback scaled: a second pass.
+  'hint_trains_both_scaled_feedback': dict(
+    CYCLEGAN_ROUTES,
+    teacher_seg={'teacher', 'translator'},
+    student_seg={'student'},
+    hint={'student', 'adapters', 'teacher', 'translator'},
   ),
   'cut_kl': dict(
     gan_target={'translator'},
@@ -366,25 +396,47 @@ ROUTES = {
 }
 
 
+ROUTING_SWITCHES = {
+  'no_feedback_hint_trains_teacher': ({'hint_trains_teacher': True}, 0.0),
+  'hint_trains_teacher': ({'hint_trains_teacher': True}, 1.0),
+  'hint_trains_translator': ({'hint_trains_translator': True}, 1.0),
+  'hint_trains_both_scaled_feedback': (
+    {'hint_trains_teacher': True, 'hint_trains_translator': True},
+    0.25,
+  ),
+}
+
+
 def routing_config(key):
   if key == 'cut_kl':
     return terms_config('cut_kl', {})
   config = tiny.get_config('unet,cyclegan')
-  if key == 'no_feedback_hint_trains_teacher':
-    config.method.update(seg_feedback=False, teacher_stop_gradient=False)
+  if key in ROUTING_SWITCHES:
+    switches, feedback = ROUTING_SWITCHES[key]
+    config.method.update(switches)
+    config.loss.seg_to_translator = feedback
     config.model.student.base_width = 8
   return config
 
 
 @pytest.mark.parametrize('key', list(ROUTES))
 def test_each_term_reaches_exactly_its_parameter_collections(key):
-  norms = term_gradient_norms(routing_config(key))
+  norms = routing_norms(key)
   assert set(norms) == set(ROUTES[key])
-  if key == 'no_feedback_hint_trains_teacher':
+  if key in ROUTING_SWITCHES:
     assert 'adapters' in norms['hint']
   for term, reached in norms.items():
     got = {collection for collection, value in reached.items() if value > 0}
     assert got == ROUTES[key][term] & set(reached), (term, reached)
+
+
+def test_the_translator_gets_the_teacher_s_segmentation_gradient_scaled():
+  """loss.seg_to_translator scales the teacher_seg gradient into G (0.25 vs 1, same networks)
+  and leaves the teacher's own gradient as it is."""
+  scaled = routing_norms('hint_trains_both_scaled_feedback')['teacher_seg']
+  full = routing_norms('hint_trains_teacher')['teacher_seg']
+  np.testing.assert_allclose(scaled['translator'], 0.25 * full['translator'], rtol=1e-4)
+  np.testing.assert_allclose(scaled['teacher'], full['teacher'], rtol=1e-5)
 
 
 def test_zero_distillation_weight_equals_student_only():
@@ -559,6 +611,126 @@ def test_test_time_network_of_each_method(key):
     {'params': p[name], 'batch_stats': stats[name]}, inputs, train=False
   )[0]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- method switches
+
+
+def teacher_train_mode(nets, state, images):
+  """(logits, new batch stats) of the teacher in training mode on `images`."""
+  variables = {'params': state.params['teacher'], 'batch_stats': state.batch_stats['teacher']}
+  (logits, _), new = nets.teacher.apply(variables, images, train=True, mutable=['batch_stats'])
+  return logits, new['batch_stats']
+
+
+@pytest.mark.parametrize('target_labels', [False, True])
+def test_the_teacher_s_running_statistics_are_those_of_the_pseudo_target_batch(target_labels):
+  """method.teacher_bn='separate' (default): without real target labels the teacher sees G(x)
+  alone; with them the real target images go through their own pass, into the loss but not
+  into the running statistics (which stay those of G(x) alone)."""
+  config = tiny.get_config('unet,cyclegan')
+  config.data.target_labels = target_labels
+  nets, state, _, _ = setup(config)
+  g, d = split_params(state)
+  src, tgt = make_batch(1), make_batch(2, has_label=float(target_labels))
+  forward = lambda g, d, st: ts.generator_losses(g, d, st, config, nets, src, tgt, RNG)
+  _, (terms, new_stats, _) = jax.jit(forward)(g, d, state.batch_stats)
+  fake = nets.translator.apply({'params': state.params['translator']}, src['image'])
+  pseudo_logits, pseudo_stats = teacher_train_mode(nets, state, fake)
+  _, joint_stats = teacher_train_mode(nets, state, jnp.concatenate([fake, tgt['image']], 0))
+  for got, want, joint in zip(
+    jax.tree.leaves(new_stats['teacher']),
+    jax.tree.leaves(pseudo_stats),
+    jax.tree.leaves(joint_stats),
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, joint, rtol=1e-3, atol=1e-5)  # Not the joint pass's.
+  k = config.data.num_classes
+  if target_labels:
+    real_logits, _ = teacher_train_mode(nets, state, tgt['image'])
+    logits = jnp.concatenate([pseudo_logits, real_logits], 0)
+    labels = jnp.concatenate([src['label'], tgt['label']], 0)
+  else:
+    logits, labels = pseudo_logits, src['label']
+  want = losses.segmentation_loss(logits, labels, k)[0]
+  np.testing.assert_allclose(terms['teacher_seg'], want, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+  'mode, adapters',
+  [('auto', set()), ('always', {'adapter_penultimate', 'adapter_last'}), ('none', None)],
+)
+def test_hint_adapters_at_equal_widths_as_asked(mode, adapters):
+  """Student and teacher of equal widths (tiny): 'auto' has no adapter parameters, 'always' a
+  1x1 conv at every tap (FitNets), 'none' no adapters collection; each step traces."""
+  config = tiny.get_config('unet,cyclegan')
+  config.method.hint_adapters = mode
+  nets = method.build_networks(config, in_channels=1)
+  state = jax.eval_shape(
+    lambda r: train_state.create_train_state(config, nets, r, (H, W, 1))[0], RNG
+  )
+  if adapters is None:
+    assert 'adapters' not in state.params
+  else:
+    assert set(state.params['adapters']) == adapters
+  step = functools.partial(
+    ts.train_step, config=config, nets=nets, tx=train_state.make_optimizer(config)
+  )
+  new_state, metrics = jax.eval_shape(step, state, make_batch(1), make_batch(2))
+  assert 'loss/hint' in metrics
+  assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
+
+
+def test_the_hint_weight_is_zero_before_its_warm_up_and_full_after():
+  config = terms_config('cyclegan_hint', UNIT_WEIGHTS)
+  config.train.num_steps = 100
+  config.method.hint_warmup = 0.5  # 50 steps.
+  weights = [float(ts.hint_weight(config, step)) for step in (0, 25, 50, 100)]
+  assert weights == [0.0, 0.5, 1.0, 1.0]
+  _, unwarmed, _, nets, state = loss_terms('cyclegan_hint', UNIT_WEIGHTS)
+  g, d = split_params(state)
+  hint = jax.jit(
+    lambda step: ts.generator_losses(
+      g, d, state.batch_stats, config, nets, make_batch(1), make_batch(2), RNG, step=step
+    )[1][0]['hint']
+  )
+  assert float(hint(0)) == 0.0
+  np.testing.assert_allclose(float(hint(50)), unwarmed['hint'], rtol=1e-6)
+
+
+def test_the_history_pool_of_50_is_fed_and_sampled():
+  """CycleGAN's and the authors' pool of 50 translations per side (the default): a step stores
+  its translations while the pool fills; once full, it swaps some for stored ones."""
+  config = method_config('cmedl_cyclegan')
+  assert config.method.history_pool == 50
+  state, new_state, _ = run_method('cmedl_cyclegan')
+  x, t = make_batch(1)['image'], make_batch(2)['image']
+  made = {
+    'target': nets_apply(config, state, 'translator', x),
+    'source': nets_apply(config, state, 'translator_inv', t),
+  }
+  for side, translations in made.items():
+    assert state.pool[side]['images'].shape[0] == 50 and int(state.pool[side]['count']) == 0
+    assert int(new_state.pool[side]['count']) == x.shape[0]
+    np.testing.assert_allclose(
+      new_state.pool[side]['images'][: x.shape[0]], translations, rtol=1e-5, atol=1e-6
+    )
+  nets, _, step, _ = setup(config)
+  full = {
+    side: {'images': jnp.full_like(p['images'], 0.5), 'count': jnp.array(50, jnp.int32)}
+    for side, p in state.pool.items()
+  }
+  after, _ = step(state.replace(pool=full), make_batch(1), make_batch(2))
+  for side in full:
+    stored = np.asarray(after.pool[side]['images'])
+    swapped = np.sum(np.any(stored != 0.5, axis=(1, 2, 3)))
+    assert int(after.pool[side]['count']) == 50 and 0 < swapped <= x.shape[0], (side, swapped)
+
+
+def nets_apply(config, state, name, images):
+  """A translator of `config` applied to `images` with `state`'s parameters."""
+  nets = method.build_networks(config, in_channels=1)
+  return getattr(nets, name).apply({'params': state.params[name]}, images)
 
 
 # ------------------------------------------------------------------------ devices and remat

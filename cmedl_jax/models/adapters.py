@@ -19,19 +19,20 @@ class HintAdapters(nn.Module):
   `__call__(student_feats)` takes tap name -> [N, h, w, C_s] and returns a new dict
   with the same keys. A tap whose C_s differs from `out_channels[tap]` goes through its
   own 1x1 conv with bias (parameters float32, module name `adapter_<tap>`); a tap with
-  equal width, or not listed in `out_channels`, is passed through unchanged and has no
-  parameters.
+  equal width (unless `always`), or not listed in `out_channels`, is passed through unchanged
+  and has no parameters.
   """
 
   out_channels: Mapping[str, int]
   dtype: Optional[jnp.dtype] = None
+  always: bool = False  # Also a 1x1 conv where the widths are equal (FitNets' regressor).
 
   @nn.compact
   def __call__(self, student_feats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     adapted = {}
     for tap, feat in student_feats.items():
       width = self.out_channels.get(tap)
-      if width is None or feat.shape[-1] == width:
+      if width is None or (feat.shape[-1] == width and not self.always):
         adapted[tap] = feat
         continue
       adapted[tap] = nn.Conv(
