@@ -15,6 +15,7 @@ Array layout is NHWC throughout (channels last).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Optional, Sequence
 
 import jax
@@ -136,6 +137,85 @@ def patch_features(x: jax.Array, patch_size: int = 5, stride: int = 2) -> jax.Ar
     precision=_HIGHEST,
   )
   return patches.reshape(n, -1, patches.shape[-1])
+
+
+# Fixed random convolutional features: (out channels, stride) of each 3x3 'VALID' layer.
+RANDOM_CONV_LAYERS = ((16, 1), (32, 2), (64, 1))
+RANDOM_CONV_SEED = 20180917  # Fixed: the network is the same in every run, whatever its seed.
+CONTEXTUAL_FEATURE_KINDS = ('patches', 'random_conv')
+
+
+@functools.lru_cache(maxsize=None)
+def random_conv_weights(in_channels: int) -> tuple:
+  """He-normal 3x3 kernels [3, 3, C_in, C_out] (numpy float32) of `random_conv_features`.
+
+  Drawn with numpy from `RANDOM_CONV_SEED` and the layer index, so they depend on neither
+  the run's seed nor jax's PRNG; layers after the first are the same for any `in_channels`.
+  Each first-layer kernel has its mean (over 3 x 3 x C_in) removed: the network does not
+  see the local mean intensity, only its variations (edges, blobs, texture).
+  """
+  kernels, c_in = [], in_channels
+  for layer, (c_out, _) in enumerate(RANDOM_CONV_LAYERS):
+    rng = np.random.default_rng([RANDOM_CONV_SEED, layer])
+    std = np.sqrt(2.0 / (9 * c_in))  # He-normal, fan-in = 3 * 3 * c_in.
+    kernel = rng.standard_normal((3, 3, c_in, c_out)) * std
+    if layer == 0:
+      kernel = kernel - kernel.mean(axis=(0, 1, 2), keepdims=True)
+    kernel = kernel.astype(np.float32)
+    kernel.setflags(write=False)  # Cached: shared by every caller.
+    kernels.append(kernel)
+    c_in = c_out
+  return tuple(kernels)
+
+
+def random_conv_features(x: jax.Array) -> jax.Array:
+  """Features of a fixed, untrained random CNN, for the contextual loss.
+
+  Three 3x3 convolutions (16, 32, 64 channels; strides 1, 2, 1; 'VALID' padding, no
+  bias) with ReLU after each, He-normal weights from `random_conv_weights` (a fixed
+  seed; zero-mean first-layer kernels): a fixed, differentiable function of the image
+  with a 9x9 receptive field, nothing to download, no parameters in the train state.
+  Unlike raw intensity patches its features ignore the local mean intensity (adding a
+  constant to the image leaves them unchanged) and describe local structure.
+
+  Args:
+    x: [N, H, W, C] images, intensities in [-1, 1]; H, W >= 9.
+
+  Returns:
+    [N, h, w, 64] float32, h = (H - 5) // 2 - 1 (96 -> 44), the [N, h, w, C] form
+    `contextual_loss` accepts from a `feature_fn`.
+  """
+  if x.ndim != 4:
+    raise ValueError(f'random_conv_features: expected [N, H, W, C] images, got shape {x.shape}')
+  if min(x.shape[1:3]) < 9:
+    raise ValueError(f'random_conv_features: image {x.shape[1:3]} is smaller than 9x9')
+  h = _f32(x)
+  for kernel, (_, stride) in zip(random_conv_weights(x.shape[-1]), RANDOM_CONV_LAYERS):
+    h = jax.lax.conv_general_dilated(
+      h,
+      jnp.asarray(kernel),
+      window_strides=(stride, stride),
+      padding='VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=_HIGHEST,
+    )
+    h = jax.nn.relu(h)
+  return h
+
+
+def contextual_feature_fn(kind: str, patch_size: int = 5) -> Callable[[jax.Array], jax.Array]:
+  """The contextual loss's `feature_fn` for config field `method.contextual_features`.
+
+  'patches': raw patch_size x patch_size intensity patches (`patch_features`, stride 2).
+  'random_conv': `random_conv_features` (patch_size is not used).
+  """
+  if kind == 'patches':
+    return functools.partial(patch_features, patch_size=patch_size)
+  if kind == 'random_conv':
+    return random_conv_features
+  raise ValueError(
+    f'method.contextual_features must be one of {CONTEXTUAL_FEATURE_KINDS}, got {kind!r}'
+  )
 
 
 def _as_point_set(f: jax.Array, name: str) -> jax.Array:
