@@ -138,8 +138,8 @@ def translation_terms(params, d_params, config, nets, src, tgt, r_nce, r_ctx, u,
       terms['contextual'] = lw.contextual * losses.contextual_loss(
         fake_t,
         x,
-        feature_fn=functools.partial(
-          losses.patch_features, patch_size=config.method.contextual_patch
+        feature_fn=losses.contextual_feature_fn(
+          method.switch(config, 'contextual_features'), config.method.contextual_patch
         ),
         max_points=config.method.contextual_points,
         rng=r_ctx,

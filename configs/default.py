@@ -133,7 +133,7 @@ def get_config(arg=None):
   # patches) or 'random_conv' (a fixed random conv net; the paper family used VGG features,
   # which need a download). [ours] patches.
   c.method.contextual_features = 'patches'
-  c.method.contextual_patch = 5  # Contextual loss: patch side (pixels) of features. [ours]
+  c.method.contextual_patch = 5  # 'patches' only: patch side (pixels). [ours]
   c.method.contextual_points = 1024  # Contextual loss: feature locations sampled per image.
 
   # ------------------------------------------------------------------------ loss weights

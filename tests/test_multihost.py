@@ -30,7 +30,7 @@ _DEVICES = '--xla_force_host_platform_device_count'
 # Adam's eps = 1 makes an update ~ lr * gradient, as in
 # test_train_step.py::test_one_device_equals_eight_devices, so parameters compare gradients.
 _EPS = ('--config.optim.eps=1.0',)
-_TIMEOUT = 300  # Seconds for any one run.
+_TIMEOUT = 600  # Seconds for any one run (a loaded 2-core machine took over 300).
 
 
 def _free_port():

@@ -681,6 +681,30 @@ def test_hint_adapters_at_equal_widths_as_asked(mode, adapters):
   assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
 
 
+def test_the_contextual_loss_uses_the_features_asked_for():
+  """method.contextual_features='random_conv': the step's contextual term is the contextual
+  loss on the fixed random-conv features (losses.random_conv_features), not on raw patches."""
+  _, patch_terms, config, nets, state = loss_terms('cyclegan_hint', UNIT_WEIGHTS)
+  config = terms_config('cyclegan_hint', UNIT_WEIGHTS)
+  config.method.contextual_features = 'random_conv'
+  g, d = split_params(state)
+  src, tgt = make_batch(1), make_batch(2)
+  got = jax.jit(
+    lambda: ts.generator_losses(g, d, state.batch_stats, config, nets, src, tgt, RNG)[1][0]
+  )()['contextual']
+  fake = nets.translator.apply({'params': state.params['translator']}, src['image'])
+  _, r_ctx, _, _ = jax.random.split(RNG, 4)
+  want = losses.contextual_loss(
+    fake,
+    src['image'],
+    feature_fn=losses.random_conv_features,
+    max_points=config.method.contextual_points,
+    rng=r_ctx,
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  assert abs(float(got) - patch_terms['contextual']) > 1e-3
+
+
 def test_the_hint_weight_is_zero_before_its_warm_up_and_full_after():
   config = terms_config('cyclegan_hint', UNIT_WEIGHTS)
   config.train.num_steps = 100
