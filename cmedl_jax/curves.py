@@ -2,9 +2,10 @@ r"""Training curves of a run from its TensorBoard events: a PNG of every loss an
 
   python -m cmedl_jax.curves --workdir=runs/demo --out=docs/demo_training
 
-writes OUT.png (one panel per loss, gradient norm and validation metric against the step) and
-OUT.md (first and last logged value of every scalar, and the figure). For people who would
-rather look at a file than start TensorBoard.
+writes OUT.png (one panel per loss, gradient norm and validation metric against the step; the
+teacher's validation metrics share the test-time network's panels) and OUT.md (first and last
+logged value of every scalar, and the figure). For people who would rather look at a file than
+start TensorBoard.
 """
 
 import argparse
@@ -46,20 +47,48 @@ def read_scalars(workdir):
   }
 
 
+# Validation metrics of the teacher on G(x), drawn in the panel of the test-time network's.
+TEACHER_PREFIX = 'val_teacher_'
+
+
+def panels(tags):
+  """[(title, [(legend label, tag), ...])]: one panel per tag, but val_teacher_X drawn in the
+  panel of val_X when both are there."""
+  teacher_of = {
+    t: TEACHER_PREFIX + t[len('val_') :]
+    for t in tags
+    if t.startswith('val_') and TEACHER_PREFIX + t[len('val_') :] in tags
+  }
+  out = []
+  for tag in tags:
+    if tag in teacher_of:
+      teacher = teacher_of[tag]
+      out.append(
+        (tag, [(f'test-time net ({tag})', tag), (f'teacher on G(x) ({teacher})', teacher)])
+      )
+    elif tag not in teacher_of.values():
+      out.append((tag, [(tag, tag)]))
+  return out
+
+
 def plot_curves(scalars, path):
   """One panel per loss / validation metric / gradient norm; writes PNG `path`."""
   plt = plots.pyplot()
   tags = [t for p in PREFIXES for t in sorted(scalars) if t.startswith(p)]
+  layout = panels(tags)
   cols = 4
-  rows = -(-len(tags) // cols)
+  rows = -(-len(layout) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-  for ax, tag in zip(axes.flat, tags):
-    steps, values = scalars[tag]
-    ax.plot(steps, values, marker='.' if len(steps) < 20 else None)
-    ax.set_title(tag, fontsize=9)
+  for ax, (title, lines) in zip(axes.flat, layout):
+    for label, tag in lines:
+      steps, values = scalars[tag]
+      ax.plot(steps, values, marker='.' if len(steps) < 20 else None, label=label)
+    if len(lines) > 1:
+      ax.legend(fontsize=6)
+    ax.set_title(title, fontsize=9)
     ax.tick_params(labelsize=7)
     ax.set_xlabel('step', fontsize=7)
-  for ax in list(axes.flat)[len(tags) :]:
+  for ax in list(axes.flat)[len(layout) :]:
     ax.axis('off')
   fig.tight_layout()
   plots.save_figure(fig, path)

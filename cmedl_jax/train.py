@@ -23,6 +23,7 @@ from clu import metric_writers
 from clu import parameter_overview
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -297,10 +298,30 @@ def image_summaries(config, state, src, eval_fn, mesh, max_images=3):
   return images
 
 
-def validate(config, state, infer_fn, volumes, mesh):
-  """Student (inference network) metrics on whole prepared validation volumes, mean over cases.
+def validate(config, state, programs, volumes, mesh):
+  """Metrics on whole prepared validation volumes, each a mean over cases (of finite values).
 
-  Returns {'val_dsc', 'val_sdsc', 'val_hd95'} averaged over foreground classes and cases.
+  programs: the run's _Programs. Returns {'val_dsc', 'val_sdsc', 'val_hd95' (mm)} of the
+  test-time network; where the method has a teacher and a translator also 'val_teacher_dsc',
+  'val_teacher_sdsc', 'val_teacher_hd95' of teacher(G(x)); with CycleGAN 'val_cycle_l1'.
+  """
+  val = segmentation_metrics(config, state, programs.probabilities, volumes, mesh)
+  teacher = programs.teacher_probabilities
+  if teacher is programs.probabilities:  # pmri_teacher: the test-time network is teacher(G(x)).
+    val.update({k.replace('val_', 'val_teacher_'): v for k, v in val.items()})
+  elif teacher is not None:
+    val.update(segmentation_metrics(config, state, teacher, volumes, mesh, 'val_teacher_'))
+  if programs.cycle_error is not None:
+    val['val_cycle_l1'] = cycle_error(config, state, programs.cycle_error, volumes, mesh)
+  return val
+
+
+def segmentation_metrics(config, state, infer_fn, volumes, mesh, prefix='val_'):
+  """DSC, surface DSC and HD95 (mm) of one network on whole prepared volumes.
+
+  infer_fn: (state, [B,H,W,C] slices) -> probabilities [B,H,W,K]. Returns {prefix + 'dsc',
+  prefix + 'sdsc', prefix + 'hd95'}, each the mean of its finite values over foreground
+  classes and cases (NaN when none is finite).
   """
   per_case = []
   classes = {f'class_{k}': k for k in range(1, config.data.num_classes)}
@@ -318,11 +339,29 @@ def validate(config, state, infer_fn, volumes, mesh):
       )
     )
   out = {}
-  for key, metric in (('val_dsc', 'dice'), ('val_sdsc', 'surface_dice'), ('val_hd95', 'hd95')):
+  for key, metric in (('dsc', 'dice'), ('sdsc', 'surface_dice'), ('hd95', 'hd95')):
     values = [case[name][metric] for case in per_case for name in classes]
     finite = [v for v in values if np.isfinite(v)]
-    out[key] = float(np.mean(finite)) if finite else float('nan')
+    out[prefix + key] = float(np.mean(finite)) if finite else float('nan')
   return out
+
+
+def cycle_error(config, state, cycle_fn, volumes, mesh):
+  """Mean |F(G(x)) - x| over every slice (all pixels and context channels) of the volumes.
+
+  cycle_fn: (state, [B,H,W,C] slices in [-1, 1]) -> per-slice mean absolute error [B,1].
+  """
+  errors = [
+    inference.predict_volume(
+      functools.partial(cycle_fn, state),
+      vol['image'],
+      config.eval.batch_size,
+      config.data.context_slices,
+      mesh,
+    )[1][:, 0]
+    for vol in volumes
+  ]
+  return float(np.mean(np.concatenate(errors)))
 
 
 class _StopFlag:
@@ -373,8 +412,8 @@ def train_and_evaluate(config, workdir, on_log=None):
 
   Resumes from the latest checkpoint in WORKDIR/checkpoints when there is one. `on_log`, if
   given, is called as on_log(step, scalars) at every log and validation step (e.g. a live plot
-  in a notebook). Returns {'step', 'val_dsc', 'val_sdsc', 'val_hd95'} (validation keys absent
-  without validation).
+  in a notebook). Returns {'step', 'val_dsc', 'val_sdsc', 'val_hd95'} and the other keys of
+  `validate` (validation keys absent without validation).
   """
   quiet_library_logs()
   check_config(config)
@@ -486,8 +525,9 @@ def _initial_state(config, nets, image_shape, mesh, ckpts):
 
 
 class _Programs:
-  """The run's jitted programs: the train step (state donated), test-time probabilities, and
-  the image summaries' outputs."""
+  """The run's jitted programs: the train step (state donated), test-time probabilities, the
+  teacher's on G(x) and the cycle error for validation (None where the method has no such
+  network), and the image summaries' outputs."""
 
   def __init__(self, config, nets, mesh, state_sharding):
     replicated, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
@@ -499,14 +539,39 @@ class _Programs:
       donate_argnums=0,
     )
     test_time = method.get(config).test_time
-    self.probabilities = jax.jit(
-      lambda st, x: jax.nn.softmax(
-        method.infer_logits(st.params, st.batch_stats, x, nets=nets, test_time=test_time), -1
+    self.probabilities = _probabilities_program(nets, test_time)
+    u = method.parts(config)
+    self.teacher_probabilities = None
+    if u['teacher'] and u['translator']:  # One program when teacher(G(x)) runs at test time.
+      teacher = method.TEACHER_ON_TRANSLATION
+      same = test_time == teacher
+      self.teacher_probabilities = (
+        self.probabilities if same else _probabilities_program(nets, teacher)
       )
-    )
+    self.cycle_error = _cycle_error_program(nets) if u['translator_inv'] else None
     self.eval_images = jax.jit(
       functools.partial(ts.eval_step, config=config, nets=nets, with_translations=True)
     )
+
+
+def _probabilities_program(nets, test_time):
+  """jit (state, slices [B,H,W,C]) -> softmax probabilities [B,H,W,K] of network `test_time`."""
+  return jax.jit(
+    lambda st, x: jax.nn.softmax(
+      method.infer_logits(st.params, st.batch_stats, x, nets=nets, test_time=test_time), -1
+    )
+  )
+
+
+def _cycle_error_program(nets):
+  """jit (state, slices [B,H,W,C] in [-1, 1]) -> mean |F(G(x)) - x| per slice [B,1]."""
+
+  def error(st, x):
+    fake = method.translate(nets, st.params, x)
+    cycle = nets.translator_inv.apply({'params': st.params['translator_inv']}, fake)
+    return jnp.abs(cycle.astype(jnp.float32) - x).mean((1, 2, 3))[:, None]
+
+  return jax.jit(error)
 
 
 class _Progress:
@@ -604,7 +669,7 @@ def _validate_and_record(
   config, workdir, state, step, programs, volumes, history, writer, ckpts, mesh, on_log
 ):
   """Validates, logs, appends to WORKDIR/validation.json and keeps the best checkpoint."""
-  val = validate(config, state, programs.probabilities, volumes, mesh)
+  val = validate(config, state, programs, volumes, mesh)
   writer.write_scalars(step, val)
   if on_log is not None:
     on_log(step, val)

@@ -27,3 +27,30 @@ def test_curves_read_what_the_trainer_writes(tmp_path):
   assert '| loss/student_seg | 10 | 0.1 | 30 | 0.03333 |' in text
   assert '| val_dsc | 10 | 0.1 | 30 | 0.3 |' in text
   assert 'perf/' not in text
+
+
+def test_the_teacher_s_validation_dsc_shares_the_student_s_panel(tmp_path, monkeypatch):
+  """val_teacher_X is drawn, labelled, in the panel of val_X (not a panel of its own)."""
+  writer = metric_writers.SummaryWriter(str(tmp_path))
+  for step in (4, 8):
+    writer.write_scalars(
+      step, {'loss/student_seg': 1.0 / step, 'val_dsc': step / 10, 'val_teacher_dsc': step / 20}
+    )
+  writer.flush()
+  figures = []
+  monkeypatch.setattr(curves.plots, 'save_figure', lambda fig, path: figures.append(fig))
+  assert curves.main(['--workdir', str(tmp_path), '--out', str(tmp_path / 'curves')]) == 0
+  (fig,) = figures
+  titled = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+  assert sorted(titled) == ['loss/student_seg', 'val_dsc']
+  lines = titled['val_dsc'].get_lines()
+  assert [line.get_label() for line in lines] == [
+    'test-time net (val_dsc)',
+    'teacher on G(x) (val_teacher_dsc)',
+  ]
+  np.testing.assert_allclose(lines[0].get_ydata(), [0.4, 0.8], rtol=1e-6)
+  np.testing.assert_allclose(lines[1].get_ydata(), [0.2, 0.4], rtol=1e-6)
+  assert [t.get_text() for t in titled['val_dsc'].get_legend().get_texts()] == [
+    'test-time net (val_dsc)',
+    'teacher on G(x) (val_teacher_dsc)',
+  ]

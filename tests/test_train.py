@@ -7,6 +7,7 @@ the interrupted programs run as subprocesses (`python -m cmedl_jax.main`) sharin
 compilation cache with the in-process run they are compared with (the `tiny_run` fixture).
 """
 
+import collections
 import json
 import os
 import shutil
@@ -15,16 +16,21 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from cmedl_jax import checkpoint
 from cmedl_jax import curves
+from cmedl_jax import inference
 from cmedl_jax import input_pipeline
+from cmedl_jax import method
 from cmedl_jax import predict
+from cmedl_jax import sharding
 from cmedl_jax import train
 from cmedl_jax import train_state
+from cmedl_jax.evaluation import metrics as seg_metrics
 from configs import two_stage
 from data_prep import nifti_io
 from tiny_runs import final_state
@@ -238,6 +244,18 @@ def read_image_tags(workdir):
   return {tag: sorted(steps) for tag, steps in tags.items()}
 
 
+# The validation of a CMEDL run with CycleGAN: the student's, the teacher's on G(x), the cycle.
+VALIDATION_KEYS = (
+  'val_dsc',
+  'val_sdsc',
+  'val_hd95',
+  'val_teacher_dsc',
+  'val_teacher_sdsc',
+  'val_teacher_hd95',
+  'val_cycle_l1',
+)
+
+
 def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
   """What the README promises under Logging, read back from the run's event files."""
   _, workdir = tiny_run
@@ -276,7 +294,7 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
     rtol=1e-5,
   )
   history = json.loads((workdir / 'validation.json').read_text())
-  for key in ('val_dsc', 'val_sdsc', 'val_hd95'):
+  for key in VALIDATION_KEYS:
     np.testing.assert_array_equal(scalars[key][0], [4, 8])
     np.testing.assert_allclose(scalars[key][1], [r[key] for r in history], rtol=1e-6)
   images = read_image_tags(workdir)
@@ -289,6 +307,119 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
     'prediction/teacher_on_pseudo_target',
   ):
     assert images.get(tag) == [4, 8], (tag, images)
+
+
+def test_validation_records_hold_the_teacher_and_the_cycle_error(tiny_run):
+  """Every validation.json record holds the teacher's metrics on G(x) (finite DSC and surface
+  DSC; HD95 as the student's: finite or NaN, never inf) and a positive cycle error."""
+  _, workdir = tiny_run
+  history = json.loads((workdir / 'validation.json').read_text())
+  assert [r['step'] for r in history] == [4, 8]
+  for record in history:
+    assert set(VALIDATION_KEYS) <= set(record), record
+    assert np.isfinite([record['val_teacher_dsc'], record['val_teacher_sdsc']]).all(), record
+    assert not np.isinf(record['val_teacher_hd95']) and not np.isinf(record['val_hd95'])
+    assert 0 <= record['val_teacher_dsc'] <= 1 and 0 <= record['val_teacher_sdsc'] <= 1
+    assert 0 < record['val_cycle_l1'] < 2, record  # Intensities in [-1, 1].
+
+
+_State = collections.namedtuple('_State', 'params batch_stats')
+
+
+def _direct_teacher_and_cycle(config, tree, volume, mesh):
+  """Per-class metrics of the teacher on G(x) (method.infer_logits over the volume with
+  inference.predict_volume) and |F(G(x)) - x| per slice, computed here from a restored state."""
+  nets = method.build_networks(config, config.data.context_slices)
+  p, s = tree['params'], tree['batch_stats']
+  teacher = jax.jit(
+    lambda x: jax.nn.softmax(
+      method.infer_logits(p, s, x, nets=nets, test_time=method.TEACHER_ON_TRANSLATION), -1
+    )
+  )
+  pred, _ = inference.predict_volume(
+    teacher, volume['image'], config.eval.batch_size, config.data.context_slices, mesh
+  )
+  classes = {k: k for k in range(1, config.data.num_classes)}
+  case = seg_metrics.evaluate_case(
+    pred, volume['label'], volume['spacing_mm'], classes, tolerance_mm=config.eval.tolerance_mm
+  )
+  x = inference.context_stack(volume['image'], config.data.context_slices)
+  fake = nets.translator.apply({'params': p['translator']}, x)
+  cycle = nets.translator_inv.apply({'params': p['translator_inv']}, fake)
+  return case, np.abs(np.asarray(cycle, np.float32) - x).mean((1, 2, 3))  # [Z], per slice.
+
+
+def _mean_finite(values):
+  finite = [v for v in values if np.isfinite(v)]
+  return float(np.mean(finite)) if finite else float('nan')
+
+
+def test_validation_of_the_teacher_is_the_teacher_applied_directly(tiny_run):
+  """train.validate's teacher metrics and cycle error on one validation volume, and the run's
+  last validation record over all of them, equal the final state's teacher on G(x) and F(G(x))
+  computed directly."""
+  _, workdir = tiny_run
+  config = checkpoint.load_config(str(workdir))
+  tree = checkpoint.restore_tree(str(workdir / 'checkpoints' / str(NUM_STEPS)))
+  mesh = sharding.make_mesh()
+  volumes = train._validation_volumes(config)
+  direct = [_direct_teacher_and_cycle(config, tree, v, mesh) for v in volumes]
+  nets = method.build_networks(config, config.data.context_slices)
+  programs = train._Programs(config, nets, mesh, state_sharding=None)
+  tree = sharding.from_host(tree, sharding.replicated(mesh))  # As the trainer holds it.
+  state = _State(tree['params'], tree['batch_stats'])
+  got = train.validate(config, state, programs, volumes[:1], mesh)
+  last = json.loads((workdir / 'validation.json').read_text())[-1]
+  assert last['step'] == NUM_STEPS
+  for key, metric in (('dsc', 'dice'), ('sdsc', 'surface_dice'), ('hd95', 'hd95')):
+    one = _mean_finite([m[metric] for m in direct[0][0].values()])
+    every = _mean_finite([m[metric] for case, _ in direct for m in case.values()])
+    np.testing.assert_allclose(got[f'val_teacher_{key}'], one, rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(last[f'val_teacher_{key}'], every, rtol=1e-6, err_msg=key)
+  np.testing.assert_allclose(got['val_cycle_l1'], direct[0][1].mean(), rtol=1e-5)
+  every_slice = np.concatenate([c for _, c in direct])
+  np.testing.assert_allclose(last['val_cycle_l1'], every_slice.mean(), rtol=1e-5)
+
+
+def _everywhere(label):
+  """A stand-in network: (state, slices [B,H,W,C]) -> probability 1 of `label` ([B,H,W,2])."""
+  return lambda st, x: jax.nn.one_hot(jnp.full(x.shape[:3], label), 2)
+
+
+@pytest.mark.parametrize(
+  'name, keys',
+  [
+    ('cmedl', VALIDATION_KEYS),
+    ('pmri_teacher', VALIDATION_KEYS),  # The test-time network is the teacher: one program.
+    ('two_channel', ('val_dsc', 'val_sdsc', 'val_hd95', 'val_cycle_l1')),
+    ('student_only', ('val_dsc', 'val_sdsc', 'val_hd95')),
+  ],
+)
+def test_validation_reports_the_networks_the_method_has(tmp_path, name, keys):
+  """The validation keys of each method, from its programs (networks replaced by stand-ins:
+  the test-time network segments everything, a separate teacher nothing)."""
+  config = small_config(tmp_path)
+  config.method.name = name
+  mesh = sharding.make_mesh()
+  programs = train._Programs(config, method.build_networks(config, 1), mesh, None)
+  assert (programs.teacher_probabilities is programs.probabilities) == (name == 'pmri_teacher')
+  programs.probabilities = _everywhere(1)
+  if programs.teacher_probabilities is not None:
+    programs.teacher_probabilities = _everywhere(0) if name == 'cmedl' else programs.probabilities
+  if programs.cycle_error is not None:
+    programs.cycle_error = lambda st, x: jnp.full((x.shape[0], 1), 0.25)
+  label = np.zeros((3, 8, 8), np.uint8)
+  label[1, 2:6, 2:6] = 1
+  volume = {'image': np.zeros((3, 8, 8), np.float32), 'label': label, 'spacing_mm': (1.0,) * 3}
+  val = train.validate(config, None, programs, [volume], mesh)
+  assert sorted(val) == sorted(keys)
+  assert val['val_dsc'] == pytest.approx(2 * 16 / (16 + 3 * 64))
+  if name == 'cmedl':
+    assert val['val_teacher_dsc'] == 0.0 and np.isnan(val['val_teacher_hd95'])
+  if name == 'pmri_teacher':
+    assert all(val[f'val_teacher_{k}'] == val[f'val_{k}'] for k in ('dsc', 'sdsc', 'hd95'))
+  if 'val_cycle_l1' in keys:
+    assert val['val_cycle_l1'] == pytest.approx(0.25)
 
 
 def test_resume_with_a_changed_network_is_an_error_before_any_write(tmp_path):
