@@ -8,6 +8,8 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash
 during a save never corrupts the previous checkpoint; unfinished temporaries are cleaned up.
+A step damaged afterwards (a file truncated or deleted) is skipped when resuming: the newest
+step that restores is used and the newer ones are moved to WORKDIR/checkpoints/damaged/<step>.
 """
 
 import json
@@ -15,6 +17,7 @@ import os
 import shutil
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -26,6 +29,26 @@ BEST_METRIC = 'val_dsc'
 
 class ConfigError(ValueError):
   """A config the run cannot use (invalid field, resume with other fields, other data)."""
+
+
+class CheckpointError(ConfigError):
+  """A checkpoint that does not restore (damaged, or not a checkpoint); one line naming it.
+
+  A ConfigError, so that the trainer's command line reports it in one line as it does other
+  workdirs it cannot use (cmedl_jax/main.py).
+  """
+
+
+# Where restore_latest moves the steps that do not restore (WORKDIR/checkpoints/damaged/<step>).
+DAMAGED_SUBDIR = 'damaged'
+
+
+def _why(error):
+  """One line on why a restore failed: the exception's type and its message, shortened (without
+  the TensorStore spec some of them append)."""
+  text = ' '.join(str(error).split()).split(' [tensorstore_spec=')[0]
+  text = text if len(text) <= 240 else text[:237] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
 def _manager(path, keep, best=False, item_handlers=None):
@@ -70,11 +93,59 @@ class Checkpoints:
     return self.latest.latest_step()
 
   def restore_latest(self, abstract_state):
-    """The latest saved state (shaped/sharded like abstract_state), or None."""
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    return self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    """The newest saved state that restores (shaped/sharded like abstract_state), or None.
+
+    A step that does not restore (a file in it truncated or deleted) is skipped with a warning
+    naming it and why; once an older step restores, the skipped ones are moved aside to
+    checkpoints/damaged/<step> (kept for inspection; the training saves those steps again).
+    When none restores: CheckpointError, one line, nothing moved. Every process reads the same
+    files and so makes the same choice; the move is orbax's delete (process 0 renames, then all
+    processes pass its barrier).
+    """
+    skipped = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        state = self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        logging.warning(
+          'Checkpoint %s does not restore, skipped (%s).',
+          self.latest.directory / str(step),
+          _why(e),
+        )
+        skipped.append((step, _why(e)))
+        continue
+      if skipped:
+        self._move_aside([s for s, _ in skipped])
+        logging.warning(
+          'Resuming from step %d; moved the checkpoints that do not restore to %s.',
+          step,
+          self.latest.directory / DAMAGED_SUBDIR,
+        )
+      return state
+    if skipped:
+      raise CheckpointError(
+        f'{self.latest.directory}: no checkpoint restores ('
+        + '; '.join(f'step {s}: {why}' for s, why in skipped)
+        + '); move them aside to start anew, or use another workdir'
+      )
+    return None
+
+  def _move_aside(self, steps):
+    """Moves `steps` of the latest checkpoints to checkpoints/damaged/<step>."""
+    mover = ocp.CheckpointManager(
+      self.latest.directory,
+      options=ocp.CheckpointManagerOptions(
+        todelete_subdir=DAMAGED_SUBDIR,
+        cleanup_tmp_directories=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='damaged'
+        ),
+      ),
+    )
+    for step in steps:
+      mover.delete(step)
+    mover.close()
+    self.latest.reload()
 
   def wait(self):
     self.latest.wait_until_finished()
@@ -269,8 +340,35 @@ def restore_tree(path):
 
 
 def load_variables(path):
-  """{'params', 'batch_stats'} of an export (RUN/export) or a saved state (RUN/best/400)."""
-  tree = restore_tree(path)
+  """{'params', 'batch_stats'} of an export (RUN/export) or a saved state (RUN/best/400), on
+  this process's first device, whatever topology saved it.
+
+  Only these two are read, not the optimiser state (two thirds of a saved state with Adam). A
+  path that is no checkpoint or does not restore: a one-line CheckpointError naming it.
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: no such checkpoint')
+  item = os.path.join(path, 'default')  # A CheckpointManager step directory holds the tree there.
+  item = epath.Path(item if os.path.isdir(item) else path)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(item)
+    if 'params' not in metadata:
+      raise KeyError('no params in it')
+    wanted = _on_first_device({k: metadata[k] for k in ('params', 'batch_stats') if k in metadata})
+    tree = handler.restore(
+      item,
+      args=ocp.args.PyTreeRestore(
+        item=wanted,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+        partial_restore=True,
+      ),
+    )
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CheckpointError(f'{path}: does not restore ({_why(e)})') from e
+  finally:
+    handler.close()
   return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}
 
 

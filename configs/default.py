@@ -31,6 +31,10 @@ def get_config(arg=None):
       raw_dir='data/phantoms/thorax_ct',  # dataset.json, imagesTr/, labelsTr/, imagesTs/.
       prepared_dir='data/prepared/thorax_ct',
       modality='ct',  # 'ct' (HU window) or 'mri' (percentile clip).
+      # This side's label map (see data.label_map), for sets whose labels are named apart, e.g.
+      # {'cancer': 1} (MSD Task06_Lung) or 'cancer=1' (as prepare's --label-map); None: the
+      # shared data.label_map.
+      label_map=placeholder(object),
     )
   )
   c.data.target = ml_collections.ConfigDict(
@@ -39,6 +43,7 @@ def get_config(arg=None):
       raw_dir='data/phantoms/thorax_t2w',
       prepared_dir='data/prepared/thorax_t2w',
       modality='mri',
+      label_map=placeholder(object),
     )
   )
   # Whether the teacher also trains on labelled real target images. [authors' code] False:
@@ -46,7 +51,9 @@ def get_config(arg=None):
   # labels, no loss uses them); True gives the teacher supervision the student never sees.
   c.data.target_labels = False
   c.data.num_classes = 2  # Including background.
-  # Label remapping, raw label name (from dataset.json) -> class index; same on both sides.
+  # Label remapping, raw label (name in dataset.json, or its value as a string) -> class index,
+  # for both sides unless data.source.label_map / data.target.label_map is set. Labels not listed
+  # become background. On the command line: --config.data.label_map="{'tumor': 1}".
   c.data.label_map = ml_collections.ConfigDict({'tumor': 1})
   # Defaults of the preparation (data_prep/prepare.py) and the input pipeline (cmedl_jax/
   # input_pipeline.py), written there once.

@@ -619,34 +619,59 @@ def remove_stale_partials(out_dir) -> list:
 def spec_from_config(config, side: str) -> PrepSpec:
   """PrepSpec of `config.data[side]` (side 'source' or 'target'; see configs/default.py).
 
-  Reads data[side].modality and the shared data.spacing_mm (mm), data.image_size (pixels),
-  data.ct_window_hu (HU), data.mri_percentiles and data.label_map; interpolation stays linear.
+  Reads data[side].modality, the label map (`config_label_map`) and the shared data.spacing_mm
+  (mm), data.image_size (pixels), data.ct_window_hu (HU) and data.mri_percentiles;
+  interpolation stays linear.
   """
   d = config.data
-  label_map = d.label_map.to_dict() if hasattr(d.label_map, 'to_dict') else d.label_map
   return PrepSpec(
     modality=d[side].modality,
     spacing_mm=d.spacing_mm,
     size=d.image_size,
     ct_window_hu=tuple(d.ct_window_hu),
     mri_percentiles=tuple(d.mri_percentiles),
-    label_map=dict(label_map) if label_map else None,
+    label_map=config_label_map(config, side),
   )
+
+
+def config_label_map(config, side: str) -> Optional[dict]:
+  """The label map of one side: data[side].label_map when set, else the shared data.label_map.
+
+  Either is a dict {label name or value: class} (a ConfigDict; --config.x="{'cancer': 1}") or a
+  string 'NAME=CLASS[,NAME=CLASS...]' as prepare's --label-map takes; None or empty: declared
+  labels in order. Anything else: DataError naming the field.
+  """
+  field = f'data.{side}.label_map'
+  value = config.data[side].get('label_map')
+  if value is None:
+    field, value = 'data.label_map', config.data.get('label_map')
+  value = value.to_dict() if hasattr(value, 'to_dict') else value
+  if isinstance(value, str):
+    value = _parse_label_map([v for v in value.split(',') if v.strip()], field)
+  if value is not None and not (
+    isinstance(value, Mapping) and all(isinstance(c, int) for c in value.values())
+  ):
+    raise DataError(
+      field, f"must be a dict {{name or value: class}} or 'NAME=CLASS,...', got {value!r}"
+    )
+  # Keys as strings, as a prepared folder's manifest stores them ({1: 1} is {'1': 1}).
+  return {str(k): c for k, c in value.items()} if value else None
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI.
 
 
-def _parse_label_map(items):
+def _parse_label_map(items, where='--label-map'):
+  """['NAME=CLASS' or 'VALUE=CLASS', ...] -> {name or value: class}; None when empty."""
   if not items:
     return None
   out = {}
   for item in items:
-    if '=' not in item:
-      raise SystemExit(f'--label-map expects NAME=CLASS, got {item!r}')
-    key, value = item.rsplit('=', 1)
-    out[key] = int(value)
+    key, _, value = item.strip().rpartition('=')
+    if not key or not value.strip().lstrip('-').isdigit():
+      raise DataError(where, f'expects NAME=CLASS (CLASS an integer), got {item!r}')
+    out[key.strip()] = int(value)
   return out
 
 

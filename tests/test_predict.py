@@ -3,6 +3,7 @@
 behaviour."""
 
 import os
+import shutil
 
 import jax
 import nibabel as nib
@@ -14,6 +15,7 @@ from cmedl_jax import inference
 from cmedl_jax import method
 from cmedl_jax import predict
 from data_prep import prepare
+from test_train import truncate_every_file
 
 
 @pytest.fixture(scope='module')
@@ -267,3 +269,73 @@ def test_an_mri_given_to_a_ct_model_is_named_in_a_warning(run_dir, tmp_path, cap
   assert len(result['written']) == 2
   err = capsys.readouterr().err
   assert f'warning: {mri}: ' in err and 'is this CT?' in err
+
+
+def _damaged_copy(workdir, tmp_path, how):
+  """A copy of the run whose step 8 is damaged `how`; returns the step's path."""
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  step = run / 'checkpoints' / '8'
+  if how == 'truncated':
+    truncate_every_file(step)
+  else:  # The tree's metadata overwritten with other (valid) JSON.
+    (step / 'default' / '_METADATA').write_text('{}')
+  return step
+
+
+@pytest.mark.parametrize('how', ['truncated', 'overwritten'])
+def test_cli_on_a_damaged_checkpoint_is_a_one_line_error_naming_it(run_dir, tmp_path, capsys, how):
+  """Issue 21 item 7: --checkpoint of a damaged step gave a 142-line traceback."""
+  root, workdir = run_dir
+  step = _damaged_copy(workdir, tmp_path, how)
+  out = tmp_path / 'out'
+  with pytest.raises(SystemExit) as e:
+    predict.main(
+      ['--checkpoint', str(step), '--input', str(ct_test_case(root)), '--output', str(out)]
+    )
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'predict: error: {step}: does not restore (') and err.count('\n') == 1
+  assert not os.path.exists(out)
+
+
+def test_load_variables_reads_the_networks_only(run_dir, tmp_path):
+  """checkpoint.load_variables (predict --checkpoint) restores params and batch_stats, equal to
+  those of the whole state, and not the optimiser state: a step whose optimiser state is
+  damaged still gives its networks."""
+  _, workdir = run_dir
+  step = workdir / 'checkpoints' / '8'
+  full = checkpoint.restore_tree(str(step))
+  got = checkpoint.load_variables(str(step))
+  assert set(got) == {'params', 'batch_stats'}
+  for name in got:
+    leaves, tree = jax.tree.flatten(got[name])
+    want_leaves, want_tree = jax.tree.flatten(full[name])
+    assert tree == want_tree, name
+    for a, b in zip(leaves, want_leaves):
+      np.testing.assert_array_equal(a, b)
+      assert a.dtype == b.dtype
+
+  # A state whose optimiser state is large: orbax writes its 8 MB into a data file of its own
+  # (the largest; the networks' 300 bytes are elsewhere). That file truncated, the whole state
+  # no longer restores (the code before gave an error here); its networks do.
+  rng = np.random.default_rng(0)
+  state = {
+    'step': np.array(1, np.int32),
+    'params': {'student': {'w': rng.random((64,), np.float32)}},
+    'batch_stats': {'student': {'mean': rng.random((8,), np.float32)}},
+    'opt_state': {'mu': rng.random((2_000_000,), np.float32)},
+  }
+  ckpts = checkpoint.Checkpoints(str(tmp_path), keep=1)
+  ckpts.save(1, state)
+  ckpts.wait()
+  ckpts.close()
+  files = [os.path.join(r, n) for r, _, ns in os.walk(tmp_path / 'checkpoints' / '1') for n in ns]
+  largest = max(files, key=os.path.getsize)
+  assert os.path.getsize(largest) > 4e6
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  got = checkpoint.load_variables(str(tmp_path / 'checkpoints' / '1'))
+  np.testing.assert_array_equal(got['params']['student']['w'], state['params']['student']['w'])
+  np.testing.assert_array_equal(
+    got['batch_stats']['student']['mean'], state['batch_stats']['student']['mean']
+  )

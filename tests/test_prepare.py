@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import nibabel as nib
@@ -322,6 +323,40 @@ def test_spec_from_config_reads_the_data_section():
     'kidney_left': 3,
     'kidney_right': 4,
   }
+
+
+def test_each_side_may_have_its_own_label_map():
+  """Issue 21 item 14: MSD Task06_Lung names its label "cancer", an MRI set "tumor"; one shared
+  data.label_map could not map both to class 1."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.lock()
+  config.data.source.label_map = 'cancer=1'  # As --config.data.source.label_map=cancer=1.
+  config.data.target.label_map = {'tumor': 1, 2: 0}  # As ...="{'tumor': 1, 2: 0}".
+  assert P.spec_from_config(config, 'source').label_map == {'cancer': 1}
+  assert P.spec_from_config(config, 'target').label_map == {'tumor': 1, '2': 0}
+  config.data.target.label_map = None  # Unset: the shared one.
+  assert P.spec_from_config(config, 'target').label_map == {'tumor': 1}
+  for bad, problem in (
+    ('cancer', "expects NAME=CLASS (CLASS an integer), got 'cancer'"),
+    ({'cancer': 'one'}, "must be a dict {name or value: class} or 'NAME=CLASS,...'"),
+  ):
+    config.data.source.label_map = bad
+    with pytest.raises(P.DataError, match=re.escape(f'data.source.label_map: {problem}')):
+      P.spec_from_config(config, 'source')
+
+
+def test_cli_label_map_takes_names_and_values(tmp_path, capsys):
+  raw = toy_dataset(tmp_path / 'raw', n_train=3, n_test=0)
+  args = ['--dataset', raw, '--modality', 'ct', '--size', '32', '--no-progress']
+  for i, label_map in enumerate(['tumor=1', '1=1']):
+    assert P.main(args + ['--out', str(tmp_path / f'out{i}'), '--label-map', label_map]) == 0
+    assert 'classes (2): background, tumor' in capsys.readouterr().out
+  assert P.main(args + ['--out', str(tmp_path / 'o'), '--label-map', 'tumor']) == 2
+  assert capsys.readouterr().err == (
+    "error: --label-map: expects NAME=CLASS (CLASS an integer), got 'tumor'\n"
+  )
 
 
 # ----------------------------------------------------------------------------- bad input

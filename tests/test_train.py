@@ -230,6 +230,61 @@ def test_a_run_keeps_its_latest_checkpoints_best_and_export(tiny_run):
     np.testing.assert_array_equal(a, b)
 
 
+def truncate_every_file(directory):
+  """Cuts every file under `directory` to half its size (a checkpoint damaged on disk)."""
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _same_arrays(a, b):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(
+  tiny_run, tmp_path, caplog
+):
+  """Issue 21 item 7: a truncated latest checkpoint gave a 156-line traceback on resume."""
+  data_root, finished = tiny_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished, workdir)
+  shutil.rmtree(workdir / 'export')  # Not finished: its export is still to be written.
+  truncate_every_file(workdir / 'checkpoints' / '8')
+  with caplog.at_level('INFO'):
+    result = train.train_and_evaluate(small_config(data_root, keep_checkpoints=2), str(workdir))
+  assert result['step'] == NUM_STEPS
+  warned = [r.getMessage() for r in caplog.records if 'does not restore' in r.getMessage()]
+  assert len(warned) == 1 and '\n' not in warned[0], warned
+  assert f'{workdir / "checkpoints" / "8"} does not restore, skipped (' in warned[0]
+  assert 'Starting at step 6 of 8.' in caplog.text
+  # The damaged step is kept aside; step 8 is trained again from 6, as the uninterrupted run did.
+  assert steps_saved(workdir) == [6, 8]
+  assert os.listdir(workdir / 'checkpoints' / 'damaged') == ['8']
+  _same_arrays(final_state(workdir), final_state(finished))
+  assert os.path.isdir(workdir / 'export')
+  history = [json.loads((d / 'validation.json').read_text()) for d in (finished, workdir)]
+  assert history[0] == history[1]
+
+
+def test_a_run_whose_checkpoints_all_fail_to_restore_is_a_one_line_error(tiny_run, tmp_path):
+  data_root, finished = tiny_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished, workdir)
+  for step in ('6', '8'):
+    truncate_every_file(workdir / 'checkpoints' / step)
+  with pytest.raises(checkpoint.ConfigError, match=r'checkpoints: no checkpoint restores') as e:
+    train.train_and_evaluate(small_config(data_root, keep_checkpoints=2), str(workdir))
+  assert '\n' not in str(e.value)
+  assert 'step 8: ' in str(e.value) and 'step 6: ' in str(e.value)
+  assert steps_saved(workdir) == [6, 8]  # Nothing moved: perhaps a fault of this machine.
+
+
 # ------------------------------------------------------------------------------ TensorBoard
 
 
