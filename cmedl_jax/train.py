@@ -505,8 +505,8 @@ def _start_workdir(config, workdir):
 
 
 def _initial_state(config, nets, image_shape, mesh, ckpts):
-  """(state, its sharding): the latest checkpoint's, else a new one (initialised under jit,
-  replicated on the mesh), with the translator of `method.translator_init` if set."""
+  """(state, its sharding): the newest checkpoint that restores, else a new one (initialised
+  under jit, replicated on the mesh), with the translator of `method.translator_init` if set."""
   init = functools.partial(train_state.create_train_state, config, nets, image_shape=image_shape)
   key = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(lambda r: init(r)[0], key)
@@ -698,7 +698,7 @@ def _load_translator_init(config, state, replicated):
   if not src:
     return state
   path = os.path.join(src, 'checkpoints')
-  other = checkpoint.restore_state(path, None)
+  other = checkpoint.load_variables(checkpoint.latest_checkpoint(src))  # The networks only.
   params = dict(state.params)
   for name in ('translator', 'translator_inv'):
     if name in params:
