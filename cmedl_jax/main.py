@@ -70,6 +70,12 @@ def main(argv):
   ) as e:
     logging.error('%s', e)
     raise SystemExit(f'error: {e}') from None  # One line, no traceback; exit status 1.
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    message = nifti_io.disk_full(e)
+    if message is None:
+      raise
+    logging.error('%s', message)
+    raise SystemExit(f'error: {message}') from None
   logging.info('Final: %s', result)
 
 

@@ -93,7 +93,7 @@ def predict_files(
   return result
 
 
-def main(argv=None):
+def _parser():
   parser = argparse.ArgumentParser(
     prog='python -m cmedl_jax.predict',
     description=__doc__,
@@ -118,6 +118,11 @@ def main(argv=None):
     'checkpoint, or --checkpoint)',
   )
   parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+  return parser
+
+
+def main(argv=None):
+  parser = _parser()
   args = parser.parse_args(argv)
   if os.path.exists(args.output) and not os.path.isdir(args.output):
     parser.exit(2, f'predict: error: --output {args.output}: exists and is not a folder\n')
@@ -133,14 +138,20 @@ def main(argv=None):
     )
   except (FileNotFoundError, ValueError) as e:
     parser.exit(2, f'predict: error: {e}\n')
-  result = predict_files(
-    predictor,
-    inputs,
-    args.output,
-    overwrite=args.overwrite,
-    probabilities=args.probabilities,
-    pseudo_target=args.pseudo_target,
-  )
+  try:
+    result = predict_files(
+      predictor,
+      inputs,
+      args.output,
+      overwrite=args.overwrite,
+      probabilities=args.probabilities,
+      pseudo_target=args.pseudo_target,
+    )
+  except OSError as e:
+    message = nifti_io.disk_full(e)
+    if message is None:
+      raise
+    parser.exit(1, f'predict: error: {message}\n')
   print(
     f'predict: {len(result["written"])} written, {len(result["skipped"])} kept '
     f'(exist; --overwrite replaces), {len(result["failed"])} failed -> {args.output}'

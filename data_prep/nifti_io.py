@@ -22,6 +22,7 @@ Every problem raises `DataError` naming the file and what is wrong.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -151,6 +152,32 @@ def atomic_write(path, data) -> None:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ('No space left on device', 'Disk quota exceeded')
+
+
+def disk_full(error: BaseException) -> Optional[str]:
+  """A one-line message if `error`, or an error it came from, is a full disk (or quota): the
+  CLIs print it instead of a traceback. None for any other error."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+      where = f' writing {error.filename}' if error.filename else ''
+      return f'no space left on device{where}; {_AFTER_DISK_FULL}'
+    text = str(error)
+    if any(t in text for t in _DISK_FULL_TEXTS):
+      return f'no space left on device ({text.splitlines()[0][:160]}); {_AFTER_DISK_FULL}'
+    error = error.__cause__ or error.__context__
+  return None
+
+
+_AFTER_DISK_FULL = (
+  'free some space and run the same command again (files are written atomically: what was '
+  'finished, and the last checkpoint, are whole)'
+)
 
 
 def write_json(path, obj, indent=1, sort_keys=False) -> None:

@@ -763,6 +763,12 @@ def main(argv=None) -> int:
   except (DataError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except OSError as e:
+    message = nifti_io.disk_full(e)
+    if message is None:
+      raise
+    print(f'error: {message}', file=sys.stderr)
+    return 1
   print(format_summary(summary))
   if args.tfds:
     from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top

@@ -2,6 +2,7 @@
 (labels, probabilities, pseudo-target, teacher), from the export or any checkpoint, CLI
 behaviour."""
 
+import errno
 import os
 import shutil
 
@@ -178,6 +179,24 @@ def test_cli_keeps_outputs_reports_bad_inputs_and_goes_on(run_dir, tmp_path, cap
   assert written.read_bytes() == b'kept'  # Kept without --overwrite.
   assert predict.main(args + ['--overwrite']) == 1
   assert nib.load(written).shape == nib.load(good).shape
+
+
+def test_cli_on_a_full_disk_is_a_one_line_error(run_dir, tmp_path, monkeypatch, capsys):
+  """Issue 21 item 10e: a full disk used to print hundreds of lines of tracebacks."""
+  root, workdir = run_dir
+
+  def full(array, reference, path, dtype):
+    raise OSError(errno.ENOSPC, 'No space left on device', path)
+
+  monkeypatch.setattr(predict.nifti_io, 'save_nifti_like', full)
+  args = ['--workdir', str(workdir), '--input', str(ct_test_case(root)), '--output']
+  with pytest.raises(SystemExit) as e:
+    predict.main(args + [str(tmp_path / 'out')])
+  assert e.value.code == 1
+  err = capsys.readouterr().err  # After the progress bar.
+  assert err.splitlines()[-1].startswith('predict: error: no space left on device writing ')
+  assert 'Traceback' not in err
+  assert not os.listdir(tmp_path / 'out')
 
 
 def test_cli_without_a_run_is_a_clear_error(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Tests for data_prep.prepare: geometry round trips, orientation invariance, bad input."""
 
+import errno
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import pytest
 
 from data_prep import prepare as P
 from tests.fixtures import synthetic as S
+from data_prep import nifti_io
 from data_prep.nifti_io import DataError
 
 
@@ -419,7 +421,18 @@ BAD_CASES = {
     'imagesTr/case_001_0000.nii.gz',
     'cannot read',
   ),
+  'truncated gzip': (
+    lambda d: _truncate(d / 'imagesTr' / 'case_001_0000.nii.gz'),
+    'imagesTr/case_001_0000.nii.gz',
+    'cannot read',
+  ),
 }
+
+
+def _truncate(path):
+  """Cuts a file to half its length (a copy or download that stopped midway)."""
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.mark.parametrize('kind', sorted(BAD_CASES))
@@ -602,6 +615,43 @@ def test_cli_bad_spacing_or_size_is_a_one_line_error(tmp_path, capsys, flags, pr
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith('error: ') and problem in err and err.count('\n') == 1
   assert not os.path.exists(tmp_path / 'out')
+
+
+def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_dataset(
+  tmp_path, monkeypatch, capsys
+):
+  """Issue 21 item 10e: a full disk used to print hundreds of lines of tracebacks."""
+  raw = toy_dataset(tmp_path / 'raw', n_train=2, n_test=0)
+  args = ['--dataset', raw, '--out', str(tmp_path / 'out'), '--modality', 'ct', '--no-progress']
+  assert P.main(args + ['--val-fraction', '0']) == 0
+  before = np.load(tmp_path / 'out' / 'train' / 'images.npy')
+  capsys.readouterr()
+
+  def full(path, array):
+    raise OSError(errno.ENOSPC, 'No space left on device', os.fspath(path))
+
+  monkeypatch.setattr(P.np, 'save', full)  # Each case's arrays (prepare_cases).
+  assert P.main(args + ['--overwrite']) == 1
+  monkeypatch.undo()
+  err = capsys.readouterr().err
+  assert err.startswith('error: no space left on device writing ') and err.count('\n') == 1
+  assert '_image.npy' in err and 'run the same command again' in err
+  np.testing.assert_array_equal(np.load(tmp_path / 'out' / 'train' / 'images.npy'), before)
+  assert sorted(os.listdir(tmp_path)) == ['out', 'raw']
+
+
+def test_a_full_disk_is_recognised_through_wrapping_errors():
+  try:
+    try:
+      raise OSError(errno.EDQUOT, 'Disk quota exceeded')
+    except OSError as e:
+      raise ValueError('orbax: could not write the checkpoint') from e
+  except ValueError as e:
+    assert nifti_io.disk_full(e).startswith('no space left on device; free some space')
+  wrapped = RuntimeError('tensorstore: INTERNAL: Error writing "x": No space left on device')
+  assert 'tensorstore' in nifti_io.disk_full(wrapped)
+  assert nifti_io.disk_full(OSError(errno.ENOENT, 'No such file')) is None
+  assert nifti_io.disk_full(ValueError('bad value')) is None
 
 
 def test_two_images_of_one_case_are_an_error_naming_both(tmp_path):

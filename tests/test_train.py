@@ -8,9 +8,11 @@ compilation cache with the in-process run they are compared with (the `tiny_run`
 """
 
 import collections
+import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +79,19 @@ def test_interrupted_runs_resume_bit_for_bit(tiny_run, tmp_path):
   assert [r['step'] for r in history[0]] == [4, 8]
   assert history[0] == history[1]
   assert os.path.isdir(resumed / 'export')
+
+
+@pytest.mark.parametrize('name', ['SIGINT', 'SIGTERM'])
+def test_ctrl_c_like_sigterm_asks_the_loop_to_save_and_stop(name):
+  """Ctrl-C (SIGINT) is not a KeyboardInterrupt mid-step: the loop saves and exits, as for
+  SIGTERM (whose whole path test_interrupted_runs_resume_bit_for_bit runs)."""
+  sig = getattr(signal, name)
+  before = signal.getsignal(sig)
+  with train._StopFlag() as stop:  # pylint: disable=protected-access
+    assert stop.any_process() is None
+    os.kill(os.getpid(), sig)
+    assert stop.any_process() == name
+  assert signal.getsignal(sig) is before
 
 
 def _inject_nan_at(monkeypatch, bad_step):
@@ -668,6 +683,29 @@ def test_the_trainer_reports_a_config_error_in_one_line(tmp_path):
   assert result.stderr.splitlines()[-1] == 'error: train.num_steps must be an int >= 1, got 0'
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_the_trainer_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
+  """Issue 21 item 10e: a full disk (here orbax's wrapped error) used to print 738 lines."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from cmedl_jax import main as trainer  # pylint: disable=g-import-not-at-top
+
+  def full(config, workdir):
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device', f'{workdir}/checkpoints/4')
+    except OSError as e:
+      raise ValueError('checkpoint save failed') from e
+
+  monkeypatch.setattr(train, 'train_and_evaluate', full)
+  flags.FLAGS(['main', f'--config={ROOT}/configs/tiny.py', f'--workdir={tmp_path}'])
+  try:
+    with pytest.raises(SystemExit) as e:
+      trainer.main(['main'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  message = str(e.value.code)
+  assert message.startswith(f'error: no space left on device writing {tmp_path}/checkpoints/4; ')
+  assert '\n' not in message
 
 
 def test_config_check_accepts_the_tiny_config_down_to_its_smallest_size(tmp_path):
