@@ -25,7 +25,6 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from cmedl_jax import checkpoint
 from cmedl_jax import environment
@@ -211,9 +210,7 @@ def prepare_data(config):
     _prepare_data(config)
   # A barrier of the distributed runtime, not a collective (sync_global_devices): the first
   # collective gives up after 30 s, a preparation can take longer.
-  ocp.multihost.get_barrier_sync_fn()(
-    key='cmedl_jax_prepare_data', timeout_ms=PREPARE_TIMEOUT_S * 1000
-  )
+  sharding.barrier('cmedl_jax_prepare_data', PREPARE_TIMEOUT_S)
   if jax.process_index() != 0:
     _prepare_data(config, prepare_missing=False)
 
@@ -532,12 +529,13 @@ class _Programs:
   def __init__(self, config, nets, mesh, state_sharding):
     replicated, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
     tx = train_state.make_optimizer(config)
-    self.step = jax.jit(
+    step = jax.jit(
       functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
       in_shardings=(state_sharding, data, data),
       out_shardings=(state_sharding, replicated),
       donate_argnums=0,
     )
+    self.step = sharding.Together(step, 'train_step')
     test_time = method.get(config).test_time
     self.probabilities = _probabilities_program(nets, test_time)
     u = method.parts(config)
@@ -549,17 +547,21 @@ class _Programs:
         self.probabilities if same else _probabilities_program(nets, teacher)
       )
     self.cycle_error = _cycle_error_program(nets) if u['translator_inv'] else None
-    self.eval_images = jax.jit(
-      functools.partial(ts.eval_step, config=config, nets=nets, with_translations=True)
+    self.eval_images = sharding.Together(
+      jax.jit(functools.partial(ts.eval_step, config=config, nets=nets, with_translations=True)),
+      'eval_images',
     )
 
 
 def _probabilities_program(nets, test_time):
   """jit (state, slices [B,H,W,C]) -> softmax probabilities [B,H,W,K] of network `test_time`."""
-  return jax.jit(
-    lambda st, x: jax.nn.softmax(
-      method.infer_logits(st.params, st.batch_stats, x, nets=nets, test_time=test_time), -1
-    )
+  return sharding.Together(
+    jax.jit(
+      lambda st, x: jax.nn.softmax(
+        method.infer_logits(st.params, st.batch_stats, x, nets=nets, test_time=test_time), -1
+      )
+    ),
+    'probabilities',
   )
 
 
@@ -571,7 +573,7 @@ def _cycle_error_program(nets):
     cycle = nets.translator_inv.apply({'params': st.params['translator_inv']}, fake)
     return jnp.abs(cycle.astype(jnp.float32) - x).mean((1, 2, 3))[:, None]
 
-  return jax.jit(error)
+  return sharding.Together(jax.jit(error), 'cycle_error')
 
 
 class _Progress:
