@@ -259,3 +259,29 @@ def test_labels_outside_the_classes_are_named_in_a_warning(folders, tmp_path, ca
   assert f'{tmp_path}/pred/case_001.nii.gz: labels [3] are not among' in err
   assert '18 voxels' in err
   assert 'ref/case_001' not in err  # The reference has only declared labels.
+
+
+def test_seed_level_test_against_hand_computed_values():
+  """Differences 0.1, 0.2, -0.05: of the 8 sign patterns, 4 have |sum| >= 0.25 (0.35, 0.25,
+  -0.25, -0.35), so p = 0.5; mean 1/12, sd 0.125831, t(0.975, 2 df) = 4.302653."""
+  got = statistics.seed_level_test([0.1, 0.2, -0.05])
+  assert got['n_seeds'] == 3 and got['p'] == pytest.approx(0.5)
+  half = 4.302653 * 0.125831 / math.sqrt(3)
+  assert got['mean'] == pytest.approx(1 / 12)
+  assert got['low'] == pytest.approx(1 / 12 - half, abs=1e-5)
+  assert got['high'] == pytest.approx(1 / 12 + half, abs=1e-5)
+  assert got['decision'] == 'inconclusive'
+  # Six seeds all positive: only the all-plus and all-minus patterns reach |mean|: p = 2/64.
+  six = statistics.seed_level_test([0.03, 0.05, 0.04, 0.06, 0.02, 0.05])
+  assert six['p'] == pytest.approx(2 / 64) and six['decision'] == 'reproduced'
+  tight = statistics.seed_level_test([0.001, -0.002, 0.0, 0.003, -0.001, 0.001])
+  assert tight['high'] < statistics.MARGIN_DSC and tight['decision'] == 'not reproduced'
+  assert math.isnan(statistics.seed_level_test([0.1])['p'])
+
+
+def test_holm_against_hand_computed_values():
+  # Sorted 0.01, 0.03, 0.04: 3 * 0.01 = 0.03; 2 * 0.03 = 0.06; max(0.06, 1 * 0.04) = 0.06.
+  assert statistics.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  got = statistics.holm([0.5, float('nan'), 0.2])  # NaN is not counted: two tests.
+  assert got[0] == pytest.approx(0.5) and math.isnan(got[1]) and got[2] == pytest.approx(0.4)
+  assert statistics.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
