@@ -94,6 +94,17 @@ class Predictor:
     if pseudo_target:
       self._translate = jax.jit(lambda p, x: method.translate(nets, p, x))
 
+  def predict_prepared(self, prepared):
+    """Probabilities float32 [Z,H,W,K] of a prepared volume [Z,H,W] (in [-1, 1])."""
+    _, probs = predict_volume(
+      lambda x: self._probs(self.params, self.batch_stats, x),
+      prepared,
+      self.batch_size,
+      self.context_slices,
+      self.mesh,
+    )
+    return probs
+
   def predict_array(self, image, affine):
     """Segments one volume.
 
@@ -102,13 +113,7 @@ class Predictor:
              'pseudo_target': float32 [X,Y,Z] (only with pseudo_target=True)} on the input grid.
     """
     prepared, geometry = prepare.prepare_volume(image, affine, self.spec)
-    _, probs = predict_volume(
-      lambda x: self._probs(self.params, self.batch_stats, x),
-      prepared,
-      self.batch_size,
-      self.context_slices,
-      self.mesh,
-    )
+    probs = self.predict_prepared(prepared)
     # As nnU-Net: probabilities are resampled onto the input grid (linear; outside the prepared
     # field of view background has probability 1), and the labels are their argmax there.
     probs = np.stack(

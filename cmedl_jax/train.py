@@ -31,6 +31,7 @@ from cmedl_jax import environment
 from cmedl_jax import input_pipeline
 from cmedl_jax import inference
 from cmedl_jax import method
+from cmedl_jax import portable
 from cmedl_jax import sharding
 from cmedl_jax import train_state
 from cmedl_jax import train_step as ts
@@ -461,9 +462,13 @@ def _train_and_evaluate(config, workdir, on_log):
     test_time = method.get(config).test_time
     if step >= config.train.num_steps and test_time is not None:
       params, stats = method.test_time_variables(test_time, state.params, state.batch_stats)
-      checkpoint.export_inference(
-        workdir, sharding.to_host(params), sharding.to_host(stats), tag=step
-      )
+      params, stats = sharding.to_host(params), sharding.to_host(stats)
+      checkpoint.export_inference(workdir, params, stats, tag=step)
+      if jax.process_index() == 0:  # The network without this package (jax.export).
+        record = input_pipeline.preparation_record(config.data.source.prepared_dir)
+        portable.write_portable(
+          os.path.join(workdir, 'portable'), config, params, stats, test_time, record
+        )
   finally:
     # Also on an error (e.g. a NaN loss): finish the checkpoints already being written.
     train_iter.close()

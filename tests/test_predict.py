@@ -3,8 +3,11 @@
 behaviour."""
 
 import errno
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import nibabel as nib
@@ -14,7 +17,9 @@ import pytest
 from cmedl_jax import checkpoint
 from cmedl_jax import inference
 from cmedl_jax import method
+from cmedl_jax import portable
 from cmedl_jax import predict
+from data_prep import nifti_io
 from data_prep import prepare
 from test_train import truncate_every_file
 
@@ -156,6 +161,55 @@ def test_cli_predicts_from_the_export_any_checkpoint_and_the_teacher(run_dir, tm
     want = inference.Predictor(**kwargs).predict_array(image, src.affine)['probabilities']
     np.testing.assert_allclose(probs[name], want, atol=1e-6, err_msg=name)
   assert not np.allclose(probs['teacher'], probs['export'], atol=1e-4)
+
+
+# Runs the portable network where this package cannot be imported: jax and numpy alone.
+_WITHOUT_THE_PACKAGE = """
+import sys
+sys.modules['cmedl_jax'] = sys.modules['data_prep'] = None  # Any import of them fails.
+import numpy as np
+from jax import export
+network = export.deserialize(open(sys.argv[1], 'rb').read())
+np.save(sys.argv[3], np.asarray(network.call(np.load(sys.argv[2]))))
+"""
+
+
+def test_the_portable_network_runs_without_the_package_as_the_predictor(run_dir, tmp_path):
+  """Issue 19: training writes RUN/portable (jax.export); a process that cannot import
+  cmedl_jax reproduces the Predictor's probabilities on a phantom volume."""
+  root, workdir = run_dir
+  meta = json.loads((workdir / 'portable' / portable.PREPARATION).read_text())
+  predictor = inference.Predictor(workdir=workdir)
+  assert meta['spec'] == predictor.spec.to_dict()
+  image, affine = nifti_io.load_volume(ct_test_case(root), 'image')
+  prepared, _ = prepare.prepare_volume(image, affine, predictor.spec)
+  want = predictor.predict_prepared(prepared)
+  slices = inference.context_stack(prepared, meta['input']['context_slices'])
+  np.save(tmp_path / 'slices.npy', slices)
+  subprocess.run(
+    [
+      sys.executable,
+      '-c',
+      _WITHOUT_THE_PACKAGE,
+      str(workdir / 'portable' / portable.NETWORK),
+      str(tmp_path / 'slices.npy'),
+      str(tmp_path / 'probabilities.npy'),
+    ],
+    cwd=tmp_path,
+    env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
+    check=True,
+    timeout=300,
+  )
+  got = np.load(tmp_path / 'probabilities.npy')
+  assert got.shape == want.shape == (*slices.shape[:3], meta['output']['shape'][-1])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_portable_command_exports_any_checkpoint(run_dir, tmp_path):
+  _, workdir = run_dir
+  step = checkpoint.latest_checkpoint(workdir)
+  assert portable.main(['--checkpoint', step, '--out', str(tmp_path / 'p')]) == 0
+  assert sorted(os.listdir(tmp_path / 'p')) == [portable.NETWORK, portable.PREPARATION]
 
 
 def test_cli_keeps_outputs_reports_bad_inputs_and_goes_on(run_dir, tmp_path, capsys):

@@ -1,0 +1,122 @@
+r"""The test-time network as a portable artifact: StableHLO via `jax.export`, loadable without
+this package (jax and numpy alone), beside a JSON of how its input slices are prepared.
+
+  python -m cmedl_jax.portable --workdir RUN            # RUN/export -> RUN/portable/
+  python -m cmedl_jax.portable --checkpoint RUN/best/400 --out DIR
+
+Writes (atomically) PORTABLE/network.jax_export: float32 slices [B, H, W, C] in [-1, 1] (B any,
+the symbolic batch dimension; C = context slices) -> softmax probabilities [B, H, W, K],
+weights inside, lowered for CPU and CUDA; and PORTABLE/preparation.json: the data preparation
+(modality, in-plane spacing in mm, size, CT window in HU or MRI percentiles, orientation,
+interpolation), the classes, the context slices and the shapes. Training writes RUN/portable at
+its end. To run it (no cmedl_jax needed; `slices` prepared as preparation.json says, e.g. by
+`data_prep.prepare.prepare_volume` and `cmedl_jax.inference.context_stack`):
+
+  from jax import export
+  network = export.deserialize(open('RUN/portable/network.jax_export', 'rb').read())
+  probabilities = network.call(slices)   # numpy float32 [B, H, W, C] -> [B, H, W, K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from cmedl_jax import checkpoint
+from cmedl_jax import method
+from data_prep import nifti_io
+
+NETWORK = 'network.jax_export'
+PREPARATION = 'preparation.json'
+PLATFORMS = ('cpu', 'cuda')
+FORMAT_VERSION = 1
+
+
+def export_network(config, params, batch_stats, test_time, image_shape):
+  """jax.export.Exported of slices [b, H, W, C] -> probabilities [b, H, W, K] of network
+  `test_time` (method.test_time_variables), the variables baked in as constants."""
+  nets = method.build_networks(config, in_channels=image_shape[-1])
+  params, batch_stats = jax.device_get((params, batch_stats))
+
+  def probabilities(x):
+    logits = method.infer_logits(params, batch_stats, x, nets=nets, test_time=test_time)
+    return jax.nn.softmax(logits.astype(jnp.float32), -1)
+
+  h, w, c = image_shape
+  shape = jax.export.symbolic_shape(f'b, {h}, {w}, {c}')
+  return jax.export.export(jax.jit(probabilities), platforms=PLATFORMS)(
+    jax.ShapeDtypeStruct(shape, jnp.float32)
+  )
+
+
+def write_portable(out_dir, config, params, batch_stats, test_time, preparation_record):
+  """Writes OUT_DIR/network.jax_export and OUT_DIR/preparation.json (each atomically).
+
+  preparation_record: the run's preparation.json ({'spec': PrepSpec dict, ...}).
+  """
+  spec = preparation_record['spec']
+  image_shape = (*spec['size'], config.data.context_slices)
+  exported = export_network(config, params, batch_stats, test_time, image_shape)
+  nifti_io.atomic_write(os.path.join(out_dir, NETWORK), bytes(exported.serialize()))
+  nifti_io.write_json(
+    os.path.join(out_dir, PREPARATION),
+    {
+      'format_version': FORMAT_VERSION,
+      'network': NETWORK,
+      'test_time_network': test_time,
+      'input': {
+        'shape': ['B', *image_shape],
+        'dtype': 'float32',
+        'range': [-1.0, 1.0],
+        'context_slices': config.data.context_slices,
+        'channels': 'the slice and its neighbours along the slice axis, clamped at the ends',
+      },
+      'output': {'shape': ['B', *spec['size'], config.data.num_classes], 'dtype': 'float32'},
+      'platforms': list(PLATFORMS),
+      'spec': spec,
+      'preparation': {k: v for k, v in preparation_record.items() if k != 'spec'},
+      'how': 'data_prep.prepare.prepare_volume: canonical (RAS) grid, the intensity window, '
+      'in-plane resampling to spec.spacing_mm, crop/pad to spec.size around the body',
+    },
+    indent=2,
+    sort_keys=True,
+  )
+  return exported
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+    prog='python -m cmedl_jax.portable',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  which = parser.add_mutually_exclusive_group(required=True)
+  which.add_argument('--workdir', help='run directory (uses its inference export)')
+  which.add_argument('--checkpoint', help='a saved state, e.g. RUN/best/400')
+  parser.add_argument('--out', help='output folder (default: RUN/portable)')
+  args = parser.parse_args(argv)
+  try:
+    run_dir = args.workdir or checkpoint.run_dir_of(args.checkpoint)
+    config, record = checkpoint.load_run(run_dir)
+    if args.checkpoint:
+      variables = checkpoint.load_variables(args.checkpoint)
+    else:
+      variables = checkpoint.load_export(run_dir)
+  except (FileNotFoundError, ValueError) as e:
+    parser.exit(2, f'portable: error: {e}\n')
+  test_time = method.get(config).test_time
+  params, stats = method.test_time_variables(
+    test_time, variables['params'], variables['batch_stats']
+  )
+  out = args.out or os.path.join(run_dir, 'portable')
+  write_portable(out, config, params, stats, test_time, record)
+  print(f'portable: {os.path.join(out, NETWORK)} (+ {PREPARATION})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
