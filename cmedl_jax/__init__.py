@@ -5,6 +5,7 @@ XLA:CPU in jax 0.10.2 sends convolutions to YNNPACK, which made the joint step a
 slower than XLA's own convolutions (docs/PERFORMANCE.md). XLA's are used unless the user's
 XLA_FLAGS already name `--xla_cpu_experimental_ynn_fusion_type` (theirs is kept). The flag is
 read when jax creates its CPU backend, so import cmedl_jax before running jax computations.
+It also hides TensorFlow's C++ INFO lines (its oneDNN notice) unless TF_CPP_MIN_LOG_LEVEL is set.
 """
 
 import os as _os
@@ -14,3 +15,5 @@ XLA_CPU_DEFAULT = f'{XLA_CPU_FLAG}=-individual_convolution'
 
 if XLA_CPU_FLAG not in _os.environ.get('XLA_FLAGS', ''):
   _os.environ['XLA_FLAGS'] = f'{_os.environ.get("XLA_FLAGS", "")} {XLA_CPU_DEFAULT}'.strip()
+
+_os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow (TFDS, TensorBoard): warnings up.

@@ -72,6 +72,7 @@ class Checkpoints:
   """The run's latest and best checkpoint managers."""
 
   def __init__(self, workdir, keep):
+    self.workdir = workdir
     self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep)
     self.best = _manager(os.path.join(workdir, 'best'), 1, best=True)
 

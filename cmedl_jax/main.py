@@ -15,6 +15,8 @@ coordinator, the process count and this process's id itself; elsewhere give them
 (--coordinator_address may also come from JAX_COORDINATOR_ADDRESS.)
 """
 
+import logging as python_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -45,6 +47,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
+  # jax's INFO "Unable to initialize backend 'tpu'" on machines without one: not for the console.
+  python_logging.getLogger('jax._src.xla_bridge').setLevel(python_logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]

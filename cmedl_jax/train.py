@@ -522,8 +522,17 @@ def _initial_state(config, nets, image_shape, mesh, ckpts):
     state = jax.jit(lambda r: init(r)[0], out_shardings=state_sharding)(key)
     state = _load_translator_init(config, state, replicated)
     logging.info('Initialised a new state.')
-    parameter_overview.log_parameter_overview(state.params)
+    _write_parameter_overview(ckpts.workdir, state.params)
   return state, state_sharding
+
+
+def _write_parameter_overview(workdir, params):
+  """The parameter table (clu) to WORKDIR/parameters.txt (process 0); one line to the log."""
+  if jax.process_index() == 0:
+    table = parameter_overview.get_parameter_overview(sharding.to_host(params))
+    nifti_io.atomic_write(os.path.join(workdir, 'parameters.txt'), table + '\n')
+  total = parameter_overview.count_parameters(params)
+  logging.info('%s parameters (per network: %s/parameters.txt).', f'{total:,}', workdir)
 
 
 class _Programs:

@@ -52,6 +52,9 @@ def test_interrupted_runs_resume_bit_for_bit(tiny_run, tmp_path):
   assert term.returncode == 0, term.stderr[-3000:]
   assert 'Received SIGTERM: saved step 3, exiting.' in term.stderr
   assert steps_saved(resumed) == [3]
+  # The parameter table goes to a file, the console gets one line.
+  assert '| student/' not in term.stderr and 'parameters (per network: ' in term.stderr
+  assert '| student/' in (resumed / 'parameters.txt').read_text()
   # SIGKILL mid-run, while checkpoint 6 is being saved (steps 4-6 ran; last commit: 3): no
   # clean-up of any kind, checkpoint 6's files written, its commit not.
   during_save = run_main(data_root, resumed, interrupt=('SAVE', 6))
