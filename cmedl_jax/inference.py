@@ -11,6 +11,7 @@ import numpy as np
 
 from cmedl_jax import checkpoint
 from cmedl_jax import method
+from cmedl_jax import postprocess
 from cmedl_jax import sharding
 from data_prep import prepare
 
@@ -57,10 +58,18 @@ class Predictor:
     teacher: segment with the run's teacher on the translator's output instead of the
       method's test-time network (e.g. how good a CMEDL run's teacher is); uses the latest
       checkpoint of `workdir` (or `checkpoint_path`).
+    postprocessing: apply the run's post-processing chosen on validation (postprocess; the
+      test-time network only), if it has one.
   """
 
   def __init__(
-    self, workdir=None, checkpoint_path=None, batch_size=None, pseudo_target=False, teacher=False
+    self,
+    workdir=None,
+    checkpoint_path=None,
+    batch_size=None,
+    pseudo_target=False,
+    teacher=False,
+    postprocessing=True,
   ):
     if (workdir is None) == (checkpoint_path is None):
       raise ValueError('give exactly one of workdir and checkpoint_path')
@@ -76,6 +85,7 @@ class Predictor:
         )
       self.test_time = method.TEACHER_ON_TRANSLATION
       checkpoint_path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
+    self.postprocessing = postprocess.load(run_dir) if postprocessing and not teacher else None
     self.num_classes = self.config.data.num_classes
     self.context_slices = self.config.data.context_slices
     self.batch_size = batch_size or self.config.eval.batch_size
@@ -123,7 +133,11 @@ class Predictor:
       ],
       -1,
     ).astype(np.float32)
-    out = {'labels': probs.argmax(-1).astype(np.uint8), 'probabilities': probs}
+    labels = probs.argmax(-1).astype(np.uint8)
+    if self.postprocessing:
+      spacing_mm = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
+      labels = postprocess.remove_small_components(labels, spacing_mm, self.postprocessing)
+    out = {'labels': labels, 'probabilities': probs}
     if self._translate is not None:
       _, fake = predict_volume(
         lambda x: self._translate(self.params, x)[..., :1],

@@ -117,6 +117,11 @@ def _parser():
     help="segment with the run's teacher on the translator's output (latest "
     'checkpoint, or --checkpoint)',
   )
+  parser.add_argument(
+    '--no-postprocessing',
+    action='store_true',
+    help="skip the run's post-processing chosen on validation (WORKDIR/postprocessing.json)",
+  )
   parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
   return parser
 
@@ -135,6 +140,7 @@ def main(argv=None):
       batch_size=args.batch_size,
       pseudo_target=args.pseudo_target,
       teacher=args.teacher,
+      postprocessing=not args.no_postprocessing,
     )
   except (FileNotFoundError, ValueError) as e:
     parser.exit(2, f'predict: error: {e}\n')

@@ -32,6 +32,7 @@ from cmedl_jax import input_pipeline
 from cmedl_jax import inference
 from cmedl_jax import method
 from cmedl_jax import portable
+from cmedl_jax import postprocess
 from cmedl_jax import sharding
 from cmedl_jax import train_state
 from cmedl_jax import train_step as ts
@@ -469,6 +470,7 @@ def _train_and_evaluate(config, workdir, on_log):
         portable.write_portable(
           os.path.join(workdir, 'portable'), config, params, stats, test_time, record
         )
+      _choose_postprocessing(config, workdir, state, programs, mesh)
   finally:
     # Also on an error (e.g. a NaN loss): finish the checkpoints already being written.
     train_iter.close()
@@ -671,6 +673,37 @@ def _train_loop(config, workdir, state, step, programs, train_iter, writer, ckpt
         logging.warning('Received %s: saved step %d, exiting.', stop_signal, step)
         break
   return step, state, val
+
+
+def _choose_postprocessing(config, workdir, state, programs, mesh):
+  """Chooses the post-processing on the labelled validation volumes (postprocess.choose) with
+  the final network; process 0 writes WORKDIR/postprocessing.json."""
+  volumes = [v for v in _validation_volumes(config) if v['has_label']]
+  if not volumes:
+    return
+  predictions = [
+    inference.predict_volume(
+      functools.partial(programs.probabilities, state),
+      v['image'],
+      config.eval.batch_size,
+      config.data.context_slices,
+      mesh,
+    )[0]
+    for v in volumes
+  ]
+  record = postprocess.choose(
+    predictions,
+    [v['label'] for v in volumes],
+    [v['spacing_mm'] for v in volumes],
+    config.data.num_classes,
+  )
+  if jax.process_index() == 0:
+    postprocess.save(workdir, record)
+  logging.info(
+    'Post-processing chosen on %d validation volumes (minimum component mm^3 per class): %s',
+    len(volumes),
+    record['min_volume_mm3'],
+  )
 
 
 def _validation_volumes(config):

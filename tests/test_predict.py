@@ -18,6 +18,7 @@ from cmedl_jax import checkpoint
 from cmedl_jax import inference
 from cmedl_jax import method
 from cmedl_jax import portable
+from cmedl_jax import postprocess
 from cmedl_jax import predict
 from data_prep import nifti_io
 from data_prep import prepare
@@ -210,6 +211,23 @@ def test_the_portable_command_exports_any_checkpoint(run_dir, tmp_path):
   step = checkpoint.latest_checkpoint(workdir)
   assert portable.main(['--checkpoint', step, '--out', str(tmp_path / 'p')]) == 0
   assert sorted(os.listdir(tmp_path / 'p')) == [portable.NETWORK, portable.PREPARATION]
+
+
+def test_predict_applies_the_post_processing_chosen_on_validation(run_dir, tmp_path):
+  """Training stores its choice (postprocessing.json); the Predictor applies a stored choice,
+  and leaves it out when asked."""
+  root, workdir = run_dir
+  stored = json.loads((workdir / postprocess.FILE).read_text())
+  assert set(stored['min_volume_mm3']) == {'1'} and stored['volumes'] >= 1
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  postprocess.save(run, dict(stored, min_volume_mm3={'1': 1e12}))  # Removes every component.
+  image, affine = nifti_io.load_volume(ct_test_case(root), 'image')
+  raw = inference.Predictor(workdir=run, postprocessing=False).predict_array(image, affine)
+  assert (raw['labels'] == 1).any()  # Something to remove.
+  cleaned = inference.Predictor(workdir=run).predict_array(image, affine)
+  assert not cleaned['labels'].any()
+  np.testing.assert_array_equal(cleaned['probabilities'], raw['probabilities'])
 
 
 def test_cli_keeps_outputs_reports_bad_inputs_and_goes_on(run_dir, tmp_path, capsys):
