@@ -5,7 +5,8 @@ XLA:CPU in jax 0.10.2 sends convolutions to YNNPACK, which made the joint step a
 slower than XLA's own convolutions (docs/PERFORMANCE.md). XLA's are used unless the user's
 XLA_FLAGS already name `--xla_cpu_experimental_ynn_fusion_type` (theirs is kept). The flag is
 read when jax creates its CPU backend, so import cmedl_jax before running jax computations.
-It also hides TensorFlow's C++ INFO lines (its oneDNN notice) unless TF_CPP_MIN_LOG_LEVEL is set.
+It also keeps TensorFlow (used for TFDS and TensorBoard only, never to compute) quiet: its C++ INFO
+lines and its oneDNN notice, unless TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are set.
 """
 
 import os as _os
@@ -16,4 +17,5 @@ XLA_CPU_DEFAULT = f'{XLA_CPU_FLAG}=-individual_convolution'
 if XLA_CPU_FLAG not in _os.environ.get('XLA_FLAGS', ''):
   _os.environ['XLA_FLAGS'] = f'{_os.environ.get("XLA_FLAGS", "")} {XLA_CPU_DEFAULT}'.strip()
 
-_os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow (TFDS, TensorBoard): warnings up.
+_os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow: warnings and errors only.
+_os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # No oneDNN notice (TF computes nothing here).

@@ -83,5 +83,10 @@ def main(argv):
   logging.info('Final: %s', result)
 
 
-if __name__ == '__main__':
+def run():
+  """The `cmedl-train` command (pip install .)."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

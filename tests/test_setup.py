@@ -1,6 +1,7 @@
 """What the package and the test setup do to jax's environment before it starts."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +66,40 @@ def test_tests_get_8_devices_whatever_the_users_xla_flags():
   assert devices == '8'
   assert '--xla_cpu_enable_fast_math=false' in flags.split()
   assert '--xla_force_host_platform_device_count=2' not in flags
+
+
+COMMANDS = ('cmedl-train', 'cmedl-predict', 'cmedl-evaluate', 'cmedl-prepare', 'cmedl-phantoms')
+
+
+def test_pip_install_puts_the_five_commands_on_path(tmp_path):
+  """`pip install .` (here from a copy of the sources, without dependencies and offline, into a
+  folder) installs the packages and the five commands, each of which answers --help."""
+  src = tmp_path / 'src'
+  for name in ('cmedl_jax', 'data_prep', 'configs'):
+    shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('pyproject.toml', 'README.md', 'requirements.txt'):
+    shutil.copy(ROOT / name, src / name)
+  target = tmp_path / 'installed'
+  subprocess.run(
+    [sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation']
+    + ['--no-index', '--target', str(target), str(src)],
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  assert {'cmedl_jax', 'data_prep', 'configs'} <= set(os.listdir(target))
+  env = dict(os.environ, PYTHONPATH=str(target))
+  for command in COMMANDS:
+    result = subprocess.run(
+      [str(target / 'bin' / command), '--help'],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    # absl's --help (cmedl-train) exits 1 after the usage, argparse's 0.
+    assert result.returncode == (command == 'cmedl-train'), (command, result.stderr[-2000:])
+    assert 'usage' in result.stdout.lower() or '--workdir' in result.stdout, command
+    if command == 'cmedl-train':  # Importing the package keeps TensorFlow's notices away.
+      assert 'oneDNN' not in result.stderr, result.stderr[-2000:]
