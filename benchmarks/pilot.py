@@ -187,6 +187,45 @@ def table(runs, histories):
   return lines
 
 
+RUN_TEXT = {
+  'student_only': 'the student alone',
+  'cmedl-new': "CMEDL, today's defaults (teacher on pseudo-MRI only, separate BN, pool 50)",
+  'cmedl-old': "CMEDL, the 2026-11 study's switches (teacher also on labelled real MRI, joint BN, no pool)",
+  'cmedl-new-seg': "cmedl-new with loss.seg_to_translator at the authors' effective scale (1/(B*H*W))",
+}
+
+
+def _tail_mean(history, key, last=SMOOTH):
+  tail = history[-last:]
+  return sum(h[key] for h in tail) / len(tail)
+
+
+def reading(histories):
+  """What the records say, as sentences built from them (nothing here is typed by hand)."""
+  out = []
+  only = histories.get('student_only')
+  if only and len(only) > 1:
+    half = only[len(only) // 2 :]
+    swing = max(abs(a['val_dsc'] - b['val_dsc']) for a, b in zip(half, half[1:]))
+    out.append(
+      f"- Noise: student_only's validation DSC moves by up to {swing:.3f} between consecutive "
+      f'validations in its second half; differences between runs smaller than that are not '
+      'evidence (one seed, a handful of validation volumes).'
+    )
+  for name in ('cmedl-new', 'cmedl-old', 'cmedl-new-seg'):
+    history = histories.get(name)
+    if not history or 'val_teacher_dsc' not in history[0]:
+      continue
+    first = next((h['step'] for h in history if h['val_teacher_dsc'] > 0.1), None)
+    out.append(
+      f"- {name}: the teacher's DSC on G(CT) first exceeds 0.1 at step {first} and averages "
+      f'{_tail_mean(history, "val_teacher_dsc"):.3f} over the last {SMOOTH} validations; its '
+      f'student averages {_tail_mean(history, "val_dsc"):.3f}'
+      + (f' (student_only: {_tail_mean(only, "val_dsc"):.3f}).' if only else '.')
+    )
+  return out
+
+
 def report(runs, records, out, tiny):
   """Writes the pilot report (markdown + figure beside it) from the recorded runs."""
   histories, lines = {}, []
@@ -209,9 +248,17 @@ def report(runs, records, out, tiny):
     f'Written by `python benchmarks/pilot.py` from the records in `{os.path.relpath(records, os.path.dirname(out))}/`'
     ' (one seed; validation volumes of the CT set, never the test set).',
     '',
+    *[f'- `{r["name"]}`: {RUN_TEXT[r["name"]]}' for r in runs],
+    '',
+    f'configs/study.py:informative at 64 px, {STEPS if not tiny else 4} steps, validation every '
+    f'{EVAL_EVERY if not tiny else TINY_EVAL_EVERY} steps on the CT validation volumes (student '
+    "on CT; teacher on the translator's pseudo-MRI of the same volumes).",
+    '',
     f'![validation DSC over steps]({os.path.basename(png)})',
     '',
     *summary(runs, histories),
+    '',
+    *reading(histories),
     '',
     f'student_only plateau (first step whose mean DSC over the last {SMOOTH} validations is '
     f'within {PLATEAU_DSC} of the best such mean): step {plateau} of {STEPS if not tiny else 4} '

@@ -5,8 +5,9 @@ XLA:CPU in jax 0.10.2 sends convolutions to YNNPACK, which made the joint step a
 slower than XLA's own convolutions (docs/PERFORMANCE.md). XLA's are used unless the user's
 XLA_FLAGS already name `--xla_cpu_experimental_ynn_fusion_type` (theirs is kept). The flag is
 read when jax creates its CPU backend, so import cmedl_jax before running jax computations.
-It also keeps TensorFlow (used for TFDS and TensorBoard only, never to compute) quiet: its C++ INFO
-lines and its oneDNN notice, unless TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are set.
+It also keeps TensorFlow (TFDS, TensorBoard and the host augmentation's image transforms, which
+are not oneDNN kernels) quiet: its C++ INFO lines and its oneDNN notice, unless
+TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are set.
 """
 
 import os as _os
@@ -18,4 +19,6 @@ if XLA_CPU_FLAG not in _os.environ.get('XLA_FLAGS', ''):
   _os.environ['XLA_FLAGS'] = f'{_os.environ.get("XLA_FLAGS", "")} {XLA_CPU_DEFAULT}'.strip()
 
 _os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow: warnings and errors only.
-_os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')  # No oneDNN notice (TF computes nothing here).
+_os.environ.setdefault(
+  'TF_ENABLE_ONEDNN_OPTS', '0'
+)  # No oneDNN notice; TF runs no conv/matmul here.
