@@ -6,10 +6,15 @@ teacher) with the run's data preparation and segments raw volumes on their own v
 The trainer's validation and the prediction CLI (`predict.py`) both use this module.
 """
 
+import functools
+import itertools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cmedl_jax import checkpoint
+from cmedl_jax import input_pipeline
 from cmedl_jax import method
 from cmedl_jax import postprocess
 from cmedl_jax import sharding
@@ -47,6 +52,26 @@ def predict_volume(infer_fn, volume, batch_size, context_slices, mesh):
   return probs.argmax(-1).astype(np.uint8), probs
 
 
+def mirror_axes(config):
+  """Axes of [B,H,W,C] slices that training mirrored (data.augment): W for left-right flips,
+  H for up-down flips."""
+  augment = input_pipeline.augment_params(config.data.get('augment'))
+  if augment is None:
+    return ()
+  return tuple(axis for axis, key in ((2, 'flip'), (1, 'flip_ud')) if augment[key] > 0)
+
+
+def mirrored_mean(probabilities, x, axes):
+  """Mean of probabilities(x) over every combination of mirrorings along `axes`, each mirrored
+  back (test-time augmentation, as nnU-Net's)."""
+  total, count = probabilities(x), 1
+  for n in range(1, len(axes) + 1):
+    for combo in itertools.combinations(axes, n):
+      total = total + jnp.flip(probabilities(jnp.flip(x, combo)), combo)
+      count += 1
+  return total if count == 1 else total / count
+
+
 class Predictor:
   """A trained run's test-time network with the run's data preparation.
 
@@ -60,6 +85,8 @@ class Predictor:
       checkpoint of `workdir` (or `checkpoint_path`).
     postprocessing: apply the run's post-processing chosen on validation (postprocess; the
       test-time network only), if it has one.
+    tta: test-time augmentation: probabilities averaged over the mirrorings training used
+      (left-right, and up-down when data.augment.flip_ud was on): 2 or 4 times the compute.
   """
 
   def __init__(
@@ -70,6 +97,7 @@ class Predictor:
     pseudo_target=False,
     teacher=False,
     postprocessing=True,
+    tta=False,
   ):
     if (workdir is None) == (checkpoint_path is None):
       raise ValueError('give exactly one of workdir and checkpoint_path')
@@ -86,6 +114,7 @@ class Predictor:
       self.test_time = method.TEACHER_ON_TRANSLATION
       checkpoint_path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
     self.postprocessing = postprocess.load(run_dir) if postprocessing and not teacher else None
+    self.mirror_axes = mirror_axes(self.config) if tta else ()
     self.num_classes = self.config.data.num_classes
     self.context_slices = self.config.data.context_slices
     self.batch_size = batch_size or self.config.eval.batch_size
@@ -95,10 +124,13 @@ class Predictor:
     self.params = sharding.from_host(params, sharding.replicated(self.mesh))
     self.batch_stats = sharding.from_host(stats, sharding.replicated(self.mesh))
     nets, test_time = self.nets, self.test_time
+    axes = self.mirror_axes
+
+    def probabilities(p, s, x):
+      return jax.nn.softmax(method.infer_logits(p, s, x, nets=nets, test_time=test_time), -1)
+
     self._probs = jax.jit(
-      lambda p, s, x: jax.nn.softmax(
-        method.infer_logits(p, s, x, nets=nets, test_time=test_time), -1
-      )
+      lambda p, s, x: mirrored_mean(functools.partial(probabilities, p, s), x, axes)
     )
     self._translate = None
     if pseudo_target:

@@ -174,7 +174,8 @@ def load_eval_volumes(prepared_dir, split: str = 'validation') -> list:
 # The training stream.
 
 
-def _augment_params(augment) -> Optional[dict]:
+def augment_params(augment) -> Optional[dict]:
+  """The augmentation config with defaults filled in (flip probabilities as floats), or None."""
   if augment is False:
     return None
   cfg = dict(DEFAULT_AUGMENT, **_AUGMENT_OFF)
@@ -499,7 +500,7 @@ def create_train_iterator(
   "has_label": [B] f32}; `close()` stops its threads.
   """
   _check_arguments(global_batch_size, seed, foreground_ratio, context_slices, mesh)
-  aug = _augment_params(augment)
+  aug = augment_params(augment)
   on_device = _warps_on_device(aug, augment_on)
   source, target = _open_sides(source_dir, target_dir, split)
   settings = dict(

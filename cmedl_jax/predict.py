@@ -118,6 +118,11 @@ def _parser():
     'checkpoint, or --checkpoint)',
   )
   parser.add_argument(
+    '--tta',
+    action='store_true',
+    help='test-time augmentation: average over the mirrorings training used (2x the compute)',
+  )
+  parser.add_argument(
     '--no-postprocessing',
     action='store_true',
     help="skip the run's post-processing chosen on validation (WORKDIR/postprocessing.json)",
@@ -141,6 +146,7 @@ def main(argv=None):
       pseudo_target=args.pseudo_target,
       teacher=args.teacher,
       postprocessing=not args.no_postprocessing,
+      tta=args.tta,
     )
   except (FileNotFoundError, ValueError) as e:
     parser.exit(2, f'predict: error: {e}\n')

@@ -376,7 +376,7 @@ class FixedRng:
 
 @pytest.mark.parametrize('flips', [dict(flip=1.0), dict(flip_ud=1.0), dict(flip=1.0, flip_ud=1.0)])
 def test_flip_is_an_exact_mirror(tf_augment, flips):
-  aug = ip._augment_params(dict(NO_AUG, **flips))
+  aug = ip.augment_params(dict(NO_AUG, **flips))
   params = ip._draw_params(np.random.default_rng(0), 10, None, 0.0, aug, 2, (AUG_H, AUG_W))
   images, labels = smooth_batch()
   axes = tuple(axis for name, axis in (('flip_ud', 1), ('flip', 2)) if name in flips)
@@ -386,7 +386,7 @@ def test_flip_is_an_exact_mirror(tf_augment, flips):
 
 
 def test_flip_true_means_probability_one_half():
-  aug = ip._augment_params(dict(NO_AUG, flip=True, flip_ud=True))
+  aug = ip.augment_params(dict(NO_AUG, flip=True, flip_ud=True))
   rng = np.random.default_rng(1)
   t = ip._draw_params(rng, 10, None, 0.0, aug, 4000, (AUG_H, AUG_W))['transform']
   for flipped in (t[:, 0] < 0, t[:, 4] < 0):  # a0 = sx / scale, b1 = sy / scale at angle 0
@@ -398,7 +398,7 @@ def test_rotation_and_scale_match_scipy_affine_transform(tf_augment, t, flip):
   """With every uniform draw at fraction t of its range: angle (2t - 1) * 30 degrees, scale
   1 + (2t - 1) * 0.2; the warp of output (x, y) -> input is R(angle) diag(+-1, 1) (out - c) / scale
   + c (c the image centre), here rebuilt in scipy's (row, col) order."""
-  aug = ip._augment_params(dict(NO_AUG, flip=flip, rotate_deg=30.0, scale=0.2))
+  aug = ip.augment_params(dict(NO_AUG, flip=flip, rotate_deg=30.0, scale=0.2))
   params = ip._draw_params(FixedRng(t), 10, None, 0.0, aug, 2, (AUG_H, AUG_W))
   theta = (2 * t - 1) * 30.0 * np.pi / 180.0
   scale = 1.0 + (2 * t - 1) * 0.2
@@ -443,7 +443,7 @@ def test_rotation_and_scale_match_scipy_affine_transform(tf_augment, t, flip):
 def test_positive_angle_turns_the_content_counterclockwise(tf_augment):
   """rotate_deg=30 at its maximum: a blob 8 px right of the centre moves to 30 degrees above
   the x axis (rows grow downwards, so counterclockwise as displayed)."""
-  aug = ip._augment_params(dict(NO_AUG, rotate_deg=30.0))
+  aug = ip.augment_params(dict(NO_AUG, rotate_deg=30.0))
   params = ip._draw_params(FixedRng(1.0), 10, None, 0.0, aug, 2, (AUG_H, AUG_W))
   y, x = np.mgrid[0:AUG_H, 0:AUG_W].astype(np.float64)
   cx, cy = (AUG_W - 1) / 2.0, (AUG_H - 1) / 2.0

@@ -20,6 +20,7 @@ from cmedl_jax import method
 from cmedl_jax import portable
 from cmedl_jax import postprocess
 from cmedl_jax import predict
+from configs import tiny
 from data_prep import nifti_io
 from data_prep import prepare
 from test_train import truncate_every_file
@@ -228,6 +229,33 @@ def test_predict_applies_the_post_processing_chosen_on_validation(run_dir, tmp_p
   cleaned = inference.Predictor(workdir=run).predict_array(image, affine)
   assert not cleaned['labels'].any()
   np.testing.assert_array_equal(cleaned['probabilities'], raw['probabilities'])
+
+
+def test_test_time_augmentation_averages_the_mirrorings_training_used(run_dir):
+  root, workdir = run_dir
+  plain = inference.Predictor(workdir=workdir)
+  tta = inference.Predictor(workdir=workdir, tta=True)
+  assert tta.mirror_axes == (2,)  # Training flipped left-right only (the default augment).
+  image, affine = nifti_io.load_volume(ct_test_case(root), 'image')
+  prepared, _ = prepare.prepare_volume(image, affine, plain.spec)
+  mirrored = plain.predict_prepared(np.ascontiguousarray(prepared[:, :, ::-1]))[:, :, ::-1]
+  want = (plain.predict_prepared(prepared) + mirrored) / 2
+  np.testing.assert_allclose(tta.predict_prepared(prepared), want, atol=1e-6)
+
+
+def test_mirror_axes_follow_the_training_augmentation():
+  config = tiny.get_config('unet,cyclegan')
+  config.data.augment.flip_ud = True
+  assert inference.mirror_axes(config) == (2, 1)
+  config.data.augment.flip = False
+  config.data.augment.flip_ud = False
+  assert inference.mirror_axes(config) == ()
+  x = np.arange(2 * 3 * 4 * 1, dtype=np.float32).reshape(2, 3, 4, 1)
+  scale = np.arange(1, 5, dtype=np.float32)[None, None, :, None]  # Not mirror-symmetric.
+  got = inference.mirrored_mean(lambda y: y * scale, x, (2, 1))
+  flips = [(), (2,), (1,), (2, 1)]
+  want = sum(np.flip(np.flip(x, f) * scale, f) if f else x * scale for f in flips) / 4
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_cli_keeps_outputs_reports_bad_inputs_and_goes_on(run_dir, tmp_path, capsys):
