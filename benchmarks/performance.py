@@ -7,7 +7,8 @@ Runs, each in its own process: the joint train step per segmenter x translator
 (benchmarks/train_step.py workers: step time, XLA FLOPs, GFLOP/s and fraction of the measured
 float32 matmul peak, XLA memory), the bf16 option, eager PyTorch for U-Net + CycleGAN when
 torch is installed; data-parallel scaling on 1, 2, 4 and 8 forced CPU devices (same losses,
-throughput); the input pipeline and metric benchmarks; prediction speed; and XLA's peak memory
+throughput) and 1 process x 4 devices vs 2 x 2 (benchmarks/multihost.py); the input
+pipeline and metric benchmarks; prediction speed; and XLA's peak memory
 for the default config as batch and image size grow. `--quick` shrinks everything (a smoke run,
 figures not meant for the report). Takes about 15 minutes on 2 cores at the defaults.
 """
@@ -25,6 +26,7 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import multihost  # noqa: E402  (benchmarks/multihost.py)
 import train_step as step_bench  # noqa: E402  (benchmarks/train_step.py)
 from data_prep import nifti_io  # noqa: E402
 
@@ -473,6 +475,8 @@ def main(argv=None):
   nifti_io.atomic_write(
     args.out, text + f'\nThe whole report took {time.time() - t0:.0f} s to generate.\n'
   )
+  # The multi-process rows (1x4 vs 2x2 processes x devices), as their own section.
+  multihost.main(['--out', args.out] + (['--size', '32', '--steps', '2'] if args.quick else []))
   print(f'wrote {args.out} in {time.time() - t0:.0f} s')
 
 
