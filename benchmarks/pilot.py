@@ -144,15 +144,15 @@ def figure(runs, histories, path):
   """Student (test-time network) and teacher validation DSC over steps, one line per run."""
   plt = plots.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-  for r in runs:
+  for i, r in enumerate(runs):
     history = histories.get(r['name'])
     if not history:
       continue
     steps = [h['step'] for h in history]
-    axes[0].plot(steps, [h['val_dsc'] for h in history], marker='o', ms=3, label=r['name'])
+    style = dict(marker='o', ms=3, label=r['name'], color=f'C{i}')  # One colour per run.
+    axes[0].plot(steps, [h['val_dsc'] for h in history], **style)
     if 'val_teacher_dsc' in history[0]:
-      teacher = [h['val_teacher_dsc'] for h in history]
-      axes[1].plot(steps, teacher, marker='o', ms=3, label=r['name'])
+      axes[1].plot(steps, [h['val_teacher_dsc'] for h in history], **style)
   axes[0].set_title('student on CT (validation volumes)')
   axes[1].set_title('teacher on pseudo-MRI G(CT) (validation volumes)')
   for ax in axes:

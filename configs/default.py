@@ -154,8 +154,9 @@ def get_config(arg=None):
       contextual=1.0,  # Contextual loss between source and its translation.
       teacher_seg=1.0,  # Teacher CE+Dice on pseudo-target (and real target when labelled).
       # Scale of the teacher's segmentation gradient into the translator (0: none; the teacher
-      # itself always gets its full gradient). [ours] 1. PSIGAN's CE is averaged twice (over
-      # pixels, then again by their count), so its effective scale is ~1 / (B * H * W).
+      # itself always gets its full gradient). PSIGAN's CE is averaged twice (over pixels, then
+      # again by their count), so its effective scale is ~1 / (B * H * W). [ours, pilot] 1: at
+      # the authors' scale neither teacher nor student did better (docs/PILOT.md, one seed).
       seg_to_translator=1.0,
       student_seg=1.0,  # Student CE+Dice on source.
       ce=1.0,  # Weight of cross-entropy inside a segmentation loss.
