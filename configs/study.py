@@ -24,6 +24,9 @@ from configs import two_stage
 from configs import weak_teacher
 
 ROOT = 'runs/study'
+# 500: the 2026-11 study. The pilot (docs/PILOT.md, benchmarks/pilot.py) found that too short:
+# student_only plateaus at about 2000 of 3000 steps and the teachers pass DSC 0.1 only at
+# steps 500-750; the next study trains 3000.
 STEPS = 500
 SETTINGS = {
   'informative': None,
