@@ -55,7 +55,8 @@ local = lambda seed: {k: v[rows] for k, v in synthetic_batch(batch, size, seed).
 src, tgt = sharding.shard_batch(local(1), mesh), sharding.shard_batch(local(2), mesh)
 step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
                donate_argnums=0)
-hlo = step.lower(state, src, tgt).compile().as_text()
+step = step.lower(state, src, tgt).compile()  # Compiled once: its HLO and the timed runs.
+hlo = step.as_text()
 state, first = step(state, src, tgt)
 first = {k: float(v) for k, v in sharding.to_host(first).items()}
 times = []
@@ -104,14 +105,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def run(processes, args, timeout=1800):
-  """Runs the worker as `processes` processes sharing 4 devices; returns process 0's result."""
+def run(processes, args, devices=4, timeout=1800):
+  """Runs the worker as `processes` processes sharing `devices` forced CPU devices (global
+  batch args.batch of args.size^2 slices, args.steps timed steps); returns process 0's result:
+  {'processes', 'devices', 'local_devices', 'step_s', 'losses' (first step), 'params',
+  'collectives'}. benchmarks/performance.py's scaling rows are its 1-process runs."""
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICES)]
   env = dict(
     os.environ,
     TF_CPP_MIN_LOG_LEVEL='3',
+    JAX_PLATFORMS='cpu',
     PYTHONPATH=ROOT,
-    XLA_FLAGS=' '.join(flags + [f'{_DEVICES}={4 // processes}']),
+    XLA_FLAGS=' '.join(flags + [f'{_DEVICES}={devices // processes}']),
   )
   address = f'localhost:{_free_port()}'
   argv = [str(args.size), str(args.batch), str(args.steps), address, str(processes)]

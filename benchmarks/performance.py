@@ -53,37 +53,6 @@ def run_python(code_or_args, env_extra=None, timeout=1800):
 
 # ---------------------------------------------------------------------------- workers
 
-_SCALING_WORKER = r"""
-import functools, json, sys, time
-import jax, numpy as np
-from cmedl_jax import method, sharding, train_state, train_step as ts
-from configs import demo
-sys.path.insert(0, "benchmarks")
-from train_step import synthetic_batch
-size, batch, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-config = demo.get_config()
-config.data.image_size, config.train.global_batch_size = size, batch
-nets = method.build_networks(config, in_channels=1)
-mesh = sharding.make_mesh()
-state, tx = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
-state = jax.device_put(state, sharding.replicated(mesh))
-src = sharding.shard_batch(synthetic_batch(batch, size, 1), mesh)
-tgt = sharding.shard_batch(synthetic_batch(batch, size, 2), mesh)
-step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
-               donate_argnums=0)
-state, first = step(state, src, tgt)
-first = {k: float(v) for k, v in jax.device_get(first).items()}
-times = []
-for _ in range(steps):
-  t0 = time.perf_counter()
-  state, m = step(state, src, tgt)
-  jax.block_until_ready(m)
-  times.append(time.perf_counter() - t0)
-params = sum(x.size for x in jax.tree.leaves(state.params))
-print("RESULT " + json.dumps(dict(devices=jax.device_count(), step_s=float(np.median(times)),
-                                  losses=first, params=int(params))))
-"""
-
 _MEMORY_WORKER = r"""
 import functools, json, sys
 import jax, numpy as np
@@ -167,15 +136,10 @@ def train_step_rows(args):
 
 
 def scaling_rows(args):
-  out = []
-  for n in SCALING_DEVICES:
-    flags = f'--xla_force_host_platform_device_count={n} {FAST_CONV}'
-    result, _ = run_python(
-      ['-c', _SCALING_WORKER, str(args.scaling_size), '8', str(args.steps)],
-      {'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'},
-    )
-    out.append(result)
-  return out
+  """The multihost.py worker in one process on 1, 2, 4 and 8 devices (demo networks, batch 8;
+  the package's XLA:CPU flags, i.e. FAST_CONV, as `import cmedl_jax` sets them)."""
+  sizes = types.SimpleNamespace(size=args.scaling_size, batch=8, steps=args.steps)
+  return [multihost.run(1, sizes, devices=n) for n in SCALING_DEVICES]
 
 
 def memory_rows(args):
