@@ -18,7 +18,6 @@ XLA_CPU_DEFAULT = f'{XLA_CPU_FLAG}=-individual_convolution'
 if XLA_CPU_FLAG not in _os.environ.get('XLA_FLAGS', ''):
   _os.environ['XLA_FLAGS'] = f'{_os.environ.get("XLA_FLAGS", "")} {XLA_CPU_DEFAULT}'.strip()
 
-_os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TensorFlow: warnings and errors only.
-_os.environ.setdefault(
-  'TF_ENABLE_ONEDNN_OPTS', '0'
-)  # No oneDNN notice; TF runs no conv/matmul here.
+# TensorFlow: warnings and errors only, and no oneDNN notice (TF runs no conv/matmul here).
+_os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+_os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')

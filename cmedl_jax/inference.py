@@ -18,6 +18,7 @@ from cmedl_jax import input_pipeline
 from cmedl_jax import method
 from cmedl_jax import postprocess
 from cmedl_jax import sharding
+from data_prep import geometry as geo
 from data_prep import prepare
 
 
@@ -120,7 +121,7 @@ class Predictor:
     self.batch_size = batch_size or self.config.eval.batch_size
     self.mesh = sharding.make_mesh()
     self.nets = method.build_networks(self.config, in_channels=self.context_slices)
-    params, stats = _load_variables(run_dir, checkpoint_path, pseudo_target)
+    params, stats = load_variables(run_dir, checkpoint_path, pseudo_target)
     self.params = sharding.from_host(params, sharding.replicated(self.mesh))
     self.batch_stats = sharding.from_host(stats, sharding.replicated(self.mesh))
     nets, test_time = self.nets, self.test_time
@@ -167,7 +168,7 @@ class Predictor:
     ).astype(np.float32)
     labels = probs.argmax(-1).astype(np.uint8)
     if self.postprocessing:
-      spacing_mm = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
+      spacing_mm = geo.voxel_spacing(affine)
       labels = postprocess.remove_small_components(labels, spacing_mm, self.postprocessing)
     out = {'labels': labels, 'probabilities': probs}
     if self._translate is not None:
@@ -184,7 +185,7 @@ class Predictor:
     return out
 
 
-def _load_variables(run_dir, checkpoint_path, pseudo_target):
+def load_variables(run_dir, checkpoint_path=None, pseudo_target=False):
   """(params, batch_stats) from the run's export or `checkpoint_path`; with pseudo_target also
   the translator (from the latest checkpoint when the export lacks it)."""
   if checkpoint_path is None:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from cmedl_jax import checkpoint
+from cmedl_jax import inference
 from cmedl_jax import method
 from data_prep import nifti_io
 
@@ -102,16 +103,11 @@ def main(argv=None):
   try:
     run_dir = args.workdir or checkpoint.run_dir_of(args.checkpoint)
     config, record = checkpoint.load_run(run_dir)
-    if args.checkpoint:
-      variables = checkpoint.load_variables(args.checkpoint)
-    else:
-      variables = checkpoint.load_export(run_dir)
+    params, stats = inference.load_variables(run_dir, args.checkpoint)
   except (FileNotFoundError, ValueError) as e:
     parser.exit(2, f'portable: error: {e}\n')
   test_time = method.get(config).test_time
-  params, stats = method.test_time_variables(
-    test_time, variables['params'], variables['batch_stats']
-  )
+  params, stats = method.test_time_variables(test_time, params, stats)
   out = args.out or os.path.join(run_dir, 'portable')
   write_portable(out, config, params, stats, test_time, record)
   print(f'portable: {os.path.join(out, NETWORK)} (+ {PREPARATION})')
