@@ -88,6 +88,8 @@ class Predictor:
       test-time network only), if it has one.
     tta: test-time augmentation: probabilities averaged over the mirrorings training used
       (left-right, and up-down when data.augment.flip_ud was on): 2 or 4 times the compute.
+    whole_fov: segment the whole in-plane field of view (the networks are fully convolutional),
+      not only the training crop of `data.size` around the body (prepare_volume's whole_fov).
   """
 
   def __init__(
@@ -99,6 +101,7 @@ class Predictor:
     teacher=False,
     postprocessing=True,
     tta=False,
+    whole_fov=True,
   ):
     if (workdir is None) == (checkpoint_path is None):
       raise ValueError('give exactly one of workdir and checkpoint_path')
@@ -116,6 +119,7 @@ class Predictor:
       checkpoint_path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
     self.postprocessing = postprocess.load(run_dir) if postprocessing and not teacher else None
     self.mirror_axes = mirror_axes(self.config) if tta else ()
+    self.whole_fov = whole_fov
     self.num_classes = self.config.data.num_classes
     self.context_slices = self.config.data.context_slices
     self.batch_size = batch_size or self.config.eval.batch_size
@@ -155,10 +159,11 @@ class Predictor:
     Returns {'labels': uint8 [X,Y,Z], 'probabilities': float32 [X,Y,Z,K],
              'pseudo_target': float32 [X,Y,Z] (only with pseudo_target=True)} on the input grid.
     """
-    prepared, geometry = prepare.prepare_volume(image, affine, self.spec)
+    prepared, geometry = prepare.prepare_volume(image, affine, self.spec, self.whole_fov)
     probs = self.predict_prepared(prepared)
     # As nnU-Net: probabilities are resampled onto the input grid (linear; outside the prepared
-    # field of view background has probability 1), and the labels are their argmax there.
+    # field of view, only without whole_fov, background has probability 1), and the labels are
+    # their argmax there.
     probs = np.stack(
       [
         prepare.invert_image(probs[..., k], geometry, fill_value=float(k == 0))

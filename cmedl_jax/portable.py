@@ -5,7 +5,9 @@ this package (jax and numpy alone), beside a JSON of how its input slices are pr
   python -m cmedl_jax.portable --checkpoint RUN/best/400 --out DIR
 
 Writes (atomically) PORTABLE/network.jax_export: float32 slices [B, H, W, C] in [-1, 1] (B any,
-the symbolic batch dimension; C = context slices) -> softmax probabilities [B, H, W, K],
+H and W any multiples of 32: symbolic dimensions, so the whole field of view goes through as
+the Predictor sends it; only PSPNet, whose pyramid pooling needs static sizes, takes the
+training size alone; C = context slices) -> softmax probabilities [B, H, W, K],
 weights inside, lowered for CPU and CUDA; and PORTABLE/preparation.json: the data preparation
 (modality, in-plane spacing in mm, size, CT window in HU or MRI percentiles, orientation,
 interpolation), the classes, the context slices and the shapes. Training writes RUN/portable at
@@ -30,16 +32,21 @@ from cmedl_jax import checkpoint
 from cmedl_jax import inference
 from cmedl_jax import method
 from data_prep import nifti_io
+from data_prep import prepare
 
 NETWORK = 'network.jax_export'
 PREPARATION = 'preparation.json'
 PLATFORMS = ('cpu', 'cuda')
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: symbolic H and W (whole field of view)
 
 
 def export_network(config, params, batch_stats, test_time, image_shape):
-  """jax.export.Exported of slices [b, H, W, C] -> probabilities [b, H, W, K] of network
-  `test_time` (method.test_time_variables), the variables baked in as constants."""
+  """jax.export.Exported of slices [b, h, w, C] -> probabilities [b, h, w, K] of network
+  `test_time` (method.test_time_variables), the variables baked in as constants.
+
+  image_shape: (H, W, C) of the training slices. h and w are symbolic multiples of
+  prepare.WHOLE_FOV_MULTIPLE, or H and W when the network needs static sizes (PSPNet).
+  """
   nets = method.build_networks(config, in_channels=image_shape[-1])
   params, batch_stats = jax.device_get((params, batch_stats))
 
@@ -48,10 +55,16 @@ def export_network(config, params, batch_stats, test_time, image_shape):
     return jax.nn.softmax(logits.astype(jnp.float32), -1)
 
   h, w, c = image_shape
-  shape = jax.export.symbolic_shape(f'b, {h}, {w}, {c}')
-  return jax.export.export(jax.jit(probabilities), platforms=PLATFORMS)(
-    jax.ShapeDtypeStruct(shape, jnp.float32)
-  )
+  export = jax.export.export(jax.jit(probabilities), platforms=PLATFORMS)
+  m = prepare.WHOLE_FOV_MULTIPLE
+  try:
+    return export(_float32(f'b, {m}*h, {m}*w, {c}'))
+  except TypeError:  # The network uses its sizes as Python ints ('_DimExpr' ... integer).
+    return export(_float32(f'b, {h}, {w}, {c}'))
+
+
+def _float32(shape):
+  return jax.ShapeDtypeStruct(jax.export.symbolic_shape(shape), jnp.float32)
 
 
 def write_portable(out_dir, config, params, batch_stats, test_time, preparation_record):
@@ -62,6 +75,7 @@ def write_portable(out_dir, config, params, batch_stats, test_time, preparation_
   spec = preparation_record['spec']
   image_shape = (*spec['size'], config.data.context_slices)
   exported = export_network(config, params, batch_stats, test_time, image_shape)
+  shape = [str(d) for d in exported.in_avals[0].shape]
   nifti_io.atomic_write(os.path.join(out_dir, NETWORK), bytes(exported.serialize()))
   nifti_io.write_json(
     os.path.join(out_dir, PREPARATION),
@@ -70,18 +84,20 @@ def write_portable(out_dir, config, params, batch_stats, test_time, preparation_
       'network': NETWORK,
       'test_time_network': test_time,
       'input': {
-        'shape': ['B', *image_shape],
+        'shape': shape,
         'dtype': 'float32',
         'range': [-1.0, 1.0],
         'context_slices': config.data.context_slices,
         'channels': 'the slice and its neighbours along the slice axis, clamped at the ends',
       },
-      'output': {'shape': ['B', *spec['size'], config.data.num_classes], 'dtype': 'float32'},
+      'output': {'shape': shape[:3] + [config.data.num_classes], 'dtype': 'float32'},
       'platforms': list(PLATFORMS),
       'spec': spec,
       'preparation': {k: v for k, v in preparation_record.items() if k != 'spec'},
-      'how': 'data_prep.prepare.prepare_volume: canonical (RAS) grid, the intensity window, '
-      'in-plane resampling to spec.spacing_mm, crop/pad to spec.size around the body',
+      'how': 'data_prep.prepare.prepare_volume(whole_fov=True): canonical (RAS) grid, the '
+      'intensity window, in-plane resampling to spec.spacing_mm, padding (-1) to cover the '
+      f'whole field of view in a multiple of {prepare.WHOLE_FOV_MULTIPLE} pixels, at least '
+      'spec.size (a fixed input shape: crop/pad to spec.size around the body)',
     },
     indent=2,
     sort_keys=True,

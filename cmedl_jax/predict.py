@@ -5,7 +5,8 @@ r"""Segments NIfTI volumes with a trained run and writes label NIfTIs on the inp
   python -m cmedl_jax.predict --checkpoint=runs/demo/best/400 --input=case.nii.gz --output=out
 
 Each input goes through the same preparation as the run's training data (reorient, resample
-in-plane, normalise, crop; `data_prep.prepare.prepare_volume`), the test-time network runs on
+in-plane, normalise; `data_prep.prepare.prepare_volume`) except the training crop: the whole
+in-plane field of view is kept (padded to a multiple of 32 pixels), the test-time network runs on
 all slices in batches sharded over all devices, its class probabilities are mapped back onto
 the input's voxel grid (`data_prep.geometry.invert_image`, linear) and their argmax is written
 as uint8 with the input's affine and header. Optional: class probabilities (float32,

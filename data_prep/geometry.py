@@ -104,7 +104,12 @@ def _crop_start(lo: float, hi: float, n_resampled: int, size: int) -> int:
 
 
 def make_geometry(
-  affine, shape, spacing_mm: Sequence[float], size: Sequence[int], body_mask_canonical=None
+  affine,
+  shape,
+  spacing_mm: Sequence[float],
+  size: Sequence[int],
+  body_mask_canonical=None,
+  whole_fov_multiple: int = 0,
 ) -> Geometry:
   """Builds the Geometry of one volume.
 
@@ -114,6 +119,8 @@ def make_geometry(
     size: prepared in-plane size (H, W).
     body_mask_canonical: optional bool [Z, Y, X] body mask on the canonical [Z,H,W]-ordered grid;
       the crop window is centred on its in-plane bounding box (projection over slices).
+    whole_fov_multiple: if > 0, the size grows to cover the whole resampled image (nothing is
+      cropped away), rounded up to this multiple; `size` is then a minimum.
   """
   shape = tuple(int(s) for s in shape)
   transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(CANONICAL_AXCODES))
@@ -124,6 +131,9 @@ def make_geometry(
   fy, fx = sy / float(spacing_mm[0]), sx / float(spacing_mm[1])
   ry, rx = max(1, int(round(ny * fy))), max(1, int(round(nx * fx)))
   H, W = int(size[0]), int(size[1])
+  if whole_fov_multiple > 0:
+    m = int(whole_fov_multiple)
+    H, W = -(-max(H, ry) // m) * m, -(-max(W, rx) // m) * m
   if body_mask_canonical is not None and body_mask_canonical.any():
     frac = body_mask_canonical.mean(axis=0)  # [Y, X]: fraction of slices with body
     proj = frac >= 0.1 if (frac >= 0.1).any() else frac > 0
@@ -227,6 +237,16 @@ def _prepared_index(n_canonical: int, start: int, zoom: float, n_resampled: int,
   return np.clip(h, 0, size - 1), valid
 
 
+def outside_window(geometry: Geometry) -> np.ndarray:
+  """bool [Y, X] on the canonical in-plane grid: positions the crop cut away (no prepared
+  voxel holds them)."""
+  (_, ry, rx), (y0, x0), (H, W) = geometry.resampled_shape, geometry.crop_offset, geometry.size
+  nx, ny, _ = geometry.canonical_shape
+  _, vy = _prepared_index(ny, y0, geometry.zoom[0], ry, H)
+  _, vx = _prepared_index(nx, x0, geometry.zoom[1], rx, W)
+  return ~(vy[:, None] & vx[None, :])
+
+
 def invert_labels(pred_prepared: np.ndarray, geometry: Geometry) -> np.ndarray:
   """Prepared [Z,H,W] labels -> original grid (nearest; 0 where the crop cut the image).
 
@@ -238,10 +258,10 @@ def invert_labels(pred_prepared: np.ndarray, geometry: Geometry) -> np.ndarray:
   if pred.shape[:3] != (nz, H, W):
     raise ValueError(f'prediction shape {pred.shape} != prepared shape {(nz, H, W)}')
   nx, ny, _ = geometry.canonical_shape
-  hy, vy = _prepared_index(ny, y0, geometry.zoom[0], ry, H)
-  hx, vx = _prepared_index(nx, x0, geometry.zoom[1], rx, W)
+  hy, _ = _prepared_index(ny, y0, geometry.zoom[0], ry, H)
+  hx, _ = _prepared_index(nx, x0, geometry.zoom[1], rx, W)
   canonical = pred[:, hy[:, None], hx[None, :]].copy()
-  canonical[:, ~(vy[:, None] & vx[None, :])] = 0
+  canonical[:, outside_window(geometry)] = 0
   return _to_original(canonical, geometry)
 
 

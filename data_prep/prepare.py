@@ -67,6 +67,9 @@ MRI_PERCENTILES = (0.5, 99.5)  # Per-volume percentiles mapped to [-1, 1].
 SPACING_MM = 1.5  # In-plane spacing, mm.
 IMAGE_SIZE = 256  # In-plane size, pixels (square).
 VAL_FRACTION = 0.2  # Fraction of the imagesTr cases held out for validation.
+# Whole-field-of-view prediction rounds its in-plane size up to a multiple of this: fewer
+# distinct shapes to compile, and a multiple of every segmenter's total down-sampling.
+WHOLE_FOV_MULTIPLE = 32
 
 __all__ = [
   'PrepSpec',
@@ -253,13 +256,15 @@ def apply_label_map(label: np.ndarray, lut: Mapping[int, int]) -> np.ndarray:
 # One volume.
 
 
-def prepare_volume(image: np.ndarray, affine: np.ndarray, spec: PrepSpec):
+def prepare_volume(image: np.ndarray, affine: np.ndarray, spec: PrepSpec, whole_fov=False):
   """Prepares one image volume.
 
   Args:
     image: [X, Y, Z] raw intensities (HU for CT), any orientation.
     affine: its 4x4 voxel -> world (mm) affine.
     spec: PrepSpec.
+    whole_fov: keep the whole in-plane field of view (for prediction): the size grows from
+      `spec.size` to cover the resampled image, rounded up to WHOLE_FOV_MULTIPLE pixels.
   Returns:
     (prepared float32 [Z, H, W] in [-1, 1], Geometry).
   """
@@ -277,7 +282,12 @@ def prepare_volume(image: np.ndarray, affine: np.ndarray, spec: PrepSpec):
   else:
     body_level = 2.0 * spec.body_threshold_mri - 1.0
   geometry = geo.make_geometry(
-    affine, image.shape, spec.spacing_mm, spec.size, body_mask_canonical=canonical > body_level
+    affine,
+    image.shape,
+    spec.spacing_mm,
+    spec.size,
+    body_mask_canonical=canonical > body_level,
+    whole_fov_multiple=WHOLE_FOV_MULTIPLE if whole_fov else 0,
   )
   prepared = geo.resample_image(canonical, geometry, spec.order, fill_value=-1.0)
   np.clip(prepared, -1.0, 1.0, out=prepared)
@@ -297,7 +307,12 @@ def prepare_case(
   lut,
   spacing_range_mm=nifti_io.SPACING_RANGE_MM,
 ):
-  """Loads, checks and prepares one case. Returns (image, label or None, Geometry)."""
+  """Loads, checks and prepares one case.
+
+  Returns (image, label or None, Geometry, cut): cut = None, or what the in-plane crop took
+  away: {"fov_fraction": fraction of the resampled in-plane field of view, "label_voxels":
+  labelled (non-background) voxels of the original grid}.
+  """
   image, affine = nifti_io.load_volume(case.image, 'image', spacing_range_mm)
   label = None
   if case.label is not None:
@@ -307,7 +322,16 @@ def prepare_case(
     label = apply_label_map(raw_label, lut)
   prepared, geometry = prepare_volume(image, affine, spec)
   prepared_label = prepare_label(label, geometry) if label is not None else None
-  return prepared, prepared_label, geometry
+  return prepared, prepared_label, geometry, _cut_away(label, geometry)
+
+
+def _cut_away(label, geometry: Geometry):
+  """What the crop took away (prepare_case's `cut`), or None when it took nothing."""
+  outside = geo.outside_window(geometry)
+  if not outside.any():
+    return None
+  lost = 0 if label is None else int((geo.canonical_zyx(label, geometry)[:, outside] > 0).sum())
+  return {'fov_fraction': round(float(outside.mean()), 4), 'label_voxels': lost}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,8 +402,9 @@ def _sibling(out_dir: str, kind: str) -> str:
   return os.path.join(os.path.dirname(out_dir), name)
 
 
-def _case_record(case: nifti_io.CaseFiles, image, label, geometry: Geometry) -> dict:
-  """The manifest entry of one prepared case (image [Z,H,W], label [Z,H,W] or None)."""
+def _case_record(case: nifti_io.CaseFiles, image, label, geometry: Geometry, cut) -> dict:
+  """The manifest entry of one prepared case (image [Z,H,W], label [Z,H,W] or None; cut as
+  prepare_case returns it)."""
   return {
     'case_id': case.case_id,
     'image_file': case.image,
@@ -391,6 +416,7 @@ def _case_record(case: nifti_io.CaseFiles, image, label, geometry: Geometry) -> 
     else 0,
     'spacing_mm': list(geometry.spacing_mm),
     'geometry': geometry.to_dict(),
+    'cut_away': cut,
   }
 
 
@@ -399,13 +425,14 @@ def _prepare_cases(
 ):
   """Prepares each case into `case_dir` ({id}_image.npy, {id}_label.npy).
 
-  Returns ({split: [case record]}, [skipped case]); `prepare_one(case)` -> (image, label, geometry).
+  Returns ({split: [case record]}, [skipped case]); `prepare_one(case)` -> prepare_case's
+  (image, label, geometry, cut).
   """
   records = {s: [] for s in SPLITS}
   skipped = []
   for case in _progress(cases, len(cases), progress):
     try:
-      image, label, geometry = prepare_one(case)
+      image, label, geometry, cut = prepare_one(case)
     except DataError as e:
       if not skip_bad:
         raise
@@ -416,7 +443,7 @@ def _prepare_cases(
     np.save(stem + '_image.npy', image)
     if label is not None:
       np.save(stem + '_label.npy', label)
-    records[split_of[case.case_id]].append(_case_record(case, image, label, geometry))
+    records[split_of[case.case_id]].append(_case_record(case, image, label, geometry, cut))
   return records, skipped
 
 
@@ -477,7 +504,7 @@ def _write_split(split_dir: str, case_dir: str, records: list, size) -> None:
 
 
 def _summary(
-  info, out_dir: str, class_names: list, records: dict, skipped: list, seconds: float
+  info, out_dir: str, class_names: list, records: dict, skipped: list, seconds: float, size
 ) -> dict:
   """What `prepare_dataset` returns (and the manifest keeps under "summary")."""
   n_cases = sum(len(r) for r in records.values())
@@ -492,9 +519,36 @@ def _summary(
     'slices': {s: sum(r['num_slices'] for r in records[s]) for s in SPLITS},
     'foreground_slices': {s: sum(r['foreground_slices'] for r in records[s]) for s in SPLITS},
     'skipped': skipped,
+    'cropped': _cropped(records, size),
     'seconds': round(seconds, 3),
     'seconds_per_case': round(seconds / max(n_cases, 1), 3),
   }
+
+
+def _cropped(records: dict, size) -> dict:
+  """How many cases the in-plane crop to `size` (H, W) cut, the largest field-of-view fraction
+  it took and the labelled voxels it took (summed)."""
+  cuts = [r['cut_away'] for rs in records.values() for r in rs if r.get('cut_away')]
+  return {
+    'size': list(size),
+    'cases': len(cuts),
+    'max_fov_fraction': max((c['fov_fraction'] for c in cuts), default=0.0),
+    'label_voxels': sum(c['label_voxels'] for c in cuts),
+  }
+
+
+def crop_warning(summary: dict) -> Optional[str]:
+  """One line saying that the crop cut training data, or None when it cut nothing."""
+  cropped = summary.get('cropped') or {}
+  if not cropped.get('cases'):
+    return None
+  n_cases, (h, w) = sum(summary['cases'].values()), cropped['size']
+  return (
+    f'the {h}x{w} crop cut {cropped["cases"]} of {n_cases} cases (up to '
+    f'{100 * cropped["max_fov_fraction"]:.0f}% of the in-plane field of view, '
+    f'{cropped["label_voxels"]} labelled voxels): training never sees what was cut; prediction '
+    'still covers the whole field of view. A larger data.size (or spacing_mm) keeps it.'
+  )
 
 
 def _manifest(
@@ -593,13 +647,17 @@ def prepare_dataset(
     for split, split_records in records.items():
       _write_split(os.path.join(tmp_dir, split), case_dir, split_records, spec.size)
     shutil.rmtree(case_dir)
-    summary = _summary(info, out_dir, class_names, records, skipped, time.time() - start_time)
+    seconds = time.time() - start_time
+    summary = _summary(info, out_dir, class_names, records, skipped, seconds, spec.size)
     manifest = _manifest(spec, info, lut, class_names, records, summary)
     nifti_io.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)  # last: complete
     _move_into_place(tmp_dir, out_dir)
   except BaseException:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise
+  warning = crop_warning(summary)
+  if warning:
+    logging.warning('%s: %s', raw_dir, warning)
   return summary
 
 
@@ -686,6 +744,9 @@ def format_summary(summary: dict) -> str:
       f'({summary["foreground_slices"][s]} with foreground)'
     )
   lines.append(f'  {summary["seconds"]:.1f} s ({summary["seconds_per_case"]:.2f} s/case)')
+  warning = crop_warning(summary)
+  if warning:
+    lines.append(f'  warning: {warning}')
   if summary['skipped']:
     lines.append(f'  skipped {len(summary["skipped"])} bad cases:')
     lines += [f'    {s["case_id"]}: {s["file"]}: {s["problem"]}' for s in summary['skipped']]

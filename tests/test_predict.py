@@ -55,7 +55,7 @@ def direct(predictor, image, affine, tree, name='student'):
   """Probabilities and pseudo-target of `image` computed here from the checkpoint's networks:
   prepare, apply, map back onto the input grid (as predict documents it)."""
   nets = method.build_networks(predictor.config, in_channels=1)
-  prepared, geometry = prepare.prepare_volume(image, affine, predictor.spec)
+  prepared, geometry = prepare.prepare_volume(image, affine, predictor.spec, whole_fov=True)
   x = prepared[..., None]  # [Z, H, W, 1]
   p, stats = tree['params'], tree['batch_stats']
   fake = nets.translator.apply({'params': p['translator']}, x)
@@ -183,8 +183,11 @@ def test_the_portable_network_runs_without_the_package_as_the_predictor(run_dir,
   meta = json.loads((workdir / 'portable' / portable.PREPARATION).read_text())
   predictor = inference.Predictor(workdir=workdir)
   assert meta['spec'] == predictor.spec.to_dict()
+  assert meta['input']['shape'] == ['b', '32*h', '32*w', '1']  # Any multiple of 32 pixels.
   image, affine = nifti_io.load_volume(ct_test_case(root), 'image')
-  prepared, _ = prepare.prepare_volume(image, affine, predictor.spec)
+  image = np.concatenate([image, image], 0)  # Two bodies side by side: 64 x 32 pixels.
+  prepared, _ = prepare.prepare_volume(image, affine, predictor.spec, whole_fov=True)
+  assert prepared.shape[1:] == (32, 64)
   want = predictor.predict_prepared(prepared)
   slices = inference.context_stack(prepared, meta['input']['context_slices'])
   np.save(tmp_path / 'slices.npy', slices)
@@ -205,6 +208,24 @@ def test_the_portable_network_runs_without_the_package_as_the_predictor(run_dir,
   got = np.load(tmp_path / 'probabilities.npy')
   assert got.shape == want.shape == (*slices.shape[:3], meta['output']['shape'][-1])
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_prediction_covers_the_whole_field_of_view(run_dir):
+  """An input twice as wide as the training crop (two bodies side by side): the Predictor
+  segments all of it (the networks applied to the whole prepared field of view), where the
+  training crop alone would leave the second body as certain background."""
+  root, workdir = run_dir
+  src = nib.load(ct_test_case(root))
+  image = np.concatenate([np.asarray(src.dataobj, np.float32)] * 2, 0)  # [2X, Y, Z]
+  predictor = inference.Predictor(workdir=workdir, postprocessing=False)
+  got = predictor.predict_array(image, src.affine)['probabilities']
+  tree = checkpoint.restore_tree(str(workdir / 'checkpoints' / '8'))
+  np.testing.assert_allclose(got, direct(predictor, image, src.affine, tree)[0], atol=2e-5)
+  cropped = inference.Predictor(workdir=workdir, postprocessing=False, whole_fov=False)
+  cut = cropped.predict_array(image, src.affine)['probabilities']
+  certain = np.all(cut[..., 0] == 1.0, axis=(1, 2))  # [2X]: columns left as background
+  assert certain.sum() >= image.shape[0] // 4  # The crop cut a body's worth of columns ...
+  assert np.ptp(got[certain, ..., 1]) > 1e-3  # ... which the whole field of view segments.
 
 
 def test_the_portable_command_exports_any_checkpoint(run_dir, tmp_path):

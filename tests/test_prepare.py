@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from data_prep import geometry as geo
 from data_prep import prepare as P
 from tests.fixtures import synthetic as S
 from data_prep import nifti_io
@@ -187,6 +188,40 @@ def test_crop_is_centred_on_the_body():
   rows, cols = np.nonzero(body)
   assert body.sum() == 20 * 20  # the whole body fits in the window
   assert abs(rows.mean() - 11.5) <= 1 and abs(cols.mean() - 11.5) <= 1
+
+
+def test_whole_field_of_view_keeps_every_voxel():
+  """prepare_volume(whole_fov=True) (prediction) grows the size to cover the resampled image,
+  rounded up to WHOLE_FOV_MULTIPLE; the training crop of the same spec cuts it."""
+  image, label, affine = S.toy_case()  # 24 x 20 voxels of 1.5 mm
+  spec = small_spec(spacing_mm=(1.5, 1.5), size=(16, 16))
+  cropped, g_crop = P.prepare_volume(image, affine, spec)
+  whole, g_whole = P.prepare_volume(image, affine, spec, whole_fov=True)
+  assert cropped.shape == (6, 16, 16) and whole.shape == (6, 32, 32)
+  assert geo.outside_window(g_crop).any() and not geo.outside_window(g_whole).any()
+  assert P.prepare_label(label, g_whole).sum() == label.sum()
+  np.testing.assert_array_equal(P.invert_labels(P.prepare_label(label, g_whole), g_whole), label)
+
+
+def test_a_crop_that_cuts_training_data_is_warned_and_recorded(tmp_path, caplog):
+  """The summary (and manifest) count the cases the crop cut, the field of view and the
+  labelled voxels it took; preparation warns. At the original spacing the prepared label is an
+  exact crop, so the labelled voxels taken are the difference of the sums."""
+  raw = toy_dataset(tmp_path / 'raw', n_train=3, n_test=0)
+  spec = small_spec(spacing_mm=(1.5, 1.5), size=(8, 8))
+  with caplog.at_level('WARNING'):
+    cut = P.prepare_dataset(raw, tmp_path / 'a', spec, val_fraction=0.0, progress=False)
+  kept = np.load(tmp_path / 'a' / 'train' / 'labels.npy').sum()
+  original = sum(S.toy_case(seed=k)[1].sum() for k in range(3))
+  assert cut['cropped']['cases'] == 3 and cut['cropped']['size'] == [8, 8]
+  assert cut['cropped']['label_voxels'] == original - kept > 0
+  assert cut['cropped']['max_fov_fraction'] == pytest.approx(1 - 8 * 8 / (24 * 20), abs=1e-4)
+  assert 'warning: the 8x8 crop cut 3 of 3 cases' in P.format_summary(cut)
+  assert 'the 8x8 crop cut 3 of 3 cases' in caplog.text
+  whole = P.prepare_dataset(
+    raw, tmp_path / 'b', small_spec(spacing_mm=(1.5, 1.5)), val_fraction=0.0, progress=False
+  )
+  assert whole['cropped']['cases'] == 0 and 'crop cut' not in P.format_summary(whole)
 
 
 # ----------------------------------------------------------------------------- labels
