@@ -22,11 +22,14 @@ its end. To run it (no cmedl_jax needed; `slices` prepared as preparation.json s
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import logging
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cmedl_jax import checkpoint
 from cmedl_jax import inference
@@ -35,25 +38,32 @@ from data_prep import nifti_io
 from data_prep import prepare
 
 NETWORK = 'network.jax_export'
+ONNX = 'network.onnx'
+ONNX_TOLERANCE = 1e-4  # Largest |onnxruntime - jax| probability accepted at export.
 PREPARATION = 'preparation.json'
 PLATFORMS = ('cpu', 'cuda')
 FORMAT_VERSION = 2  # 2: symbolic H and W (whole field of view)
 
 
-def export_network(config, params, batch_stats, test_time, image_shape):
-  """jax.export.Exported of slices [b, h, w, C] -> probabilities [b, h, w, K] of network
-  `test_time` (method.test_time_variables), the variables baked in as constants.
-
-  image_shape: (H, W, C) of the training slices. h and w are symbolic multiples of
-  prepare.WHOLE_FOV_MULTIPLE, or H and W when the network needs static sizes (PSPNet).
-  """
-  nets = method.build_networks(config, in_channels=image_shape[-1])
+def probabilities_fn(config, params, batch_stats, test_time, channels):
+  """slices [b, H, W, C] -> softmax probabilities [b, H, W, K] of network `test_time`
+  (method.test_time_variables), the variables closed over (constants when traced)."""
+  nets = method.build_networks(config, in_channels=channels)
   params, batch_stats = jax.device_get((params, batch_stats))
 
   def probabilities(x):
     logits = method.infer_logits(params, batch_stats, x, nets=nets, test_time=test_time)
     return jax.nn.softmax(logits.astype(jnp.float32), -1)
 
+  return probabilities
+
+
+def export_network(probabilities, image_shape):
+  """jax.export.Exported of `probabilities` (probabilities_fn) on float32 [b, h, w, C].
+
+  image_shape: (H, W, C) of the training slices. h and w are symbolic multiples of
+  prepare.WHOLE_FOV_MULTIPLE, or H and W when the network needs static sizes.
+  """
   h, w, c = image_shape
   export = jax.export.export(jax.jit(probabilities), platforms=PLATFORMS)
   m = prepare.WHOLE_FOV_MULTIPLE
@@ -67,16 +77,53 @@ def _float32(shape):
   return jax.ShapeDtypeStruct(jax.export.symbolic_shape(shape), jnp.float32)
 
 
+def onnx_network(probabilities, image_shape, tolerance=ONNX_TOLERANCE):
+  """(ONNX model bytes or None, record): `probabilities` on float32 [B, H, W, C] (B any; H, W
+  the training size: jax2onnx 0.17.1 cannot carry symbolic multiples of 32 through the skip
+  concatenations), converted by jax2onnx and checked with onnxruntime against jax on two
+  random slices; None (and the reason in the record) when either fails."""
+  try:
+    import jax2onnx  # pylint: disable=g-import-not-at-top
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return None, {'problem': f'{e}: pip install --no-deps -r requirements-onnx.txt'}
+  # Its plugin scan warns (with tracebacks) about the equinox / dm_pix plugins we do not use,
+  # and onnx_ir about value types it leaves unset: neither says anything about our network.
+  for name in ('jax2onnx', 'onnx_ir'):
+    logging.getLogger(name).setLevel(logging.ERROR)
+  try:
+    model = jax2onnx.to_onnx(probabilities, [('B', *image_shape)], model_name='cmedl_student')
+    data = model.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=['CPUExecutionProvider'])
+    x = np.random.default_rng(0).uniform(-1, 1, (2, *image_shape)).astype(np.float32)
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    difference = float(np.abs(got - np.asarray(jax.jit(probabilities)(x))).max())
+  except Exception as e:  # pylint: disable=broad-except  # A converter's failure, reported.
+    version = importlib.metadata.version('jax2onnx')
+    return None, {'problem': f'jax2onnx {version}: {type(e).__name__}: {e}'[:500]}
+  record = {'input_shape': ['B', *image_shape], 'max_abs_difference_vs_jax': difference}
+  if difference > tolerance:
+    return None, dict(record, problem=f'onnxruntime differs from jax by {difference:.2g}')
+  return data, dict(record, file=ONNX)
+
+
 def write_portable(out_dir, config, params, batch_stats, test_time, preparation_record):
-  """Writes OUT_DIR/network.jax_export and OUT_DIR/preparation.json (each atomically).
+  """Writes OUT_DIR/network.jax_export, OUT_DIR/network.onnx (when it converts and checks) and
+  OUT_DIR/preparation.json (each atomically).
 
   preparation_record: the run's preparation.json ({'spec': PrepSpec dict, ...}).
   """
   spec = preparation_record['spec']
   image_shape = (*spec['size'], config.data.context_slices)
-  exported = export_network(config, params, batch_stats, test_time, image_shape)
+  probabilities = probabilities_fn(config, params, batch_stats, test_time, image_shape[-1])
+  exported = export_network(probabilities, image_shape)
   shape = [str(d) for d in exported.in_avals[0].shape]
   nifti_io.atomic_write(os.path.join(out_dir, NETWORK), bytes(exported.serialize()))
+  onnx_bytes, onnx_record = onnx_network(probabilities, image_shape)
+  if onnx_bytes is not None:
+    nifti_io.atomic_write(os.path.join(out_dir, ONNX), onnx_bytes)
+  elif os.path.exists(os.path.join(out_dir, ONNX)):  # An earlier export's, now stale.
+    os.remove(os.path.join(out_dir, ONNX))
   nifti_io.write_json(
     os.path.join(out_dir, PREPARATION),
     {
@@ -92,12 +139,14 @@ def write_portable(out_dir, config, params, batch_stats, test_time, preparation_
       },
       'output': {'shape': shape[:3] + [config.data.num_classes], 'dtype': 'float32'},
       'platforms': list(PLATFORMS),
+      'onnx': onnx_record,
       'spec': spec,
       'preparation': {k: v for k, v in preparation_record.items() if k != 'spec'},
       'how': 'data_prep.prepare.prepare_volume(whole_fov=True): canonical (RAS) grid, the '
       'intensity window, in-plane resampling to spec.spacing_mm, padding (-1) to cover the '
       f'whole field of view in a multiple of {prepare.WHOLE_FOV_MULTIPLE} pixels, at least '
-      'spec.size (a fixed input shape: crop/pad to spec.size around the body)',
+      'spec.size; for a fixed input shape (the ONNX file): prepare_volume(whole_fov=False), '
+      'crop/pad to spec.size around the body',
     },
     indent=2,
     sort_keys=True,
@@ -126,7 +175,8 @@ def main(argv=None):
   params, stats = method.test_time_variables(test_time, params, stats)
   out = args.out or os.path.join(run_dir, 'portable')
   write_portable(out, config, params, stats, test_time, record)
-  print(f'portable: {os.path.join(out, NETWORK)} (+ {PREPARATION})')
+  written = [f for f in (NETWORK, ONNX, PREPARATION) if os.path.exists(os.path.join(out, f))]
+  print(f'portable: {out}: {", ".join(written)}')
   return 0
 
 

@@ -134,6 +134,23 @@ def test_adaptive_avg_pool_matches_pytorch_bins():
         np.testing.assert_allclose(out[0, i, j], x[0, r0:r1, c0:c1].mean(axis=(0, 1)), atol=1e-6)
 
 
+def test_bilinear_resize_matches_jax_image_resize():
+  """layers.resize_bilinear (two interpolation matrices: exports with a symbolic batch and
+  converts to ONNX) equals jax.image.resize without antialiasing, and with it when upsampling
+  (PSPNet's only use)."""
+  for shape, size in [((2, 1, 1, 3), (8, 8)), ((2, 2, 3, 3), (8, 9)), ((1, 5, 7, 2), (33, 20))]:
+    x = rand(shape, 11)
+    got = np.asarray(layers.resize_bilinear(x, *size))
+    full = (shape[0], *size, shape[3])
+    plain = jax.image.resize(x, full, 'bilinear', antialias=False)
+    np.testing.assert_allclose(got, np.asarray(plain), atol=2e-6)
+    if size[0] >= shape[1] and size[1] >= shape[2]:
+      np.testing.assert_allclose(got, np.asarray(jax.image.resize(x, full, 'bilinear')), atol=2e-6)
+  x = rand((1, 16, 12, 2), 12)  # Downsampling: no antialiasing, unlike jax.image.resize's default.
+  plain = jax.image.resize(x, (1, 8, 5, 2), 'bilinear', antialias=False)
+  np.testing.assert_allclose(np.asarray(layers.resize_bilinear(x, 8, 5)), plain, atol=2e-6)
+
+
 # --------------------------------------------------------------------------- parameter counts
 
 

@@ -176,9 +176,20 @@ np.save(sys.argv[3], np.asarray(network.call(np.load(sys.argv[2]))))
 """
 
 
+_ONNX_WITHOUT_THE_PACKAGE = """
+import sys
+sys.modules['cmedl_jax'] = sys.modules['data_prep'] = sys.modules['jax'] = None
+import numpy as np
+import onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
+name = session.get_inputs()[0].name
+np.save(sys.argv[3], session.run(None, {name: np.load(sys.argv[2])})[0])
+"""
+
+
 def test_the_portable_network_runs_without_the_package_as_the_predictor(run_dir, tmp_path):
-  """Issue 19: training writes RUN/portable (jax.export); a process that cannot import
-  cmedl_jax reproduces the Predictor's probabilities on a phantom volume."""
+  """Issue 19: training writes RUN/portable (jax.export, and ONNX); a process that cannot
+  import cmedl_jax reproduces the Predictor's probabilities on a phantom volume with each."""
   root, workdir = run_dir
   meta = json.loads((workdir / 'portable' / portable.PREPARATION).read_text())
   predictor = inference.Predictor(workdir=workdir)
@@ -209,6 +220,21 @@ def test_the_portable_network_runs_without_the_package_as_the_predictor(run_dir,
   assert got.shape == want.shape == (*slices.shape[:3], meta['output']['shape'][-1])
   np.testing.assert_allclose(got, want, atol=1e-5)
 
+  # The ONNX copy, with onnxruntime alone, on slices of the training size (32 x 32).
+  assert meta['onnx']['file'] == portable.ONNX and meta['onnx']['input_shape'] == ['B', 32, 32, 1]
+  prepared, _ = prepare.prepare_volume(image[: image.shape[0] // 2], affine, predictor.spec)
+  want = predictor.predict_prepared(prepared)
+  np.save(tmp_path / 'slices.npy', inference.context_stack(prepared, 1))
+  subprocess.run(
+    [sys.executable, '-c', _ONNX_WITHOUT_THE_PACKAGE, str(workdir / 'portable' / portable.ONNX)]
+    + [str(tmp_path / 'slices.npy'), str(tmp_path / 'probabilities.npy')],
+    cwd=tmp_path,
+    env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
+    check=True,
+    timeout=300,
+  )
+  np.testing.assert_allclose(np.load(tmp_path / 'probabilities.npy'), want, atol=1e-5)
+
 
 def test_prediction_covers_the_whole_field_of_view(run_dir):
   """An input twice as wide as the training crop (two bodies side by side): the Predictor
@@ -232,7 +258,8 @@ def test_the_portable_command_exports_any_checkpoint(run_dir, tmp_path):
   _, workdir = run_dir
   step = checkpoint.latest_checkpoint(workdir)
   assert portable.main(['--checkpoint', step, '--out', str(tmp_path / 'p')]) == 0
-  assert sorted(os.listdir(tmp_path / 'p')) == [portable.NETWORK, portable.PREPARATION]
+  written = sorted(os.listdir(tmp_path / 'p'))
+  assert written == sorted([portable.NETWORK, portable.ONNX, portable.PREPARATION])
 
 
 def test_predict_applies_the_post_processing_chosen_on_validation(run_dir, tmp_path):

@@ -15,6 +15,8 @@ def test_ci_runs_readme_block_2():
   assert test_command in ci_lines
   assert 'pip install -q -r requirements.txt' in ci_lines
   assert 'pip install -r requirements.txt' in blocks[0]
+  assert 'pip install -q --no-deps -r requirements-onnx.txt' in ci_lines
+  assert 'pip install --no-deps -r requirements-onnx.txt' in blocks[0]
 
 
 def test_the_faults_table_names_tests_that_exist():

@@ -139,7 +139,7 @@ class DenseFCN(nn.Module):
       skips.append(stack)
       t = _conv(stack.shape[-1], 1, dtype)(bn_relu(stack))
       t = layers.dropout(self, t, self.dropout_rate, train)
-      stack = nn.max_pool(t, (2, 2), strides=(2, 2))
+      stack = nn.max_pool(t, window_shape=(2, 2), strides=(2, 2))
     _, to_upsample = dense_block(stack, lpb[self.n_pool], 'bottleneck_block')
 
     penultimate = None

@@ -239,10 +239,27 @@ def upsample_nearest2x(x: Array) -> Array:
   return x.reshape(n, 2 * h, 2 * w, c)
 
 
+def bilinear_matrix(size_out: int, size_in: int) -> np.ndarray:
+  """[size_out, size_in] bilinear interpolation along one axis, half-pixel centres
+  (`align_corners=False`), edges clamped, no antialiasing: `jax.image.resize(...,
+  'bilinear', antialias=False)`'s weights."""
+  pos = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+  lo = np.floor(pos).astype(np.int64)
+  frac = (pos - lo).astype(np.float32)
+  m = np.zeros((size_out, size_in), np.float32)
+  rows = np.arange(size_out)
+  np.add.at(m, (rows, np.clip(lo, 0, size_in - 1)), 1.0 - frac)
+  np.add.at(m, (rows, np.clip(lo + 1, 0, size_in - 1)), frac)
+  return m
+
+
 def resize_bilinear(x: Array, height: int, width: int) -> Array:
-  """Bilinear resize of H, W (half-pixel centres, `align_corners=False`)."""
-  n, _, _, c = x.shape
-  return jax.image.resize(x, (n, height, width, c), method='bilinear')
+  """Bilinear resize of H, W (`bilinear_matrix`; the same as `jax.image.resize` with
+  antialias=False, and as with antialiasing when upsampling, its only use here), as two small
+  matrix products: independent of the batch size, so it exports with a symbolic batch."""
+  mh = jnp.asarray(bilinear_matrix(height, x.shape[1]), x.dtype)
+  mw = jnp.asarray(bilinear_matrix(width, x.shape[2]), x.dtype)
+  return jnp.einsum('ih,jw,nhwc->nijc', mh, mw, x)
 
 
 def adaptive_avg_pool_matrix(size: int, bins: int) -> np.ndarray:

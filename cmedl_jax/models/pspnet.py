@@ -98,7 +98,9 @@ class PSPNet(nn.Module):
     h = x
     for i, stride in enumerate((2, 1, 1)):
       h = nn.relu(bn()(_conv(self.base_width, 3, dtype, stride, name=f'stem_{i}')(h)))
-    h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # nn.max_pool's own padding pads with -inf too; padding first lets ONNX converters take it.
+    h = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    h = nn.max_pool(h, window_shape=(3, 3), strides=(2, 2))
 
     block = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
     stage3 = None

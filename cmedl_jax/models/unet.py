@@ -74,7 +74,7 @@ class UNet(nn.Module):
       h = conv_block(width, dtype=dtype, name=f'enc_{level}_0')(h, train)
       h = conv_block(width, dtype=dtype, name=f'enc_{level}_1')(h, train)
       skips.append(h)
-      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      h = nn.max_pool(h, window_shape=(2, 2), strides=(2, 2))
     width = self.base_width * 2**self.depth
     h = conv_block(width, dtype=dtype, name='bottleneck_0')(h, train)
     h = conv_block(width, dtype=dtype, name='bottleneck_1')(h, train)
