@@ -73,6 +73,10 @@ TUMOR_TYPES = ('peripheral', 'juxta_mediastinal')
 # Per-patient nominal tissue values are drawn uniformly from these ranges. CT: HU. MRI: relative
 # signal before the bias field (about 0.75-1.33) and the random global scale (meta "mri_scale").
 # Juxta-mediastinal CT tumors: mediastinum + U(-6, 6) HU; heart: mediastinum + U(-2, 4) HU.
+# No consistent cue separates such a tumor from the mediastinum on CT; `juxta_offset_hu`
+# (write_dataset, --juxta-offset-hu) can give one, e.g. (10, 15) for the study's premise
+# factorial (docs/STUDY_PLAN.md), still within the per-voxel noise (12-22 HU).
+JUXTA_OFFSET_HU = (-6.0, 6.0)
 TISSUE_RANGES = {
   'thorax_ct': {
     'background': (-1000, -1000),
@@ -749,8 +753,11 @@ class PhantomCase:
   meta: dict  # JSON-serialisable ground truth
 
 
-def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> PhantomCase:
-  """Like `generate_case`, on an explicit Grid, also returning the tumor instance map."""
+def generate_phantom(
+  kind: str, rng: np.random.Generator, grid: Grid, juxta_offset_hu=JUXTA_OFFSET_HU
+) -> PhantomCase:
+  """Like `generate_case`, on an explicit Grid, also returning the tumor instance map.
+  juxta_offset_hu: (lo, hi) HU range of a juxta-mediastinal CT tumor above the mediastinum."""
   _check_kind(kind)
   thorax = kind.startswith('thorax')
   k = Z_SUPERSAMPLE
@@ -797,7 +804,7 @@ def generate_phantom(kind: str, rng: np.random.Generator, grid: Grid) -> Phantom
       m = tm.inside(x[sl[0]], y[:, sl[1]], z[:, :, sl[2]])
       if is_ct:
         tv = (
-          values['mediastinum'] + rng.uniform(-6, 6)
+          values['mediastinum'] + rng.uniform(*juxta_offset_hu)
           if tm.kind == 'juxta_mediastinal'
           else rng.uniform(*TISSUE_RANGES['thorax_ct']['tumor_peripheral'])
         )
@@ -954,6 +961,16 @@ def _check_counts(n, n_test):
   return n_test
 
 
+def _check_juxta(kind, juxta_offset_hu) -> tuple:
+  """(lo, hi) floats; ValueError unless lo <= hi, finite, and the default for non-CT kinds."""
+  lo, hi = (float(v) for v in juxta_offset_hu)
+  if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+    raise ValueError(f'juxta_offset_hu must be finite (lo, hi) with lo <= hi, got {(lo, hi)}')
+  if kind != 'thorax_ct' and (lo, hi) != JUXTA_OFFSET_HU:
+    raise ValueError(f'juxta_offset_hu applies to thorax_ct only, not {kind}')
+  return lo, hi
+
+
 def _make_out_dir(out: Path) -> Path:
   """Creates the dataset folder `out`; OSError naming it when it cannot be written."""
   if out.exists() and not out.is_dir():
@@ -995,10 +1012,11 @@ def _clear_stale(out: Path, kind: str, ids: list) -> None:
 
 
 def _write_case(
-  out: Path, kind: str, seed: int, index: int, case: str, split: str, grid: Grid
+  out: Path, kind: str, seed: int, index: int, case: str, split: str, grid: Grid, juxta
 ) -> dict:
   """Generates and writes case `index` (split "Tr" or "Ts"); returns its dataset.json entry."""
-  c = generate_phantom(kind, np.random.default_rng(case_seed(seed, kind, index)), grid)
+  rng = np.random.default_rng(case_seed(seed, kind, index))
+  c = generate_phantom(kind, rng, grid, juxta)
   desc = f'cmedl-jax phantom {kind} v{GENERATOR_VERSION}'
   rel = {
     'image': f'images{split}/{case}_0000.nii.gz',
@@ -1025,10 +1043,12 @@ def _write_case(
   return {'image': f'./{rel["image"]}', 'label': f'./{rel["label"]}'}
 
 
-def _dataset_json(kind: str, seed: int, grid: Grid, training: list, test: list) -> dict:
-  """dataset.json: nnU-Net v2 and MSD keys, and a "phantom" block."""
+def _dataset_json(kind: str, seed: int, grid: Grid, training: list, test: list, juxta) -> dict:
+  """dataset.json: nnU-Net v2 and MSD keys, and a "phantom" block (with "juxta_offset_hu" when
+  it is not the default)."""
   thorax = kind.startswith('thorax')
   channel, modality = _MODALITY[kind]
+  extra = {} if tuple(juxta) == JUXTA_OFFSET_HU else {'juxta_offset_hu': list(map(float, juxta))}
   return {
     'name': f'Phantom_{kind}',
     'description': _DESCRIPTIONS[kind],
@@ -1056,6 +1076,7 @@ def _dataset_json(kind: str, seed: int, grid: Grid, training: list, test: list) 
       'meta_dir': './phantom_meta',
       'tissues_dirs': ['./tissuesTr', './tissuesTs'],
       'instances_dirs': ['./instancesTr', './instancesTs'] if thorax else [],
+      **extra,
     },
   }
 
@@ -1071,12 +1092,15 @@ def write_dataset(
   slices=None,
   slice_spacing=None,
   verbose=False,
+  juxta_offset_hu=JUXTA_OFFSET_HU,
 ) -> Path:
   """Writes `n` training and `n_test` (default max(2, n // 4)) test cases of `kind` into the
   dataset folder `out` (created; our stale case files and dataset.json are removed first;
-  dataset.json is written last). Returns Path(out). Raises ValueError / OSError."""
+  dataset.json is written last). juxta_offset_hu: (lo, hi), thorax_ct only (JUXTA_OFFSET_HU).
+  Returns Path(out). Raises ValueError / OSError."""
   _check_kind(kind)
   n_test = _check_counts(n, n_test)
+  juxta = _check_juxta(kind, juxta_offset_hu)
   grid = make_grid(kind, size, spacing, slices, slice_spacing)
   out = _make_out_dir(Path(out))
   digits = max(3, len(str(n + n_test - 1)))
@@ -1086,11 +1110,13 @@ def write_dataset(
   t0 = time.perf_counter()
   for i, case in enumerate(ids):
     split = 'Tr' if i < n else 'Ts'
-    (training if split == 'Tr' else test).append(_write_case(out, kind, seed, i, case, split, grid))
+    (training if split == 'Tr' else test).append(
+      _write_case(out, kind, seed, i, case, split, grid, juxta)
+    )
     if verbose:
       print(f'  {case}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
   nifti_io.atomic_write(
-    out / 'dataset.json', _json_text(_dataset_json(kind, seed, grid, training, test))
+    out / 'dataset.json', _json_text(_dataset_json(kind, seed, grid, training, test, juxta))
   )
   return out
 
@@ -1149,10 +1175,20 @@ def main(argv=None) -> int:
   p.add_argument('--spacing', type=_positive_float, default=None, help='in-plane mm')
   p.add_argument('--slices', type=_int_at_least(2), default=None)
   p.add_argument('--slice-spacing', type=_positive_float, default=None, help='mm')
+  p.add_argument(
+    '--juxta-offset-hu',
+    type=float,
+    nargs=2,
+    default=JUXTA_OFFSET_HU,
+    metavar=('LO', 'HI'),
+    help='thorax_ct: juxta-mediastinal tumors are the mediastinum + U(LO, HI) HU '
+    '(default -6 6: no consistent cue)',
+  )
   p.add_argument('--verbose', action='store_true')
   args = p.parse_args(argv)
   try:
     grid = make_grid(args.kind, args.size, args.spacing, args.slices, args.slice_spacing)
+    _check_juxta(args.kind, args.juxta_offset_hu)
     out = _make_out_dir(Path(args.out))
   except (ValueError, OSError) as e:
     p.error(str(e))
@@ -1169,6 +1205,7 @@ def main(argv=None) -> int:
       slices=grid.slices,
       slice_spacing=grid.slice_spacing,
       verbose=args.verbose,
+      juxta_offset_hu=args.juxta_offset_hu,
     )
   except OSError as e:
     p.exit(1, f'{p.prog}: error: {" ".join(str(e).split())}\n')

@@ -136,6 +136,35 @@ def test_juxta_mediastinal_tumors_low_contrast_in_ct_high_in_t2w(thorax_cases):
   assert min(ct_peri) > 10.0, ct_peri  # peripheral tumors stand out in lung on CT
 
 
+def test_a_consistent_juxta_mediastinal_ct_offset_is_an_option(thorax_cases, tmp_path):
+  """juxta_offset_hu (the study's premise factorial): the same patients and labels, with every
+  juxta-mediastinal CT tumor the mediastinum + U(10, 15) HU instead of U(-6, 6); recorded in
+  dataset.json; refused for MRI kinds."""
+  offsets = {'default': [], 'cue': []}
+  for index, plain in enumerate(thorax_cases['thorax_ct']):
+    rng = np.random.default_rng(P.case_seed(0, 'thorax_ct', index))
+    cue = P.generate_phantom(
+      'thorax_ct', rng, P.make_grid('thorax_ct', **SMALL['thorax_ct']), (10, 15)
+    )
+    np.testing.assert_array_equal(cue.label, plain.label)
+    for case, key in ((plain, 'default'), (cue, 'cue')):
+      mediastinum = case.meta['tissue_values']['mediastinum']
+      offsets[key] += [
+        t['nominal_value'] - mediastinum
+        for t in case.meta['tumors']
+        if t['type'] == 'juxta_mediastinal'
+      ]
+  assert len(offsets['cue']) >= 3
+  assert all(-6 <= v <= 6 for v in offsets['default']), offsets
+  assert all(10 - 1e-3 <= v <= 15 + 1e-3 for v in offsets['cue']), offsets
+  out = P.write_dataset(
+    'thorax_ct', 1, 0, tmp_path / 'cue', n_test=0, juxta_offset_hu=(10, 15), **SMALL['thorax_ct']
+  )
+  assert json.loads((out / 'dataset.json').read_text())['phantom']['juxta_offset_hu'] == [10, 15]
+  with pytest.raises(ValueError, match='thorax_ct only'):
+    P.write_dataset('thorax_t2w', 1, 0, tmp_path / 'mri', juxta_offset_hu=(10, 15))
+
+
 def test_tumor_types_and_geometry(thorax_cases):
   types = []
   for case in thorax_cases['thorax_ct'] + thorax_cases['thorax_t2w']:
