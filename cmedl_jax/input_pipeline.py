@@ -70,19 +70,33 @@ def _load_array(path):
 
 
 class SplitArrays:
-  """Memory-mapped slices of one split of a prepared dataset."""
+  """Memory-mapped slices of one split of a prepared dataset.
 
-  def __init__(self, prepared_dir, split: str):
+  max_cases: if > 0, only the split's first `max_cases` cases (manifest order; their slices
+  are the arrays' first rows), e.g. a label-scarce training set; more than the split holds is
+  a ValueError.
+  """
+
+  def __init__(self, prepared_dir, split: str, max_cases: int = 0):
     self.manifest = manifest_lib.read_manifest(prepared_dir)
     if split not in self.manifest['splits']:
       raise ValueError(f'{prepared_dir}: no split {split!r}')
     d = os.path.join(os.fspath(prepared_dir), split)
-    self.images = _load_array(os.path.join(d, 'images.npy'))
-    self.labels = _load_array(os.path.join(d, 'labels.npy'))
-    self.case_index = np.load(os.path.join(d, 'case_index.npy'))
-    self.slice_index = np.load(os.path.join(d, 'slice_index.npy'))
-    self.has_foreground = np.load(os.path.join(d, 'has_foreground.npy'))
     self.cases = self.manifest['splits'][split]
+    rows = slice(None)
+    if max_cases:
+      if max_cases > len(self.cases):
+        raise ValueError(
+          f'{prepared_dir}: split {split!r} has {len(self.cases)} cases, fewer than the '
+          f'{max_cases} asked for (data.source.train_cases)'
+        )
+      self.cases = self.cases[:max_cases]
+      rows = slice(0, sum(c['num_slices'] for c in self.cases))
+    self.images = _load_array(os.path.join(d, 'images.npy'))[rows]
+    self.labels = _load_array(os.path.join(d, 'labels.npy'))[rows]
+    self.case_index = np.load(os.path.join(d, 'case_index.npy'))[rows]
+    self.slice_index = np.load(os.path.join(d, 'slice_index.npy'))[rows]
+    self.has_foreground = np.load(os.path.join(d, 'has_foreground.npy'))[rows]
     offsets = np.array([c['offset'] for c in self.cases], np.int64)
     counts = np.array([c['num_slices'] for c in self.cases], np.int64)
     self.slice_lo = offsets[self.case_index] if len(self.cases) else np.zeros(0, np.int64)
@@ -433,9 +447,11 @@ def _warps_on_device(augment: Optional[dict], augment_on: str) -> bool:
   return augment is not None and augment_on == 'device'
 
 
-def _open_sides(source_dir, target_dir, split: str):
-  """(source, target) SplitArrays; ValueError when their slices differ in size."""
-  source, target = SplitArrays(source_dir, split), SplitArrays(target_dir, split)
+def _open_sides(source_dir, target_dir, split: str, source_cases: int = 0):
+  """(source, target) SplitArrays (the source's first `source_cases` cases if > 0); ValueError
+  when their slices differ in size."""
+  source = SplitArrays(source_dir, split, source_cases)
+  target = SplitArrays(target_dir, split)
   if source.images.shape[1:] != target.images.shape[1:]:
     raise ValueError(
       f'source slices {source.images.shape[1:]} and target slices '
@@ -484,6 +500,7 @@ def create_train_iterator(
   split: str = 'train',
   augment_on: str = 'auto',
   num_workers: Optional[int] = None,
+  source_cases: int = 0,
 ):
   """Unpaired (source, target) training batches (see the module docstring).
 
@@ -495,14 +512,15 @@ def create_train_iterator(
   zero them); mesh (batches are global arrays sharded on its "data" axis; None: the first local
   device); prefetch (batches prepared ahead); num_steps (None: endless); split; augment_on
   ("device": a jitted jax warp on the sharded batch, "host": TensorFlow C++ kernels, "auto" =
-  "device"; same random parameters, rounding differs); num_workers (default: CPUs, at most 4).
+  "device"; same random parameters, rounding differs); num_workers (default: CPUs, at most 4);
+  source_cases (if > 0, the source side uses only its split's first `source_cases` cases).
   Returns an iterator of (src, tgt) dicts {"image": [B,H,W,k] f32, "label": [B,H,W] i32,
   "has_label": [B] f32}; `close()` stops its threads.
   """
   _check_arguments(global_batch_size, seed, foreground_ratio, context_slices, mesh)
   aug = augment_params(augment)
   on_device = _warps_on_device(aug, augment_on)
-  source, target = _open_sides(source_dir, target_dir, split)
+  source, target = _open_sides(source_dir, target_dir, split, source_cases)
   settings = dict(
     seed=seed,
     global_batch_size=global_batch_size,

@@ -495,6 +495,7 @@ def _train_iterator(config, start_step, mesh):
     target_labels=config.data.target_labels,
     mesh=mesh,
     prefetch=config.data.prefetch,
+    source_cases=config.data.source.get('train_cases', 0),
   )
 
 

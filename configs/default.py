@@ -35,6 +35,9 @@ def get_config(arg=None):
       # {'cancer': 1} (MSD Task06_Lung) or 'cancer=1' (as prepare's --label-map); None: the
       # shared data.label_map.
       label_map=placeholder(object),
+      # Train on only the first N cases of the prepared training split (0: all), e.g. the
+      # label-scarce cells of the study's premise factorial (docs/STUDY_PLAN.md). [ours]
+      train_cases=0,
     )
   )
   c.data.target = ml_collections.ConfigDict(

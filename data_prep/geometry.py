@@ -103,6 +103,17 @@ def _crop_start(lo: float, hi: float, n_resampled: int, size: int) -> int:
   return min(max(start, 0), n_resampled - size)
 
 
+def _body_box(body_mask_canonical, fy: float, fx: float, ry: int, rx: int):
+  """(y_lo, y_hi, x_lo, x_hi) on the resampled grid: the in-plane box of the pixels that are
+  body in >= 10% of the slices (any body if none is), or the whole image without a body."""
+  if body_mask_canonical is None or not body_mask_canonical.any():
+    return 0.0, float(ry), 0.0, float(rx)
+  frac = body_mask_canonical.mean(axis=0)  # [Y, X]: fraction of slices with body
+  proj = frac >= 0.1 if (frac >= 0.1).any() else frac > 0
+  rows, cols = np.nonzero(proj.any(axis=1))[0], np.nonzero(proj.any(axis=0))[0]
+  return rows[0] * fy, (rows[-1] + 1) * fy, cols[0] * fx, (cols[-1] + 1) * fx
+
+
 def make_geometry(
   affine,
   shape,
@@ -134,14 +145,7 @@ def make_geometry(
   if whole_fov_multiple > 0:
     m = int(whole_fov_multiple)
     H, W = -(-max(H, ry) // m) * m, -(-max(W, rx) // m) * m
-  if body_mask_canonical is not None and body_mask_canonical.any():
-    frac = body_mask_canonical.mean(axis=0)  # [Y, X]: fraction of slices with body
-    proj = frac >= 0.1 if (frac >= 0.1).any() else frac > 0
-    rows, cols = np.nonzero(proj.any(axis=1))[0], np.nonzero(proj.any(axis=0))[0]
-    y_lo, y_hi = rows[0] * fy, (rows[-1] + 1) * fy
-    x_lo, x_hi = cols[0] * fx, (cols[-1] + 1) * fx
-  else:
-    y_lo, y_hi, x_lo, x_hi = 0.0, float(ry), 0.0, float(rx)
+  y_lo, y_hi, x_lo, x_hi = _body_box(body_mask_canonical, fy, fx, ry, rx)
   y0, x0 = _crop_start(y_lo, y_hi, ry, H), _crop_start(x_lo, x_hi, rx, W)
   # prepared (z, h, w, 1) -> canonical (i_x, i_y, i_z, 1) -> world.
   to_canonical_index = np.array(

@@ -1154,7 +1154,7 @@ def _positive_float(s):
   return v
 
 
-def main(argv=None) -> int:
+def _parser():
   p = _Parser(
     prog='phantoms',
     description='Write a synthetic phantom dataset (MSD / nnU-Net layout) for cmedl-jax.',
@@ -1185,6 +1185,11 @@ def main(argv=None) -> int:
     '(default -6 6: no consistent cue)',
   )
   p.add_argument('--verbose', action='store_true')
+  return p
+
+
+def main(argv=None) -> int:
+  p = _parser()
   args = p.parse_args(argv)
   try:
     grid = make_grid(args.kind, args.size, args.spacing, args.slices, args.slice_spacing)

@@ -247,6 +247,26 @@ def test_foreground_oversampling_ratio(prepared, ratio):
   assert abs(has_fg.mean() - expected) <= 4 * sd + 1e-9, (has_fg.mean(), expected)
 
 
+def test_source_cases_limits_the_student_to_the_first_training_cases(prepared):
+  """source_cases=2 (data.source.train_cases, the label-scarce cells): every source slice comes
+  from the split's first two cases; the target side is untouched; too many is an error."""
+  ct, mr = prepared
+  full, first = ip.SplitArrays(ct, 'train'), ip.SplitArrays(ct, 'train', max_cases=2)
+  assert [c['case_id'] for c in first.cases] == [c['case_id'] for c in full.cases[:2]]
+  assert len(first) == int((full.case_index < 2).sum()) < len(full)
+  allowed = np.asarray(first.images)
+  kw = dict(global_batch_size=16, seed=4, augment=False, num_steps=3)
+  batches = take(ip.create_train_iterator(ct, mr, source_cases=2, **kw), 3)
+  for src, _ in batches:
+    for example in src['image'][..., 0]:
+      assert (allowed == example).all((1, 2)).any()
+  plain = take(ip.create_train_iterator(ct, mr, **kw), 3)
+  for (_, tgt), (_, want) in zip(batches, plain):
+    np.testing.assert_array_equal(tgt['image'], want['image'])
+  with pytest.raises(ValueError, match='fewer than the 99 asked for'):
+    ip.SplitArrays(ct, 'train', max_cases=99)
+
+
 def test_context_slices_are_neighbours_in_the_same_case(prepared):
   ct, mr = prepared
   arrays = ip.SplitArrays(ct, 'train')
