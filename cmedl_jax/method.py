@@ -7,6 +7,12 @@
   two_channel      translator, discriminators, student           student([x, G(x)])
   pmri_teacher     translator, discriminators, teacher           teacher(G(x))
   translator_only  translator, discriminators                    nothing (segments nothing)
+  self_distill     teacher, student (+ hint adapters)            student(x)
+
+self_distill [ours] is CMEDL with an identity translator: the teacher segments the source
+images themselves, with their labels, and the student distils it; the control that separates
+what distillation does as a regulariser from anything the target modality adds (the study's
+premise factorial, docs/STUDY_PLAN.md). Its teacher never sees target images.
 
 Translator: G (source -> target); CycleGAN adds F (target -> source) and a discriminator on
 each side, CUT adds PatchNCE heads. `method.freeze_translator` keeps a translator (e.g. one
@@ -41,10 +47,12 @@ DISCRIMINATORS = ('disc_target', 'disc_source')
 STUDENT = 'student'  # student(x)
 STUDENT_ON_TRANSLATION = 'student_on_source_and_translation'  # student([x, G(x)])
 TEACHER_ON_TRANSLATION = 'teacher_on_translation'  # teacher(G(x))
+TEACHER = 'teacher'  # teacher(x): self_distill's teacher, for validation
 TEST_TIME_COLLECTIONS = {
   STUDENT: ('student',),
   STUDENT_ON_TRANSLATION: ('translator', 'student'),
   TEACHER_ON_TRANSLATION: ('translator', 'teacher'),
+  TEACHER: ('teacher',),
 }
 
 
@@ -69,6 +77,9 @@ METHODS = {
     student=False, teacher=True, translator=True, test_time=TEACHER_ON_TRANSLATION
   ),
   'translator_only': Method(student=False, teacher=False, translator=True, test_time=None),
+  'self_distill': Method(
+    student=True, teacher=True, translator=False, test_time=STUDENT, distills=True
+  ),
 }
 DISTILLATIONS = ('hint', 'kl', 'none')
 # Choices of the method's switches (configs/default.py documents each); the first is the value
@@ -121,6 +132,15 @@ def parts(config):
     and config.method.distill == 'hint'
     and switch(config, 'hint_adapters') != 'none',
   )
+
+
+def teacher_view(config):
+  """How the teacher is validated: on G(x) (TEACHER_ON_TRANSLATION), on x itself (TEACHER,
+  self_distill), or None without a teacher."""
+  m = get(config)
+  if not m.teacher:
+    return None
+  return TEACHER_ON_TRANSLATION if m.translator else TEACHER
 
 
 def student_in_channels(config, in_channels):
@@ -210,6 +230,8 @@ def infer_logits(params, batch_stats, images, *, nets, test_time):
   TEST_TIME_COLLECTIONS) on source images [N,H,W,C] in [-1, 1]."""
   if test_time == TEACHER_ON_TRANSLATION:
     return segment(nets.teacher, params, batch_stats, 'teacher', translate(nets, params, images))
+  if test_time == TEACHER:
+    return segment(nets.teacher, params, batch_stats, 'teacher', images)
   if test_time == STUDENT_ON_TRANSLATION:
     images = jnp.concatenate([images, translate(nets, params, images)], -1)
   elif test_time != STUDENT:

@@ -121,6 +121,13 @@ def check_config(config):
       'data.image_size',
       f'must be >= {smallest} for the discriminator (3 * 2**model.discriminator.n_layers)',
     )
+  if config.method.name == 'self_distill' and (
+    config.data.target_labels or method.switch(config, 'teacher_bn') != 'separate'
+  ):
+    raise ConfigError(
+      'method.name self_distill: its teacher sees no target images; set '
+      'data.target_labels=False and method.teacher_bn=separate'
+    )
   c = config.data.context_slices
   if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
     fail('data.context_slices', 'must be an odd int >= 1')
@@ -301,8 +308,9 @@ def validate(config, state, programs, volumes, mesh):
   """Metrics on whole prepared validation volumes, each a mean over cases (of finite values).
 
   programs: the run's _Programs. Returns {'val_dsc', 'val_sdsc', 'val_hd95' (mm)} of the
-  test-time network; where the method has a teacher and a translator also 'val_teacher_dsc',
-  'val_teacher_sdsc', 'val_teacher_hd95' of teacher(G(x)); with CycleGAN 'val_cycle_l1'.
+  test-time network; where the method has a teacher also 'val_teacher_dsc', 'val_teacher_sdsc',
+  'val_teacher_hd95' of teacher(G(x)) (of teacher(x) for self_distill); with CycleGAN
+  'val_cycle_l1'.
   """
   val = segmentation_metrics(config, state, programs.probabilities, volumes, mesh)
   teacher = programs.teacher_probabilities
@@ -557,8 +565,8 @@ class _Programs:
     self.probabilities = _probabilities_program(nets, test_time)
     u = method.parts(config)
     self.teacher_probabilities = None
-    if u['teacher'] and u['translator']:  # One program when teacher(G(x)) runs at test time.
-      teacher = method.TEACHER_ON_TRANSLATION
+    teacher = method.teacher_view(config)
+    if teacher is not None:  # One program when teacher(G(x)) runs at test time.
       same = test_time == teacher
       self.teacher_probabilities = (
         self.probabilities if same else _probabilities_program(nets, teacher)

@@ -98,6 +98,8 @@ def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng,
     fake_t = translation_terms(
       params, d_params, config, nets, src, tgt, r_nce, r_ctx, u, terms, aux
     )
+  elif u['teacher']:  # self_distill: the identity translator.
+    fake_t = src['image']
   if u['teacher']:
     teacher_feats = teacher_terms(
       params, batch_stats, config, nets, src, tgt, fake_t, r_teacher, u, terms, new_stats, aux
@@ -405,6 +407,10 @@ def eval_step(state, images, *, config, nets, with_translations=False):
   if test_time is not None:
     out['logits'] = method.infer_logits(
       state.params, state.batch_stats, images, nets=nets, test_time=test_time
+    )
+  if with_translations and nets.translator is None and nets.teacher is not None:
+    out['teacher_logits'] = method.infer_logits(  # self_distill: the teacher on x.
+      state.params, state.batch_stats, images, nets=nets, test_time=method.TEACHER
     )
   if with_translations and nets.translator is not None:
     fake = translate(nets, state.params, images)

@@ -3,8 +3,8 @@
 Arg (configs/args.py): "SETTING,METHOD[,SEGMENTER[,TRANSLATOR]]"
   SETTING    informative (CT student, T2w teacher) | weak (T2w student, CT teacher) |
              equal (abdominal T1w student, T2w teacher, 4 organs)
-  METHOD     cmedl | student_only | two_channel | pmri_teacher (configs/baseline.py) |
-             stage1 | stage2 (configs/two_stage.py)
+  METHOD     cmedl | self_distill (identity translator, the premise control) | student_only |
+             two_channel | pmri_teacher (configs/baseline.py) | stage1 | stage2 (two_stage.py)
   SEGMENTER  unet | densefcn | pspnet;  TRANSLATOR  cyclegan | cut
 e.g.  python -m cmedl_jax.main --config=configs/study.py:informative,cmedl,unet,cyclegan \
           --workdir=runs/study/runs/informative-cmedl-s0
@@ -33,7 +33,7 @@ SETTINGS = {
   'weak': weak_teacher.apply_setting,
   'equal': equal_teacher.apply_setting,
 }
-METHODS = ('cmedl',) + baseline.METHODS + two_stage.STAGES
+METHODS = ('cmedl', 'self_distill') + baseline.METHODS + two_stage.STAGES
 ARG = {'setting': tuple(SETTINGS), 'method': METHODS, **cmedl.ARG}
 # Small networks of each kind (fields as in configs/default.py).
 SEGMENTER_SIZES = {
@@ -90,6 +90,9 @@ def get_config(arg='informative,cmedl'):
     two_stage.apply_stage(config, method)
   set_root(config, ROOT)
   set_switches(config, METHOD_SWITCHES)
+  if method == 'self_distill':  # CMEDL with an identity translator (cmedl_jax/method.py).
+    config.method.name = method
+    set_switches(config, {'data.target_labels': False, 'method.teacher_bn': 'separate'})
   config.data.image_size = 64
   config.data.spacing_mm = 6.0
   cmedl.set_sizes(

@@ -564,6 +564,17 @@ def test_config_errors_name_the_field_before_any_work(tmp_path, field, value):
   assert not os.path.exists(tmp_path / 'run')
 
 
+def test_self_distillation_refuses_target_images(tmp_path):
+  """self_distill's teacher segments the source itself; target labels or a joint batch norm
+  with target images would give it the target modality: a config error."""
+  config = small_config(tmp_path / 'nothing_here')
+  config.method.name = 'self_distill'
+  config.data.target_labels = True
+  with pytest.raises(ValueError, match=r'^method.name self_distill: its teacher sees no target'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def _export_tree(value):
   return {'student': {'w': np.full((3,), value, np.float32)}}
 

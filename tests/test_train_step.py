@@ -92,6 +92,7 @@ METHODS = {
   'pmri_teacher': ('tiny', 'unet', {'name': 'pmri_teacher', 'distill': 'none'}),
   'translator_only': ('tiny', 'unet', {'name': 'translator_only', 'distill': 'none'}),
   'frozen_translator': ('tiny', 'unet', {'freeze_translator': True}),
+  'self_distill': ('tiny', 'unet', {'name': 'self_distill'}),
 }
 
 
@@ -122,6 +123,10 @@ def test_every_method_steps_and_trains_its_groups(key):
   # Computing nothing it does not need: no parameters for unused networks.
   if key == 'student_only':
     assert set(state.params) == {'student'}
+  if key == 'self_distill':  # The teacher segments x itself: no translator, no GAN terms.
+    assert set(state.params) == {'student', 'teacher', 'adapters'}
+    assert {'loss/teacher_seg', 'loss/student_seg', 'loss/hint'} <= set(metrics)
+    assert not any('gan' in name or 'contextual' in name for name in metrics)
   if key == 'cmedl_cut':
     assert 'translator_inv' not in state.params and 'nce_head' in state.params
     assert 'loss/nce' in metrics and 'loss/cycle' not in metrics
