@@ -10,6 +10,8 @@ everything (jitted programs span all devices) and saves the orbax checkpoints to
 0 alone prepares the data and writes the JSON records, TensorBoard and the export's metadata.
 """
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging as pylogging
@@ -225,29 +227,48 @@ def prepare_data(config):
 
 
 def _prepare_data(config, prepare_missing=True):
+  for side in ('source', 'target'):
+    with _preparation_lock(config.data[side].prepared_dir):
+      _prepare_side(config, side, prepare_missing)
+
+
+@contextlib.contextmanager
+def _preparation_lock(prepared_dir):
+  """An exclusive flock on .NAME.lock beside `prepared_dir`: trainings started together on
+  the same data (e.g. benchmarks/reproduce.py --jobs 2) prepare it once, the others wait."""
+  parent, name = os.path.split(os.path.abspath(prepared_dir))
+  os.makedirs(parent, exist_ok=True)
+  with open(os.path.join(parent, f'.{name}.lock'), 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_side(config, side, prepare_missing):
   from data_prep import prepare  # pylint: disable=g-import-not-at-top
 
-  for side in ('source', 'target'):
-    d = config.data[side]
-    spec = prepare.spec_from_config(config, side)
-    if prepare.is_prepared(d.prepared_dir):
-      _check_prepared(d, side, spec, prepare.read_manifest(d.prepared_dir))
-      continue
-    if not prepare_missing:
-      raise FileNotFoundError(
-        f'{d.prepared_dir}: not prepared on process {jax.process_index()} after process 0 '
-        'prepared it; data.*.prepared_dir must be on a filesystem all processes share'
-      )
-    if os.path.exists(d.prepared_dir):
-      raise ConfigError(
-        f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
-        f'delete it to prepare data.{side}.raw_dir there, or point data.{side}.prepared_dir '
-        'elsewhere'
-      )
-    logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
-    prepare.prepare_dataset(
-      d.raw_dir, d.prepared_dir, spec, val_fraction=config.data.val_fraction, seed=config.seed
+  d = config.data[side]
+  spec = prepare.spec_from_config(config, side)
+  if prepare.is_prepared(d.prepared_dir):
+    _check_prepared(d, side, spec, prepare.read_manifest(d.prepared_dir))
+    return
+  if not prepare_missing:
+    raise FileNotFoundError(
+      f'{d.prepared_dir}: not prepared on process {jax.process_index()} after process 0 '
+      'prepared it; data.*.prepared_dir must be on a filesystem all processes share'
     )
+  if os.path.exists(d.prepared_dir):
+    raise ConfigError(
+      f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
+      f'delete it to prepare data.{side}.raw_dir there, or point data.{side}.prepared_dir '
+      'elsewhere'
+    )
+  logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
+  prepare.prepare_dataset(
+    d.raw_dir, d.prepared_dir, spec, val_fraction=config.data.val_fraction, seed=config.seed
+  )
 
 
 def _check_prepared(data, side, spec, manifest):

@@ -268,6 +268,12 @@ def prepare_volume(image: np.ndarray, affine: np.ndarray, spec: PrepSpec, whole_
   Returns:
     (prepared float32 [Z, H, W] in [-1, 1], Geometry).
   """
+  prepared, geometry, _ = _prepare_volume(image, affine, spec, whole_fov)
+  return prepared, geometry
+
+
+def _prepare_volume(image, affine, spec: PrepSpec, whole_fov=False):
+  """prepare_volume's (prepared, geometry) and the body mask, bool [Z, Y, X] canonical."""
   image = np.asarray(image)
   if image.ndim != 3:
     raise ValueError(f'image must be 3D, got shape {image.shape}')
@@ -281,17 +287,18 @@ def prepare_volume(image: np.ndarray, affine: np.ndarray, spec: PrepSpec, whole_
     body_level = (spec.body_threshold_hu - lo) * 2.0 / (hi - lo) - 1.0
   else:
     body_level = 2.0 * spec.body_threshold_mri - 1.0
+  body = canonical > body_level
   geometry = geo.make_geometry(
     affine,
     image.shape,
     spec.spacing_mm,
     spec.size,
-    body_mask_canonical=canonical > body_level,
+    body_mask_canonical=body,
     whole_fov_multiple=WHOLE_FOV_MULTIPLE if whole_fov else 0,
   )
   prepared = geo.resample_image(canonical, geometry, spec.order, fill_value=-1.0)
   np.clip(prepared, -1.0, 1.0, out=prepared)
-  return prepared, geometry
+  return prepared, geometry, body
 
 
 def prepare_label(label: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -310,8 +317,9 @@ def prepare_case(
   """Loads, checks and prepares one case.
 
   Returns (image, label or None, Geometry, cut): cut = None, or what the in-plane crop took
-  away: {"fov_fraction": fraction of the resampled in-plane field of view, "label_voxels":
-  labelled (non-background) voxels of the original grid}.
+  away: {"fov_fraction": fraction of the in-plane field of view, "body_fraction": fraction of
+  the body's voxels (body as the crop's centring finds it), "label_voxels": labelled
+  (non-background) voxels}, counted on the original grid.
   """
   image, affine = nifti_io.load_volume(case.image, 'image', spacing_range_mm)
   label = None
@@ -320,18 +328,22 @@ def prepare_case(
     nifti_io.check_pair(image, affine, raw_label, label_affine, case.label)
     nifti_io.check_label_values(raw_label, declared, case.label)
     label = apply_label_map(raw_label, lut)
-  prepared, geometry = prepare_volume(image, affine, spec)
+  prepared, geometry, body = _prepare_volume(image, affine, spec)
   prepared_label = prepare_label(label, geometry) if label is not None else None
-  return prepared, prepared_label, geometry, _cut_away(label, geometry)
+  return prepared, prepared_label, geometry, _cut_away(label, body, geometry)
 
 
-def _cut_away(label, geometry: Geometry):
+def _cut_away(label, body, geometry: Geometry):
   """What the crop took away (prepare_case's `cut`), or None when it took nothing."""
   outside = geo.outside_window(geometry)
   if not outside.any():
     return None
   lost = 0 if label is None else int((geo.canonical_zyx(label, geometry)[:, outside] > 0).sum())
-  return {'fov_fraction': round(float(outside.mean()), 4), 'label_voxels': lost}
+  return {
+    'fov_fraction': round(float(outside.mean()), 4),
+    'body_fraction': round(float(body[:, outside].sum() / max(int(body.sum()), 1)), 4),
+    'label_voxels': lost,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,28 +538,30 @@ def _summary(
 
 
 def _cropped(records: dict, size) -> dict:
-  """How many cases the in-plane crop to `size` (H, W) cut, the largest field-of-view fraction
-  it took and the labelled voxels it took (summed)."""
+  """How many cases the in-plane crop to `size` (H, W) cut into (body or labels), the largest
+  fraction of a body it took and the labelled voxels it took (summed). A crop of air only is
+  not counted."""
   cuts = [r['cut_away'] for rs in records.values() for r in rs if r.get('cut_away')]
+  cuts = [c for c in cuts if c['body_fraction'] > 0 or c['label_voxels'] > 0]
   return {
     'size': list(size),
     'cases': len(cuts),
-    'max_fov_fraction': max((c['fov_fraction'] for c in cuts), default=0.0),
+    'max_body_fraction': max((c['body_fraction'] for c in cuts), default=0.0),
     'label_voxels': sum(c['label_voxels'] for c in cuts),
   }
 
 
 def crop_warning(summary: dict) -> Optional[str]:
-  """One line saying that the crop cut training data, or None when it cut nothing."""
+  """One line saying that the crop cut into the body or labels of prepared cases, or None."""
   cropped = summary.get('cropped') or {}
   if not cropped.get('cases'):
     return None
   n_cases, (h, w) = sum(summary['cases'].values()), cropped['size']
   return (
-    f'the {h}x{w} crop cut {cropped["cases"]} of {n_cases} cases (up to '
-    f'{100 * cropped["max_fov_fraction"]:.0f}% of the in-plane field of view, '
-    f'{cropped["label_voxels"]} labelled voxels): training never sees what was cut; prediction '
-    'still covers the whole field of view. A larger data.size (or spacing_mm) keeps it.'
+    f'the {h}x{w} crop cut into the body of {cropped["cases"]} of {n_cases} cases (up to '
+    f'{100 * cropped["max_body_fraction"]:.1f}% of its voxels, {cropped["label_voxels"]} '
+    'labelled voxels in all): training never sees what was cut; prediction still covers the '
+    'whole field of view. A larger data.size (or spacing_mm) keeps it.'
   )
 
 

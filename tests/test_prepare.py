@@ -204,24 +204,34 @@ def test_whole_field_of_view_keeps_every_voxel():
 
 
 def test_a_crop_that_cuts_training_data_is_warned_and_recorded(tmp_path, caplog):
-  """The summary (and manifest) count the cases the crop cut, the field of view and the
-  labelled voxels it took; preparation warns. At the original spacing the prepared label is an
-  exact crop, so the labelled voxels taken are the difference of the sums."""
+  """The summary (and manifest) count the cases whose body or labels the crop cut, the largest
+  fraction of a body and the labelled voxels it took; preparation warns. At the original
+  spacing the prepared volume is an exact crop, so what was taken is the difference of the
+  counts. A crop of air only is recorded per case but not warned about."""
   raw = toy_dataset(tmp_path / 'raw', n_train=3, n_test=0)
   spec = small_spec(spacing_mm=(1.5, 1.5), size=(8, 8))
   with caplog.at_level('WARNING'):
     cut = P.prepare_dataset(raw, tmp_path / 'a', spec, val_fraction=0.0, progress=False)
-  kept = np.load(tmp_path / 'a' / 'train' / 'labels.npy').sum()
-  original = sum(S.toy_case(seed=k)[1].sum() for k in range(3))
+  kept_labels = np.load(tmp_path / 'a' / 'train' / 'labels.npy').sum()
+  kept_body = (np.load(tmp_path / 'a' / 'train' / 'images.npy') > -2 / 3).reshape(3, -1).sum(1)
+  cases = [S.toy_case(seed=k) for k in range(3)]
+  body = np.array([(image > -500).sum() for image, _, _ in cases])  # -500 HU = -2/3 prepared
   assert cut['cropped']['cases'] == 3 and cut['cropped']['size'] == [8, 8]
-  assert cut['cropped']['label_voxels'] == original - kept > 0
-  assert cut['cropped']['max_fov_fraction'] == pytest.approx(1 - 8 * 8 / (24 * 20), abs=1e-4)
-  assert 'warning: the 8x8 crop cut 3 of 3 cases' in P.format_summary(cut)
-  assert 'the 8x8 crop cut 3 of 3 cases' in caplog.text
-  whole = P.prepare_dataset(
-    raw, tmp_path / 'b', small_spec(spacing_mm=(1.5, 1.5)), val_fraction=0.0, progress=False
+  assert cut['cropped']['label_voxels'] == sum(c[1].sum() for c in cases) - kept_labels > 0
+  assert cut['cropped']['max_body_fraction'] == pytest.approx(max(1 - kept_body / body), abs=1e-4)
+  assert 'warning: the 8x8 crop cut into the body of 3 of 3 cases' in P.format_summary(cut)
+  assert 'the 8x8 crop cut into the body of 3 of 3 cases' in caplog.text
+  # 24 x 20 voxels, the body 18 x 14 of them: an 18 x 20 (H x W) crop cuts air only.
+  air = P.prepare_dataset(
+    raw,
+    tmp_path / 'b',
+    small_spec(spacing_mm=(1.5, 1.5), size=(18, 20)),
+    val_fraction=0.0,
+    progress=False,
   )
-  assert whole['cropped']['cases'] == 0 and 'crop cut' not in P.format_summary(whole)
+  records = P.read_manifest(tmp_path / 'b')['splits']['train']
+  assert all(r['cut_away']['fov_fraction'] > 0 == r['cut_away']['body_fraction'] for r in records)
+  assert air['cropped']['cases'] == 0 and 'crop cut' not in P.format_summary(air)
 
 
 # ----------------------------------------------------------------------------- labels

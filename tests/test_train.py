@@ -8,6 +8,7 @@ compilation cache with the in-process run they are compared with (the `tiny_run`
 """
 
 import collections
+import concurrent.futures
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,7 @@ from cmedl_jax import train_state
 from cmedl_jax.evaluation import metrics as seg_metrics
 from configs import two_stage
 from data_prep import nifti_io
+from data_prep import prepare
 from tiny_runs import final_state
 from tiny_runs import NUM_STEPS
 from tiny_runs import ROOT
@@ -146,6 +149,28 @@ def test_prepared_data_of_another_spec_is_an_error(tiny_data):
   config.data.image_size = 48
   with pytest.raises(ValueError, match=r'prepared_dir elsewhere or delete it'):
     train.prepare_data(config)
+
+
+def test_trainings_started_together_prepare_the_data_once(tiny_data, tmp_path, monkeypatch):
+  """Two trainings on the same unprepared data (benchmarks/reproduce.py --jobs 2) prepare each
+  side once: the second waits for the first (a lock beside the prepared folder), then uses
+  what it made."""
+  config = small_config(tiny_data)
+  for side in ('source', 'target'):
+    config.data[side].prepared_dir = str(tmp_path / 'prepared' / side)
+  calls = []
+  real = prepare.prepare_dataset
+
+  def slow_prepare(*args, **kwargs):
+    calls.append(args[1])
+    time.sleep(0.5)  # Long enough for the other thread to arrive meanwhile.
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(prepare, 'prepare_dataset', slow_prepare)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    list(pool.map(lambda _: train.prepare_data(config), range(2)))
+  assert sorted(calls) == sorted(config.data[s].prepared_dir for s in ('source', 'target'))
+  assert all(prepare.is_prepared(config.data[s].prepared_dir) for s in ('source', 'target'))
 
 
 def test_prepared_data_of_another_raw_folder_is_an_error(tiny_data, tmp_path):
