@@ -16,10 +16,13 @@ test_predictions_teacher/, test_eval_teacher.json); every number in the report c
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
+import functools
 import json
 import os
 import platform
+import queue
 import shlex
 import subprocess
 import sys
@@ -193,17 +196,25 @@ def write_phantoms(root, datasets, grid):
     phantoms.write_dataset(kind, n_train, seed, out, n_test=n_test, **grid)
 
 
-def train(r, root, extra):
-  """Trains run `r` unless finished; the log goes to RUN/train.log."""
+def train(r, root, extra, core=None):
+  """Trains run `r` unless finished; the log goes to RUN/train.log. core: pin the run to this
+  CPU core (its compiled programs then come from and go to ROOT/jax_cache, which runs of the
+  same method and size share)."""
   workdir = f'{root}/runs/{r["name"]}'
   if finished(r, root):
     return
   os.makedirs(workdir, exist_ok=True)
   cmd = train_command(r, root, extra)
   print(f'reproduce: training {r["name"]}: {shown(cmd)}', flush=True)
+  env, pin = None, None
+  if core is not None:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.abspath(f'{root}/jax_cache'))
+    pin = functools.partial(os.sched_setaffinity, 0, {core})
   t0 = time.time()
   with open(f'{workdir}/train.log', 'a') as log:
-    rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    rc = subprocess.call(
+      cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin
+    )
   seconds = time.time() - t0
   if rc != 0:
     raise RuntimeError(f'run {r["name"]} failed (exit {rc}); see {workdir}/train.log')
@@ -217,6 +228,47 @@ def train(r, root, extra):
     },
   )
   print(f'reproduce: {r["name"]} done in {seconds:.0f} s', flush=True)
+
+
+def train_all(runs, root, extra, jobs=1):
+  """Trains the unfinished `runs`; returns the names of those that failed.
+
+  jobs > 1: that many runs at once, each pinned to its own core (the study's small steps use
+  a second core poorly, two runs use both: benchmarks/study_throughput.py), sharing compiled
+  programs through ROOT/jax_cache; runs that start from another run (stage 2) wait for all
+  others.
+  """
+  failed = []
+
+  def one(r, core=None):
+    try:
+      train(r, root, extra, core)
+    except RuntimeError as e:  # Report it and go on with the other runs.
+      print(f'reproduce: {e}', file=sys.stderr, flush=True)
+      failed.append(r['name'])
+
+  if jobs <= 1:
+    for r in runs:
+      one(r)
+    return failed
+  cores = sorted(os.sched_getaffinity(0))
+  later = [r for r in runs if any('{root}/runs/' in str(v) for v in r['overrides'].values())]
+  first = [r for r in runs if r not in later]
+  for batch in (first, later):
+    free = queue.Queue()
+    for k in range(min(jobs, len(cores))):
+      free.put(cores[k])
+
+    def pinned(r):
+      core = free.get()
+      try:
+        one(r, core)
+      finally:
+        free.put(core)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+      list(pool.map(pinned, batch))
+  return failed
 
 
 def write_json(path, obj):
@@ -977,6 +1029,13 @@ def main(argv=None):
     '--report-only', action='store_true', help='no training: evaluate and report the finished runs'
   )
   parser.add_argument('--only', default='', help='comma-separated run names (default: all)')
+  parser.add_argument(
+    '--jobs',
+    type=int,
+    default=1,
+    help='runs trained at once, each pinned to one core (2 on 2 cores: about twice the runs '
+    'per hour; benchmarks/study_throughput.py)',
+  )
   args = parser.parse_args(argv)
   root = args.root.rstrip('/')
   runs = tiny_runs() if args.tiny else study_runs()
@@ -989,15 +1048,9 @@ def main(argv=None):
       root, TINY_DATASETS if args.tiny else DATASETS, TINY_PHANTOM_GRID if args.tiny else {}
     )
   records = {}
-  failed = []
+  failed = [] if args.report_only else train_all(runs, root, extra, args.jobs)
   teachers = []
   for r in runs:
-    if not args.report_only:
-      try:
-        train(r, root, extra)
-      except RuntimeError as e:  # Report it and go on with the other runs.
-        print(f'reproduce: {e}', file=sys.stderr, flush=True)
-        failed.append(r['name'])
     if r['method'] != 'stage1' and finished(r, root):
       records[r['name']] = predict_and_evaluate(r, root)
       if r['method'] == 'cmedl' and r['group'] in ('main', 'weak', 'equal'):

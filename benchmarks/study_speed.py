@@ -23,6 +23,10 @@ patches, hint loss) trains many small runs on 2 CPU cores. This measures, in one
       [--no-parts] [--vmap 2,4] [--repeat 2] [--out study_speed.json]
 
 --repeat runs the flag sweep that many times (A B C A B C) to show drift under load.
+--concurrent K additionally runs one steps-only worker pinned to core 0 (taskset), then K such
+workers at once, one per core: the throughput of K independent runs vs one run on all cores.
+--profile instead traces --steps steps of one method (jax.profiler) and sums XLA:CPU thunk
+times per HLO opcode, with the slowest instructions.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ YNN = '--xla_cpu_experimental_ynn_fusion_type'
 FLAG_SETS = {
   'baseline': f'{YNN}=-individual_convolution',
   'jax_default': '',  # jax 0.10.2's own defaults (YNNPACK convolutions).
+  # jax 0.10.2 sends reductions (and more) to YNNPACK fusions by default, whatever its
+  # flag help says; these take them back to XLA's own loops.
+  'ynn_no_reduce': f'{YNN}=-individual_convolution,-reduce',
+  'ynn_no_eltwise': f'{YNN}=-individual_convolution,-eltwise',
   'ynn_none': f'{YNN}=-individual_convolution,-individual_dot,-dot,-eltwise,-reduce',
   'onednn': f'{YNN}=-individual_convolution --xla_cpu_use_onednn=true',
   'onednn_fusion': f'{YNN}=-individual_convolution --xla_cpu_use_onednn=true '
@@ -56,7 +64,7 @@ FLAG_SETS = {
   '--xla_cpu_enable_concurrency_optimized_scheduler=true',
   'no_eigen_mt': f'{YNN}=-individual_convolution --xla_cpu_multi_thread_eigen=false',
 }
-DEFAULT_FLAGS = 'baseline,jax_default,onednn,xnn_dot,concurrency_sched'
+DEFAULT_FLAGS = 'baseline,ynn_no_reduce,jax_default'
 
 
 # ------------------------------------------------------------------------------ worker
@@ -130,7 +138,9 @@ def step_item(name, config, group='step', seed=0):
 
   size, batch = config.data.image_size, config.train.global_batch_size
   nets = method.build_networks(config, in_channels=1)
-  state, tx = train_state.create_train_state(config, nets, jax.random.PRNGKey(seed), (size, size, 1))
+  state, tx = train_state.create_train_state(
+    config, nets, jax.random.PRNGKey(seed), (size, size, 1)
+  )
   src, tgt = _batches(config, batch)
   fn = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx), donate_argnums=0)
   t0 = time.perf_counter()
@@ -162,7 +172,12 @@ def vmap_item(config, seeds):
   t0 = time.perf_counter()
   compiled = fn.lower(state, src, tgt).compile()
   return Item(
-    f'cmedl vmap x{seeds} seeds', 'vmap', compiled, (state, src, tgt), seeds * batch, True,
+    f'cmedl vmap x{seeds} seeds',
+    'vmap',
+    compiled,
+    (state, src, tgt),
+    seeds * batch,
+    True,
     time.perf_counter() - t0,
   )
 
@@ -175,6 +190,8 @@ def part_items(config, base):
 
   nets, tx = base.extra['nets'], base.extra['tx']
   state, src, tgt = base.args
+  # A copy: the step item donates (deletes) its state arrays when it is called.
+  state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
   p = state.params
   x, t = src['image'], tgt['image']
   n = x.shape[0]
@@ -194,7 +211,11 @@ def part_items(config, base):
   gen_loss = lambda g: ts.generator_losses(
     g, d_params, state.batch_stats, config, nets, src, tgt, rng
   )
-  add('generator-side losses fwd+bwd', lambda g: jax.value_and_grad(gen_loss, has_aux=True)(g), g_params)
+  add(
+    'generator-side losses fwd+bwd',
+    lambda g: jax.value_and_grad(gen_loss, has_aux=True)(g),
+    g_params,
+  )
   add('generator-side losses fwd', lambda g: gen_loss(g)[0], g_params)
 
   u = method.parts(config)
@@ -232,7 +253,9 @@ def part_items(config, base):
 
   def seg(q, v):
     (logits, _), _ = nets.teacher.apply(
-      {'params': q, 'batch_stats': state.batch_stats['teacher']}, v, train=True,
+      {'params': q, 'batch_stats': state.batch_stats['teacher']},
+      v,
+      train=True,
       mutable=['batch_stats'],
     )
     return logits
@@ -269,7 +292,9 @@ def _hlo_ops(hlo_text):
         kind = re.search(r'kind=(\w+)', line)
         calls = re.search(r'calls=%?([\w.\-]+)', line)
         opcode = f'fusion:{kind.group(1) if kind else "?"}'
-        if calls and ('ynn' in calls.group(1) or 'onednn' in calls.group(1) or 'xnn' in calls.group(1)):
+        if calls and (
+          'ynn' in calls.group(1) or 'onednn' in calls.group(1) or 'xnn' in calls.group(1)
+        ):
           opcode = f'fusion:{calls.group(1).split(".")[0]}'
       ops[name] = (opcode, shape, line.strip()[:300])
   return ops
@@ -407,8 +432,9 @@ def run_worker(flag_name, args, full, cpu=None, background=False):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   t0 = time.perf_counter()
   if background:
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT), t0
+    return subprocess.Popen(
+      cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    ), t0
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
   return _parse(proc, flag_name, t0)
 
@@ -435,7 +461,9 @@ def concurrency(args, flag_name, peak):
   single['flags'] = f'{flag_name} 1 process on 1 core'
   print_table(single, peak)
   out['one_core'] = single
-  procs = [run_worker(flag_name, args, False, cpu=i, background=True) for i in range(args.concurrent)]
+  procs = [
+    run_worker(flag_name, args, False, cpu=i, background=True) for i in range(args.concurrent)
+  ]
   results = []
   for i, (p, t0) in enumerate(procs):
     stdout, stderr = p.communicate()
@@ -450,10 +478,14 @@ def concurrency(args, flag_name, peak):
 
 
 def print_table(res, peak):
-  print(f'\n== flags {res["flags"]}: XLA_FLAGS={res["xla_flags"]!r} (worker {res["wall_s"]:.0f} s, '
-        f'load after {res["load_after"][0]:.2f})')
-  hdr = (f'{"item":48s} {"ms":>8s} {"min ms":>8s} {"GFLOP":>7s} {"GFLOP/s":>8s} {"%peak":>6s} '
-         f'{"slices/s":>9s} {"compile s":>9s}')
+  print(
+    f'\n== flags {res["flags"]}: XLA_FLAGS={res["xla_flags"]!r} (worker {res["wall_s"]:.0f} s, '
+    f'load after {res["load_after"][0]:.2f})'
+  )
+  hdr = (
+    f'{"item":48s} {"ms":>8s} {"min ms":>8s} {"GFLOP":>7s} {"GFLOP/s":>8s} {"%peak":>6s} '
+    f'{"slices/s":>9s} {"compile s":>9s}'
+  )
   print(hdr)
   print('-' * len(hdr))
   for r in res['items']:
@@ -474,10 +506,17 @@ def main(argv=None):
   ap.add_argument('--no-full', action='store_true', help='baseline worker: steps only')
   ap.add_argument('--repeat', type=int, default=1, help='run the flag sweep this many times')
   ap.add_argument('--out', default=None, help='write all results as JSON here')
-  ap.add_argument('--concurrent', type=int, default=0,
-                  help='also run this many steps-only workers at once, one per core (taskset)')
-  ap.add_argument('--profile', action='store_true',
-                  help='instead: per-HLO-op thunk times of one step (first of --flags)')
+  ap.add_argument(
+    '--concurrent',
+    type=int,
+    default=0,
+    help='also run this many steps-only workers at once, one per core (taskset)',
+  )
+  ap.add_argument(
+    '--profile',
+    action='store_true',
+    help='instead: per-HLO-op thunk times of one step (first of --flags)',
+  )
   ap.add_argument('--profile-method', default='cmedl', help='cmedl | student_only')
   ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
   ap.add_argument('--_full', action='store_true', help=argparse.SUPPRESS)
@@ -494,17 +533,29 @@ def main(argv=None):
       worker(args)
     return
   if args.profile:
-    cmd = [sys.executable, os.path.abspath(__file__), '--_worker', args.flags.split(',')[0],
-           '--steps', str(args.steps), '--profile', '--profile-method', args.profile_method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      '--_worker',
+      args.flags.split(',')[0],
+      '--steps',
+      str(args.steps),
+      '--profile',
+      '--profile-method',
+      args.profile_method,
+    ]
+    proc = subprocess.run(
+      cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
     if not lines:
       sys.exit(proc.stderr[-3000:])
-    res = json.loads(lines[-1][len('RESULT '):])
-    print(f'profile of {res["method"]} under {res["xla_flags"]!r}: wall {res["wall_ms"]:.1f} ms/step, '
-          f'thunks traced {res["traced_ms"]:.1f} ms/step ({res["n_traced"]} of {res["n_instructions"]} '
-          f'instructions seen); trace lines {res["lines"]}')
+    res = json.loads(lines[-1][len('RESULT ') :])
+    print(
+      f'profile of {res["method"]} under {res["xla_flags"]!r}: wall {res["wall_ms"]:.1f} ms/step, '
+      f'thunks traced {res["traced_ms"]:.1f} ms/step ({res["n_traced"]} of {res["n_instructions"]} '
+      f'instructions seen); trace lines {res["lines"]}'
+    )
     print(f'{"opcode":40s} {"ms/step":>8s} {"count":>6s}')
     for op, (ms, n) in res['by_opcode'].items():
       print(f'{op:40s} {ms:8.2f} {n:6d}')
@@ -522,12 +573,17 @@ def main(argv=None):
   for f in flags:
     if f not in FLAG_SETS:
       ap.error(f'--flags: unknown {f!r}; known: {", ".join(FLAG_SETS)}')
-  print(f'{os.cpu_count()} cpus, load average {os.getloadavg()}, {args.steps} timed calls per item, '
-        f'{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}')
+  print(
+    f'{os.cpu_count()} cpus, load average {os.getloadavg()}, {args.steps} timed calls per item, '
+    f'{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}'
+  )
   peak = step_bench.matmul_peak()
   peak_gflops = max(peak.values())
-  print(f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f}, jax {peak["jax"]:.0f} '
-        f'GFLOP/s; using {peak_gflops:.0f}', flush=True)
+  print(
+    f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f}, jax {peak["jax"]:.0f} '
+    f'GFLOP/s; using {peak_gflops:.0f}',
+    flush=True,
+  )
   results = []
   for rep in range(args.repeat):
     for f in flags:
@@ -545,8 +601,10 @@ def main(argv=None):
       print(f'  {res["flags"]:18s} ERROR')
       continue
     by = {r['name']: r for r in res['items']}
-    print(f'  {res["flags"]:18s} rep {res["repeat"]}: cmedl {1e3 * by["cmedl"]["step_s"]:7.1f}  '
-          f'student_only {1e3 * by["student_only"]["step_s"]:6.1f}')
+    print(
+      f'  {res["flags"]:18s} rep {res["repeat"]}: cmedl {1e3 * by["cmedl"]["step_s"]:7.1f}  '
+      f'student_only {1e3 * by["student_only"]["step_s"]:6.1f}'
+    )
   peak2 = step_bench.matmul_peak()
   print(f'matmul peak again at the end: numpy {peak2["numpy"]:.0f}, jax {peak2["jax"]:.0f} GFLOP/s')
   if args.out:
