@@ -46,6 +46,7 @@ import uuid
 from typing import Mapping, Optional
 
 import numpy as np
+from scipy import ndimage
 
 from data_prep import geometry as geo
 from data_prep import nifti_io
@@ -318,7 +319,7 @@ def prepare_case(
 
   Returns (image, label or None, Geometry, cut): cut = None, or what the in-plane crop took
   away: {"fov_fraction": fraction of the in-plane field of view, "body_fraction": fraction of
-  the body's voxels (body as the crop's centring finds it), "label_voxels": labelled
+  the body's voxels (above the body threshold, speckles opened away), "label_voxels": labelled
   (non-background) voxels}, counted on the original grid.
   """
   image, affine = nifti_io.load_volume(case.image, 'image', spacing_range_mm)
@@ -339,6 +340,9 @@ def _cut_away(label, body, geometry: Geometry):
   if not outside.any():
     return None
   lost = 0 if label is None else int((geo.canonical_zyx(label, geometry)[:, outside] > 0).sum())
+  # Speckles (MRI noise in air above the body threshold: ~11 % of the phantoms' air voxels)
+  # are not body: an in-plane 3x3 opening removes them and keeps the body.
+  body = ndimage.binary_opening(body, np.ones((1, 3, 3), bool))
   return {
     'fov_fraction': round(float(outside.mean()), 4),
     'body_fraction': round(float(body[:, outside].sum() / max(int(body.sum()), 1)), 4),

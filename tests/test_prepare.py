@@ -216,9 +216,10 @@ def test_a_crop_that_cuts_training_data_is_warned_and_recorded(tmp_path, caplog)
   kept_body = (np.load(tmp_path / 'a' / 'train' / 'images.npy') > -2 / 3).reshape(3, -1).sum(1)
   cases = [S.toy_case(seed=k) for k in range(3)]
   body = np.array([(image > -500).sum() for image, _, _ in cases])  # -500 HU = -2/3 prepared
+  # (The toy bodies are solid ellipses: the 3x3 opening that removes speckles keeps them.)
   assert cut['cropped']['cases'] == 3 and cut['cropped']['size'] == [8, 8]
   assert cut['cropped']['label_voxels'] == sum(c[1].sum() for c in cases) - kept_labels > 0
-  assert cut['cropped']['max_body_fraction'] == pytest.approx(max(1 - kept_body / body), abs=1e-4)
+  assert cut['cropped']['max_body_fraction'] == pytest.approx(max(1 - kept_body / body), abs=1e-3)
   assert 'warning: the 8x8 crop cut into the body of 3 of 3 cases' in P.format_summary(cut)
   assert 'the 8x8 crop cut into the body of 3 of 3 cases' in caplog.text
   # 24 x 20 voxels, the body 18 x 14 of them: an 18 x 20 (H x W) crop cuts air only.
