@@ -234,16 +234,17 @@ def _prepare_data(config, prepare_missing=True):
 
 @contextlib.contextmanager
 def _preparation_lock(prepared_dir):
-  """An exclusive flock on .NAME.lock beside `prepared_dir`: trainings started together on
-  the same data (e.g. benchmarks/reproduce.py --jobs 2) prepare it once, the others wait."""
-  parent, name = os.path.split(os.path.abspath(prepared_dir))
+  """An exclusive flock on the folder that holds `prepared_dir` (no file left behind):
+  trainings started together on the same data (e.g. benchmarks/reproduce.py --jobs 2)
+  prepare it once, the others wait."""
+  parent = os.path.dirname(os.path.abspath(prepared_dir))
   os.makedirs(parent, exist_ok=True)
-  with open(os.path.join(parent, f'.{name}.lock'), 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  fd = os.open(parent, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.
 
 
 def _prepare_side(config, side, prepare_missing):
