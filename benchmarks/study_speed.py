@@ -44,6 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
+import train_step as step_bench  # noqa: E402  (benchmarks/train_step.py)
+
 YNN = '--xla_cpu_experimental_ynn_fusion_type'
 # Named XLA_FLAGS settings. 'baseline' is what `import cmedl_jax` sets.
 FLAG_SETS = {
@@ -123,11 +125,10 @@ class Item:
 
 def _batches(config, batch, seed=1):
   import jax
-  from train_step import synthetic_batch  # benchmarks/train_step.py
 
   size = config.data.image_size
-  return jax.device_put(synthetic_batch(batch, size, seed)), jax.device_put(
-    synthetic_batch(batch, size, seed + 1)
+  return jax.device_put(step_bench.synthetic_batch(batch, size, seed)), jax.device_put(
+    step_bench.synthetic_batch(batch, size, seed + 1)
   )
 
 
@@ -336,21 +337,18 @@ def profile_worker(args):
     by_op[opcode][0] += ms
     by_op[opcode][1] += 1
   top = sorted(per_name.items(), key=lambda kv: -kv[1])[:40]
-  print(
-    'RESULT '
-    + json.dumps(
-      dict(
-        flags=args.flag_name,
-        xla_flags=os.environ['XLA_FLAGS'],
-        method=args.profile_method,
-        wall_ms=1e3 * statistics.median(wall),
-        traced_ms=sum(per_name.values()),
-        n_instructions=len(ops),
-        n_traced=len(per_name),
-        lines=per_line,
-        by_opcode={k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1][0])},
-        top=[dict(name=n, ms=ms, op=ops[n][0], hlo=ops[n][2]) for n, ms in top],
-      )
+  step_bench.print_result(
+    dict(
+      flags=args.flag_name,
+      xla_flags=os.environ['XLA_FLAGS'],
+      method=args.profile_method,
+      wall_ms=1e3 * statistics.median(wall),
+      traced_ms=sum(per_name.values()),
+      n_instructions=len(ops),
+      n_traced=len(per_name),
+      lines=per_line,
+      by_opcode={k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1][0])},
+      top=[dict(name=n, ms=ms, op=ops[n][0], hlo=ops[n][2]) for n, ms in top],
     )
   )
 
@@ -398,15 +396,12 @@ def worker(args):
   for _ in range(args.steps):
     for item in items:
       item.times.append(item.call())
-  print(
-    'RESULT '
-    + json.dumps(
-      dict(
-        flags=args.flag_name,
-        xla_flags=os.environ['XLA_FLAGS'],
-        jax=jax.__version__,
-        items=[i.result() for i in items],
-      )
+  step_bench.print_result(
+    dict(
+      flags=args.flag_name,
+      xla_flags=os.environ['XLA_FLAGS'],
+      jax=jax.__version__,
+      items=[i.result() for i in items],
     )
   )
 
@@ -442,12 +437,11 @@ def run_worker(flag_name, args, full, cpu=None, background=False):
 def _parse(proc, flag_name, t0):
   stdout = getattr(proc, 'stdout_text', None) or proc.stdout
   stderr = getattr(proc, 'stderr_text', None) or proc.stderr
-  lines = [l for l in stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode or not lines:
+  out = step_bench.worker_result(stdout)
+  if proc.returncode or out is None:
     tail = (stderr or '')[-1500:]
     print(f'  worker {flag_name} failed ({proc.returncode}): {tail}', flush=True)
     return dict(flags=flag_name, error=tail)
-  out = json.loads(lines[-1][len('RESULT ') :])
   out['wall_s'] = time.perf_counter() - t0
   out['load_after'] = os.getloadavg()
   return out
@@ -547,10 +541,9 @@ def main(argv=None):
     proc = subprocess.run(
       cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
     )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-    if not lines:
+    res = step_bench.worker_result(proc.stdout)
+    if res is None:
       sys.exit(proc.stderr[-3000:])
-    res = json.loads(lines[-1][len('RESULT ') :])
     print(
       f'profile of {res["method"]} under {res["xla_flags"]!r}: wall {res["wall_ms"]:.1f} ms/step, '
       f'thunks traced {res["traced_ms"]:.1f} ms/step ({res["n_traced"]} of {res["n_instructions"]} '
@@ -566,8 +559,6 @@ def main(argv=None):
       with open(args.out, 'w') as fh:
         json.dump(res, fh, indent=1)
     return
-
-  import train_step as step_bench  # benchmarks/train_step.py
 
   flags = [f.strip() for f in args.flags.split(',') if f.strip()]
   for f in flags:

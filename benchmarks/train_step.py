@@ -327,11 +327,22 @@ def run_worker(kind, pair, args):
   if args.xla_flags is not None:
     env['XLA_FLAGS'] = args.xla_flags
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode != 0 or not lines:
+  result = worker_result(proc.stdout)
+  if proc.returncode != 0 or result is None:
     sys.stderr.write(proc.stderr[-4000:])
     return dict(framework=kind, pair=pair, error=f'worker exited with {proc.returncode}')
-  return json.loads(lines[-1][len('RESULT ') :])
+  return result
+
+
+def print_result(result):
+  """A worker's result: one 'RESULT <json>' line on stdout (worker_result reads it)."""
+  print('RESULT ' + json.dumps(result), flush=True)
+
+
+def worker_result(stdout):
+  """The last 'RESULT <json>' line of a worker's stdout, parsed; None without one."""
+  lines = [l for l in stdout.splitlines() if l.startswith('RESULT ')]
+  return json.loads(lines[-1][len('RESULT ') :]) if lines else None
 
 
 def torch_available():
@@ -359,7 +370,7 @@ def main(argv=None):
   if args._worker:
     fn = jax_worker if args._worker == 'jax' else torch_worker
     extra = (args.breakdown, args.dtype) if args._worker == 'jax' else ()
-    print('RESULT ' + json.dumps(fn(args.pairs, args.size, args.batch, args.steps, *extra)))
+    print_result(fn(args.pairs, args.size, args.batch, args.steps, *extra))
     return
 
   pairs = [p.strip() for p in args.pairs.split(',') if p.strip()]

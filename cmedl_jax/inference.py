@@ -190,6 +190,14 @@ class Predictor:
     return out
 
 
+def add_run_arguments(parser):
+  """The CLIs' choice of network: --workdir RUN (its inference export) or --checkpoint (a
+  saved state), exactly one; `load_variables(run_dir, args.checkpoint)` reads it."""
+  which = parser.add_mutually_exclusive_group(required=True)
+  which.add_argument('--workdir', help='run directory (uses its inference export)')
+  which.add_argument('--checkpoint', help='a saved state, e.g. RUN/best/400')
+
+
 def load_variables(run_dir, checkpoint_path=None, pseudo_target=False):
   """(params, batch_stats) from the run's export or `checkpoint_path`; with pseudo_target also
   the translator (from the latest checkpoint when the export lacks it)."""

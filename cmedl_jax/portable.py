@@ -162,9 +162,7 @@ def main(argv=None):
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  which = parser.add_mutually_exclusive_group(required=True)
-  which.add_argument('--workdir', help='run directory (uses its inference export)')
-  which.add_argument('--checkpoint', help='a saved state, e.g. RUN/best/400')
+  inference.add_run_arguments(parser)
   parser.add_argument('--out', help='output folder (default: RUN/portable)')
   args = parser.parse_args(argv)
   try:

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from cmedl_jax import inference
 from cmedl_jax.inference import Predictor
 from data_prep import nifti_io
 from data_prep import prepare
@@ -100,9 +101,7 @@ def _parser():
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  which = parser.add_mutually_exclusive_group(required=True)
-  which.add_argument('--workdir', help='run directory (uses its inference export)')
-  which.add_argument('--checkpoint', help='a saved state, e.g. RUN/best/400')
+  inference.add_run_arguments(parser)
   parser.add_argument('--input', required=True, help='a NIfTI file or a folder of them')
   parser.add_argument('--output', required=True, help='output folder')
   parser.add_argument('--batch-size', type=int, default=None, help='slices per batch')
