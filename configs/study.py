@@ -1,16 +1,19 @@
 """The phantom reproduction study (benchmarks/reproduce.py): the paper's comparisons, small.
 
-Arg (configs/args.py): "SETTING,METHOD[,SEGMENTER[,TRANSLATOR]]"
+Arg (configs/args.py): "SETTING,METHOD[,SEGMENTER[,TRANSLATOR[,SWITCHES]]]"
   SETTING    informative (CT student, T2w teacher) | weak (T2w student, CT teacher) |
              equal (abdominal T1w student, T2w teacher, 4 organs)
   METHOD     cmedl | self_distill (identity translator, the premise control) | student_only |
              two_channel | pmri_teacher (configs/baseline.py) | stage1 | stage2 (two_stage.py)
   SEGMENTER  unet | densefcn | pspnet;  TRANSLATOR  cyclegan | cut
+  SWITCHES   defaults (configs/default.py; docs/STUDY_PLAN.md) | old (the 2026-11 study's,
+             METHOD_SWITCHES) | authors (defaults, but the teacher's segmentation gradient into
+             the translator at the authors' effective scale, 1 / (B * H * W))
 e.g.  python -m cmedl_jax.main --config=configs/study.py:informative,cmedl,unet,cyclegan \
           --workdir=runs/study/runs/informative-cmedl-s0
 
 Size (what 2 CPU cores train in minutes): 64x64 slices at 6 mm (the phantoms' whole 384 mm
-field of view), U-Net width 8 / depth 3, small FC-DenseNet and PSPNet, CycleGAN / CUT with
+field of view; docs/STUDY_PLAN.md), U-Net width 8 / depth 3, small FC-DenseNet and PSPNet, CycleGAN / CUT with
 ngf 8 and 3 residual blocks, batch 8, `STEPS` steps. Data under `ROOT/data` (phantoms and
 prepared folders, one per dataset kind), as written by benchmarks/reproduce.py.
 """
@@ -24,17 +27,19 @@ from configs import two_stage
 from configs import weak_teacher
 
 ROOT = 'runs/study'
-# 500: the 2026-11 study. The pilot (docs/PILOT.md, benchmarks/pilot.py) found that too short:
-# student_only plateaus at about 2000 of 3000 steps and the teachers pass DSC 0.1 only at
-# steps 500-750; the next study trains 3000.
-STEPS = 500
+# The 2026-11 study trained 500. The pilot (docs/PILOT.md, benchmarks/pilot.py) found that too
+# short: student_only plateaus at about 2000 of 3000 steps and the teachers pass DSC 0.1 only
+# at steps 500-750; the pre-registered study (docs/STUDY_PLAN.md) trains 3000.
+STEPS = 3000
+EVAL_EVERY = 250  # Validation curve points (docs/STUDY_PLAN.md); the final weights are tested.
 SETTINGS = {
   'informative': None,
   'weak': weak_teacher.apply_setting,
   'equal': equal_teacher.apply_setting,
 }
 METHODS = ('cmedl', 'self_distill') + baseline.METHODS + two_stage.STAGES
-ARG = {'setting': tuple(SETTINGS), 'method': METHODS, **cmedl.ARG}
+SWITCHES = ('defaults', 'old', 'authors')
+ARG = {'setting': tuple(SETTINGS), 'method': METHODS, **cmedl.ARG, 'switches': SWITCHES}
 # Small networks of each kind (fields as in configs/default.py).
 SEGMENTER_SIZES = {
   'unet': dict(base_width=8, depth=3),
@@ -45,9 +50,9 @@ SEGMENTER_SIZES = {
 }
 
 
-# The method switches this study ran with (docs/RESULTS.md, 2026-11), named so that the
-# recorded runs stay reproducible whatever configs/default.py says now; the next study
-# chooses its own from a pilot on the phantoms.
+# The method switches the 2026-11 study ran with (docs/RESULTS_2026-11.md), named so that its
+# runs stay reproducible whatever configs/default.py says now (with STEPS=500); the
+# pre-registered study uses them only in its sensitivity arm (SWITCHES 'old').
 METHOD_SWITCHES = {
   'data.target_labels': True,
   'method.teacher_bn': 'joint',
@@ -81,6 +86,7 @@ def set_root(config, root):
 def get_config(arg='informative,cmedl'):
   given = args.parse(__file__, arg, ARG, required=('setting', 'method'))
   setting, method = given.pop('setting'), given.pop('method')
+  switches = given.pop('switches', 'defaults')
   config = cmedl.set_networks(default.get_config(), **given)
   if SETTINGS[setting] is not None:
     SETTINGS[setting](config)
@@ -89,7 +95,8 @@ def get_config(arg='informative,cmedl'):
   elif method in two_stage.STAGES:
     two_stage.apply_stage(config, method)
   set_root(config, ROOT)
-  set_switches(config, METHOD_SWITCHES)
+  if switches == 'old':
+    set_switches(config, METHOD_SWITCHES)
   if method == 'self_distill':  # CMEDL with an identity translator (cmedl_jax/method.py).
     config.method.name = method
     set_switches(config, {'data.target_labels': False, 'method.teacher_bn': 'separate'})
@@ -109,9 +116,13 @@ def get_config(arg='informative,cmedl'):
     num_steps=STEPS,
     log_every=50,
     image_every=STEPS,
-    eval_every=STEPS,
-    checkpoint_every=STEPS,
+    eval_every=EVAL_EVERY,
+    checkpoint_every=500,
     keep_checkpoints=1,
   )
   config.eval.batch_size = 32
+  if switches == 'authors':  # PSIGAN's CE, averaged over pixels then again by their count.
+    config.loss.seg_to_translator = 1.0 / (
+      config.train.global_batch_size * config.data.image_size**2
+    )
   return config

@@ -285,3 +285,23 @@ def test_holm_against_hand_computed_values():
   got = statistics.holm([0.5, float('nan'), 0.2])  # NaN is not counted: two tests.
   assert got[0] == pytest.approx(0.5) and math.isnan(got[1]) and got[2] == pytest.approx(0.4)
   assert statistics.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def test_primary_decisions_apply_holm_over_the_settings():
+  """Eight seeds all positive: sign-flip p = 2/256 = 0.0078125; six all positive: p = 2/64 =
+  0.03125. Holm over the three: 3 * 0.0078125 = 0.0234, 2 * 0.03125 = 0.0625, then max(0.0625,
+  1 * p_third). The six-seed setting's interval lies above 0, but its Holm p does not pass."""
+  eight = [0.03, 0.05, 0.04, 0.06, 0.02, 0.05, 0.04, 0.03]
+  six = [0.03, 0.05, 0.04, 0.06, 0.02, 0.05]
+  null = [0.001, -0.002, 0.0, 0.003, -0.001, 0.001]
+  got = statistics.primary_decisions({'informative': eight, 'weak': six, 'equal': null})
+  assert got['informative']['p'] == pytest.approx(2 / 256)
+  assert got['informative']['p_holm'] == pytest.approx(3 * 2 / 256)
+  assert got['weak']['p_holm'] == pytest.approx(2 * 2 / 64)
+  assert got['equal']['p_holm'] == pytest.approx(max(2 * 2 / 64, got['equal']['p']))
+  assert got['weak']['low'] > 0
+  assert [got[k]['decision'] for k in ('informative', 'weak', 'equal')] == [
+    'reproduced',
+    'inconclusive',
+    'not reproduced',
+  ]

@@ -182,10 +182,11 @@ def seed_level_test(differences, level=0.95, margin=MARGIN_DSC) -> dict:
   return out
 
 
-def decide(low, high, margin=MARGIN_DSC) -> str:
-  """'reproduced' if the interval lies above 0, 'not reproduced' if its upper end is below
-  `margin` (half the paper's effect), else 'inconclusive'."""
-  if low > 0:
+def decide(low, high, margin=MARGIN_DSC, p_adjusted=None, alpha=0.05) -> str:
+  """'reproduced' if the interval lies above 0 (and, when given, the multiplicity-adjusted p
+  is below `alpha`), 'not reproduced' if its upper end is below `margin` (half the paper's
+  effect), else 'inconclusive'."""
+  if low > 0 and (p_adjusted is None or p_adjusted < alpha):
     return 'reproduced'
   if high < margin:
     return 'not reproduced'
@@ -202,3 +203,17 @@ def holm(p_values) -> list[float]:
     running = max(running, min(1.0, (finite.size - rank) * p[i]))
     adjusted[i] = running
   return adjusted.tolist()
+
+
+def primary_decisions(differences: dict, margin=MARGIN_DSC, alpha=0.05) -> dict:
+  """The study's decision rule (docs/STUDY_PLAN.md) over several settings at once.
+
+  differences: {setting: per-seed paired differences}. Returns {setting: seed_level_test(...)
+  plus 'p_holm' (Holm over the settings with a p) and 'decision' (`decide` with p_holm)}.
+  """
+  tests = {k: seed_level_test(d, margin=margin) for k, d in differences.items()}
+  adjusted = holm([t['p'] for t in tests.values()])
+  for t, p_holm in zip(tests.values(), adjusted):
+    t['p_holm'] = p_holm
+    t['decision'] = decide(t['low'], t['high'], margin, p_holm, alpha)
+  return tests
