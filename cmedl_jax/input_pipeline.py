@@ -26,7 +26,9 @@ Training batches come from two independent streams, source (student modality) an
 * Multi-host: every example's randomness is drawn for the whole global batch, each process
   builds its rows [p*B/P, (p+1)*B/P) only, and `jax.make_array_from_process_local_data` makes
   global arrays sharded `NamedSharding(mesh, P("data"))`.
-* Work: a small thread pool builds whole batches `prefetch` ahead (memory-mapped slice reads,
+* Reading: the training slices come from the prepared folder's TFDS build (ArrayRecord, read
+  by index through `tfds` data sources: `SplitSlices`); grain (`_grain_iterator`, a MapDataset
+  over step indices read by a few threads) builds whole batches `prefetch` ahead (slice reads,
   warps, transfer to jax Arrays); batches come out in step order. By default the warps run in
   a jitted jax function on the sharded batch (`augment_on="device"`: on the accelerators, or
   XLA:CPU); `augment_on="host"` runs them in TensorFlow C++ kernels instead
@@ -36,8 +38,6 @@ Training batches come from two independent streams, source (student modality) an
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import os
 from typing import Optional
 
@@ -55,6 +55,7 @@ _AUGMENT_OFF = dict(flip_ud=False)  # Known augmentation keys that are off unles
 FOREGROUND_RATIO = 0.5  # Probability that an example is drawn from slices with foreground.
 PREFETCH = 2  # Batches prepared ahead of the consumer.
 _SOURCE_STREAM, _TARGET_STREAM = 0x5EED0, 0x5EED1
+_ENDLESS = 2**62  # "No num_steps": the last step index of an endless iterator.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +71,8 @@ def _load_array(path):
 
 
 class SplitArrays:
-  """Memory-mapped slices of one split of a prepared dataset.
+  """Memory-mapped arrays of one split of a prepared dataset (the .npy files preparation
+  writes; whole volumes for validation and test come from here).
 
   max_cases: if > 0, only the split's first `max_cases` cases (manifest order; their slices
   are the arrays' first rows), e.g. a label-scarce training set; more than the split holds is
@@ -95,17 +97,17 @@ class SplitArrays:
     self.images = _load_array(os.path.join(d, 'images.npy'))[rows]
     self.labels = _load_array(os.path.join(d, 'labels.npy'))[rows]
     self.case_index = np.load(os.path.join(d, 'case_index.npy'))[rows]
-    self.slice_index = np.load(os.path.join(d, 'slice_index.npy'))[rows]
     self.has_foreground = np.load(os.path.join(d, 'has_foreground.npy'))[rows]
     offsets = np.array([c['offset'] for c in self.cases], np.int64)
     counts = np.array([c['num_slices'] for c in self.cases], np.int64)
     self.slice_lo = offsets[self.case_index] if len(self.cases) else np.zeros(0, np.int64)
     self.slice_hi = (offsets + counts - 1)[self.case_index] if len(self.cases) else self.slice_lo
     self.has_labels = bool(self.cases) and all(c['has_label'] for c in self.cases)
+    self.size = tuple(self.manifest['size'])
     self.prepared_dir, self.split = os.fspath(prepared_dir), split
 
   def __len__(self):
-    return int(self.images.shape[0])
+    return int(self.case_index.shape[0])
 
   def context_indices(self, idx: np.ndarray, context_slices: int) -> np.ndarray:
     """[B] slice indices -> [B, k] indices of the k neighbours in the same case (clamped)."""
@@ -113,15 +115,42 @@ class SplitArrays:
     nb = idx[:, None] + np.arange(-half, half + 1)[None, :]
     return np.clip(nb, self.slice_lo[idx][:, None], self.slice_hi[idx][:, None])
 
+
+class SplitSlices(SplitArrays):
+  """The training slices of one split, read by index from the prepared folder's TFDS build
+  (ArrayRecord; `data_prep.tfds_builder`) through a `tfds` random-access data source; the
+  case and foreground indices come from the prepared folder (SplitArrays)."""
+
+  def __init__(self, prepared_dir, split: str, max_cases: int = 0):
+    super().__init__(prepared_dir, split, max_cases)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+
+    path = tfds_builder.slices_dir(prepared_dir)
+    if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
+      raise FileNotFoundError(
+        f'{prepared_dir}: no TFDS build of its slices at {path}; build it with `python -m '
+        f'data_prep.tfds_builder --prepared {prepared_dir}` or prepare the folder again'
+      )
+    self.source = tfds.builder_from_directory(path).as_data_source(split)
+    if len(self.source) < len(self):
+      raise ValueError(
+        f'{path}: split {split!r} has {len(self.source)} slices, the prepared folder '
+        f'{len(self)}; build it again (python -m data_prep.tfds_builder)'
+      )
+
   def fetch(self, idx: np.ndarray, context_slices: int):
     """Images [B,H,W,k] float32 and centre labels [B,H,W] uint8 for slice indices [B]."""
-    nb = self.context_indices(np.asarray(idx, np.int64), context_slices)
-    flat = nb.reshape(-1)
-    order = np.argsort(flat, kind='stable')  # sorted reads are kinder to the page cache
-    images = np.empty((flat.size,) + self.images.shape[1:], np.float32)
-    images[order] = self.images[flat[order]]
-    images = images.reshape(nb.shape + self.images.shape[1:]).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), np.asarray(self.labels[idx])
+    idx = np.asarray(idx, np.int64)
+    nb = self.context_indices(idx, context_slices)
+    unique, inverse = np.unique(nb, return_inverse=True)
+    records = [self.source[int(i)] for i in unique]  # sorted reads, each slice once
+    images = np.stack([r['image'] for r in records])[inverse.reshape(-1)]
+    images = images.reshape(nb.shape + self.size).transpose(0, 2, 3, 1)
+    centre = inverse.reshape(nb.shape)[:, context_slices // 2]
+    labels = np.stack([records[i]['label'] for i in centre])
+    return np.ascontiguousarray(images, np.float32), labels
 
 
 def dataset_info(prepared_dir) -> dict:
@@ -316,7 +345,7 @@ class _Stream:
 
   def __init__(
     self,
-    arrays: SplitArrays,
+    arrays: SplitSlices,
     *,
     seed: int,
     stream: int,
@@ -344,13 +373,7 @@ class _Stream:
   def batch(self, step: int) -> dict:
     rng = np.random.default_rng([self.seed, self.stream, int(step)])
     p = _draw_params(
-      rng,
-      len(self.arrays),
-      self.fg,
-      self.foreground_ratio,
-      self.augment,
-      self.gb,
-      self.arrays.images.shape[1:],
+      rng, len(self.arrays), self.fg, self.foreground_ratio, self.augment, self.gb, self.arrays.size
     )
     images, labels = self.arrays.fetch(p['idx'][self.rows], self.context_slices)
     if not self.has_label:
@@ -372,48 +395,16 @@ class _Stream:
     return out
 
 
-class _BatchIterator:
-  """Yields convert(make(i)) for i = start, start+1, ... computed `ahead` at a time in a pool.
+def _grain_iterator(make, start: int, stop: Optional[int], ahead: int, workers: int):
+  """Iterator of make(i) for i = start, start+1, ... < stop (endless if None): a grain
+  MapDataset over step indices, `workers` threads computing `ahead` batches in advance, in
+  order. Its position is the step, which the orbax checkpoint holds, so resuming at
+  `start=step` continues it exactly. `close()` stops its threads."""
+  import grain  # pylint: disable=g-import-not-at-top
 
-  Batches come out in order whatever the thread timing; the pool holds no Python callbacks
-  inside TF, so interpreter exit cannot deadlock.
-  """
-
-  def __init__(self, make, start: int, stop: Optional[int], ahead: int, workers: int):
-    self._make, self._next, self._stop = make, int(start), stop
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-      max_workers=workers, thread_name_prefix='input_pipeline'
-    )
-    self._pending = collections.deque()
-    self._ahead = max(1, ahead)
-    self._fill()
-
-  def _fill(self):
-    while len(self._pending) < self._ahead and (self._stop is None or self._next < self._stop):
-      self._pending.append(self._pool.submit(self._make, self._next))
-      self._next += 1
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if not self._pending:
-      raise StopIteration
-    future = self._pending.popleft()
-    self._fill()
-    return future.result()
-
-  def close(self):
-    for f in self._pending:
-      f.cancel()
-    self._pending.clear()
-    self._pool.shutdown(wait=False)
-
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # pylint: disable=broad-except
-      pass
+  steps = grain.MapDataset.range(start, _ENDLESS if stop is None else stop).map(make)
+  options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(1, ahead))
+  return iter(steps.to_iter_dataset(options))
 
 
 def _check_arguments(
@@ -448,14 +439,14 @@ def _warps_on_device(augment: Optional[dict], augment_on: str) -> bool:
 
 
 def _open_sides(source_dir, target_dir, split: str, source_cases: int = 0):
-  """(source, target) SplitArrays (the source's first `source_cases` cases if > 0); ValueError
+  """(source, target) SplitSlices (the source's first `source_cases` cases if > 0); ValueError
   when their slices differ in size."""
-  source = SplitArrays(source_dir, split, source_cases)
-  target = SplitArrays(target_dir, split)
-  if source.images.shape[1:] != target.images.shape[1:]:
+  source = SplitSlices(source_dir, split, source_cases)
+  target = SplitSlices(target_dir, split)
+  if source.size != target.size:
     raise ValueError(
-      f'source slices {source.images.shape[1:]} and target slices '
-      f'{target.images.shape[1:]} differ in size; prepare both with one size'
+      f'source slices {source.size} and target slices {target.size} differ in size; prepare '
+      'both with one size'
     )
   return source, target
 
@@ -532,7 +523,7 @@ def create_train_iterator(
   streams = _streams(source, target, target_labels, settings)
   workers = num_workers or max(1, min(4, os.cpu_count() or 1))
   stop = None if num_steps is None else int(start_step) + int(num_steps)
-  return _BatchIterator(
+  return _grain_iterator(
     _batch_maker(streams, mesh, on_device),
     int(start_step),
     stop,

@@ -254,6 +254,7 @@ def _prepare_side(config, side, prepare_missing):
   spec = prepare.spec_from_config(config, side)
   if prepare.is_prepared(d.prepared_dir):
     _check_prepared(d, side, spec, prepare.read_manifest(d.prepared_dir))
+    _build_training_slices(d.prepared_dir)
     return
   if not prepare_missing:
     raise FileNotFoundError(
@@ -270,6 +271,15 @@ def _prepare_side(config, side, prepare_missing):
   prepare.prepare_dataset(
     d.raw_dir, d.prepared_dir, spec, val_fraction=config.data.val_fraction, seed=config.seed
   )
+
+
+def _build_training_slices(prepared_dir):
+  """Builds the TFDS training slices of a folder prepared before they were part of it."""
+  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(os.path.join(tfds_builder.slices_dir(prepared_dir), 'dataset_info.json')):
+    logging.info('Building the TFDS training slices of %s', prepared_dir)
+    tfds_builder.build(prepared_dir, volumes=False, splits=('train',), progress=False)
 
 
 def _check_prepared(data, side, spec, manifest):

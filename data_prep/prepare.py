@@ -15,12 +15,16 @@ Output (`out_dir`, written to a hidden sibling temp folder and renamed when comp
     case_index.npy int32 [N]  index into the split's case list in prepared.json
     slice_index.npy int32 [N] z index of the slice in its case
     has_foreground.npy bool [N]
+  tfds/prepared_slices/VERSION/  the train split's slices as a TFDS dataset (ArrayRecord;
+                                 data_prep.tfds_builder): what training reads, through grain
 
 A folder without `prepared.json` is never complete. Usage:
 
   python -m data_prep.prepare --dataset RAW_DIR --out OUT_DIR --modality ct \
       [--spacing 1.5] [--size 256] [--ct-window -1000 500] [--label-map tumor=1 ...] \
       [--skip-bad] [--val-fraction 0.2] [--seed 0] [--overwrite] [--tfds]
+
+(--tfds: also the validation and test slices and the volumes as TFDS datasets.)
 
 Defaults, chosen for thorax: CT window [-1000, 500] HU (air..soft tissue and cancellous bone;
 lung parenchyma and the mediastinum both stay inside the window); MRI percentiles 0.5 / 99.5
@@ -668,7 +672,11 @@ def prepare_dataset(
     seconds = time.time() - start_time
     summary = _summary(info, out_dir, class_names, records, skipped, seconds, spec.size)
     manifest = _manifest(spec, info, lut, class_names, records, summary)
-    nifti_io.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)  # last: complete
+    nifti_io.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)
+    if records.get('train'):  # The training format: its slices as a TFDS dataset.
+      from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+
+      tfds_builder.build(tmp_dir, volumes=False, splits=('train',), progress=False)
     _move_into_place(tmp_dir, out_dir)
   except BaseException:
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -802,7 +810,8 @@ def _parser():
   p.add_argument(
     '--tfds',
     action='store_true',
-    help='also build the TFDS datasets into OUT/tfds (data_prep.tfds_builder)',
+    help='also build the validation and test slices and all volumes as TFDS datasets into '
+    'OUT/tfds (data_prep.tfds_builder; the train slices are always built)',
   )
   return p
 

@@ -3,8 +3,10 @@ r"""TFDS builders for a prepared dataset (the published, canonical form of `data
 Two builders read a prepared folder (manual dir; nothing is downloaded, GCS stays disabled):
 
 * `PreparedSlices` ("prepared_slices"): one example per 2D slice:
-  image float32 [H,W] in [-1,1], label uint8 [H,W], case_id, slice_index, spacing_mm (z,y,x),
-  has_foreground. Splits train / validation / test (as prepared, by case, deterministic).
+  image float32 [H,W] in [-1,1], label uint8 [H,W] (both stored as raw bytes: decoding is a
+  copy), case_id, slice_index, spacing_mm (z,y,x), has_foreground. Splits train / validation /
+  test (as prepared, by case, deterministic); `data_prep.prepare` builds its train split, which
+  training reads (`cmedl_jax/input_pipeline.py`, through `tfds` data sources and grain).
 * `PreparedVolumes` ("prepared_volumes"): one example per case for validation / test:
   image float32 [Z,H,W], label uint8 [Z,H,W], case_id, has_label, spacing_mm, geometry (JSON of
   `data_prep.geometry.Geometry`, for writing predictions back onto the original grid).
@@ -15,9 +17,8 @@ in `data_dir = PREPARED_DIR/tfds` by default:
 
   python -m data_prep.tfds_builder --prepared data/prepared/thorax_ct
 
-Reading back without this module: `tfds.builder_from_directory(path).as_data_source("train")`.
-The training pipeline (`cmedl_jax/input_pipeline.py`) reads the prepared .npy arrays directly
-(memory-mapped, faster on few cores); both hold the same values.
+Reading back without this module: `tfds.builder_from_directory(path).as_data_source("train")`
+(`slices_dir` gives the path).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import tensorflow_datasets as tfds
 
 from data_prep import manifest as manifest_lib
 
-BUILDER_VERSION = '1.0.0'
+_BYTES = tfds.features.Encoding.BYTES
+BUILDER_VERSION = '2.0.0'  # 2.0.0: image and label as raw bytes (was: lists of numbers).
 
 
 class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -46,8 +48,9 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   )
   DESCRIPTION = ''  # Subclasses: with {} for the dataset's name.
 
-  def __init__(self, *, prepared_dir=None, **kwargs):
+  def __init__(self, *, prepared_dir=None, splits=None, **kwargs):
     self._prepared_dir = os.fspath(prepared_dir) if prepared_dir is not None else None
+    self._wanted = tuple(splits) if splits is not None else None
     self._manifest = manifest_lib.read_manifest(prepared_dir) if prepared_dir is not None else None
     super().__init__(**kwargs)
 
@@ -69,7 +72,8 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     )
 
   def _splits(self, splits):
-    return {s: self._generate_examples(split=s) for s in splits if self._manifest['splits'].get(s)}
+    wanted = [s for s in splits if self._wanted is None or s in self._wanted]
+    return {s: self._generate_examples(split=s) for s in wanted if self._manifest['splits'].get(s)}
 
   def _split_arrays(self, split):
     d = os.path.join(self._prepared_dir, split)
@@ -84,8 +88,8 @@ class PreparedSlices(_PreparedBuilder, skip_registration=True):
 
   def _features(self, h, w):
     return {
-      'image': tfds.features.Tensor(shape=(h, w), dtype=np.float32),
-      'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
+      'image': tfds.features.Tensor(shape=(h, w), dtype=np.float32, encoding=_BYTES),
+      'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8, encoding=_BYTES),
       'case_id': tfds.features.Text(),
       'slice_index': tfds.features.Scalar(dtype=np.int32),
       'spacing_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
@@ -159,9 +163,21 @@ def _metadata(manifest):
   }
 
 
-def build(prepared_dir, data_dir=None, file_format='array_record', volumes=True) -> dict:
-  """Builds the TFDS datasets of a prepared folder offline. Returns {name: builder}."""
+def slices_dir(prepared_dir, data_dir=None) -> str:
+  """Where `build` puts the slices of `prepared_dir` (for tfds.builder_from_directory)."""
+  data_dir = data_dir or os.path.join(os.fspath(prepared_dir), 'tfds')
+  return os.path.join(data_dir, PreparedSlices.name, BUILDER_VERSION)
+
+
+def build(
+  prepared_dir, data_dir=None, file_format='array_record', volumes=True, splits=None, progress=True
+) -> dict:
+  """Builds the TFDS datasets of a prepared folder offline. Returns {name: builder}.
+
+  splits: the slice splits to build (default all that have cases); progress: TFDS's bars."""
   prepared_dir = os.fspath(prepared_dir)
+  if not progress:
+    tfds.display_progress_bar(False)
   data_dir = data_dir or os.path.join(prepared_dir, 'tfds')
   config = tfds.download.DownloadConfig(manual_dir=prepared_dir, try_download_gcs=False)
   builders = {}
@@ -172,7 +188,12 @@ def build(prepared_dir, data_dir=None, file_format='array_record', volumes=True)
       manifest['splits']['validation'] or manifest['splits']['test']
     ):
       continue
-    builder = cls(prepared_dir=prepared_dir, data_dir=data_dir, file_format=file_format)
+    builder = cls(
+      prepared_dir=prepared_dir,
+      data_dir=data_dir,
+      file_format=file_format,
+      splits=splits if cls is PreparedSlices else None,
+    )
     builder.download_and_prepare(download_config=config)
     builders[builder.name] = builder
   return builders

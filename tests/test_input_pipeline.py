@@ -1,6 +1,7 @@
 """Tests for cmedl_jax.input_pipeline: determinism, resume, sharding, augmentation alignment."""
 
 import itertools
+import shutil
 
 import jax
 import numpy as np
@@ -109,6 +110,22 @@ def test_sharded_on_data_axis_over_8_devices(prepared):
   assert src['image'].shape == (16, SIZE, SIZE, 1)
   ((plain_src, _),) = take(ip.create_train_iterator(ct, mr, **kw), 1)
   np.testing.assert_array_equal(np.asarray(src['image']), plain_src['image'])
+
+
+def test_training_slices_are_read_from_the_tfds_build(prepared, tmp_path):
+  """The iterator reads the prepared folder's TFDS dataset (ArrayRecord, through tfds data
+  sources and grain): zeroing the train split's .npy images changes no batch; without the
+  build it is a one-line error naming the folder."""
+  ct, mr = prepared
+  kw = dict(global_batch_size=8, seed=2, augment=False, num_steps=2)
+  want = take(ip.create_train_iterator(ct, mr, **kw), 2)
+  copy = shutil.copytree(ct, tmp_path / 'ct')
+  images = np.load(copy / 'train' / 'images.npy')
+  np.save(copy / 'train' / 'images.npy', np.zeros_like(images))
+  assert_batches_equal(take(ip.create_train_iterator(str(copy), mr, **kw), 2), want)
+  shutil.rmtree(copy / 'tfds')
+  with pytest.raises(FileNotFoundError, match=f'{copy}: no TFDS build of its slices'):
+    ip.create_train_iterator(str(copy), mr, **kw)
 
 
 def test_global_batch_is_independent_of_process_count(prepared, monkeypatch):
