@@ -13,6 +13,9 @@ iterator (default augmentation) and prints:
 * "data wait": the fraction of time a consumer that takes `--step-ms` per step spends blocked
   in next() (0 means the iterator is never what training waits on).
 
+`--compare REV`: first runs the same benchmark of commit REV (a git worktree) on the same data
+in a subprocess, then this one: before and after in one run, one machine.
+
 Timings are noisy on a shared machine; run it alone for stable figures.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,6 +123,21 @@ def data_wait(src, tgt, batch, steps, step_ms):
   return waited / (time.time() - t0)
 
 
+def run_other_revision(args, workdir):
+  """Runs this benchmark as of git revision `args.compare` on `workdir`'s data, printed first."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tree = os.path.join(workdir, f'worktree-{args.compare}')
+  if not os.path.isdir(tree):
+    subprocess.check_call(['git', '-C', repo, 'worktree', 'add', '--detach', tree, args.compare])
+  print(f'--- before: commit {args.compare} ---', flush=True)
+  cmd = [sys.executable, os.path.join(tree, 'benchmarks', 'input_pipeline.py')]
+  cmd += ['--workdir', workdir, '--cases', str(args.cases), '--batch', str(args.batch)]
+  cmd += ['--batches', str(args.batches), '--step-ms', str(args.step_ms)]
+  subprocess.check_call(cmd, cwd=tree)
+  subprocess.check_call(['git', '-C', repo, 'worktree', 'remove', '--force', tree])
+  print('--- after: this commit ---', flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--workdir', default=None, help='reuse/keep data here (default: temp dir)')
@@ -132,11 +151,14 @@ def main(argv=None):
     help='simulated train-step time for the data-wait measurement',
   )
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--compare', default='', help='git revision to benchmark first (before)')
   args = p.parse_args(argv)
   workdir = args.workdir or tempfile.mkdtemp(prefix='bench_input_')
   print(f'workdir {workdir}; cpus {os.cpu_count()}')
   raw = make_phantoms(workdir, args.cases, args.seed)
   prepared = prepare_all(workdir, raw)
+  if args.compare:
+    run_other_revision(args, workdir)
   src, tgt = prepared['thorax_ct'], prepared['thorax_t2w']
   print(
     f'prepare_volume + prepare_label, 512x512x128 CT (0.8 mm -> 1.5 mm, 256x256): '

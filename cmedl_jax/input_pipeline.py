@@ -116,6 +116,23 @@ class SplitArrays:
     return np.clip(nb, self.slice_lo[idx][:, None], self.slice_hi[idx][:, None])
 
 
+def _fetch(slices, idx: np.ndarray, context_slices: int):
+  """Images [B,H,W,k] float32 and centre labels [B,H,W] uint8 for slice indices [B] of
+  `slices` (SplitSlices or TfdsSlices: `source[i]` -> {'image', 'label'}, context_indices)."""
+  idx = np.asarray(idx, np.int64)
+  nb = slices.context_indices(idx, context_slices)
+  unique, inverse = np.unique(nb, return_inverse=True)
+  records = [slices.source[int(i)] for i in unique]  # sorted reads, each slice once
+  h, w = slices.size
+  images = np.stack([np.reshape(r['image'], (h, w)) for r in records])[inverse.reshape(-1)]
+  images = images.reshape(nb.shape + (h, w)).transpose(0, 2, 3, 1)
+  centre = inverse.reshape(nb.shape)[:, context_slices // 2]
+  if not slices.has_labels:
+    return np.ascontiguousarray(images, np.float32), np.zeros((idx.size, h, w), np.uint8)
+  labels = np.stack([np.reshape(records[i]['label'], (h, w)) for i in centre]).astype(np.uint8)
+  return np.ascontiguousarray(images, np.float32), labels
+
+
 class SplitSlices(SplitArrays):
   """The training slices of one split, read by index from the prepared folder's TFDS build
   (ArrayRecord; `data_prep.tfds_builder`) through a `tfds` random-access data source; the
@@ -142,15 +159,72 @@ class SplitSlices(SplitArrays):
 
   def fetch(self, idx: np.ndarray, context_slices: int):
     """Images [B,H,W,k] float32 and centre labels [B,H,W] uint8 for slice indices [B]."""
-    idx = np.asarray(idx, np.int64)
-    nb = self.context_indices(idx, context_slices)
-    unique, inverse = np.unique(nb, return_inverse=True)
-    records = [self.source[int(i)] for i in unique]  # sorted reads, each slice once
-    images = np.stack([r['image'] for r in records])[inverse.reshape(-1)]
-    images = images.reshape(nb.shape + self.size).transpose(0, 2, 3, 1)
-    centre = inverse.reshape(nb.shape)[:, context_slices // 2]
-    labels = np.stack([records[i]['label'] for i in centre])
-    return np.ascontiguousarray(images, np.float32), labels
+    return _fetch(self, idx, context_slices)
+
+
+class TfdsSlices:
+  """The slices of one split of any TFDS dataset folder (`tfds.builder_from_directory`'s) with
+  an 'image' feature [H, W] or [H, W, 1] (float, in [-1, 1] as prepared images are) and
+  optionally 'label' [H, W] (class indices) and 'case_id' (a case's slices consecutive, in
+  order: needed for context_slices > 1). Reads every record once at the start (foreground and
+  case indices)."""
+
+  def __init__(self, path, split: str):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    path = os.fspath(path)
+    try:
+      builder = tfds.builder_from_directory(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{path}: not a TFDS dataset folder ({type(e).__name__}: {e})') from e
+    features = builder.info.features
+    shape = tuple(features['image'].shape) if 'image' in features else ()
+    if len(shape) == 3 and shape[-1] == 1:
+      shape = shape[:2]
+    if len(shape) != 2 or None in shape:
+      raise ValueError(
+        f'{path}: needs an "image" feature of fixed size [H, W] or [H, W, 1], found '
+        f'{dict(features).keys() if "image" not in features else shape}'
+      )
+    if split not in builder.info.splits:
+      raise ValueError(f'{path}: no split {split!r} (has {", ".join(builder.info.splits)})')
+    self.source = builder.as_data_source(split)
+    self.size, self.has_labels = shape, 'label' in features
+    self.prepared_dir, self.split = path, split
+    n = len(self.source)
+    self.has_foreground = np.zeros(n, bool)
+    case = np.arange(n)
+    if self.has_labels or 'case_id' in features:
+      ids = {}
+      for i in range(n):
+        record = self.source[i]
+        if self.has_labels:
+          self.has_foreground[i] = np.any(record['label'])
+        if 'case_id' in features:
+          case[i] = ids.setdefault(record['case_id'], len(ids))
+    starts = np.r_[0, np.flatnonzero(np.diff(case)) + 1]
+    ends = np.r_[starts[1:], n] - 1
+    run = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, n]))
+    self.slice_lo, self.slice_hi = starts[run], ends[run]
+
+  def __len__(self):
+    return len(self.source)
+
+  context_indices = SplitArrays.context_indices
+
+  def fetch(self, idx: np.ndarray, context_slices: int):
+    """Images [B,H,W,k] float32 and centre labels [B,H,W] uint8 for slice indices [B]."""
+    return _fetch(self, idx, context_slices)
+
+
+def training_slices(path, split: str = 'train', max_cases: int = 0):
+  """SplitSlices of a prepared folder, or TfdsSlices of a TFDS dataset folder (one with
+  dataset_info.json; max_cases must then be 0)."""
+  if os.path.isfile(os.path.join(os.fspath(path), 'dataset_info.json')):
+    if max_cases:
+      raise ValueError(f'{path}: a TFDS dataset folder has no cases to limit (max_cases)')
+    return TfdsSlices(path, split)
+  return SplitSlices(path, split, max_cases)
 
 
 def dataset_info(prepared_dir) -> dict:
@@ -441,8 +515,8 @@ def _warps_on_device(augment: Optional[dict], augment_on: str) -> bool:
 def _open_sides(source_dir, target_dir, split: str, source_cases: int = 0):
   """(source, target) SplitSlices (the source's first `source_cases` cases if > 0); ValueError
   when their slices differ in size."""
-  source = SplitSlices(source_dir, split, source_cases)
-  target = SplitSlices(target_dir, split)
+  source = training_slices(source_dir, split, source_cases)
+  target = training_slices(target_dir, split)
   if source.size != target.size:
     raise ValueError(
       f'source slices {source.size} and target slices {target.size} differ in size; prepare '

@@ -133,6 +133,12 @@ def check_config(config):
   c = config.data.context_slices
   if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
     fail('data.context_slices', 'must be an odd int >= 1')
+  tfds_dir = config.data.target.get('tfds_dir')
+  if tfds_dir and not os.path.isfile(os.path.join(tfds_dir, 'dataset_info.json')):
+    raise ConfigError(
+      f'data.target.tfds_dir must be a TFDS dataset folder (with dataset_info.json), got '
+      f'{tfds_dir!r}'
+    )
   devices = jax.device_count()
   if config.train.global_batch_size % devices:
     fail('train.global_batch_size', f'must be a multiple of the device count ({devices})')
@@ -228,6 +234,8 @@ def prepare_data(config):
 
 def _prepare_data(config, prepare_missing=True):
   for side in ('source', 'target'):
+    if config.data[side].get('tfds_dir'):  # Read as it is (input_pipeline.TfdsSlices).
+      continue
     with _preparation_lock(config.data[side].prepared_dir):
       _prepare_side(config, side, prepare_missing)
 
@@ -525,7 +533,7 @@ def _train_iterator(config, start_step, mesh):
   """The unpaired (source, target) batches of the run from `start_step` on."""
   return input_pipeline.create_train_iterator(
     config.data.source.prepared_dir,
-    config.data.target.prepared_dir,
+    config.data.target.get('tfds_dir') or config.data.target.prepared_dir,
     global_batch_size=config.train.global_batch_size,
     seed=config.seed,
     start_step=start_step,

@@ -47,6 +47,11 @@ def get_config(arg=None):
       prepared_dir='data/prepared/thorax_t2w',
       modality='mri',
       label_map=placeholder(object),
+      # A TFDS dataset folder (tfds.builder_from_directory's) to train this side from instead
+      # of raw_dir/prepared_dir, e.g. one you built: split 'train', an 'image' feature [H, W]
+      # or [H, W, 1] of data.image_size with values in [-1, 1], optionally 'label' [H, W]
+      # (this side's class indices) and 'case_id' (for context_slices > 1). '' : none. [ours]
+      tfds_dir='',
     )
   )
   # Whether the teacher also trains on labelled real target images. [authors' code] False:

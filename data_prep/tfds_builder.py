@@ -163,6 +163,26 @@ def _metadata(manifest):
   }
 
 
+def _store_uncompressed(data_dir):
+  """Rewrites the ArrayRecord files in `data_dir` uncompressed, records and order unchanged.
+
+  TFDS writes them brotli-compressed; float32 slices barely compress (256x256: 327 KB -> about
+  200 KB) and decompressing is what reading them costs (measured: uncompressed records read
+  2.4x faster). Readers detect the format, so it stays an ordinary TFDS dataset."""
+  from array_record.python import array_record_data_source, array_record_module  # pylint: disable=g-import-not-at-top
+
+  for name in sorted(os.listdir(data_dir)):
+    if '.array_record' not in name or name.endswith('.tmp'):
+      continue
+    path = os.path.join(data_dir, name)
+    source = array_record_data_source.ArrayRecordDataSource([path])
+    writer = array_record_module.ArrayRecordWriter(path + '.tmp', 'group_size:1,uncompressed')
+    for i in range(len(source)):
+      writer.write(source[i])
+    writer.close()
+    os.replace(path + '.tmp', path)
+
+
 def slices_dir(prepared_dir, data_dir=None) -> str:
   """Where `build` puts the slices of `prepared_dir` (for tfds.builder_from_directory)."""
   data_dir = data_dir or os.path.join(os.fspath(prepared_dir), 'tfds')
@@ -195,6 +215,8 @@ def build(
       splits=splits if cls is PreparedSlices else None,
     )
     builder.download_and_prepare(download_config=config)
+    if cls is PreparedSlices and file_format == 'array_record':
+      _store_uncompressed(builder.data_dir)
     builders[builder.name] = builder
   return builders
 

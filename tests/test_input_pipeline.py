@@ -128,6 +128,44 @@ def test_training_slices_are_read_from_the_tfds_build(prepared, tmp_path):
     ip.create_train_iterator(str(copy), mr, **kw)
 
 
+def test_the_target_side_can_be_any_tfds_dataset(prepared, tmp_path):
+  """A TFDS dataset built elsewhere (tfds.dataset_builders.store_as_tfds_dataset: images
+  [H, W, 1], labels, no case ids) holding the MRI side's training slices in order gives the
+  same batches as the prepared folder; context slices need case ids."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  ct, mr = prepared
+  arrays = ip.SplitArrays(mr, 'train')
+  h, w = arrays.size
+  features = tfds.features.FeaturesDict(
+    {
+      'image': tfds.features.Tensor(shape=(h, w, 1), dtype=np.float32),
+      'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
+    }
+  )
+  examples = tf.data.Dataset.from_tensor_slices(
+    {'image': np.asarray(arrays.images)[..., None], 'label': np.asarray(arrays.labels)}
+  )
+  builder = tfds.dataset_builders.store_as_tfds_dataset(
+    name='my_mri_slices',
+    version='1.0.0',
+    features=features,
+    split_datasets={'train': examples},
+    data_dir=str(tmp_path),
+    file_format='array_record',
+    disable_shuffling=True,
+  )
+  kw = dict(global_batch_size=8, seed=6, num_steps=2, target_labels=True)
+  want = take(ip.create_train_iterator(ct, mr, **kw), 2)
+  got = take(ip.create_train_iterator(ct, builder.data_dir, **kw), 2)
+  assert_batches_equal(got, want)
+  assert got[0][1]['has_label'].min() == 1.0
+  assert ip.TfdsSlices(builder.data_dir, 'train').slice_lo.tolist() == list(range(len(arrays)))
+  with pytest.raises(ValueError, match='no split'):
+    ip.TfdsSlices(builder.data_dir, 'validation')
+
+
 def test_global_batch_is_independent_of_process_count(prepared, monkeypatch):
   ct, mr = prepared
   kw = dict(global_batch_size=8, seed=3, num_steps=2)

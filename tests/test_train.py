@@ -589,6 +589,14 @@ def test_config_errors_name_the_field_before_any_work(tmp_path, field, value):
   assert not os.path.exists(tmp_path / 'run')
 
 
+def test_a_target_tfds_dir_that_is_no_tfds_dataset_is_a_config_error(tmp_path):
+  config = small_config(tmp_path / 'nothing_here')
+  config.data.target.tfds_dir = str(tmp_path)
+  with pytest.raises(ValueError, match=r'^data.target.tfds_dir must be a TFDS dataset folder'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def test_self_distillation_refuses_target_images(tmp_path):
   """self_distill's teacher segments the source itself; target labels or a joint batch norm
   with target images would give it the target modality: a config error."""
