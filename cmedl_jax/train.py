@@ -130,15 +130,7 @@ def check_config(config):
       'method.name self_distill: its teacher sees no target images; set '
       'data.target_labels=False and method.teacher_bn=separate'
     )
-  c = config.data.context_slices
-  if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
-    fail('data.context_slices', 'must be an odd int >= 1')
-  tfds_dir = config.data.target.get('tfds_dir')
-  if tfds_dir and not os.path.isfile(os.path.join(tfds_dir, 'dataset_info.json')):
-    raise ConfigError(
-      f'data.target.tfds_dir must be a TFDS dataset folder (with dataset_info.json), got '
-      f'{tfds_dir!r}'
-    )
+  _check_input(config, fail)
   devices = jax.device_count()
   if config.train.global_batch_size % devices:
     fail('train.global_batch_size', f'must be a multiple of the device count ({devices})')
@@ -230,6 +222,19 @@ def prepare_data(config):
   sharding.barrier('cmedl_jax_prepare_data', PREPARE_TIMEOUT_S)
   if jax.process_index() != 0:
     _prepare_data(config, prepare_missing=False)
+
+
+def _check_input(config, fail):
+  """check_config's part for data.context_slices and data.target.tfds_dir."""
+  c = config.data.context_slices
+  if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
+    fail('data.context_slices', 'must be an odd int >= 1')
+  tfds_dir = config.data.target.get('tfds_dir')
+  if tfds_dir and not os.path.isfile(os.path.join(tfds_dir, 'dataset_info.json')):
+    raise ConfigError(
+      f'data.target.tfds_dir must be a TFDS dataset folder (with dataset_info.json), got '
+      f'{tfds_dir!r}'
+    )
 
 
 def _prepare_data(config, prepare_missing=True):

@@ -598,6 +598,15 @@ def _manifest(
   }
 
 
+def _finish(tmp_dir: str, manifest: dict, has_train: bool) -> None:
+  """Writes the manifest and the training format: the train slices as a TFDS dataset."""
+  nifti_io.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)
+  if has_train:
+    from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+
+    tfds_builder.build(tmp_dir, volumes=False, splits=('train',), progress=False)
+
+
 def _move_into_place(tmp_dir: str, out_dir: str) -> None:
   """Renames the complete `tmp_dir` to `out_dir`; an old `out_dir` is swapped out, then deleted."""
   if os.path.exists(out_dir):
@@ -672,11 +681,7 @@ def prepare_dataset(
     seconds = time.time() - start_time
     summary = _summary(info, out_dir, class_names, records, skipped, seconds, spec.size)
     manifest = _manifest(spec, info, lut, class_names, records, summary)
-    nifti_io.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)
-    if records.get('train'):  # The training format: its slices as a TFDS dataset.
-      from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
-
-      tfds_builder.build(tmp_dir, volumes=False, splits=('train',), progress=False)
+    _finish(tmp_dir, manifest, bool(records.get('train')))
     _move_into_place(tmp_dir, out_dir)
   except BaseException:
     shutil.rmtree(tmp_dir, ignore_errors=True)
