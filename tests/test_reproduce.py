@@ -65,6 +65,15 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   assert (tmp_path / 'RESULTS_figures' / 'paired_differences.png').stat().st_size > 1000
   assert (tmp_path / 'RESULTS_figures' / 'validation_curves.png').stat().st_size > 1000
 
+  # The plan's one extension (seeds 8-11) enters the same decision and is said.
+  runs = reproduce.plan_runs(extended={'equal'})
+  for r in runs:
+    if r['setting'] == 'equal' and r['seed'] >= 8:
+      records[r['name']] = dict(records[f'equal-{r["arm"]}-s0'])
+  reproduce.build_report(str(out), runs, records, tiny=False)
+  text = out.read_text()
+  assert '| equal | 12 |' in text and 'equal: seeds 8-11 added once' in text
+
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
