@@ -530,7 +530,11 @@ def primary_section(tests):
   ]
   for setting, t in tests.items():
     per_seed = ', '.join(f's{s} {_f(d, sign=True)}' for s, d in zip(t['seeds'], t['differences']))
-    decision = t['decision'] if t['n_seeds'] >= 2 else 'not run yet'
+    decision = (
+      t['decision']
+      if t['n_seeds'] >= 2
+      else ('one seed: no test' if t['n_seeds'] else 'not run yet')
+    )
     lines.append(
       f'| {setting} | {t["n_seeds"]} | {per_seed or "—"} | {_interval(t)} | {_p(t["p"])} | '
       f'{_p(t["p_holm"])} | **{decision}** |'
