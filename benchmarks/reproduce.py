@@ -518,7 +518,7 @@ def primary(runs, records):
     seeds[setting], diffs[setting] = paired(a, b)
   tests = eval_stats.primary_decisions(diffs)
   for setting, t in tests.items():
-    t['seeds'] = seeds[setting]
+    t['seeds'], t['differences'] = seeds[setting], diffs[setting]
   return tests
 
 
@@ -759,11 +759,6 @@ def build_report(out, runs, records, tiny):
   base = os.path.dirname(os.path.abspath(out))
   fig_dir = os.path.join(base, 'RESULTS_figures')
   tests = primary(runs, records)
-  for setting, t in tests.items():
-    t['differences'] = paired(
-      values(runs, records, case_dsc, group='primary', setting=setting, arm='student_only'),
-      values(runs, records, case_dsc, group='primary', setting=setting, arm='cmedl'),
-    )[1]
   comparisons = factorial_comparisons(runs, records)
   commits = sorted({rec['run'].get('commit', '?') for rec in records.values()})
   machines = sorted({rec['run'].get('machine', '?').split(' (')[0] for rec in records.values()})
