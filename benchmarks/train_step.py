@@ -16,6 +16,7 @@ thread pools do not leak between runs.
   python benchmarks/train_step.py [--size 256] [--batch 1]
       [--pairs unet:cyclegan,unet:cut,densefcn:cyclegan,pspnet:cyclegan] [--steps 5]
       [--no-torch] [--xla-flags "--xla_cpu_use_onednn=true ..."] [--breakdown] [--dtype bfloat16]
+      [--shared-machine]
 
 --breakdown additionally times the parts of the JAX step one by one (generator fwd+bwd,
 discriminator fwd+bwd, segmenter fwd+bwd on the teacher batch, losses) to show where time
@@ -320,10 +321,12 @@ def run_worker(kind, pair, args):
   if kind == 'jax':
     cmd += ['--dtype', getattr(args, 'dtype', 'float32')]
   env = dict(os.environ)
-  # Under load (a shared machine) OpenMP's spin-waiting makes eager torch several times
-  # slower (measured 1.7 s vs 10-30 s per 64x64 step at load 5 on 2 cores); passive waiting
-  # costs little on a quiet machine. An explicit OMP_WAIT_POLICY in the environment wins.
-  env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  # OpenMP's default (spin briefly, then sleep) is what plain PyTorch code runs with; passive
+  # waiting made the torch step 9 % slower on a quiet 2-core machine (14.7 vs 13.4 s at 256x256,
+  # batch 1) and is only for a shared machine, where spinning threads fight other jobs
+  # (10-30 s instead of 1.7 s per 64x64 step at load 5). An OMP_WAIT_POLICY in the environment wins.
+  if getattr(args, 'shared_machine', False):
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
   if args.xla_flags is not None:
     env['XLA_FLAGS'] = args.xla_flags
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -364,6 +367,11 @@ def main(argv=None):
   ap.add_argument('--xla-flags', default=None, help='XLA_FLAGS for the JAX workers')
   ap.add_argument('--breakdown', action='store_true', help='also time parts of the JAX step')
   ap.add_argument('--dtype', default='float32', help='JAX compute dtype: float32 | bfloat16')
+  ap.add_argument(
+    '--shared-machine',
+    action='store_true',
+    help='torch workers wait passively (OMP_WAIT_POLICY=PASSIVE): only on a loaded machine',
+  )
   ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
 
@@ -387,7 +395,9 @@ def main(argv=None):
 
   print(
     f'size {args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps, '
-    f'XLA_FLAGS={args.xla_flags if args.xla_flags is not None else os.environ.get("XLA_FLAGS", "")!r}, '
+    f'XLA_FLAGS={args.xla_flags if args.xla_flags is not None else os.environ.get("XLA_FLAGS", "")!r}'
+    " (+ cmedl_jax's XLA:CPU default unless named), "
+    f'torch OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "PASSIVE" if args.shared_machine else "default")}, '
     f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, {os.cpu_count()} cpus'
   )
   peak = matmul_peak()
