@@ -169,6 +169,56 @@ def test_cyclegan_parameter_counts_equal_pytorch_reference():
   assert jax.eval_shape(disc.apply, disc_vars, x).shape == (1, 30, 30, 1)
 
 
+class _ReferenceDenseBlock(nn.Module):
+  """The textbook dense block: nn.BatchNorm over the whole stack in every layer."""
+
+  n_layers: int
+  growth: int
+
+  @nn.compact
+  def __call__(self, stack, train):
+    new = []
+    for _ in range(self.n_layers):
+      t = nn.relu(layers.batch_norm(train, jnp.float32)(stack))
+      t = nn.Conv(self.growth, (3, 3), padding='SAME')(t)
+      new.append(t)
+      stack = jnp.concatenate([stack, t], axis=-1)
+    return stack, jnp.concatenate(new, axis=-1)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_dense_block_with_shared_batch_statistics_equals_per_layer_batch_norm(train):
+  """DenseBlock normalises each map once (StackBatchNorm): same variables, outputs, gradients
+  and running averages as nn.BatchNorm in every layer."""
+  from cmedl_jax.models.densefcn import DenseBlock
+
+  x = jax.random.normal(key(1), (2, 8, 8, 5)) * 3.0 + 1.0
+  block, reference = DenseBlock(3, 4, 0.0, jnp.float32), _ReferenceDenseBlock(3, 4)
+  v = block.init(key(0), x, True)
+  assert jax.tree.structure(v) == jax.tree.structure(reference.init(key(0), x, True))
+  leaves, tree = jax.tree.flatten(v)
+  leaves = [l + 0.3 * jnp.abs(jax.random.normal(key(i + 2), l.shape)) for i, l in enumerate(leaves)]
+  v = jax.tree.unflatten(tree, leaves)
+
+  def run(module):
+    def loss(params, x):
+      (stack, new), updated = module.apply(
+        {'params': params, 'batch_stats': v['batch_stats']}, x, train, mutable=['batch_stats']
+      )
+      return jnp.sum(jnp.sin(stack)) + jnp.sum(new**2), (stack, updated)
+
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(v['params'], x)
+
+  (loss, (stack, updated)), grads = run(block)
+  (ref_loss, (ref_stack, ref_updated)), ref_grads = run(reference)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(stack, ref_stack, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves((grads, updated)), jax.tree.leaves((ref_grads, ref_updated))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+  if train:  # The running averages moved (they would not if StackBatchNorm skipped them).
+    assert not np.allclose(updated['batch_stats']['BatchNorm_2']['mean'], v['batch_stats']['BatchNorm_2']['mean'])
+
+
 def test_densefcn_block_layout_of_variants():
   for variant, growth, first_block in ((56, 12, 4), (67, 16, 5), (103, 16, 4)):
     net = models.get_segmenter({'name': 'densefcn', 'num_classes': 2, 'variant': variant})

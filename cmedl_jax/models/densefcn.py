@@ -23,7 +23,9 @@ Taps: "last" = the final stack (input of the 1x1 classifier; 256 maps for 103),
 with the skip; 192 maps for 103), "logits". H, W are edge-padded to a multiple of 2^n_pool
 and cropped back. Dropout is active only with train=True and a 'dropout' rng. remat=True
 recomputes each dense block in the backward pass (`nn.remat`; the concatenated stacks and their
-BN-ReLU copies are what fills memory in a DenseNet).
+BN-ReLU copies are what fills memory in a DenseNet). In training each map's batch statistics
+are computed once per block, not once per layer that reads it (StackBatchNorm): the same
+function and variables as nn.BatchNorm in every layer, with a smaller compiled step.
 """
 
 from __future__ import annotations
@@ -57,10 +59,53 @@ def _conv(features: int, kernel: int, dtype: Any, name: str | None = None) -> nn
   )
 
 
+def batch_statistics(x: Array) -> tuple[Array, Array, Array]:
+  """[N, H, W, C] -> (x normalised with its batch statistics [N, H, W, C] in x's dtype,
+  mean [C], variance [C]), both float32, as nn.BatchNorm computes them in training
+  (E[x^2] - E[x]^2, clipped at 0; eps 1e-5 as layers.batch_norm)."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=(0, 1, 2))
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axis=(0, 1, 2)) - jnp.square(mean))
+  return ((xf - mean) * jax.lax.rsqrt(var + 1e-5)).astype(x.dtype), mean, var
+
+
+class StackBatchNorm(nn.Module):
+  """A dense layer's BatchNorm of its input stack [N, H, W, C]; the variables of nn.BatchNorm
+  (params scale, bias; batch_stats mean, var; momentum 0.9 as layers.batch_norm).
+
+  In training, batch statistics are per channel, so every layer that reads a channel would
+  compute the same mean and variance of it: the block normalises each map once
+  (`batch_statistics`) and passes `normalized, mean, var` of the whole stack; this layer applies
+  its scale and bias and updates its running averages. The result equals nn.BatchNorm's, and
+  the backward pass has one normalisation per map instead of one per (layer, map), which is
+  what made FC-DenseNet103's compiled step large and slow to compile. In evaluation `stats` is
+  None and the running averages normalise `stack`.
+  """
+
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, stack: Array, stats: tuple[Array, Array, Array] | None) -> Array:
+    c = (stack if stats is None else stats[1]).shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if stats is None:
+      normalized = (stack.astype(jnp.float32) - ra_mean.value) * jax.lax.rsqrt(ra_var.value + 1e-5)
+    else:
+      normalized, mean, var = stats
+      if not self.is_initializing():
+        ra_mean.value = 0.9 * ra_mean.value + 0.1 * mean
+        ra_var.value = 0.9 * ra_var.value + 0.1 * var
+    return (normalized * scale.astype(self.dtype) + bias.astype(self.dtype)).astype(self.dtype)
+
+
 class DenseBlock(nn.Module):
   """n_layers dense layers (BN-ReLU-conv 3x3-dropout, each output concatenated to its input).
 
   [N, H, W, C] -> (stack [N, H, W, C + n_layers * growth], new maps [N, H, W, n_layers * growth]).
+  Batch statistics are computed once per map (StackBatchNorm).
   """
 
   n_layers: int
@@ -70,14 +115,19 @@ class DenseBlock(nn.Module):
 
   @nn.compact
   def __call__(self, stack: Array, train: bool):
-    new = []
-    for _ in range(self.n_layers):
-      t = nn.relu(layers.batch_norm(train, self.dtype)(stack))
-      t = _conv(self.growth, 3, self.dtype)(t)
+    block_input, new = stack, []
+    stats = batch_statistics(stack) if train else None
+    for i in range(self.n_layers):
+      t = StackBatchNorm(self.dtype, name=f'BatchNorm_{i}')(stack, stats)
+      t = _conv(self.growth, 3, self.dtype)(nn.relu(t))
       t = layers.dropout(self, t, self.dropout_rate, train)
       new.append(t)
-      stack = jnp.concatenate([stack, t], axis=-1)
-    return stack, jnp.concatenate(new, axis=-1)
+      if train:  # The normalised stack grows as the stack does (two-operand concatenations).
+        stats = tuple(jnp.concatenate(pair, axis=-1) for pair in zip(stats, batch_statistics(t)))
+      else:
+        stack = jnp.concatenate([stack, t], axis=-1)
+    new = jnp.concatenate(new, axis=-1)
+    return jnp.concatenate([block_input, new], axis=-1), new
 
 
 class DenseFCN(nn.Module):
