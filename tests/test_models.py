@@ -213,10 +213,14 @@ def test_dense_block_with_shared_batch_statistics_equals_per_layer_batch_norm(tr
   (ref_loss, (ref_stack, ref_updated)), ref_grads = run(reference)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(stack, ref_stack, rtol=1e-5, atol=1e-5)
-  for got, want in zip(jax.tree.leaves((grads, updated)), jax.tree.leaves((ref_grads, ref_updated))):
+  for got, want in zip(
+    jax.tree.leaves((grads, updated)), jax.tree.leaves((ref_grads, ref_updated))
+  ):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
   if train:  # The running averages moved (they would not if StackBatchNorm skipped them).
-    assert not np.allclose(updated['batch_stats']['BatchNorm_2']['mean'], v['batch_stats']['BatchNorm_2']['mean'])
+    assert not np.allclose(
+      updated['batch_stats']['BatchNorm_2']['mean'], v['batch_stats']['BatchNorm_2']['mean']
+    )
 
 
 def test_densefcn_block_layout_of_variants():
