@@ -62,16 +62,16 @@ def _conv(features: int, kernel: int, dtype: Any, name: str | None = None) -> nn
 def batch_statistics(x: Array) -> tuple[Array, Array, Array]:
   """[N, H, W, C] -> (x normalised with its batch statistics [N, H, W, C] in x's dtype,
   mean [C], variance [C]), both float32, as nn.BatchNorm computes them in training
-  (E[x^2] - E[x]^2, clipped at 0; eps 1e-5 as layers.batch_norm)."""
+  (E[x^2] - E[x]^2, clipped at 0; layers.BN_EPSILON)."""
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axis=(0, 1, 2))
   var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axis=(0, 1, 2)) - jnp.square(mean))
-  return ((xf - mean) * jax.lax.rsqrt(var + 1e-5)).astype(x.dtype), mean, var
+  return ((xf - mean) * jax.lax.rsqrt(var + layers.BN_EPSILON)).astype(x.dtype), mean, var
 
 
 class StackBatchNorm(nn.Module):
   """A dense layer's BatchNorm of its input stack [N, H, W, C]; the variables of nn.BatchNorm
-  (params scale, bias; batch_stats mean, var; momentum 0.9 as layers.batch_norm).
+  (params scale, bias; batch_stats mean, var; layers.BN_MOMENTUM and BN_EPSILON).
 
   In training, batch statistics are per channel, so every layer that reads a channel would
   compute the same mean and variance of it: the block normalises each map once
@@ -92,12 +92,14 @@ class StackBatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
     if stats is None:
-      normalized = (stack.astype(jnp.float32) - ra_mean.value) * jax.lax.rsqrt(ra_var.value + 1e-5)
+      inv_std = jax.lax.rsqrt(ra_var.value + layers.BN_EPSILON)
+      normalized = (stack.astype(jnp.float32) - ra_mean.value) * inv_std
     else:
       normalized, mean, var = stats
       if not self.is_initializing():
-        ra_mean.value = 0.9 * ra_mean.value + 0.1 * mean
-        ra_var.value = 0.9 * ra_var.value + 0.1 * var
+        m = layers.BN_MOMENTUM
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
+        ra_var.value = m * ra_var.value + (1.0 - m) * var
     return (normalized * scale.astype(self.dtype) + bias.astype(self.dtype)).astype(self.dtype)
 
 

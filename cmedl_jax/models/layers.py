@@ -99,14 +99,20 @@ def instance_norm(x: Array, eps: float = 1e-5) -> Array:
   return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+# BatchNorm as PyTorch's defaults (momentum 0.1 = flax 0.9, eps 1e-5); densefcn.StackBatchNorm
+# uses the same two numbers.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm as PyTorch's defaults (momentum 0.1 = flax 0.9, eps 1e-5), stats in
   `batch_stats`. Under jit with the batch sharded over a mesh the batch mean/variance are
   global-batch statistics (XLA inserts the all-reduce); no axis_name is needed."""
   return nn.BatchNorm(
     use_running_average=not train,
-    momentum=0.9,
-    epsilon=1e-5,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
     dtype=dtype,
     param_dtype=jnp.float32,
     name=name,
