@@ -112,6 +112,69 @@ def test_reflect_pad_matches_numpy_and_gradients_agree(impl, pad):
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6)
 
 
+def _weight_gradient_np(x, g, kh, kw, strides, padding):
+  """float64 reference: dW[i, j, c, o] = sum over n, h, w of xp[n, h*sh + i, w*sw + j, c] g[n, h, w, o]."""
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), *padding, (0, 0)))
+  g = np.asarray(g, np.float64)
+  ho, wo = g.shape[1:3]
+  sh, sw = strides
+  dw = np.zeros((kh, kw, xp.shape[-1], g.shape[-1]))
+  for i in range(kh):
+    for j in range(kw):
+      window = xp[:, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw]
+      dw[i, j] = np.einsum('nhwc,nhwo->co', window, g)
+  return dw
+
+
+@pytest.mark.parametrize(
+  'batch, size, kernel, strides, padding',
+  [
+    (1, (32, 24), (3, 3), (1, 1), ((1, 1), (1, 1))),  # U-Net 3x3 SAME: 8 bands of 4 rows
+    (2, (42, 20), (7, 7), (1, 1), ((0, 0), (0, 0))),  # generator 7x7 on a padded input: 4 bands
+    (1, (33, 20), (1, 2), (1, 1), ((0, 1), (0, 1))),  # a sub-pixel transposed-conv phase
+    (1, (64, 36), (4, 4), (2, 2), ((1, 1), (1, 1))),  # PatchGAN 4x4 stride 2
+    (2, (32, 32), (3, 3), (2, 1), ((1, 1), (1, 1))),  # unequal strides
+    (8, (16, 16), (3, 3), (1, 1), ((1, 1), (1, 1))),  # batch 8: XLA's own weight gradient
+  ],
+)
+def test_conv_weight_gradient_on_row_bands_is_exact(batch, size, kernel, strides, padding):
+  x, w = rand((batch, *size, 3), 20), rand((*kernel, 3, 5), 21)
+
+  def loss(conv, x, w):
+    y = conv(x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jnp.sin(y)), y
+
+  (value, y), (dx, dw) = jax.jit(
+    jax.value_and_grad(lambda *a: loss(layers.conv_general_dilated, *a), (0, 1), has_aux=True)
+  )(x, w)
+  (value_ref, _), (dx_ref, dw_ref) = jax.jit(
+    jax.value_and_grad(lambda *a: loss(jax.lax.conv_general_dilated, *a), (0, 1), has_aux=True)
+  )(x, w)
+  assert float(value) == float(value_ref)
+  np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_ref))
+  dw_np = _weight_gradient_np(x, np.cos(np.asarray(y, np.float64)), *kernel, strides, padding)
+  atol = 1e-5 * np.abs(dw_np).max()  # float32 sums of up to 2,048 products
+  np.testing.assert_allclose(np.asarray(dw), dw_np, rtol=1e-5, atol=atol)
+  np.testing.assert_allclose(np.asarray(dw_ref), dw_np, rtol=1e-5, atol=atol)
+  bands = layers._row_bands(batch, y.shape[1], kernel[0])
+  assert (bands > 1) == (batch < layers.BANDED_WEIGHT_GRADIENT_BELOW_BATCH)
+
+
+def test_every_network_convolution_goes_through_the_banded_weight_gradient():
+  for module in (
+    models.UNet,
+    models.ResnetGenerator,
+    models.PatchGAN,
+    models.DenseFCN,
+    models.PSPNet,
+  ):
+    source = pathlib.Path(module.__module__.replace('.', '/') + '.py')
+    text = (pathlib.Path(__file__).parents[1] / source).read_text()
+    assert text.count('nn.Conv(') == text.count(
+      'conv_general_dilated=layers.conv_general_dilated'
+    ), source
+
+
 def test_reflect_pad_rejects_too_small_input():
   with pytest.raises(ValueError, match='reflect_pad'):
     layers.reflect_pad(jnp.zeros((1, 3, 8, 1)), 3)

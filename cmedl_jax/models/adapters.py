@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cmedl_jax.models import layers
+
 
 class HintAdapters(nn.Module):
   """Per-tap 1x1 convolution from the student's width to the teacher's.
@@ -42,5 +44,6 @@ class HintAdapters(nn.Module):
         dtype=self.dtype,
         param_dtype=jnp.float32,
         name=f'adapter_{tap}',
+        conv_general_dilated=layers.conv_general_dilated,
       )(feat)
     return adapted

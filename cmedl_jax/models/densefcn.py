@@ -56,6 +56,7 @@ def _conv(features: int, kernel: int, dtype: Any, name: str | None = None) -> nn
     param_dtype=jnp.float32,
     kernel_init=layers.he_init,
     name=name,
+    conv_general_dilated=layers.conv_general_dilated,
   )
 
 

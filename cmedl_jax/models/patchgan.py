@@ -40,6 +40,7 @@ class PatchGAN(nn.Module):
         kernel_init=layers.gan_init,
         bias_init=layers.zeros_init,
         name=name,
+        conv_general_dilated=layers.conv_general_dilated,
       )
 
     h = x.astype(dtype)

@@ -43,6 +43,7 @@ def _conv(features, kernel, dtype, stride=1, dilation=1, bias=False, name=None):
     param_dtype=jnp.float32,
     kernel_init=layers.he_init,
     name=name,
+    conv_general_dilated=layers.conv_general_dilated,
   )
 
 

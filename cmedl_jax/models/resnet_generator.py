@@ -58,6 +58,7 @@ def _gan_conv(features: int, kernel: int, stride: int, padding, dtype: Any, name
     kernel_init=layers.gan_init,
     bias_init=layers.zeros_init,
     name=name,
+    conv_general_dilated=layers.conv_general_dilated,
   )
 
 

@@ -45,6 +45,7 @@ class ConvBNReLU(nn.Module):
       dtype=self.dtype,
       param_dtype=jnp.float32,
       kernel_init=layers.he_init,
+      conv_general_dilated=layers.conv_general_dilated,
     )(x)
     return nn.relu(layers.batch_norm(train, self.dtype)(x))
 
@@ -93,6 +94,7 @@ class UNet(nn.Module):
           param_dtype=jnp.float32,
           kernel_init=layers.he_init,
           name=f'up_{level}',
+          conv_general_dilated=layers.conv_general_dilated,
         )(layers.upsample_nearest2x(h))
       h = jnp.concatenate([skips[level], h], axis=-1)
       h = conv_block(width, dtype=dtype, name=f'dec_{level}_0')(h, train)
@@ -105,6 +107,7 @@ class UNet(nn.Module):
       param_dtype=jnp.float32,
       kernel_init=layers.he_init,
       name='classifier',
+      conv_general_dilated=layers.conv_general_dilated,
     )(h)
     crop = lambda t: t[:, :h_in, :w_in, :].astype(jnp.float32)
     logits = crop(logits)
