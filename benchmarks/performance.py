@@ -186,6 +186,15 @@ def goals(steps, ref_flops, peak_g):
         if default
         else ''
       )
+      + (
+        " Where the step loses: the generators' residual-block convolutions (3x3, 256 "
+        'channels; about four fifths of the FLOPs), whose XLA:CPU backward is slower than '
+        "oneDNN's; weight gradients of batches under 8 are computed on row bands "
+        '(layers.conv_general_dilated: U-Net fwd+bwd 1.20 -> 0.76 s at batch 1, measured '
+        '2026-12-03, not by this script).'
+        if ratio > 1
+        else ''
+      )
     )
   dense = _row(steps, 'densefcn:cyclegan', 'jax')
   if dense and jax_row:
