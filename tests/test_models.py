@@ -160,6 +160,16 @@ def test_conv_weight_gradient_on_row_bands_is_exact(batch, size, kernel, strides
   assert (bands > 1) == (batch < layers.BANDED_WEIGHT_GRADIENT_BELOW_BATCH)
 
 
+def test_networks_export_with_a_symbolic_batch_and_size():
+  net = models.UNet(num_classes=2, base_width=4, depth=2)
+  variables = net.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)
+  fn = jax.jit(lambda x: net.apply(variables, x, train=False)[0])
+  shape = jax.export.symbolic_shape('b, 16*h, 16*w, 1')
+  exported = jax.export.export(fn)(jax.ShapeDtypeStruct(shape, jnp.float32))
+  x = rand((3, 32, 16, 1), 22)
+  np.testing.assert_allclose(np.asarray(exported.call(x)), np.asarray(fn(x)), atol=1e-6)
+
+
 def test_every_network_convolution_goes_through_the_banded_weight_gradient():
   for module in (
     models.UNet,

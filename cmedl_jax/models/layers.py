@@ -252,6 +252,7 @@ def conv_general_dilated(
   ones = lambda d: d is None or all(v == 1 for v in d)
   if (
     lhs.ndim != 4
+    or not all(isinstance(d, int) for d in lhs.shape)  # symbolic (jax.export): no gradients
     or lhs.shape[0] >= BANDED_WEIGHT_GRADIENT_BELOW_BATCH
     or not (ones(lhs_dilation) and ones(rhs_dilation))
     or feature_group_count != 1
