@@ -161,11 +161,23 @@ def _row_bands(batch: int, out_rows: int, kernel_rows: int) -> int:
   return 1
 
 
+def _lax_conv(x: Array, kernel: Array, strides, padding, precision) -> Array:
+  return jax.lax.conv_general_dilated(
+    x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
+  )
+
+
+def _xla_weight_gradient(x: Array, g: Array, kernel: Array, strides, padding, precision):
+  conv = lambda k: _lax_conv(x, k, strides, padding, precision)
+  return jax.vjp(conv, kernel)[1](g)[0]
+
+
 def _banded_weight_gradient(
-  x: Array, g: Array, kernel: Array, strides, padding, precision
+  x: Array, g: Array, kernel: Array, strides, padding, precision, bands: int
 ) -> Array:
   """d(loss)/d(kernel) of the convolution x [N, H, W, Cin] * kernel [kh, kw, Cin, Cout]
-  (`strides`, explicit `padding`, NHWC/HWIO) with output cotangent g [N, Ho, Wo, Cout].
+  (`strides`, explicit `padding`, NHWC/HWIO) with output cotangent g [N, Ho, Wo, Cout],
+  summed over `bands` (> 1, from `_row_bands`) bands of output rows.
 
   XLA:CPU computes a weight gradient as a convolution that contracts over the batch; for one
   or two large images (256x256) that runs at a few GFLOP/s (measured: 3x3 32->32 on 1x256x256,
@@ -175,25 +187,18 @@ def _banded_weight_gradient(
   """
   n, out_rows = g.shape[0], g.shape[1]
   kh, stride = kernel.shape[0], strides[0]
-  bands = _row_bands(n, out_rows, kh)
   x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  if bands > 1:
-    rows = out_rows // bands
-    span = (rows - 1) * stride + kh  # input rows that one band of output rows reads
-    index = np.arange(bands)[:, None] * rows * stride + np.arange(span)[None, :]
-    x = x[:, index].reshape(n * bands, span, *x.shape[2:])
-    g = g.reshape(n * bands, rows, *g.shape[2:])
-  conv = lambda k: jax.lax.conv_general_dilated(
-    x, k, strides, 'VALID', dimension_numbers=_NHWC, precision=precision
-  )
-  return jax.vjp(conv, kernel)[1](g)[0]
+  rows = out_rows // bands
+  span = (rows - 1) * stride + kh  # input rows that one band of output rows reads
+  index = np.arange(bands)[:, None] * rows * stride + np.arange(span)[None, :]
+  x = x[:, index].reshape(n * bands, span, *x.shape[2:])
+  g = g.reshape(n * bands, rows, *g.shape[2:])
+  return _xla_weight_gradient(x, g, kernel, strides, 'VALID', precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_banded(x: Array, kernel: Array, strides, padding, precision) -> Array:
-  return jax.lax.conv_general_dilated(
-    x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
-  )
+  return _lax_conv(x, kernel, strides, padding, precision)
 
 
 def _conv_banded_fwd(x, kernel, strides, padding, precision):
@@ -202,16 +207,17 @@ def _conv_banded_fwd(x, kernel, strides, padding, precision):
 
 def _conv_banded_bwd(strides, padding, precision, residuals, g):
   x, kernel = residuals
-  conv = lambda x, k: jax.lax.conv_general_dilated(
-    x, k, strides, padding, dimension_numbers=_NHWC, precision=precision
-  )
-  dx = jax.vjp(lambda x: conv(x, kernel), x)[1](g)[0]
+  dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, padding, precision), x)[1](g)[0]
+  xla = lambda x, g, k: _xla_weight_gradient(x, g, k, strides, padding, precision)
+  bands = _row_bands(g.shape[0], g.shape[1], kernel.shape[0])
+  if bands == 1:
+    return dx, xla(x, g, kernel)
   dkernel = jax.lax.platform_dependent(
     x,
     g,
     kernel,
-    cpu=lambda x, g, k: _banded_weight_gradient(x, g, k, strides, padding, precision),
-    default=lambda x, g, k: jax.vjp(lambda k: conv(x, k), k)[1](g)[0],
+    cpu=lambda x, g, k: _banded_weight_gradient(x, g, k, strides, padding, precision, bands),
+    default=xla,
   )
   return dx, dkernel
 
