@@ -2,6 +2,8 @@
 
   python benchmarks/reproduce.py --jobs 2              # train what is not recorded -> docs/RESULTS.md
   python benchmarks/reproduce.py --only informative-,weak- --jobs 2   # runs named so (prefixes)
+  python benchmarks/reproduce.py --extend informative --jobs 2   # + seeds 8-11 (the plan's rule)
+  python benchmarks/reproduce.py --ablations --jobs 2  # + the exploratory ablations, after the plan
   python benchmarks/reproduce.py --report-only         # docs/RESULTS.md from the records alone
   python benchmarks/reproduce.py --tiny --root /tmp/s --out /tmp/s/RESULTS.md   # pipeline check
 
@@ -78,9 +80,26 @@ PRIMARY_SEEDS = range(8)  # docs/STUDY_PLAN.md: 8 per setting,
 EXTRA_SEEDS = range(8, 12)  # added once to a setting that ended inconclusive (--extend).
 FACTORIAL_SEEDS = range(4)
 SENSITIVITY_SEEDS = range(3)
+ABLATION_SEEDS = range(3)
 SCARCE_CASES = 6  # Label-scarce CT training: the first 6 training cases.
 # Factorial cells (cue, labels); ('none', 'rich') is the informative primary arm itself.
 CELLS = (('none', 'rich'), ('none', 'scarce'), ('cue', 'rich'), ('cue', 'scarce'))
+# Exploratory ablations (--ablations; not in docs/STUDY_PLAN.md: added 2026-12-03 for the
+# report's ablation table, issue 18): the informative setting's CMEDL with one thing changed,
+# paired per seed with the primary arms. arm -> (what changes, config overrides).
+ABLATIONS = {
+  'kl': ('KL between the softened outputs instead of the hint loss', {'method.distill': 'kl'}),
+  'taps_last': ('the hint on the last feature map only', {'method.hint_taps': ('last',)}),
+  'teacher_grad': (
+    'the hint also trains the teacher and, through the pseudo-target, the translator',
+    {'method.hint_trains_teacher': True, 'method.hint_trains_translator': True},
+  ),
+  'target_labels': (
+    'the teacher also trains on labelled real target (T2w) images',
+    {'data.target_labels': True},
+  ),
+  'two_stage': ('the translator trained first (stage 1, alone), then frozen (stage 2)', {}),
+}
 PAPER = (
   'The paper (377 CT and 82 T2w MRI of different patients, 609 test tumors, full-size '
   'networks) reports CMEDL significantly (p < 0.001) more accurate than the non-CMEDL '
@@ -90,12 +109,25 @@ PAPER = (
 )
 
 
-def run(name, group, setting, arm, seed, source=None, switches='defaults', **overrides):
+def run(
+  name,
+  group,
+  setting,
+  arm,
+  seed,
+  source=None,
+  switches='defaults',
+  method=None,
+  requires=None,
+  **overrides,
+):
   """One training run: configs/study.py:SETTING,METHOD,unet,cyclegan[,SWITCHES] + overrides.
 
   arm: what the report calls it (student_only, cmedl, self_distill, cmedl_old, ...); source:
-  the student's dataset (DATASETS key; default the setting's)."""
-  method = 'cmedl' if arm.startswith('cmedl') else arm
+  the student's dataset (DATASETS key; default the setting's); method: configs/study.py's
+  (default: cmedl for cmedl* arms, else the arm); requires: a run trained first in the same
+  job (two-stage: stage 2's translator is loaded from it)."""
+  method = method or ('cmedl' if arm.startswith('cmedl') else arm)
   return dict(
     name=name,
     group=group,
@@ -105,6 +137,7 @@ def run(name, group, setting, arm, seed, source=None, switches='defaults', **ove
     seed=seed,
     source=source or SOURCE_KIND[setting],
     switches=switches,
+    requires=requires,
     overrides={'seed': seed, **overrides},
   )
 
@@ -131,6 +164,22 @@ def plan_runs(extended=()):
       runs.append(
         run(name, 'sensitivity', 'informative', f'cmedl_{switches}', seed, None, switches)
       )
+  return runs
+
+
+def ablation_runs():
+  """The exploratory ablations (ABLATIONS x ABLATION_SEEDS), seed by seed."""
+  runs = []
+  for seed in ABLATION_SEEDS:
+    for arm, (_, overrides) in ABLATIONS.items():
+      name = f'ablation-{arm}-s{seed}'
+      if arm == 'two_stage':
+        stage1 = run(f'{name}-stage1', 'ablation', 'informative', arm, seed, method='stage1')
+        runs.append(
+          run(name, 'ablation', 'informative', arm, seed, None, 'defaults', 'stage2', stage1)
+        )
+      else:
+        runs.append(run(name, 'ablation', 'informative', arm, seed, method='cmedl', **overrides))
   return runs
 
 
@@ -166,6 +215,8 @@ def train_command(r, root, extra):
     f'--workdir={root}/runs/{r["name"]}',
   ]
   overrides = dict(r['overrides'])
+  if r['requires']:
+    overrides['method.translator_init'] = f'{root}/runs/{r["requires"]["name"]}'
   default_root = os.path.normpath(root) == os.path.normpath(study.ROOT)
   for side, name in (('source', r['source']), ('target', TEACHER_KIND[r['setting']])):
     if (
@@ -185,11 +236,18 @@ def shown(cmd):
 
 def finished(r, root):
   workdir = f'{root}/runs/{r["name"]}'
-  return os.path.isdir(f'{workdir}/export') and os.path.isfile(f'{workdir}/study_run.json')
+  exported = r['method'] == 'stage1' or os.path.isdir(f'{workdir}/export')  # Stage 1: no student.
+  return exported and os.path.isfile(f'{workdir}/study_run.json')
+
+
+def has_teacher(r):
+  return r['method'] in ('cmedl', 'stage2')
 
 
 def record_files(r):
-  return RECORD_FILES + (TEACHER_RECORD,) * (r['method'] == 'cmedl')
+  if r['method'] == 'stage1':  # A translator alone: nothing to test.
+    return RECORD_FILES[:2]
+  return RECORD_FILES + (TEACHER_RECORD,) * has_teacher(r)
 
 
 def recorded(r, records_dir):
@@ -257,11 +315,14 @@ def complete(r, root, records_dir, extra, core=None, lock=None):
   (one test-set prediction at a time, in this process)."""
   if recorded(r, records_dir):
     return
+  if r['requires']:
+    complete(r['requires'], root, records_dir, extra, core, lock)
   train(r, root, extra, core)
-  with lock or threading.Lock():
-    predict_and_evaluate(r, root)
-    if r['method'] == 'cmedl':
-      predict_and_evaluate(teacher_run(r), root)
+  if r['method'] != 'stage1':
+    with lock or threading.Lock():
+      predict_and_evaluate(r, root)
+      if has_teacher(r):
+        predict_and_evaluate(teacher_run(r), root)
   for f in record_files(r):
     with open(f'{root}/runs/{r["name"]}/{f}', 'rb') as src:
       nifti_io.atomic_write(f'{records_dir}/{r["name"]}/{f}', src.read())
@@ -413,6 +474,12 @@ DEVIATIONS = (
   "dataset's training cases that its first preparation held out (one split per dataset, the "
   'same for every run); the label-scarce cell trains on the first 6 of the remaining training '
   'cases.',
+)
+ADDITION = (
+  'Added after the plan (2026-12-03, for the ablation table issue 18 asks the report for): the '
+  'exploratory ablation arms (`--ablations`; ABLATIONS in benchmarks/reproduce.py), seeds '
+  '0-2 of the informative setting, trained after the planned runs with the same training code '
+  "(the run table's commit column). They change no planned run, test or decision."
 )
 
 
@@ -651,21 +718,40 @@ def factorial_section(comparisons):
   return '\n'.join(lines)
 
 
-def sensitivity_section(runs, records):
+def exploratory_section(runs, records, group, arms):
+  """Arms of `group` (sensitivity, ablation), each paired per seed with the informative primary
+  arms: the student alone and CMEDL with the defaults. arms: {arm: what changes}."""
   lines = [
-    '| arm | seeds | arm DSC | d vs student alone [95 % t-interval] | d vs CMEDL defaults |',
-    '|---|---|---|---|---|',
+    '| arm | what changes | seeds | arm DSC | d vs student alone [95 % t-interval] '
+    '| d vs CMEDL defaults | d juxta-med. tumours vs CMEDL | teacher DSC |',
+    '|---|---|---|---|---|---|---|---|',
   ]
-  base = values(runs, records, case_dsc, group='primary', setting='informative', arm='student_only')
-  cmedl = values(runs, records, case_dsc, group='primary', setting='informative', arm='cmedl')
-  for arm in ('cmedl_old', 'cmedl_authors'):
-    b = values(runs, records, case_dsc, group='sensitivity', arm=arm)
+  juxta = functools.partial(tumor_dsc, kind='juxta_mediastinal')
+  sel = dict(group='primary', setting='informative')
+  base = values(runs, records, case_dsc, arm='student_only', **sel)
+  cmedl = values(runs, records, case_dsc, arm='cmedl', **sel)
+  cmedl_juxta = values(runs, records, juxta, arm='cmedl', **sel)
+  for arm, what in arms.items():
+    b = values(runs, records, case_dsc, group=group, arm=arm)
     if not b:
       continue
-    t = eval_stats.seed_level_test(paired(base, b)[1])
-    tc = eval_stats.seed_level_test(paired(cmedl, b)[1])
-    lines.append(f'| {arm} | {len(b)} | {_ms(b)} | {_interval(t)} | {_interval(tc)} |')
-  return '\n'.join(lines) if len(lines) > 2 else 'No sensitivity run recorded yet.'
+    b_juxta = values(runs, records, juxta, group=group, arm=arm)
+    teacher = values(runs, records, case_dsc, key='teacher', group=group, arm=arm)
+    t, tc, tj = (
+      eval_stats.seed_level_test([x for x in paired(a, v)[1] if np.isfinite(x)])
+      for a, v in ((base, b), (cmedl, b), (cmedl_juxta, b_juxta))
+    )
+    lines.append(
+      f'| {arm} | {what} | {len(b)} | {_ms(b)} | {_interval(t)} | {_interval(tc)} | '
+      f'{_interval(tj)} | {_ms(teacher) if teacher else "—"} |'
+    )
+  return '\n'.join(lines) if len(lines) > 2 else f'No {group} run recorded yet.'
+
+
+SENSITIVITY_ARMS = {
+  'cmedl_old': "the 2026-11 study's switches (configs/study.py METHOD_SWITCHES)",
+  'cmedl_authors': "the teacher's gradient into the translator at the authors' effective scale",
+}
 
 
 def differences_figure(tests, comparisons, path):
@@ -727,7 +813,15 @@ def curves_figure(runs, records, path):
   return True
 
 
-def discussion(tests):
+def _side(t):
+  """Where a t-interval lies: 'above 0', 'below 0' or 'includes 0'."""
+  if not (np.isfinite(t['low']) and np.isfinite(t['high'])):
+    return 'no interval'
+  return 'above 0' if t['low'] > 0 else ('below 0' if t['high'] < 0 else 'includes 0')
+
+
+def discussion(tests, runs, records, comparisons):
+  """The decisions, the teacher against its student, and the factorial, said from the data."""
   said = []
   for setting, t in tests.items():
     if t['n_seeds'] < 2:
@@ -738,7 +832,38 @@ def discussion(tests):
       f'{_interval(t)} DSC, sign-flip p {_p(t["p"])} (Holm {_p(t["p_holm"])}): '
       f"**{t['decision']}** by the plan's rule."
     )
-  return ' '.join(said) + '\n\n' + LIMITS
+  gaps = {}
+  for setting in SETTINGS:
+    sel = dict(group='primary', setting=setting, arm='cmedl')
+    seeds, d = paired(
+      values(runs, records, case_dsc, **sel), values(runs, records, case_dsc, key='teacher', **sel)
+    )
+    if len(seeds) >= 2:
+      gaps[setting] = eval_stats.seed_level_test(d)
+  teacher = ''
+  if gaps:
+    listed = '; '.join(f'{s} {_interval(t)} ({t["n_seeds"]} seeds)' for s, t in gaps.items())
+    teacher = (
+      "\n\nThe teacher, segmenting the translator's output of the same test volumes, minus its "
+      f'own CMEDL student (mean test DSC): {listed}. '
+    )
+    if all(_side(t) == 'below 0' for t in gaps.values()):
+      teacher += (
+        'The teacher is worse than the student it teaches in every setting. CMEDL rests on a '
+        'teacher that segments the pseudo-target better than its student segments the source; '
+        'here it does not, a likely reason (which this study does not test) that the student '
+        'gains nothing.'
+      )
+  cells = [(c, t, n) for c, arm, ((_, _, n, t, _), _) in comparisons if arm == 'cmedl' and n]
+  factorial = ''
+  if cells:
+    listed = '; '.join(f'{c} {_interval(t)} ({len(n)} seeds, {_side(t)})' for c, t, n in cells)
+    factorial = (
+      '\n\nPremise factorial (our addition), CMEDL minus the student alone per cell: '
+      f'{listed}. The premise predicts a gain in cue/scarce and none in the cue-free cells '
+      '(4 seeds at most per cell: an interval, not a decision).'
+    )
+  return ' '.join(said) + teacher + factorial + '\n\n' + LIMITS
 
 
 LIMITS = """\
@@ -765,15 +890,22 @@ def build_report(out, runs, records, tiny):
   minutes = sum(rec['run']['seconds'] for rec in records.values()) / 60
   missing = [
     g
-    for g in ('primary', 'factorial', 'sensitivity')
+    for g in ('primary', 'factorial', 'sensitivity', 'ablation')
     if any(r['group'] == g and r['name'] not in records for r in runs)
   ]
+  planned = [r for r in runs if r['group'] != 'ablation']
+  added = [r for r in runs if r['group'] == 'ablation']
+  counts = f'**{sum(r["name"] in records for r in planned)} of {len(planned)} planned runs**'
+  if added:
+    counts += (
+      f' and {sum(r["name"] in records for r in added)} of {len(added)} exploratory ablation runs'
+    )
   parts = [
     f"""# CMEDL on the phantoms: the pre-registered study
 
 Generated by `python benchmarks/reproduce.py{' --tiny' if tiny else ''} --report-only` at commit
 `{_git_commit()}` on {datetime.date.today().isoformat()} from the run records in RESULTS_runs/
-beside this file: **{len(records)} of {len(runs)} planned runs** recorded ({minutes:.0f} min of
+beside this file: {counts} recorded ({minutes:.0f} min of
 training; trained at commit(s) {', '.join(f'`{c}`' for c in commits) or '—'} on
 {', '.join(machines) or '—'}). {'Still to run: ' + ', '.join(missing) + ' runs (see the last table). ' if missing else ''}The plan,
 its arms, seeds, length, endpoints and decision rule were committed before the first run:
@@ -801,10 +933,22 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
     'identity translator and a CT teacher (the regularisation of distillation without the MRI '
     'side). The premise predicts a gain with the cue and scarce labels; the cue-free cells are '
     'negative controls.\n\n' + factorial_section(comparisons) + '\n',
-    "## Sensitivity arms (seeds 0-2, exploratory)\n\ncmedl_old: the 2026-11 study's switches; "
-    "cmedl_authors: the teacher's gradient into the translator at the authors' effective "
-    'scale.\n\n' + sensitivity_section(runs, records) + '\n',
+    '## Sensitivity arms (seeds 0-2, exploratory)\n\n'
+    + exploratory_section(runs, records, 'sensitivity', SENSITIVITY_ARMS)
+    + '\n',
   ]
+  if any(r['group'] == 'ablation' for r in runs):
+    parts.append(
+      '## Ablations (exploratory, added after the plan; seeds 0-2)\n\nNot pre-registered '
+      '(see Deviations): CMEDL with the defaults and one thing changed, informative setting, '
+      'paired per seed with its primary arms; no decisions. A difference from CMEDL with the '
+      "defaults (same seed, same data order) is the change's effect plus run-to-run noise of "
+      'the size the primary table shows.\n\n'
+      + exploratory_section(
+        runs, records, 'ablation', {arm: what for arm, (what, _) in ABLATIONS.items()}
+      )
+      + '\n'
+    )
   figures = []
   if differences_figure(tests, comparisons, f'{fig_dir}/paired_differences.png'):
     figures.append('![per-seed paired differences](RESULTS_figures/paired_differences.png)')
@@ -817,8 +961,10 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
     "translator's output of the same test volumes. Records: RESULTS_runs/NAME/.\n\n"
     + run_table(runs, records)
     + '\n',
-    '## Deviations from the plan\n\n' + '\n'.join(f'- {d}' for d in DEVIATIONS) + '\n',
-    '## Discussion\n\n' + discussion(tests) + '\n',
+    '## Deviations from the plan\n\n'
+    + '\n'.join(f'- {d}' for d in DEVIATIONS + (ADDITION,) * bool(added))
+    + '\n',
+    '## Discussion\n\n' + discussion(tests, runs, records, comparisons) + '\n',
   ]
   nifti_io.atomic_write(out, '\n'.join(parts).encode())
 
@@ -845,6 +991,12 @@ def main(argv=None):
     'docs/STUDY_PLAN.md); recorded extra seeds are always reported',
   )
   parser.add_argument(
+    '--ablations',
+    action='store_true',
+    help='also the exploratory ablation arms (not in the plan: ABLATIONS, seeds 0-2), after '
+    'the planned runs; recorded ablations are always reported',
+  )
+  parser.add_argument(
     '--jobs',
     type=int,
     default=1,
@@ -862,6 +1014,11 @@ def main(argv=None):
     if any(os.path.isdir(f'{records_dir}/{setting}-cmedl-s{s}') for s in EXTRA_SEEDS):
       extended.add(setting)
   runs = tiny_runs() if args.tiny else plan_runs(extended)
+  ablations = ablation_runs()
+  if not args.tiny and (
+    args.ablations or any(os.path.isdir(f'{records_dir}/{r["name"]}') for r in ablations)
+  ):
+    runs += ablations
   chosen = runs
   if args.only:
     chosen = [r for r in runs if r['name'].startswith(tuple(args.only.split(',')))]

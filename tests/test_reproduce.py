@@ -130,3 +130,63 @@ def test_tiny_study_end_to_end(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'training' not in proc.stdout and not (root / 'runs').exists()
   assert out.read_text() == before
+
+
+def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_first(
+  tmp_path, monkeypatch
+):
+  runs = reproduce.plan_runs() + reproduce.ablation_runs()
+  records = {}
+  for r in runs:
+    if r['group'] not in ('primary', 'ablation') or r['setting'] != 'informative':
+      continue
+    dsc = {'student_only': 0.6, 'cmedl': 0.62, 'kl': 0.5}.get(r['arm'], 0.61) + 0.01 * r['seed']
+    records[r['name']] = dict(
+      eval=_record(dsc),
+      teacher=_record(0.5) if reproduce.has_teacher(r) else None,
+      run=dict(seconds=60.0, commit='abc1234', machine='x86_64 2 CPU cores (ci)'),
+      validation=[dict(step=250, val_dsc=0.5, val_teacher_dsc=0.4)],
+    )
+  out = tmp_path / 'RESULTS.md'
+  reproduce.build_report(str(out), runs, records, tiny=False)
+  text = out.read_text()
+  assert '16 of 82 planned runs** and 15 of 15 exploratory ablation runs' in text
+  section = text.split('## Ablations')[1].split('\n## ')[0]
+  rows = {l.split('|')[1].strip(): l for l in section.splitlines() if l.startswith('| ')}
+  assert set(reproduce.ABLATIONS) <= set(rows)
+  # kl: 0.5 + 0.01 s against 0.6 + 0.01 s (student alone) and 0.62 + 0.01 s (CMEDL), seeds 0-2.
+  assert (
+    '| 3 | 0.510 ± 0.010 (3) | -0.100 [-0.100, -0.100] | -0.120 [-0.120, -0.120] |' in (rows['kl'])
+  )
+  assert 'Added after the plan' in text.split('## Deviations')[1]
+
+  # Two-stage: stage 1 (a translator alone: config and run records only) is trained first, in
+  # the same job, and stage 2 loads its translator from stage 1's workdir.
+  two_stage = next(r for r in runs if r['name'] == 'ablation-two_stage-s1')
+  root, records_dir, trained = str(tmp_path / 'study'), str(tmp_path / 'records'), []
+  assert f'--config.method.translator_init={root}/runs/ablation-two_stage-s1-stage1' in (
+    reproduce.train_command(two_stage, root, {})
+  )
+
+  def fake_run(r, *args, **kwargs):
+    del args, kwargs
+    name = r['name'].split('#')[0]
+    trained.append(r['name'])
+    for f in reproduce.RECORD_FILES + (reproduce.TEACHER_RECORD,):
+      (tmp_path / 'study' / 'runs' / name).mkdir(parents=True, exist_ok=True)
+      (tmp_path / 'study' / 'runs' / name / f).write_text('{}')
+
+  monkeypatch.setattr(reproduce, 'train', fake_run)
+  monkeypatch.setattr(reproduce, 'predict_and_evaluate', fake_run)
+  reproduce.complete(two_stage, root, records_dir, {})
+  assert trained == [
+    'ablation-two_stage-s1-stage1',
+    'ablation-two_stage-s1',
+    'ablation-two_stage-s1',
+    'ablation-two_stage-s1#teacher',
+  ]
+  assert sorted(os.listdir(f'{records_dir}/ablation-two_stage-s1-stage1')) == [
+    'config.json',
+    'study_run.json',
+  ]
+  assert reproduce.recorded(two_stage, records_dir)
