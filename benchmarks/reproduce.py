@@ -522,6 +522,11 @@ def tumor_dsc(record, kind):
   return float(np.mean(values)) if values else float('nan')
 
 
+def class_dsc(record, cls):
+  """Mean over test cases of class `cls`'s DSC (the equal setting's organs)."""
+  return float(np.mean([_num(r['dice']) for r in record['case_rows'] if r['class'] == cls]))
+
+
 def detection_rate(record):
   rows = record['tumor_rows']
   return float(np.mean([bool(t['detected']) for t in rows])) if rows else float('nan')
@@ -652,7 +657,20 @@ def secondary_section(runs, records):
   )
   for setting in SETTINGS:
     sel = dict(group='primary', setting=setting)
-    for label, value in endpoints:
+    organs = ()
+    if setting == 'equal':
+      first = next(
+        (
+          records[r['name']]['eval']
+          for r in runs
+          if r['name'] in records and r['setting'] == setting and r['group'] == 'primary'
+        ),
+        None,
+      )
+      organs = tuple(dict.fromkeys(row['class'] for row in first['case_rows'])) if first else ()
+    for label, value in endpoints + tuple(
+      (f'{organ} DSC', functools.partial(class_dsc, cls=organ)) for organ in organs
+    ):
       if setting == 'equal' and 'tumour' in label:
         continue
       a = values(runs, records, value, arm='student_only', **sel)

@@ -26,10 +26,13 @@ GAINS = {
 }
 
 
-def _record(dsc, cases=('a', 'b')):
-  # Two cases whose DSCs average to `dsc`; one tumour of each type per case.
+def _record(dsc, cases=('a', 'b'), classes=('tumor',)):
+  # Two cases whose DSCs average to `dsc` (each class of a case: the case's DSC); one tumour of
+  # each type per case.
   case_rows = [
-    dict(case=c, dice=dsc + s, hd95=5.0, n_fp_components=1) for c, s in zip(cases, (-0.1, 0.1))
+    dict(case=c, dice=dsc + s, hd95=5.0, n_fp_components=1, **{'class': k})
+    for c, s in zip(cases, (-0.1, 0.1))
+    for k in classes
   ]
   tumor_rows = [
     dict(case=c, dice=dsc, detected=True, type=t)
@@ -45,8 +48,9 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
     if r['group'] != 'primary':
       continue
     gain = GAINS[r['setting']][r['seed']] if r['arm'] == 'cmedl' else 0.0
+    organs = ('liver', 'spleen') if r['setting'] == 'equal' else ('tumor',)
     records[r['name']] = dict(
-      eval=_record(0.6 + gain),
+      eval=_record(0.6 + gain, classes=organs),
       teacher=_record(0.5) if r['arm'] == 'cmedl' else None,
       run=dict(seconds=60.0, commit='abc1234', machine='x86_64 2 CPU cores (ci)'),
       validation=[dict(step=250, val_dsc=0.5, val_teacher_dsc=0.4)],
@@ -61,6 +65,8 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   assert '+0.040 [' in rows['informative'] and 's7 +0.030' in rows['informative']
   assert '**not reproduced**' in rows['weak']
   assert '**inconclusive**' in rows['equal']
+  # The equal setting's organs each get a secondary row: CMEDL's mean gain over the 8 seeds.
+  assert '| equal | spleen DSC | 0.600 ± 0.000 (8) | 0.619 ± 0.069 (8) | +0.019 [' in text
   assert '48 of 82 planned runs' in text and 'Still to run: factorial, sensitivity' in text
   assert (tmp_path / 'RESULTS_figures' / 'paired_differences.png').stat().st_size > 1000
   assert (tmp_path / 'RESULTS_figures' / 'validation_curves.png').stat().st_size > 1000
