@@ -4,6 +4,7 @@
   python benchmarks/reproduce.py --only informative-,weak- --jobs 2   # runs named so (prefixes)
   python benchmarks/reproduce.py --extend informative --jobs 2   # + seeds 8-11 (the plan's rule)
   python benchmarks/reproduce.py --ablations --jobs 2  # + the exploratory ablations, after the plan
+  python benchmarks/reproduce.py --extend auto --ablations --jobs 2   # all that is left, in order
   python benchmarks/reproduce.py --report-only         # docs/RESULTS.md from the records alone
   python benchmarks/reproduce.py --tiny --root /tmp/s --out /tmp/s/RESULTS.md   # pipeline check
 
@@ -987,6 +988,25 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
   nifti_io.atomic_write(out, '\n'.join(parts).encode())
 
 
+def inconclusive_settings(records_dir):
+  """Settings whose first decision (all PRIMARY_SEEDS recorded) is inconclusive: --extend auto."""
+  runs = plan_runs()
+  tests = primary(runs, load_records(runs, records_dir))
+  return {
+    s
+    for s, t in tests.items()
+    if t['n_seeds'] == len(PRIMARY_SEEDS) and t['decision'] == 'inconclusive'
+  }
+
+
+def training_order(r):
+  """Sort key of the runs to train: the plan's own runs in its order, then its extension (extra
+  seeds), then the exploratory ablations (sorted() keeps the order within each)."""
+  if r['group'] == 'ablation':
+    return 2
+  return int(r['group'] == 'primary' and r['seed'] in EXTRA_SEEDS)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1005,8 +1025,9 @@ def main(argv=None):
   parser.add_argument(
     '--extend',
     default='',
-    help='comma-separated settings that ended inconclusive: add their seeds 8-11 (once; '
-    'docs/STUDY_PLAN.md); recorded extra seeds are always reported',
+    help='comma-separated settings that ended inconclusive, or auto (those the records '
+    'decide inconclusive with all 8 seeds): add their seeds 8-11 (once; docs/STUDY_PLAN.md), '
+    'trained after the other planned runs; recorded extra seeds are always reported',
   )
   parser.add_argument(
     '--ablations',
@@ -1025,6 +1046,8 @@ def main(argv=None):
   root = args.root.rstrip('/')
   records_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), 'RESULTS_runs')
   extended = {s for s in args.extend.split(',') if s}
+  if 'auto' in extended:
+    extended = (extended - {'auto'}) | inconclusive_settings(records_dir)
   unknown = extended - set(SETTINGS)
   if unknown:
     parser.error(f'--extend: unknown settings {sorted(unknown)}; settings: {", ".join(SETTINGS)}')
@@ -1042,7 +1065,7 @@ def main(argv=None):
     chosen = [r for r in runs if r['name'].startswith(tuple(args.only.split(',')))]
   failed = []
   if not args.report_only:
-    todo = [r for r in chosen if not recorded(r, records_dir)]
+    todo = sorted((r for r in chosen if not recorded(r, records_dir)), key=training_order)
     write_phantoms(
       root, todo, TINY_DATASETS if args.tiny else DATASETS, TINY_PHANTOM_GRID if args.tiny else {}
     )

@@ -196,3 +196,33 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
     'study_run.json',
   ]
   assert reproduce.recorded(two_stage, records_dir)
+
+
+def test_extend_auto_takes_the_inconclusive_settings_and_trains_them_after_the_plan(tmp_path):
+  records_dir = tmp_path / 'RESULTS_runs'
+  for r in reproduce.plan_runs():
+    if r['group'] == 'primary' and not (r['setting'] == 'weak' and r['seed'] == 7):
+      gain = GAINS[r['setting']][r['seed']] if r['arm'] == 'cmedl' else 0.0
+      for f, obj in (
+        ('test_eval.json', _record(0.6 + gain)),
+        ('test_eval_teacher.json', _record(0.5)),
+        ('study_run.json', dict(seconds=60.0)),
+        ('validation.json', []),
+        ('config.json', {}),
+      ):
+        (records_dir / r['name']).mkdir(parents=True, exist_ok=True)
+        (records_dir / r['name'] / f).write_text(json.dumps(obj))
+  # Informative is reproduced, equal inconclusive; weak lacks a seed (no first decision yet).
+  assert reproduce.inconclusive_settings(str(records_dir)) == {'equal'}
+  runs = reproduce.plan_runs({'equal'}) + reproduce.ablation_runs()
+  todo = sorted(
+    (r for r in runs if not reproduce.recorded(r, str(records_dir))), key=reproduce.training_order
+  )
+  names = [r['name'] for r in todo]
+  assert names[:2] == ['weak-student_only-s7', 'weak-cmedl-s7']
+  extension = [n for n in names if n.startswith('equal-')]
+  assert extension == [f'equal-{a}-s{s}' for s in range(8, 12) for a in ('student_only', 'cmedl')]
+  first_extension = names.index('equal-student_only-s8')
+  assert names[first_extension - 1] == 'sensitivity-cmedl_authors-s2'
+  assert all(n.startswith('ablation-') for n in names[first_extension + 8 :])
+  assert len(names) == first_extension + 8 + 15
