@@ -773,6 +773,39 @@ SENSITIVITY_ARMS = {
 }
 
 
+def curve_differences_section(runs, records):
+  """Validation DSC, CMEDL student minus the student alone (same seed), at each validation step:
+  mean over seeds and how many seeds are above 0 (exploratory: speed of learning, no test)."""
+  rows = []
+  for setting in SETTINGS:
+    curves = {}
+    for arm in ('student_only', 'cmedl'):
+      curves[arm] = values(
+        runs,
+        records,
+        lambda v: {e['step']: _num(e.get('val_dsc', 'nan')) for e in v},
+        key='validation',
+        group='primary',
+        setting=setting,
+        arm=arm,
+      )
+    seeds = sorted(set(curves['student_only']) & set(curves['cmedl']))
+    if not seeds:
+      continue
+    steps = sorted(set.intersection(*(set(curves[a][s]) for a in curves for s in seeds)))
+    cells = []
+    for step in steps:
+      d = np.array([curves['cmedl'][s][step] - curves['student_only'][s][step] for s in seeds])
+      cells.append(f'{d.mean():+.3f} ({int((d > 0).sum())}/{len(d)})')
+    rows.append((setting, steps, cells))
+  if not rows:
+    return ''
+  steps = rows[0][1]
+  lines = ['| setting | ' + ' | '.join(str(s) for s in steps) + ' |', '|---|' + '---|' * len(steps)]
+  lines += [f'| {setting} | ' + ' | '.join(cells) + ' |' for setting, _, cells in rows]
+  return '\n'.join(lines)
+
+
 def differences_figure(tests, comparisons, path):
   """Per-seed paired differences (dots) with mean and 95 % t-interval (bar), one row each."""
   rows = [(f'{s} (primary)', t['differences'], t) for s, t in tests.items() if t['n_seeds']]
@@ -973,6 +1006,13 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
     figures.append('![per-seed paired differences](RESULTS_figures/paired_differences.png)')
   if curves_figure(runs, records, f'{fig_dir}/validation_curves.png'):
     figures.append('![validation DSC curves](RESULTS_figures/validation_curves.png)')
+  curve_table = curve_differences_section(runs, records)
+  if curve_table:
+    figures.append(
+      'Validation DSC (prepared 6 mm grid), CMEDL student minus the student alone at each '
+      'validation step: mean over seeds (seeds above 0 / seeds). Exploratory: whether '
+      'distillation speeds learning before the end; no test.\n\n' + curve_table
+    )
   if figures:
     parts.append('## Figures\n\n' + '\n\n'.join(figures) + '\n')
   parts += [

@@ -53,7 +53,7 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
       eval=_record(0.6 + gain, classes=organs),
       teacher=_record(0.5) if r['arm'] == 'cmedl' else None,
       run=dict(seconds=60.0, commit='abc1234', machine='x86_64 2 CPU cores (ci)'),
-      validation=[dict(step=250, val_dsc=0.5, val_teacher_dsc=0.4)],
+      validation=[dict(step=250, val_dsc=0.5 + gain, val_teacher_dsc=0.4)],
     )
   out = tmp_path / 'RESULTS.md'
   reproduce.build_report(str(out), reproduce.plan_runs(), records, tiny=False)
@@ -69,6 +69,8 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   assert '| equal | spleen DSC | 0.600 ± 0.000 (8) | 0.619 ± 0.069 (8) | +0.019 [' in text
   assert '48 of 82 planned runs' in text and 'Still to run: factorial, sensitivity' in text
   assert (tmp_path / 'RESULTS_figures' / 'paired_differences.png').stat().st_size > 1000
+  # Validation curves, CMEDL minus the student alone per step: mean over seeds, seeds above 0.
+  assert '| informative | +0.040 (8/8) |' in text and '| weak | +0.000 (4/8) |' in text
   assert (tmp_path / 'RESULTS_figures' / 'validation_curves.png').stat().st_size > 1000
 
   # The plan's one extension (seeds 8-11) enters the same decision and is said.
