@@ -303,6 +303,7 @@ def train(r, root, extra, core=None):
       'seconds': round(seconds, 1),
       'returncode': rc,
       'commit': _git_commit(),
+      'uncommitted_training_code': _uncommitted_training_code(),
       'machine': _machine(),
       'pinned_core': core,
       'date': datetime.date.today().isoformat(),
@@ -380,6 +381,20 @@ def _git_commit():
     ).strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
+
+
+def _uncommitted_training_code():
+  """Files of the training code (cmedl_jax/, configs/, data_prep/) that differ from the commit:
+  [] when the run's `commit` is the code it trained with (the driver itself may differ)."""
+  try:
+    out = subprocess.check_output(
+      ['git', 'status', '--porcelain', '--', 'cmedl_jax', 'configs', 'data_prep'],
+      cwd=REPO,
+      text=True,
+    )
+  except (OSError, subprocess.CalledProcessError):
+    return ['unknown']
+  return sorted(line[3:] for line in out.splitlines() if line.strip())
 
 
 def tumor_types(dataset_dir, case, ref):
