@@ -87,17 +87,18 @@ SCARCE_CASES = 6  # Label-scarce CT training: the first 6 training cases.
 CELLS = (('none', 'rich'), ('none', 'scarce'), ('cue', 'rich'), ('cue', 'scarce'))
 # Exploratory ablations (--ablations; not in docs/STUDY_PLAN.md: added 2026-12-03 for the
 # report's ablation table, issue 18): the informative setting's CMEDL with one thing changed,
-# paired per seed with the primary arms. arm -> (what changes, config overrides).
+# paired per seed with the primary arms. arm -> (what changes, config overrides), in the order
+# they train: target labels first (the one that gives the teacher information its student lacks).
 ABLATIONS = {
+  'target_labels': (
+    'the teacher also trains on labelled real target (T2w) images',
+    {'data.target_labels': True},
+  ),
   'kl': ('KL between the softened outputs instead of the hint loss', {'method.distill': 'kl'}),
   'taps_last': ('the hint on the last feature map only', {'method.hint_taps': ('last',)}),
   'teacher_grad': (
     'the hint also trains the teacher and, through the pseudo-target, the translator',
     {'method.hint_trains_teacher': True, 'method.hint_trains_translator': True},
-  ),
-  'target_labels': (
-    'the teacher also trains on labelled real target (T2w) images',
-    {'data.target_labels': True},
   ),
   'two_stage': ('the translator trained first (stage 1, alone), then frozen (stage 2)', {}),
 }
