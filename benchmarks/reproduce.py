@@ -178,7 +178,7 @@ def ablation_runs():
       if arm == 'two_stage':
         stage1 = run(f'{name}-stage1', 'ablation', 'informative', arm, seed, method='stage1')
         runs.append(
-          run(name, 'ablation', 'informative', arm, seed, None, 'defaults', 'stage2', stage1)
+          run(name, 'ablation', 'informative', arm, seed, method='stage2', requires=stage1)
         )
       else:
         runs.append(run(name, 'ablation', 'informative', arm, seed, method='cmedl', **overrides))
@@ -660,6 +660,17 @@ def run_table(runs, records):
   return '\n'.join(lines)
 
 
+def teacher_gap(runs, records, setting):
+  """(teacher DSC {seed: value}, seed-level test of teacher − its own CMEDL student) of a
+  setting's primary CMEDL runs; ({}, None) without teacher records."""
+  sel = dict(group='primary', setting=setting, arm='cmedl')
+  teacher = values(runs, records, case_dsc, key='teacher', **sel)
+  if not teacher:
+    return teacher, None
+  _, d = paired(values(runs, records, case_dsc, **sel), teacher)
+  return teacher, eval_stats.seed_level_test(d)
+
+
 def secondary_section(runs, records):
   lines = [
     '| setting | endpoint | student alone | CMEDL student | d [95 % t-interval] | sign-flip p |',
@@ -698,11 +709,8 @@ def secondary_section(runs, records):
       d = [x for x in d if np.isfinite(x)]
       t = eval_stats.seed_level_test(d)
       lines.append(f'| {setting} | {label} | {_ms(a)} | {_ms(b)} | {_interval(t)} | {_p(t["p"])} |')
-    teacher = values(runs, records, case_dsc, key='teacher', arm='cmedl', **sel)
-    student = values(runs, records, case_dsc, arm='cmedl', **sel)
+    teacher, t = teacher_gap(runs, records, setting)
     if teacher:
-      seeds, d = paired(student, teacher)
-      t = eval_stats.seed_level_test(d)
       lines.append(
         f'| {setting} | teacher DSC on the pseudo-target (vs its own student) | — | '
         f'{_ms(teacher)} | teacher − student {_interval(t)} | {_p(t["p"])} |'
@@ -789,22 +797,27 @@ SENSITIVITY_ARMS = {
 }
 
 
+def validation_curves(runs, records, setting, arm, tag='val_dsc'):
+  """{seed: {step: value of `tag`}} of the setting's primary runs of `arm` (validation.json)."""
+  return values(
+    runs,
+    records,
+    lambda v: {e['step']: _num(e.get(tag, 'nan')) for e in v},
+    key='validation',
+    group='primary',
+    setting=setting,
+    arm=arm,
+  )
+
+
 def curve_differences_section(runs, records):
   """Validation DSC, CMEDL student minus the student alone (same seed), at each validation step:
   mean over seeds and how many seeds are above 0 (exploratory: speed of learning, no test)."""
   rows = []
   for setting in SETTINGS:
-    curves = {}
-    for arm in ('student_only', 'cmedl'):
-      curves[arm] = values(
-        runs,
-        records,
-        lambda v: {e['step']: _num(e.get('val_dsc', 'nan')) for e in v},
-        key='validation',
-        group='primary',
-        setting=setting,
-        arm=arm,
-      )
+    curves = {
+      arm: validation_curves(runs, records, setting, arm) for arm in ('student_only', 'cmedl')
+    }
     seeds = sorted(set(curves['student_only']) & set(curves['cmedl']))
     if not seeds:
       continue
@@ -858,15 +871,7 @@ def curves_figure(runs, records, path):
       ('cmedl', 'val_dsc', 'CMEDL student'),
       ('cmedl', 'val_teacher_dsc', 'CMEDL teacher (pseudo-target)'),
     ):
-      curves = values(
-        runs,
-        records,
-        lambda v, tag=tag: {e['step']: _num(e.get(tag, 'nan')) for e in v},
-        key='validation',
-        group='primary',
-        setting=setting,
-        arm=arm,
-      )
+      curves = validation_curves(runs, records, setting, arm, tag)
       steps = sorted({s for c in curves.values() for s in c})
       if curves and steps:
         mean = [np.nanmean([c.get(s, np.nan) for c in curves.values()]) for s in steps]
@@ -902,12 +907,9 @@ def discussion(tests, runs, records, comparisons):
     )
   gaps = {}
   for setting in SETTINGS:
-    sel = dict(group='primary', setting=setting, arm='cmedl')
-    seeds, d = paired(
-      values(runs, records, case_dsc, **sel), values(runs, records, case_dsc, key='teacher', **sel)
-    )
-    if len(seeds) >= 2:
-      gaps[setting] = eval_stats.seed_level_test(d)
+    _, t = teacher_gap(runs, records, setting)
+    if t is not None and t['n_seeds'] >= 2:
+      gaps[setting] = t
   teacher = ''
   if gaps:
     listed = '; '.join(f'{s} {_interval(t)} ({t["n_seeds"]} seeds)' for s, t in gaps.items())
