@@ -287,7 +287,12 @@ def train(r, root, extra, core=None):
   print(f'reproduce: training {r["name"]}: {shown(cmd)}', flush=True)
   env, pin = None, None
   if core is not None:
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.abspath(f'{root}/jax_cache'))
+    # Runs side by side on one GPU share its memory (JAX's default gives each process 75 %).
+    env = dict(
+      os.environ,
+      JAX_COMPILATION_CACHE_DIR=os.path.abspath(f'{root}/jax_cache'),
+      XLA_PYTHON_CLIENT_PREALLOCATE='false',
+    )
     pin = functools.partial(os.sched_setaffinity, 0, {core})
   t0 = time.time()
   with open(f'{workdir}/train.log', 'a') as log:
@@ -1099,7 +1104,8 @@ def main(argv=None):
     type=int,
     default=1,
     help='runs trained at once, each pinned to one core (2 on 2 cores: benchmarks/'
-    'study_throughput.py)',
+    'study_throughput.py; on a GPU machine, up to one per core: the runs share the GPU and its '
+    'memory; not yet tried on a GPU)',
   )
   args = parser.parse_args(argv)
   root = args.root.rstrip('/')
