@@ -39,6 +39,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from cmedl_jax import environment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cmedl_jax.evaluation import cases as eval_cases  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cmedl_jax.evaluation import plots as eval_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cmedl_jax.evaluation import report as eval_report  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -331,7 +332,11 @@ def complete(r, root, records_dir, extra, core=None, lock=None):
       predict_and_evaluate(r, root)
       if has_teacher(r):
         predict_and_evaluate(teacher_run(r), root)
-  for f in record_files(r):
+  # The run's CPU, packages and XLA flags (results agree bit for bit only on the same ones),
+  # kept where the run wrote them; not required of a record (earlier records lack it).
+  for f in (ENVIRONMENT_RECORD,) + record_files(r):
+    if f == ENVIRONMENT_RECORD and not os.path.isfile(f'{root}/runs/{r["name"]}/{f}'):
+      continue
     with open(f'{root}/runs/{r["name"]}/{f}', 'rb') as src:
       nifti_io.atomic_write(f'{records_dir}/{r["name"]}/{f}', src.read())
   print(f'reproduce: {r["name"]} recorded in {records_dir}/{r["name"]}', flush=True)
@@ -426,6 +431,7 @@ def tumor_types(dataset_dir, case, ref):
 
 RECORD_FILES = ('config.json', 'study_run.json', 'validation.json', 'test_eval.json')
 TEACHER_RECORD = 'test_eval_teacher.json'
+ENVIRONMENT_RECORD = environment.FILE
 
 
 def teacher_run(r):

@@ -127,6 +127,8 @@ def test_tiny_study_end_to_end(tmp_path):
     assert f'| {mean:.3f} |' in row, (mean, row)
     run = json.loads((records / name / 'study_run.json').read_text())
     assert run['returncode'] == 0 and 'configs/study.py:informative' in run['command']
+    env = json.loads((records / name / 'environment.json').read_text())
+    assert env['current']['cpu'] and env['current']['packages']['jax']
   assert (records / 'informative-cmedl-s0' / 'test_eval_teacher.json').is_file()
   assert re.search(r'\| informative \| 1 \| s0 [+-]\d\.\d{3} \|', text)
 
