@@ -332,12 +332,12 @@ def complete(r, root, records_dir, extra, core=None, lock=None):
       predict_and_evaluate(r, root)
       if has_teacher(r):
         predict_and_evaluate(teacher_run(r), root)
+  run_dir = f'{root}/runs/{r["name"]}'
   # The run's CPU, packages and XLA flags (results agree bit for bit only on the same ones),
   # kept where the run wrote them; not required of a record (earlier records lack it).
-  for f in (ENVIRONMENT_RECORD,) + record_files(r):
-    if f == ENVIRONMENT_RECORD and not os.path.isfile(f'{root}/runs/{r["name"]}/{f}'):
-      continue
-    with open(f'{root}/runs/{r["name"]}/{f}', 'rb') as src:
+  optional = [ENVIRONMENT_RECORD] if os.path.isfile(f'{run_dir}/{ENVIRONMENT_RECORD}') else []
+  for f in optional + list(record_files(r)):
+    with open(f'{run_dir}/{f}', 'rb') as src:
       nifti_io.atomic_write(f'{records_dir}/{r["name"]}/{f}', src.read())
   print(f'reproduce: {r["name"]} recorded in {records_dir}/{r["name"]}', flush=True)
 
