@@ -944,6 +944,15 @@ def discussion(tests, runs, records, comparisons):
       f'{listed}. The premise predicts a gain in cue/scarce and none in the cue-free cells '
       '(4 seeds at most per cell: an interval, not a decision).'
     )
+    controls = [
+      (c, t, n) for c, arm, ((_, _, n, t, _), _) in comparisons if arm == 'self_distill' and n
+    ]
+    if controls:
+      listed = '; '.join(f'{c} {_interval(t)} ({len(n)} seeds, {_side(t)})' for c, t, n in controls)
+      factorial += (
+        ' The self-distillation control (identity translator, CT teacher: distillation without '
+        f'the MRI side) minus the student alone: {listed}.'
+      )
   return ' '.join(said) + teacher + factorial + '\n\n' + LIMITS
 
 

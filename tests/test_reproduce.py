@@ -82,6 +82,17 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   text = out.read_text()
   assert '| equal | 12 |' in text and 'equal: seeds 8-11 added once' in text
 
+  # The factorial: CMEDL +0.01 in every cell; the self-distillation control -0.02 in cue/scarce,
+  # both said in the discussion.
+  for r in runs:
+    if r['group'] == 'factorial':
+      gain = {'student_only': 0.0, 'cmedl': 0.01, 'self_distill': -0.02}[r['arm']]
+      records[r['name']] = dict(records['informative-student_only-s0'], eval=_record(0.6 + gain))
+  reproduce.build_report(str(out), runs, records, tiny=False)
+  text = out.read_text()
+  assert 'per cell: none/rich +0.045 [' in text and 'cue/scarce +0.010 [' in text
+  assert 'without the MRI side) minus the student alone: cue/scarce -0.020 [' in text
+
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
