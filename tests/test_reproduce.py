@@ -55,9 +55,13 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
       run=dict(seconds=60.0, commit='abc1234', machine='x86_64 2 CPU cores (ci)'),
       validation=[dict(step=250, val_dsc=0.5 + gain, val_teacher_dsc=0.4)],
     )
+  # One run resumed on another CPU: both models are said (runs per model).
+  cpus = [dict(cpu='CPU A'), dict(cpu='CPU B')]
+  records['weak-cmedl-s0']['environment'] = dict(current=cpus[1], history=cpus)
   out = tmp_path / 'RESULTS.md'
   reproduce.build_report(str(out), reproduce.plan_runs(), records, tiny=False)
   text = out.read_text()
+  assert 'runs per model:\nCPU A (1), CPU B (1); 47 earlier runs did not record' in text
   primary = text.split('## Primary endpoint')[1].split('##')[0]
   rows = {l.split('|')[1].strip(): l for l in primary.splitlines() if l.startswith('| ')}
   # Eight positive seeds: sign-flip p = 2/256; Holm x3 = 0.0234 (statistics tests the values).
@@ -140,6 +144,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert run['returncode'] == 0 and 'configs/study.py:informative' in run['command']
     env = json.loads((records / name / 'environment.json').read_text())
     assert env['current']['cpu'] and env['current']['packages']['jax']
+  assert f'{env["current"]["cpu"]} (' in text
   assert (records / 'informative-cmedl-s0' / 'test_eval_teacher.json').is_file()
   assert re.search(r'\| informative \| 1 \| s0 [+-]\d\.\d{3} \|', text)
 
