@@ -937,23 +937,26 @@ def discussion(tests, runs, records, comparisons):
         'here it does not, a likely reason (which this study does not test) that the student '
         'gains nothing.'
       )
-  cells = [(c, t, n) for c, arm, ((_, _, n, t, _), _) in comparisons if arm == 'cmedl' and n]
-  factorial = ''
+
+  def said_cells(arm):
+    """'cell d [interval] (n seeds, side); ...' of the factorial cells that have `arm`."""
+    return '; '.join(
+      f'{c} {_interval(t)} ({len(n)} seeds, {_side(t)})'
+      for c, a, ((_, _, n, t, _), _) in comparisons
+      if a == arm and n
+    )
+
+  factorial, cells, controls = '', said_cells('cmedl'), said_cells('self_distill')
   if cells:
-    listed = '; '.join(f'{c} {_interval(t)} ({len(n)} seeds, {_side(t)})' for c, t, n in cells)
     factorial = (
       '\n\nPremise factorial (our addition), CMEDL minus the student alone per cell: '
-      f'{listed}. The premise predicts a gain in cue/scarce and none in the cue-free cells '
+      f'{cells}. The premise predicts a gain in cue/scarce and none in the cue-free cells '
       '(4 seeds at most per cell: an interval, not a decision).'
     )
-    controls = [
-      (c, t, n) for c, arm, ((_, _, n, t, _), _) in comparisons if arm == 'self_distill' and n
-    ]
     if controls:
-      listed = '; '.join(f'{c} {_interval(t)} ({len(n)} seeds, {_side(t)})' for c, t, n in controls)
       factorial += (
         ' The self-distillation control (identity translator, CT teacher: distillation without '
-        f'the MRI side) minus the student alone: {listed}.'
+        f'the MRI side) minus the student alone: {controls}.'
       )
   return ' '.join(said) + teacher + factorial + '\n\n' + LIMITS
 
@@ -984,12 +987,11 @@ def build_report(out, runs, records, tiny):
     cpu
     for rec in records.values()
     if 'environment' in rec
-    for cpu in sorted(
-      {
-        e.get('cpu')
-        for e in [rec['environment']['current']] + rec['environment'].get('history', [])
-      }
-    )
+    # A CPU the run could not name is 'unknown' (None would not sort beside names).
+    for cpu in {
+      e.get('cpu') or 'unknown'
+      for e in [rec['environment']['current']] + rec['environment'].get('history', [])
+    }
   )
   unrecorded = sum('environment' not in rec for rec in records.values())
   cpu_text = ', '.join(f'{c} ({n})' for c, n in sorted(cpus.items())) or 'none'

@@ -97,6 +97,11 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   assert 'per cell: none/rich +0.045 [' in text and 'cue/scarce +0.010 [' in text
   assert 'without the MRI side) minus the student alone: cue/scarce -0.020 [' in text
 
+  # A run whose CPU could not be named counts as 'unknown'.
+  records['factorial-cue-scarce-cmedl-s0']['environment'] = dict(current=dict(cpu=None))
+  reproduce.build_report(str(out), runs, records, tiny=False)
+  assert 'CPU A (1), CPU B (1), unknown (1);' in out.read_text()
+
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
