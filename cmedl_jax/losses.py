@@ -99,8 +99,8 @@ def patch_nce_loss(
   diagonal = jnp.eye(num_patches, dtype=bool)[None]
   l_neg = jnp.where(diagonal, -10.0, l_neg)
   logits = jnp.concatenate([l_pos, l_neg], axis=-1) / temperature  # [N, P, P+1]
-  labels = jnp.zeros(logits.shape[:-1], jnp.int32)
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  # Cross-entropy with the positive (index 0) as the label: logsumexp minus its logit.
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
 
 
 # ---------------------------------------------------------------------------
@@ -377,12 +377,17 @@ def segmentation_loss(
   labels = jnp.asarray(labels, jnp.int32)
   w_pix = _pixel_weights(mask, labels)
 
-  ce_pix = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # [N, H, W, K]
+  # Cross-entropy as logsumexp minus the label's logit, picked by the one-hot mask rather
+  # than a gather (optax's way): the gather's gradient is a scatter-add that XLA:CPU spends
+  # seconds constant-folding when the loss weights are constant (an error-level
+  # slow_operation_alarm at compile time); runtime is the same.
+  ce_pix = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(onehot * logits, axis=-1)
   w_sum = jnp.sum(w_pix)
   ce = jnp.sum(ce_pix * w_pix) / jnp.where(w_sum > 0, w_sum, 1.0)
 
   probs = jax.nn.softmax(logits, axis=-1) * w_pix[..., None]
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * w_pix[..., None]
+  onehot = onehot * w_pix[..., None]
   reduce_axes = tuple(range(logits.ndim - 1))
   intersection = jnp.sum(probs * onehot, axis=reduce_axes)  # [K]
   denominator = jnp.sum(probs, axis=reduce_axes) + jnp.sum(onehot, axis=reduce_axes)

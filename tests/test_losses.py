@@ -432,6 +432,20 @@ def test_segmentation_loss_empty_class_and_bf16():
     _jit(losses.segmentation_loss, logits, labels[:, :4], k)
 
 
+def test_cross_entropy_gradients_have_no_scatter():
+  """Segmentation and PatchNCE cross-entropies pick the label's logit without a gather, so
+  their gradients hold no scatter: with constant loss weights XLA:CPU spent seconds
+  constant-folding optax's scatter-add and logged an error-level slow_operation_alarm."""
+  k = 2
+  labels = jnp.asarray(_rng(13).integers(0, k, size=(2, 8, 8)))
+  seg = lambda lg: losses.segmentation_loss(lg, labels, k)[0]
+  hlo = jax.jit(jax.grad(seg)).lower(jnp.zeros((2, 8, 8, k))).as_text()
+  assert 'scatter' not in hlo and 'gather' not in hlo
+  q = jnp.zeros((2, 4, 3))
+  hlo = jax.jit(jax.grad(losses.patch_nce_loss)).lower(q, q).as_text()
+  assert 'scatter' not in hlo and 'gather' not in hlo
+
+
 # --------------------------------------------------------------------------- hint
 
 
