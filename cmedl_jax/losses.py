@@ -378,10 +378,8 @@ def segmentation_loss(
   w_pix = _pixel_weights(mask, labels)
 
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # [N, H, W, K]
-  # Cross-entropy as logsumexp minus the label's logit, picked by the one-hot mask rather
-  # than a gather (optax's way): the gather's gradient is a scatter-add that XLA:CPU spends
-  # seconds constant-folding when the loss weights are constant (an error-level
-  # slow_operation_alarm at compile time); value and gradient take about as long.
+  # CE = logsumexp - label logit, picked by the one-hot mask, not optax's gather: its gradient's
+  # scatter-add took XLA:CPU seconds of constant folding (an E-level slow_operation_alarm).
   ce_pix = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(onehot * logits, axis=-1)
   w_sum = jnp.sum(w_pix)
   ce = jnp.sum(ce_pix * w_pix) / jnp.where(w_sum > 0, w_sum, 1.0)
