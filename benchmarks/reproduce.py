@@ -1149,8 +1149,12 @@ def main(argv=None):
   unknown = extended - set(SETTINGS)
   if unknown:
     parser.error(f'--extend: unknown settings {sorted(unknown)}; settings: {", ".join(SETTINGS)}')
-  for setting in SETTINGS:  # Extra seeds once recorded stay in the report.
-    if any(os.path.isdir(f'{records_dir}/{setting}-cmedl-s{s}') for s in EXTRA_SEEDS):
+  for setting in SETTINGS:  # Extra seeds, once either arm is recorded, stay in the report.
+    if any(
+      os.path.isdir(f'{records_dir}/{setting}-{arm}-s{s}')
+      for arm in ('student_only', 'cmedl')
+      for s in EXTRA_SEEDS
+    ):
       extended.add(setting)
   runs = tiny_runs() if args.tiny else plan_runs(extended)
   ablations = ablation_runs()

@@ -223,20 +223,25 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
   assert reproduce.recorded(two_stage, records_dir)
 
 
+def _write_records(run_dir, dsc):
+  """The small records of a finished run whose student has mean test DSC `dsc`."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  for f, obj in (
+    ('test_eval.json', _record(dsc)),
+    ('test_eval_teacher.json', _record(0.5)),
+    ('study_run.json', dict(seconds=60.0)),
+    ('validation.json', []),
+    ('config.json', {}),
+  ):
+    (run_dir / f).write_text(json.dumps(obj))
+
+
 def test_extend_auto_takes_the_inconclusive_settings_and_trains_them_after_the_plan(tmp_path):
   records_dir = tmp_path / 'RESULTS_runs'
   for r in reproduce.plan_runs():
     if r['group'] == 'primary' and not (r['setting'] == 'weak' and r['seed'] == 7):
       gain = GAINS[r['setting']][r['seed']] if r['arm'] == 'cmedl' else 0.0
-      for f, obj in (
-        ('test_eval.json', _record(0.6 + gain)),
-        ('test_eval_teacher.json', _record(0.5)),
-        ('study_run.json', dict(seconds=60.0)),
-        ('validation.json', []),
-        ('config.json', {}),
-      ):
-        (records_dir / r['name']).mkdir(parents=True, exist_ok=True)
-        (records_dir / r['name'] / f).write_text(json.dumps(obj))
+      _write_records(records_dir / r['name'], 0.6 + gain)
   # Informative is reproduced, equal inconclusive; weak lacks a seed (no first decision yet).
   assert reproduce.inconclusive_settings(str(records_dir)) == {'equal'}
   runs = reproduce.plan_runs({'equal'}) + reproduce.ablation_runs()
@@ -251,3 +256,13 @@ def test_extend_auto_takes_the_inconclusive_settings_and_trains_them_after_the_p
   assert names[first_extension - 1] == 'sensitivity-cmedl_authors-s2'
   assert all(n.startswith('ablation-') for n in names[first_extension + 8 :])
   assert len(names) == first_extension + 8 + 15
+
+
+def test_the_report_counts_an_extension_once_either_arm_of_an_extra_seed_is_recorded(tmp_path):
+  _write_records(tmp_path / 'RESULTS_runs' / 'equal-student_only-s8', 0.6)
+  reproduce.main(['--report-only', '--out', str(tmp_path / 'RESULTS.md')])
+  planned = [r for r in reproduce.plan_runs({'equal'}) if r['group'] != 'ablation']
+  assert len(planned) == len(reproduce.plan_runs()) + 8
+  text = (tmp_path / 'RESULTS.md').read_text()
+  assert f'**1 of {len(planned)} planned runs**' in text
+  assert 'Still to run: primary' in text
