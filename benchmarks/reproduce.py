@@ -1149,13 +1149,13 @@ def main(argv=None):
   unknown = extended - set(SETTINGS)
   if unknown:
     parser.error(f'--extend: unknown settings {sorted(unknown)}; settings: {", ".join(SETTINGS)}')
-  for setting in SETTINGS:  # Extra seeds, once either arm is recorded, stay in the report.
-    if any(
-      os.path.isdir(f'{records_dir}/{setting}-{arm}-s{s}')
-      for arm in ('student_only', 'cmedl')
-      for s in EXTRA_SEEDS
-    ):
-      extended.add(setting)
+  extended |= {  # Extra seeds, once either arm is recorded, stay in the report.
+    r['setting']
+    for r in plan_runs(SETTINGS)
+    if r['group'] == 'primary'
+    and r['seed'] in EXTRA_SEEDS
+    and os.path.isdir(f'{records_dir}/{r["name"]}')
+  }
   runs = tiny_runs() if args.tiny else plan_runs(extended)
   ablations = ablation_runs()
   if not args.tiny and (

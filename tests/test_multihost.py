@@ -121,23 +121,26 @@ def test_two_processes_resume_and_equal_one_process(tmp_path):
   try:
     # The same program in 1 process with 4 devices, from the start: it uses the CPU that the
     # late process leaves idle.
-    procs.append(_start(tmp_path, single, logs[4], 4))
+    one = _start(tmp_path, single, logs[4], 4)
+    procs.append(one)
     # Both processes SIGKILLed as soon as checkpoint 3 is committed (during step 4); process 1
     # starts the train step (and the image summaries') 35 s after process 0.
-    procs += _start_pair(tmp_path, multi, logs[:2], late=_LATE_S)
+    killed = _start_pair(tmp_path, multi, logs[:2], late=_LATE_S)
+    procs += killed
     deadline = time.time() + _TIMEOUT
     while not (multi / 'checkpoints' / '3').is_dir():
-      assert all(p.poll() is None for p in procs[1:]), ''.join(map(_tail, logs[:2]))
+      assert all(p.poll() is None for p in killed), ''.join(map(_tail, logs[:2]))
       assert time.time() < deadline, 'no checkpoint 3 in time'
       time.sleep(0.05)
-    for p in procs[1:]:
+    for p in killed:
       p.kill()
       p.wait()
     assert steps_saved(multi) == [3]
     assert not os.path.exists(multi / 'export')
     # Both resume from step 3 and finish: checkpoints, validation, images and the export.
-    procs += _start_pair(tmp_path, multi, logs[2:4])
-    _wait(procs[3:] + procs[:1], logs[2:])
+    resumed = _start_pair(tmp_path, multi, logs[2:4])
+    procs += resumed
+    _wait([*resumed, one], logs[2:])
     for log in logs[2:4]:
       assert 'JAX process' in log.read_text() and 'Starting at step 3 of 8.' in log.read_text()
   finally:
