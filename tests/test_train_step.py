@@ -46,11 +46,16 @@ def make_batch(seed, n=8, has_label=1.0, channels=1):
 _SETUPS = {}
 
 
+def _session_key(config, devices, channels):
+  """(the key of `config`, `devices` (default: the first) and `channels`, those devices)."""
+  devices = devices or jax.devices()[:1]
+  return (config.to_json(), tuple(d.id for d in devices), channels), devices
+
+
 def setup(config, devices=None, channels=1):
   """Networks, a replicated initial state (initialised under jit), the jitted step, the mesh;
   once per configuration, devices and channels in a session."""
-  devices = devices or jax.devices()[:1]
-  key = (config.to_json(), tuple(d.id for d in devices), channels)
+  key, devices = _session_key(config, devices, channels)
   if key not in _SETUPS:
     _SETUPS[key] = _setup(config, devices, channels)
   return _SETUPS[key]
@@ -75,8 +80,7 @@ _RUNS = {}
 def run_one(config, devices=None, channels=1):
   """(initial state, state after one step, metrics); each configuration compiled once per
   session (tests that share a configuration share its run)."""
-  devices = devices or jax.devices()[:1]
-  key = (config.to_json(), tuple(d.id for d in devices), channels)
+  key, devices = _session_key(config, devices, channels)
   if key not in _RUNS:
     nets, state, step, mesh = setup(config, devices, channels)
     src = jax.device_put(make_batch(1, channels=channels), sharding.data_sharded(mesh))
