@@ -1,5 +1,4 @@
-"""Test setup, before jax starts: 8 forced CPU devices, one compilation cache, quiet TF; the
-longest test files first.
+"""Test setup, before jax starts: 8 forced CPU devices, one compilation cache, quiet TF.
 
 - XLA_FLAGS always gets `--xla_force_host_platform_device_count=8` (the multi-device tests need
   8 devices), whatever the user's own XLA_FLAGS hold; their other flags are kept.
@@ -49,32 +48,6 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 import cmedl_jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# The test files that take longest, longest first; the others follow in collection order.
-# pytest-xdist's `--dist loadfile` hands out whole files in collection order (its own order, by
-# number of tests, is turned off below), so the short files even out the two workers at the
-# end instead of one worker running a long file alone. Seconds of one worker, 2026-12-04, this
-# 2-core machine: train_step ~500, train ~330, multihost ~200, models ~150, notebook ~125,
-# reproduce ~120, predict ~110; every other file under 60.
-LONGEST_FIRST = (
-  'test_train_step.py',
-  'test_train.py',
-  'test_multihost.py',
-  'test_models.py',
-  'test_notebook.py',
-  'test_reproduce.py',
-  'test_predict.py',
-)
-
-
-def pytest_configure(config):
-  if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist
-    config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope='session')
