@@ -1096,12 +1096,17 @@ def inconclusive_settings(records_dir):
   }
 
 
+def is_extra_seed(r):
+  """True for a primary run of the plan's one extension (a seed of EXTRA_SEEDS)."""
+  return r['group'] == 'primary' and r['seed'] in EXTRA_SEEDS
+
+
 def training_order(r):
   """Sort key of the runs to train: the plan's own runs in its order, then its extension (extra
   seeds), then the exploratory ablations (sorted() keeps the order within each)."""
   if r['group'] == 'ablation':
     return 2
-  return int(r['group'] == 'primary' and r['seed'] in EXTRA_SEEDS)
+  return int(is_extra_seed(r))
 
 
 def main(argv=None):
@@ -1150,11 +1155,7 @@ def main(argv=None):
   if unknown:
     parser.error(f'--extend: unknown settings {sorted(unknown)}; settings: {", ".join(SETTINGS)}')
   extended |= {  # Extra seeds, once either arm is recorded, stay in the report.
-    r['setting']
-    for r in plan_runs(SETTINGS)
-    if r['group'] == 'primary'
-    and r['seed'] in EXTRA_SEEDS
-    and os.path.isdir(f'{records_dir}/{r["name"]}')
+    r['setting'] for r in plan_runs(SETTINGS) if is_extra_seed(r) and recorded(r, records_dir)
   }
   runs = tiny_runs() if args.tiny else plan_runs(extended)
   ablations = ablation_runs()
