@@ -3,7 +3,7 @@
 For each network and batch size: one jitted step = loss (sum of squared outputs) and its
 gradient with respect to all parameters (segmenters in train mode, batch statistics
 updated); reports the median wall time of `--repeats` runs after one warm-up, XLA's FLOP
-count of the compiled step (`cost_analysis()["flops"]`) and the achieved GFLOP/s.
+count of the step (train_step.py's compile_counted) and the achieved GFLOP/s.
 `--variants` adds the CycleGAN generator with the direct XLA formulations
 (`lax.conv_transpose`, `jnp.pad(mode="reflect")`) to compare with the defaults.
 
@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step as step_bench  # noqa: E402  (benchmarks/train_step.py)
 from cmedl_jax import models  # noqa: E402
 
 SIZE = 256
@@ -79,13 +81,6 @@ def _step_fn(kind, net):
   return step
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float(cost.get('flops', float('nan'))) if cost else float('nan')
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batches', default='1,4')
@@ -115,8 +110,8 @@ def main():
         variables = jax.jit(lambda t: net.init(init_key, t, train=False))(x[:1])
       else:
         variables = jax.jit(lambda t: net.init(init_key, t))(x[:1])
-      compiled = jax.jit(_step_fn(kind, net)).lower(variables, x).compile()
-      gflop = _flops(compiled) / 1e9
+      compiled, flops = step_bench.compile_counted(jax.jit(_step_fn(kind, net)).lower(variables, x))
+      gflop = flops / 1e9
       jax.block_until_ready(compiled(variables, x))
       times = []
       for _ in range(args.repeats):

@@ -17,10 +17,10 @@ patches, hint loss) trains many small runs on 2 CPU cores. This measures, in one
         update, the optimizer update;
       - jax.vmap of the pure train_step over S stacked seeds (states and batches) — what
         multi-seed training would give in slices/s.
-  FLOPs are XLA's cost_analysis of each compiled program.
+  FLOPs are XLA's cost_analysis of each program (benchmarks/train_step.py's compile_counted).
 
   python benchmarks/study_speed.py [--steps 15] [--flags baseline,jax_default,...]
-      [--no-parts] [--vmap 2,4] [--repeat 2] [--out study_speed.json]
+      [--no-parts] [--no-variants] [--vmap 2,4] [--repeat 2] [--out study_speed.json]
 
 --repeat runs the flag sweep that many times (A B C A B C) to show drift under load.
 --concurrent K additionally runs one steps-only worker pinned to core 0 (taskset), then K such
@@ -82,19 +82,14 @@ def study_config(method='cmedl', **overrides):
   return config
 
 
-def _cost(compiled):
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get('flops', float('nan')))
-
-
 class Item:
   """A compiled program and how to call it once (state threaded through for steps)."""
 
-  def __init__(self, name, group, compiled, args, slices, carry_state=False, compile_s=0.0):
-    self.name, self.group, self.compiled, self.args = name, group, compiled, list(args)
-    self.slices, self.carry_state, self.compile_s = slices, carry_state, compile_s
-    self.flops = _cost(compiled)
+  def __init__(self, name, group, lowered, args, slices, carry_state=False, t0=None):
+    self.name, self.group, self.args = name, group, list(args)
+    self.compiled, self.flops = step_bench.compile_counted(lowered)
+    self.slices, self.carry_state = slices, carry_state
+    self.compile_s = time.perf_counter() - t0 if t0 is not None else 0.0
     self.times = []
 
   def call(self):
@@ -145,8 +140,7 @@ def step_item(name, config, group='step', seed=0):
   src, tgt = _batches(config, batch)
   fn = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx), donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = fn.lower(state, src, tgt).compile()
-  item = Item(name, group, compiled, (state, src, tgt), batch, True, time.perf_counter() - t0)
+  item = Item(name, group, fn.lower(state, src, tgt), (state, src, tgt), batch, True, t0)
   item.extra = dict(nets=nets, tx=tx)
   return item
 
@@ -171,15 +165,9 @@ def vmap_item(config, seeds):
   step = functools.partial(ts.train_step, config=config, nets=nets, tx=tx)
   fn = jax.jit(jax.vmap(step), donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = fn.lower(state, src, tgt).compile()
+  lowered = fn.lower(state, src, tgt)
   return Item(
-    f'cmedl vmap x{seeds} seeds',
-    'vmap',
-    compiled,
-    (state, src, tgt),
-    seeds * batch,
-    True,
-    time.perf_counter() - t0,
+    f'cmedl vmap x{seeds} seeds', 'vmap', lowered, (state, src, tgt), seeds * batch, True, t0
   )
 
 
@@ -203,8 +191,7 @@ def part_items(config, base):
 
   def add(name, fn, *args, slices=n):
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    items.append(Item(name, 'part', compiled, args, slices, False, time.perf_counter() - t0))
+    items.append(Item(name, 'part', jax.jit(fn).lower(*args), args, slices, False, t0))
 
   def sq_grad(apply):
     return lambda q, *v: jax.grad(lambda q: jnp.sum(jnp.square(apply(q, *v))))(q)
@@ -365,17 +352,21 @@ def worker(args):
   items.append(step_item('cmedl', base))
   items.append(step_item('student_only', study_config('student_only')))
   if args.full:
-    for name, over in [
-      ('cmedl pad jnp', {'model.translator': dict(base.model.translator, pad_impl='jnp')}),
-      (
-        'cmedl upsample xla',
-        {'model.translator': dict(base.model.translator, upsample_impl='xla')},
-      ),
-      ('cmedl no contextual', {'loss.contextual': 0.0}),
-      ('cmedl contextual 64 pts', {'method.contextual_points': 64}),
-      ('cmedl batch 32', {'train.global_batch_size': 32}),
-      ('student_only batch 32', {'train.global_batch_size': 32, '_method': 'student_only'}),
-    ]:
+    for name, over in (
+      []
+      if args.no_variants
+      else [
+        ('cmedl pad jnp', {'model.translator': dict(base.model.translator, pad_impl='jnp')}),
+        (
+          'cmedl upsample xla',
+          {'model.translator': dict(base.model.translator, upsample_impl='xla')},
+        ),
+        ('cmedl no contextual', {'loss.contextual': 0.0}),
+        ('cmedl contextual 64 pts', {'method.contextual_points': 64}),
+        ('cmedl batch 32', {'train.global_batch_size': 32}),
+        ('student_only batch 32', {'train.global_batch_size': 32, '_method': 'student_only'}),
+      ]
+    ):
       over = dict(over)
       m = over.pop('_method', 'cmedl')
       config = study_config(m)
@@ -424,6 +415,8 @@ def run_worker(flag_name, args, full, cpu=None, background=False):
     cmd.append('--_full')
   if args.no_parts:
     cmd.append('--no-parts')
+  if args.no_variants:
+    cmd.append('--no-variants')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   t0 = time.perf_counter()
   if background:
@@ -497,6 +490,7 @@ def main(argv=None):
   ap.add_argument('--flags', default=DEFAULT_FLAGS, help=f'named flag sets: {", ".join(FLAG_SETS)}')
   ap.add_argument('--vmap', default='2,4', help="seed counts for the vmap figure ('none': skip)")
   ap.add_argument('--no-parts', action='store_true', help='skip the per-part breakdown')
+  ap.add_argument('--no-variants', action='store_true', help='skip the code variants')
   ap.add_argument('--no-full', action='store_true', help='baseline worker: steps only')
   ap.add_argument('--repeat', type=int, default=1, help='run the flag sweep this many times')
   ap.add_argument('--out', default=None, help='write all results as JSON here')
