@@ -287,7 +287,7 @@ def train(r, root, extra, core=None):
   os.makedirs(workdir, exist_ok=True)
   cmd = train_command(r, root, extra)
   print(f'reproduce: training {r["name"]}: {shown(cmd)}', flush=True)
-  env, pin = None, None
+  env = None
   if core is not None:
     # Runs side by side on one GPU share its memory (JAX's default gives each process 75 %).
     env = dict(
@@ -295,12 +295,15 @@ def train(r, root, extra, core=None):
       JAX_COMPILATION_CACHE_DIR=os.path.abspath(f'{root}/jax_cache'),
       XLA_PYTHON_CLIENT_PREALLOCATE='false',
     )
-    pin = functools.partial(os.sched_setaffinity, 0, {core})
   t0 = time.time()
   with open(f'{workdir}/train.log', 'a') as log:
-    rc = subprocess.call(
-      cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin
-    )
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if core is not None:
+      # Pinned from here, as its interpreter starts and before it starts any thread, rather
+      # than by a preexec_fn, which would fork this process (threaded once it has tested a
+      # run with jax) and run Python code in the child.
+      os.sched_setaffinity(proc.pid, {core})
+    rc = proc.wait()
   seconds = time.time() - t0
   if rc != 0:
     raise RuntimeError(f'run {r["name"]} failed (exit {rc}); see {workdir}/train.log')
