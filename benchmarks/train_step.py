@@ -1,8 +1,8 @@
 """Time the joint CMEDL train step under XLA:CPU against an equivalent eager PyTorch step.
 
 For each segmenter x translator pairing (configs/cmedl.py full-size networks) at --size and
---batch, prints: compile time, median step time, XLA FLOPs per step (compile_counted: cost_analysis of the
-compiled step), achieved GFLOP/s and its fraction of this machine's float32 matmul peak
+--batch, prints: compile time, median step time, XLA FLOPs per step (XLA's cost analysis:
+compile_counted), achieved GFLOP/s and its fraction of this machine's float32 matmul peak
 (measured here: best of a few 4096^3 products), peak memory (XLA buffer assignment:
 arguments + outputs + temporaries - aliased; and the worker's peak RSS), and, unless
 --no-torch or torch is missing, the same figures of the eager PyTorch step from
