@@ -1,5 +1,4 @@
-"""Test setup, before jax starts: 8 forced CPU devices, one compilation cache, quiet TF; the
-longest test files first.
+"""Test setup, before jax starts: 8 forced CPU devices, one compilation cache, quiet TF.
 
 - XLA_FLAGS always gets `--xla_force_host_platform_device_count=8` (the multi-device tests need
   8 devices), whatever the user's own XLA_FLAGS hold; their other flags are kept.
@@ -49,35 +48,6 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 import cmedl_jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# The test files that take longest, longest first; the others follow in collection order.
-# pytest-xdist's `--dist loadfile` hands a worker its next file once it has 2 or fewer tests
-# left, in queue order. By default it queues files by number of tests, which puts the
-# one-test files last: one worker took all three (multihost, notebook, own_data) while the
-# other was still in test_train_step.py, then sat idle for the last 65 s of a 470 s run (clean
-# clone of 7cbd656, 2026-12-04 17:16, this 2-core machine, f32 matmul 264 GFLOP/s). That run's seconds per file: train_step 322, train 147, multihost 122, models 82,
-# reproduce 54, notebook 46, setup 28, predict 22, own_data 19; every other file 10 or less.
-LONGEST_FIRST = (
-  'test_train_step.py',
-  'test_train.py',
-  'test_multihost.py',
-  'test_models.py',
-  'test_reproduce.py',
-  'test_notebook.py',
-  'test_setup.py',
-  'test_predict.py',
-  'test_own_data.py',
-)
-
-
-def pytest_configure(config):
-  if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist
-    config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope='session')
