@@ -85,11 +85,12 @@ def study_config(method='cmedl', **overrides):
 class Item:
   """A compiled program and how to call it once (state threaded through for steps)."""
 
-  def __init__(self, name, group, lowered, args, slices, carry_state=False, t0=None):
+  def __init__(self, name, group, lowered, args, slices, carry_state, t0):
+    """lowered: the program, compiled here; t0: perf_counter() before it was lowered."""
     self.name, self.group, self.args = name, group, list(args)
     self.compiled, self.flops = step_bench.compile_counted(lowered)
     self.slices, self.carry_state = slices, carry_state
-    self.compile_s = time.perf_counter() - t0 if t0 is not None else 0.0
+    self.compile_s = time.perf_counter() - t0
     self.times = []
 
   def call(self):
@@ -352,21 +353,18 @@ def worker(args):
   items.append(step_item('cmedl', base))
   items.append(step_item('student_only', study_config('student_only')))
   if args.full:
-    for name, over in (
-      []
-      if args.no_variants
-      else [
-        ('cmedl pad jnp', {'model.translator': dict(base.model.translator, pad_impl='jnp')}),
-        (
-          'cmedl upsample xla',
-          {'model.translator': dict(base.model.translator, upsample_impl='xla')},
-        ),
-        ('cmedl no contextual', {'loss.contextual': 0.0}),
-        ('cmedl contextual 64 pts', {'method.contextual_points': 64}),
-        ('cmedl batch 32', {'train.global_batch_size': 32}),
-        ('student_only batch 32', {'train.global_batch_size': 32, '_method': 'student_only'}),
-      ]
-    ):
+    variants = [
+      ('cmedl pad jnp', {'model.translator': dict(base.model.translator, pad_impl='jnp')}),
+      (
+        'cmedl upsample xla',
+        {'model.translator': dict(base.model.translator, upsample_impl='xla')},
+      ),
+      ('cmedl no contextual', {'loss.contextual': 0.0}),
+      ('cmedl contextual 64 pts', {'method.contextual_points': 64}),
+      ('cmedl batch 32', {'train.global_batch_size': 32}),
+      ('student_only batch 32', {'train.global_batch_size': 32, '_method': 'student_only'}),
+    ]
+    for name, over in [] if args.no_variants else variants:
       over = dict(over)
       m = over.pop('_method', 'cmedl')
       config = study_config(m)
