@@ -777,34 +777,53 @@ def factorial_section(comparisons):
   return '\n'.join(lines)
 
 
-def exploratory_section(runs, records, group, arms):
-  """Arms of `group` (sensitivity, ablation), each paired per seed with the informative primary
-  arms: the student alone and CMEDL with the defaults. arms: {arm: what changes}."""
-  lines = [
-    '| arm | what changes | seeds | arm DSC | d vs student alone [95 % t-interval] '
-    '| d vs CMEDL defaults | d juxta-med. tumours vs CMEDL | teacher DSC |',
-    '|---|---|---|---|---|---|---|---|',
-  ]
+def exploratory_comparisons(runs, records, group, arms):
+  """Arms of `group` (sensitivity, ablation) that have records, each paired per seed with the
+  informative primary arms. arms: {arm: what changes}. -> [{arm, what, dsc, teacher (seed-level
+  mean test DSC lists), vs_student, vs_cmedl, juxta_vs_cmedl (seed_level_test dicts)}]."""
   juxta = functools.partial(tumor_dsc, kind='juxta_mediastinal')
   sel = dict(group='primary', setting='informative')
   base = values(runs, records, case_dsc, arm='student_only', **sel)
   cmedl = values(runs, records, case_dsc, arm='cmedl', **sel)
   cmedl_juxta = values(runs, records, juxta, arm='cmedl', **sel)
+  found = []
   for arm, what in arms.items():
     b = values(runs, records, case_dsc, group=group, arm=arm)
     if not b:
       continue
     b_juxta = values(runs, records, juxta, group=group, arm=arm)
-    teacher = values(runs, records, case_dsc, key='teacher', group=group, arm=arm)
     t, tc, tj = (
       eval_stats.seed_level_test([x for x in paired(a, v)[1] if np.isfinite(x)])
       for a, v in ((base, b), (cmedl, b), (cmedl_juxta, b_juxta))
     )
-    lines.append(
-      f'| {arm} | {what} | {len(b)} | {_ms(b)} | {_interval(t)} | {_interval(tc)} | '
-      f'{_interval(tj)} | {_ms(teacher) if teacher else "—"} |'
+    found.append(
+      dict(
+        arm=arm,
+        what=what,
+        dsc=b,
+        teacher=values(runs, records, case_dsc, key='teacher', group=group, arm=arm),
+        vs_student=t,
+        vs_cmedl=tc,
+        juxta_vs_cmedl=tj,
+      )
     )
-  return '\n'.join(lines) if len(lines) > 2 else f'No {group} run recorded yet.'
+  return found
+
+
+def exploratory_section(comparisons, group):
+  """The table of exploratory_comparisons(...) of `group`."""
+  lines = [
+    '| arm | what changes | seeds | arm DSC | d vs student alone [95 % t-interval] '
+    '| d vs CMEDL defaults | d juxta-med. tumours vs CMEDL | teacher DSC |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  for c in comparisons:
+    lines.append(
+      f'| {c["arm"]} | {c["what"]} | {len(c["dsc"])} | {_ms(c["dsc"])} | '
+      f'{_interval(c["vs_student"])} | {_interval(c["vs_cmedl"])} | '
+      f'{_interval(c["juxta_vs_cmedl"])} | {_ms(c["teacher"]) if c["teacher"] else "—"} |'
+    )
+  return '\n'.join(lines) if comparisons else f'No {group} run recorded yet.'
 
 
 SENSITIVITY_ARMS = {
@@ -909,8 +928,9 @@ def _side(t):
   return 'above 0' if t['low'] > 0 else ('below 0' if t['high'] < 0 else 'includes 0')
 
 
-def discussion(tests, runs, records, comparisons):
-  """The decisions, the teacher against its student, and the factorial, said from the data."""
+def discussion(tests, runs, records, comparisons, exploratory=()):
+  """The decisions, the teacher against its student, the factorial and the exploratory arms
+  (exploratory_comparisons of sensitivity and ablation), said from the data."""
   said = []
   for setting, t in tests.items():
     if t['n_seeds'] < 2:
@@ -961,7 +981,32 @@ def discussion(tests, runs, records, comparisons):
         ' The self-distillation control (identity translator, CT teacher: distillation without '
         f'the MRI side) minus the student alone: {controls}.'
       )
-  return ' '.join(said) + teacher + factorial + '\n\n' + LIMITS
+  return ' '.join(said) + teacher + factorial + exploratory_said(exploratory) + '\n\n' + LIMITS
+
+
+def exploratory_said(exploratory):
+  """The discussion's paragraph on the sensitivity arms and ablations (exploratory_comparisons)."""
+  if not exploratory:
+    return ''
+  arms = '; '.join(
+    f'{c["arm"]} {_interval(c["vs_cmedl"])} ({len(c["dsc"])} '
+    f'seed{"s" * (len(c["dsc"]) != 1)}, {_side(c["vs_cmedl"])})'
+    for c in exploratory
+  )
+  said = (
+    '\n\nSensitivity arms and ablations (exploratory, seeds 0-2: intervals, not decisions), '
+    f'minus CMEDL with the defaults on the same seeds: {arms}.'
+  )
+  gaps = {c['arm']: np.mean(paired(c['dsc'], c['teacher'])[1]) for c in exploratory if c['teacher']}
+  reached = [arm for arm, gap in gaps.items() if gap >= 0]
+  if gaps:
+    listed = ', '.join(f'{arm} {_f(gap, sign=True)}' for arm, gap in gaps.items())
+    said += f" The teacher's mean test DSC minus its student's, per arm: {listed}; " + (
+      f'the teacher reaches its student in {", ".join(reached)}.'
+      if reached
+      else 'in no arm does the teacher reach its student.'
+    )
+  return said
 
 
 LIMITS = """\
@@ -983,6 +1028,10 @@ def build_report(out, runs, records, tiny):
   fig_dir = os.path.join(base, 'RESULTS_figures')
   tests = primary(runs, records)
   comparisons = factorial_comparisons(runs, records)
+  sensitivity = exploratory_comparisons(runs, records, 'sensitivity', SENSITIVITY_ARMS)
+  ablations = exploratory_comparisons(
+    runs, records, 'ablation', {arm: what for arm, (what, _) in ABLATIONS.items()}
+  )
   commits = sorted({rec['run'].get('commit', '?') for rec in records.values()})
   machines = sorted({rec['run'].get('machine', '?').split(' (')[0] for rec in records.values()})
   minutes = sum(rec['run']['seconds'] for rec in records.values()) / 60
@@ -1045,7 +1094,7 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
     'side). The premise predicts a gain with the cue and scarce labels; the cue-free cells are '
     'negative controls.\n\n' + factorial_section(comparisons) + '\n',
     '## Sensitivity arms (seeds 0-2, exploratory)\n\n'
-    + exploratory_section(runs, records, 'sensitivity', SENSITIVITY_ARMS)
+    + exploratory_section(sensitivity, 'sensitivity')
     + '\n',
   ]
   if any(r['group'] == 'ablation' for r in runs):
@@ -1054,11 +1103,7 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
       '(see Deviations): CMEDL with the defaults and one thing changed, informative setting, '
       'paired per seed with its primary arms; no decisions. A difference from CMEDL with the '
       "defaults (same seed, same data order) is the change's effect plus run-to-run noise of "
-      'the size the primary table shows.\n\n'
-      + exploratory_section(
-        runs, records, 'ablation', {arm: what for arm, (what, _) in ABLATIONS.items()}
-      )
-      + '\n'
+      'the size the primary table shows.\n\n' + exploratory_section(ablations, 'ablation') + '\n'
     )
   figures = []
   if differences_figure(tests, comparisons, f'{fig_dir}/paired_differences.png'):
@@ -1083,7 +1128,9 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
     '## Deviations from the plan\n\n'
     + '\n'.join(f'- {d}' for d in DEVIATIONS + (ADDITION,) * bool(added))
     + '\n',
-    '## Discussion\n\n' + discussion(tests, runs, records, comparisons) + '\n',
+    '## Discussion\n\n'
+    + discussion(tests, runs, records, comparisons, sensitivity + ablations)
+    + '\n',
   ]
   nifti_io.atomic_write(out, '\n'.join(parts).encode())
 

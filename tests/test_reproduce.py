@@ -190,6 +190,11 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
     '| 3 | 0.510 ± 0.010 (3) | -0.100 [-0.100, -0.100] | -0.120 [-0.120, -0.120] |' in (rows['kl'])
   )
   assert 'Added after the plan' in text.split('## Deviations')[1]
+  # The discussion says each exploratory arm against CMEDL, and the teacher against its student
+  # (0.5 against 0.5 + 0.01 s for kl).
+  discussion = text.split('## Discussion')[1]
+  assert 'kl -0.120 [-0.120, -0.120] (3 seeds, below 0)' in discussion
+  assert 'kl -0.010' in discussion and 'in no arm does the teacher reach its student' in discussion
 
   # Two-stage: stage 1 (a translator alone: config and run records only) is trained first, in
   # the same job, and stage 2 loads its translator from stage 1's workdir.
