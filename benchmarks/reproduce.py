@@ -779,8 +779,8 @@ def factorial_section(comparisons):
 
 def exploratory_comparisons(runs, records, group, arms):
   """Arms of `group` (sensitivity, ablation) that have records, each paired per seed with the
-  informative primary arms. arms: {arm: what changes}. -> [{arm, what, dsc, teacher (seed-level
-  mean test DSC lists), vs_student, vs_cmedl, juxta_vs_cmedl (seed_level_test dicts)}]."""
+  informative primary arms. arms: {arm: what changes}. -> [{arm, what, dsc, teacher ({seed: mean
+  test DSC}), vs_student, vs_cmedl, juxta_vs_cmedl (seed_level_test dicts)}]."""
   juxta = functools.partial(tumor_dsc, kind='juxta_mediastinal')
   sel = dict(group='primary', setting='informative')
   base = values(runs, records, case_dsc, arm='student_only', **sel)
