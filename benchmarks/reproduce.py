@@ -928,6 +928,11 @@ def _side(t):
   return 'above 0' if t['low'] > 0 else ('below 0' if t['high'] < 0 else 'includes 0')
 
 
+def _said_interval(label, t, n_seeds):
+  """'label d [interval] (n seeds, where the interval lies)' for the discussion."""
+  return f'{label} {_interval(t)} ({n_seeds} seed{"s" * (n_seeds != 1)}, {_side(t)})'
+
+
 def discussion(tests, runs, records, comparisons, exploratory=()):
   """The decisions, the teacher against its student, the factorial and the exploratory arms
   (exploratory_comparisons of sensitivity and ablation), said from the data."""
@@ -964,9 +969,7 @@ def discussion(tests, runs, records, comparisons, exploratory=()):
   def said_cells(arm):
     """'cell d [interval] (n seeds, side); ...' of the factorial cells that have `arm`."""
     return '; '.join(
-      f'{c} {_interval(t)} ({len(n)} seeds, {_side(t)})'
-      for c, a, ((_, _, n, t, _), _) in comparisons
-      if a == arm and n
+      _said_interval(c, t, len(n)) for c, a, ((_, _, n, t, _), _) in comparisons if a == arm and n
     )
 
   factorial, cells, controls = '', said_cells('cmedl'), said_cells('self_distill')
@@ -988,11 +991,7 @@ def exploratory_said(exploratory):
   """The discussion's paragraph on the sensitivity arms and ablations (exploratory_comparisons)."""
   if not exploratory:
     return ''
-  arms = '; '.join(
-    f'{c["arm"]} {_interval(c["vs_cmedl"])} ({len(c["dsc"])} '
-    f'seed{"s" * (len(c["dsc"]) != 1)}, {_side(c["vs_cmedl"])})'
-    for c in exploratory
-  )
+  arms = '; '.join(_said_interval(c['arm'], c['vs_cmedl'], len(c['dsc'])) for c in exploratory)
   said = (
     '\n\nSensitivity arms and ablations (exploratory, seeds 0-2: intervals, not decisions), '
     f'minus CMEDL with the defaults on the same seeds: {arms}.'
