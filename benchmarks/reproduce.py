@@ -520,10 +520,11 @@ def _num(x):
 
 
 def load_records(runs, records_dir):
-  """{name: {'eval', 'teacher', 'run', 'validation'}} of the runs whose records exist."""
+  """{name: {'eval', 'teacher', 'run', 'validation'}} of the runs whose records exist, with
+  the runs they require (two-stage's stage 1: 'run' and 'environment' only)."""
   out = {}
-  for r in runs:
-    if not recorded(r, records_dir):
+  for r in [q for r in runs for q in (r['requires'], r) if q]:
+    if r['name'] in out or not recorded(r, records_dir):
       continue
     loaded = {}
     for key, f in (
@@ -780,7 +781,8 @@ def factorial_section(comparisons):
 def exploratory_comparisons(runs, records, group, arms):
   """Arms of `group` (sensitivity, ablation) that have records, each paired per seed with the
   informative primary arms. arms: {arm: what changes}. -> [{arm, what, dsc, teacher ({seed: mean
-  test DSC}), vs_student, vs_cmedl, juxta_vs_cmedl (seed_level_test dicts)}]."""
+  test DSC}), teacher_gap (teacher − its student; None without teacher records), vs_student,
+  vs_cmedl, juxta_vs_cmedl (seed_level_test dicts)}]."""
   juxta = functools.partial(tumor_dsc, kind='juxta_mediastinal')
   sel = dict(group='primary', setting='informative')
   base = values(runs, records, case_dsc, arm='student_only', **sel)
@@ -792,6 +794,7 @@ def exploratory_comparisons(runs, records, group, arms):
     if not b:
       continue
     b_juxta = values(runs, records, juxta, group=group, arm=arm)
+    teacher = values(runs, records, case_dsc, key='teacher', group=group, arm=arm)
     t, tc, tj = (
       eval_stats.seed_level_test([x for x in paired(a, v)[1] if np.isfinite(x)])
       for a, v in ((base, b), (cmedl, b), (cmedl_juxta, b_juxta))
@@ -801,7 +804,8 @@ def exploratory_comparisons(runs, records, group, arms):
         arm=arm,
         what=what,
         dsc=b,
-        teacher=values(runs, records, case_dsc, key='teacher', group=group, arm=arm),
+        teacher=teacher,
+        teacher_gap=eval_stats.seed_level_test(paired(b, teacher)[1]) if teacher else None,
         vs_student=t,
         vs_cmedl=tc,
         juxta_vs_cmedl=tj,
@@ -996,10 +1000,10 @@ def exploratory_said(exploratory):
     '\n\nSensitivity arms and ablations (exploratory, seeds 0-2: intervals, not decisions), '
     f'minus CMEDL with the defaults on the same seeds: {arms}.'
   )
-  gaps = {c['arm']: np.mean(paired(c['dsc'], c['teacher'])[1]) for c in exploratory if c['teacher']}
-  reached = [arm for arm, gap in gaps.items() if gap >= 0]
+  gaps = {c['arm']: c['teacher_gap'] for c in exploratory if c['teacher_gap']}
+  reached = [arm for arm, t in gaps.items() if t['mean'] >= 0]
   if gaps:
-    listed = ', '.join(f'{arm} {_f(gap, sign=True)}' for arm, gap in gaps.items())
+    listed = '; '.join(_said_interval(arm, t, t['n_seeds']) for arm, t in gaps.items())
     said += f" The teacher's mean test DSC minus its student's, per arm: {listed}; " + (
       f'the teacher reaches its student in {", ".join(reached)}.'
       if reached
@@ -1058,6 +1062,10 @@ def build_report(out, runs, records, tiny):
     counts += (
       f' and {sum(r["name"] in records for r in added)} of {len(added)} exploratory ablation runs'
     )
+  first_stages = sum(bool(r['requires']) and r['requires']['name'] in records for r in runs)
+  if first_stages:
+    counts += f' (with {first_stages} translator-only stage-1 run{"s" * (first_stages != 1)})'
+
   parts = [
     f"""# CMEDL on the phantoms: the pre-registered study
 

@@ -178,10 +178,16 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
       run=dict(seconds=60.0, commit='abc1234', machine='x86_64 2 CPU cores (ci)'),
       validation=[dict(step=250, val_dsc=0.5, val_teacher_dsc=0.4)],
     )
+    if r['requires']:  # Two-stage's stage 1 records its training time only.
+      records[r['requires']['name']] = dict(run=dict(seconds=60.0, commit='abc1234'))
   out = tmp_path / 'RESULTS.md'
   reproduce.build_report(str(out), runs, records, tiny=False)
   text = out.read_text()
-  assert '16 of 82 planned runs** and 15 of 15 exploratory ablation runs' in text
+  # The training minutes count stage 1: 16 + 15 + 3 runs of 1 min.
+  assert (
+    '16 of 82 planned runs** and 15 of 15 exploratory ablation runs (with 3 translator-only '
+    'stage-1 runs) recorded (34 min of'
+  ) in ' '.join(text.split())
   section = text.split('## Ablations')[1].split('\n## ')[0]
   rows = {l.split('|')[1].strip(): l for l in section.splitlines() if l.startswith('| ')}
   assert set(reproduce.ABLATIONS) <= set(rows)
@@ -191,10 +197,14 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
   )
   assert 'Added after the plan' in text.split('## Deviations')[1]
   # The discussion says each exploratory arm against CMEDL, and the teacher against its student
-  # (0.5 against 0.5 + 0.01 s for kl).
+  # (0.5 against 0.5 + 0.01 s for kl: differences 0, -0.01, -0.02, sd 0.01, half-width
+  # t(0.975, 2) 4.302653 * 0.01 / sqrt(3) = 0.0248).
   discussion = text.split('## Discussion')[1]
   assert 'kl -0.120 [-0.120, -0.120] (3 seeds, below 0)' in discussion
-  assert 'kl -0.010' in discussion and 'in no arm does the teacher reach its student' in discussion
+  assert (
+    'kl -0.010 [-0.035, +0.015] (3 seeds, includes 0)' in discussion
+    and 'in no arm does the teacher reach its student' in discussion
+  )
 
   # Two-stage: stage 1 (a translator alone: config and run records only) is trained first, in
   # the same job, and stage 2 loads its translator from stage 1's workdir.
@@ -226,6 +236,10 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
     'study_run.json',
   ]
   assert reproduce.recorded(two_stage, records_dir)
+  assert set(reproduce.load_records([two_stage], records_dir)) == {
+    'ablation-two_stage-s1-stage1',
+    'ablation-two_stage-s1',
+  }
 
 
 def _write_records(run_dir, dsc):
