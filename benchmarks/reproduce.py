@@ -1130,7 +1130,8 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
     "## Every run\n\nTest metrics of the final weights; teacher DSC: the run's teacher on its "
     "translator's output of the same test volumes; minutes: the training command's wall time "
     '(two runs shared the 2 cores, and runs were sometimes paused for other work on the '
-    'machine or resumed from a checkpoint in a later sitting: not a speed figure). Records: '
+    'machine or resumed from a checkpoint in a later sitting, which counts only that last '
+    "sitting; two-stage's minutes are stage 2's: not a speed figure). Records: "
     'RESULTS_runs/NAME/.\n\n' + run_table(runs, records) + '\n',
     '## Deviations from the plan\n\n'
     + '\n'.join(f'- {d}' for d in DEVIATIONS + (ADDITION,) * bool(added))
