@@ -1005,9 +1005,9 @@ def exploratory_said(exploratory):
   if gaps:
     listed = '; '.join(_said_interval(arm, t, t['n_seeds']) for arm, t in gaps.items())
     said += f" The teacher's mean test DSC minus its student's, per arm: {listed}; " + (
-      f'the teacher reaches its student in {", ".join(reached)}.'
+      f"the teacher's mean reaches its student's in {', '.join(reached)}."
       if reached
-      else 'in no arm does the teacher reach its student.'
+      else "in no arm does the teacher's mean reach its student's."
     )
   return said
 

@@ -203,7 +203,7 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
   assert 'kl -0.120 [-0.120, -0.120] (3 seeds, below 0)' in discussion
   assert (
     'kl -0.010 [-0.035, +0.015] (3 seeds, includes 0)' in discussion
-    and 'in no arm does the teacher reach its student' in discussion
+    and "in no arm does the teacher's mean reach its student's" in discussion
   )
 
   # Two-stage: stage 1 (a translator alone: config and run records only) is trained first, in
