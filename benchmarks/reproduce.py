@@ -523,7 +523,7 @@ def load_records(runs, records_dir):
   """{name: {'eval', 'teacher', 'run', 'validation'}} of the runs whose records exist, with
   the runs they require (two-stage's stage 1: 'run' and 'environment' only)."""
   out = {}
-  for r in [q for r in runs for q in (r['requires'], r) if q]:
+  for r in [q for run_ in runs for q in (run_['requires'], run_) if q]:
     if r['name'] in out or not recorded(r, records_dir):
       continue
     loaded = {}
@@ -782,7 +782,7 @@ def exploratory_comparisons(runs, records, group, arms):
   """Arms of `group` (sensitivity, ablation) that have records, each paired per seed with the
   informative primary arms. arms: {arm: what changes}. -> [{arm, what, dsc, teacher ({seed: mean
   test DSC}), teacher_gap (teacher − its student; None without teacher records), vs_student,
-  vs_cmedl, juxta_vs_cmedl (seed_level_test dicts)}]."""
+  vs_cmedl, juxta_vs_cmedl (seed_level_test dicts), vs_cmedl_differences (per seed)}]."""
   juxta = functools.partial(tumor_dsc, kind='juxta_mediastinal')
   sel = dict(group='primary', setting='informative')
   base = values(runs, records, case_dsc, arm='student_only', **sel)
@@ -795,8 +795,8 @@ def exploratory_comparisons(runs, records, group, arms):
       continue
     b_juxta = values(runs, records, juxta, group=group, arm=arm)
     teacher = values(runs, records, case_dsc, key='teacher', group=group, arm=arm)
-    t, tc, tj = (
-      eval_stats.seed_level_test([x for x in paired(a, v)[1] if np.isfinite(x)])
+    d, dc, dj = (
+      [x for x in paired(a, v)[1] if np.isfinite(x)]
       for a, v in ((base, b), (cmedl, b), (cmedl_juxta, b_juxta))
     )
     found.append(
@@ -806,9 +806,10 @@ def exploratory_comparisons(runs, records, group, arms):
         dsc=b,
         teacher=teacher,
         teacher_gap=eval_stats.seed_level_test(paired(b, teacher)[1]) if teacher else None,
-        vs_student=t,
-        vs_cmedl=tc,
-        juxta_vs_cmedl=tj,
+        vs_student=eval_stats.seed_level_test(d),
+        vs_cmedl=eval_stats.seed_level_test(dc),
+        vs_cmedl_differences=dc,
+        juxta_vs_cmedl=eval_stats.seed_level_test(dj),
       )
     )
   return found
@@ -874,10 +875,9 @@ def curve_differences_section(runs, records):
   return '\n'.join(lines)
 
 
-def differences_figure(tests, comparisons, path):
-  """Per-seed paired differences (dots) with mean and 95 % t-interval (bar), one row each."""
-  rows = [(f'{s} (primary)', t['differences'], t) for s, t in tests.items() if t['n_seeds']]
-  rows += [(f'{cell} {arm}', d, t) for cell, arm, ((_, _, _, t, d), _) in comparisons if d]
+def differences_figure(rows, path, xlabel, margin=True):
+  """Per-seed paired differences (dots) with mean and 95 % t-interval (bar), one row each.
+  rows: [(label, per-seed differences, their seed_level_test)]; margin: mark +0.02."""
   if not rows:
     return False
   plt = eval_plots.pyplot()
@@ -889,9 +889,10 @@ def differences_figure(tests, comparisons, path):
       ax.plot([t['low'], t['high']], [y, y], '-', color='black', lw=2)
     ax.plot([t['mean']], [y], 'D', color='black', ms=5)
   ax.axvline(0, color='gray', lw=0.8)
-  ax.axvline(eval_stats.MARGIN_DSC, color='tab:red', lw=0.8, ls='--')
+  if margin:
+    ax.axvline(eval_stats.MARGIN_DSC, color='tab:red', lw=0.8, ls='--')
   ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=8)
-  ax.set_xlabel('DSC difference, arm − student alone (same seed); red: +0.02 margin')
+  ax.set_xlabel(xlabel)
   eval_plots.save_figure(fig, path)
   plt.close(fig)
   return True
@@ -1113,8 +1114,25 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
       'the size the primary table shows.\n\n' + exploratory_section(ablations, 'ablation') + '\n'
     )
   figures = []
-  if differences_figure(tests, comparisons, f'{fig_dir}/paired_differences.png'):
+  rows = [(f'{s} (primary)', t['differences'], t) for s, t in tests.items() if t['n_seeds']]
+  rows += [(f'{cell} {arm}', d, t) for cell, arm, ((_, _, _, t, d), _) in comparisons if d]
+  if differences_figure(
+    rows,
+    f'{fig_dir}/paired_differences.png',
+    'DSC difference, arm − student alone (same seed); red: +0.02 margin',
+  ):
     figures.append('![per-seed paired differences](RESULTS_figures/paired_differences.png)')
+  rows = [(c['arm'], c['vs_cmedl_differences'], c['vs_cmedl']) for c in sensitivity + ablations]
+  if differences_figure(
+    [r for r in rows if r[1]],
+    f'{fig_dir}/exploratory_differences.png',
+    'DSC difference, arm − CMEDL with the defaults (same seed); exploratory',
+    margin=False,
+  ):
+    figures.append(
+      '![exploratory arms against CMEDL with the defaults]'
+      '(RESULTS_figures/exploratory_differences.png)'
+    )
   if curves_figure(runs, records, f'{fig_dir}/validation_curves.png'):
     figures.append('![validation DSC curves](RESULTS_figures/validation_curves.png)')
   curve_table = curve_differences_section(runs, records)

@@ -196,6 +196,9 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
     '| 3 | 0.510 ± 0.010 (3) | -0.100 [-0.100, -0.100] | -0.120 [-0.120, -0.120] |' in (rows['kl'])
   )
   assert 'Added after the plan' in text.split('## Deviations')[1]
+  # A figure of each exploratory arm's per-seed differences against CMEDL with the defaults.
+  assert '(RESULTS_figures/exploratory_differences.png)' in text.split('## Figures')[1]
+  assert (tmp_path / 'RESULTS_figures' / 'exploratory_differences.png').stat().st_size > 0
   # The discussion says each exploratory arm against CMEDL, and the teacher against its student
   # (0.5 against 0.5 + 0.01 s for kl: differences 0, -0.01, -0.02, sd 0.01, half-width
   # t(0.975, 2) 4.302653 * 0.01 / sqrt(3) = 0.0248).
