@@ -76,6 +76,12 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   # Validation curves, CMEDL minus the student alone per step: mean over seeds, seeds above 0.
   assert '| informative | +0.040 (8/8) |' in text and '| weak | +0.000 (4/8) |' in text
   assert (tmp_path / 'RESULTS_figures' / 'validation_curves.png').stat().st_size > 1000
+  # The plan's equal-setting length check (organs 0.6 each on test, validation mean 0.5) and the
+  # pair trained on different CPUs are said under Deviations.
+  deviations = ' '.join(text.split('## Deviations')[1].split())
+  assert 'lowest final value over seeds 0.500' in deviations
+  assert "any seed's student alone is 0.600, above 0.5" in deviations
+  assert 'the arm: weak-cmedl-s0 (unrecorded / CPU A, CPU B).' in deviations
 
   # The plan's one extension (seeds 8-11) enters the same decision and is said.
   runs = reproduce.plan_runs(extended={'equal'})
