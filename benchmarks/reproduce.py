@@ -680,7 +680,7 @@ def primary(runs, records):
     seeds[setting], diffs[setting] = paired(a, b)
   tests = eval_stats.primary_decisions(diffs)
   for setting, t in tests.items():
-    t['seeds'], t['differences'] = seeds[setting], diffs[setting]
+    t['seeds'] = seeds[setting]
   return tests
 
 
@@ -804,7 +804,8 @@ def cell_runs(runs, cue, labels):
 
 
 def factorial_comparisons(runs, records):
-  """[(label, {seed: d} test of case DSC, test of juxta-mediastinal DSC)] per cell and arm."""
+  """[(cell label, arm, [(student alone {seed: value}, arm {seed: value}, paired seeds,
+  seed_level_test of the finite differences)] for case DSC and juxta-mediastinal DSC)]."""
   out = []
   for cue, labels in CELLS:
     cell = cell_runs(runs, cue, labels)
@@ -814,7 +815,7 @@ def factorial_comparisons(runs, records):
         a = values(cell, records, value, arm='student_only')
         b = values(cell, records, value, arm=arm)
         seeds, d = paired(a, b)
-        row.append((a, b, seeds, eval_stats.seed_level_test([x for x in d if np.isfinite(x)]), d))
+        row.append((a, b, seeds, eval_stats.seed_level_test([x for x in d if np.isfinite(x)])))
       if row[0][2] or arm == 'cmedl':
         out.append((f'{cue}/{labels}', arm, row))
   return [o for o in out if o[1] == 'cmedl' or o[2][0][2]]
@@ -826,7 +827,7 @@ def factorial_section(comparisons):
     '| d juxta-med. tumours [interval] |',
     '|---|---|---|---|---|---|---|---|',
   ]
-  for cell, arm, ((a, b, seeds, t, _), (_, _, _, tj, _)) in comparisons:
+  for cell, arm, ((a, b, seeds, t), (_, _, _, tj)) in comparisons:
     lines.append(
       f'| {cell} | {arm} | {len(seeds)} | {_ms(a)} | {_ms(b)} | {_interval(t)} | {_p(t["p"])} | '
       f'{_interval(tj)} |'
@@ -838,7 +839,7 @@ def exploratory_comparisons(runs, records, group, arms):
   """Arms of `group` (sensitivity, ablation) that have records, each paired per seed with the
   informative primary arms. arms: {arm: what changes}. -> [{arm, what, dsc, teacher ({seed: mean
   test DSC}), teacher_gap (teacher − its student; None without teacher records), vs_student,
-  vs_cmedl, juxta_vs_cmedl (seed_level_test dicts), vs_cmedl_differences (per seed)}]."""
+  vs_cmedl, juxta_vs_cmedl (seed_level_test dicts)}]."""
   juxta = functools.partial(tumor_dsc, kind='juxta_mediastinal')
   sel = dict(group='primary', setting='informative')
   base = values(runs, records, case_dsc, arm='student_only', **sel)
@@ -864,7 +865,6 @@ def exploratory_comparisons(runs, records, group, arms):
         teacher_gap=eval_stats.seed_level_test(paired(b, teacher)[1]) if teacher else None,
         vs_student=eval_stats.seed_level_test(d),
         vs_cmedl=eval_stats.seed_level_test(dc),
-        vs_cmedl_differences=dc,
         juxta_vs_cmedl=eval_stats.seed_level_test(dj),
       )
     )
@@ -933,12 +933,13 @@ def curve_differences_section(runs, records):
 
 def differences_figure(rows, path, xlabel, margin=True):
   """Per-seed paired differences (dots) with mean and 95 % t-interval (bar), one row each.
-  rows: [(label, per-seed differences, their seed_level_test)]; margin: mark +0.02."""
+  rows: [(label, seed_level_test of the per-seed differences)]; margin: mark +0.02."""
   if not rows:
     return False
   plt = eval_plots.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.2))
-  for i, (label, d, t) in enumerate(rows):
+  for i, (label, t) in enumerate(rows):
+    d = t['differences']
     y = len(rows) - 1 - i
     ax.plot(d, [y] * len(d), 'o', color='tab:blue', alpha=0.6, ms=4)
     if np.isfinite(t['low']):
@@ -1030,7 +1031,7 @@ def discussion(tests, runs, records, comparisons, exploratory=()):
   def said_cells(arm):
     """'cell d [interval] (n seeds, side); ...' of the factorial cells that have `arm`."""
     return '; '.join(
-      _said_interval(c, t, len(n)) for c, a, ((_, _, n, t, _), _) in comparisons if a == arm and n
+      _said_interval(c, t, len(n)) for c, a, ((_, _, n, t), _) in comparisons if a == arm and n
     )
 
   factorial, cells, controls = '', said_cells('cmedl'), said_cells('self_distill')
@@ -1170,17 +1171,16 @@ below +0.02 (half the paper's gain); otherwise **inconclusive**
       'the size the primary table shows.\n\n' + exploratory_section(ablations, 'ablation') + '\n'
     )
   figures = []
-  rows = [(f'{s} (primary)', t['differences'], t) for s, t in tests.items() if t['n_seeds']]
-  rows += [(f'{cell} {arm}', d, t) for cell, arm, ((_, _, _, t, d), _) in comparisons if d]
+  rows = [(f'{s} (primary)', t) for s, t in tests.items() if t['n_seeds']]
+  rows += [(f'{cell} {arm}', t) for cell, arm, ((_, _, _, t), _) in comparisons if t['n_seeds']]
   if differences_figure(
     rows,
     f'{fig_dir}/paired_differences.png',
     'DSC difference, arm − student alone (same seed); red: +0.02 margin',
   ):
     figures.append('![per-seed paired differences](RESULTS_figures/paired_differences.png)')
-  rows = [(c['arm'], c['vs_cmedl_differences'], c['vs_cmedl']) for c in sensitivity + ablations]
   if differences_figure(
-    [r for r in rows if r[1]],
+    [(c['arm'], c['vs_cmedl']) for c in sensitivity + ablations if c['vs_cmedl']['n_seeds']],
     f'{fig_dir}/exploratory_differences.png',
     'DSC difference, arm − CMEDL with the defaults (same seed); exploratory',
     margin=False,

@@ -266,6 +266,7 @@ def test_seed_level_test_against_hand_computed_values():
   -0.25, -0.35), so p = 0.5; mean 1/12, sd 0.125831, t(0.975, 2 df) = 4.302653."""
   got = statistics.seed_level_test([0.1, 0.2, -0.05])
   assert got['n_seeds'] == 3 and got['p'] == pytest.approx(0.5)
+  assert got['differences'] == [0.1, 0.2, -0.05]  # What was tested, for tables and figures.
   half = 4.302653 * 0.125831 / math.sqrt(3)
   assert got['mean'] == pytest.approx(1 / 12)
   assert got['low'] == pytest.approx(1 / 12 - half, abs=1e-5)

@@ -163,14 +163,16 @@ def seed_level_test(differences, level=0.95, margin=MARGIN_DSC) -> dict:
   """Tests per-seed paired differences (e.g. one DSC difference per training seed: CMEDL
   student minus student alone, same seed, averaged over the same test cases).
 
-  Returns {'n_seeds', 'mean', 'low', 'high' (two-sided `level` t-interval, scipy), 'p' (exact
+  Returns {'n_seeds', 'differences' (the values tested, floats), 'mean', 'low', 'high'
+  (two-sided `level` t-interval, scipy), 'p' (exact
   two-sided sign-flip permutation test over all 2^n sign patterns, scipy), 'decision'
   (`decide`)}. NaN interval and p with fewer than 2 seeds.
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
 
   d = np.asarray(differences, np.float64)
-  out = {'n_seeds': int(d.size), 'mean': float(d.mean()) if d.size else float('nan')}
+  out = {'n_seeds': int(d.size), 'differences': d.tolist()}
+  out['mean'] = float(d.mean()) if d.size else float('nan')
   out.update(low=float('nan'), high=float('nan'), p=float('nan'))
   if d.size >= 2:
     interval = stats.ttest_1samp(d, 0.0).confidence_interval(level)
