@@ -525,12 +525,7 @@ def recorded_checks(runs, records):
   said = []
   sel = dict(group='primary', setting='equal', arm='student_only')
   organs = values(
-    runs,
-    records,
-    lambda rec: [
-      class_dsc(rec, c) for c in dict.fromkeys(row['class'] for row in rec['case_rows'])
-    ],
-    **sel,
+    runs, records, lambda rec: [class_dsc(rec, c) for c in record_classes(rec)], **sel
   )
   final_val = values(
     runs, records, lambda v: v[-1]['val_dsc'] if v else np.nan, key='validation', **sel
@@ -547,20 +542,14 @@ def recorded_checks(runs, records):
       'length stayed 3000 steps.'
     )
 
-  def cpus(name):
-    env = records.get(name, {}).get('environment')
-    return {e.get('cpu') for e in [env['current']] + env.get('history', [])} if env else None
-
   mixed = []
   for r in runs:
     other = re.sub('-(cmedl|self_distill)-', '-student_only-', r['name'])
     if other == r['name'] or r['name'] not in records or other not in records:
       continue
-    a, b = cpus(other), cpus(r['name'])
+    a, b = run_cpus(records[other]), run_cpus(records[r['name']])
     if a != b:
-      shown_cpus = ' / '.join(
-        ', '.join(sorted(c or '?' for c in x)) if x else 'unrecorded' for x in (a, b)
-      )
+      shown_cpus = ' / '.join(', '.join(sorted(x)) if x else 'unrecorded' for x in (a, b))
       mixed.append(f'{r["name"]} ({shown_cpus})')
   if mixed:
     said.append(
@@ -610,6 +599,20 @@ def tumor_dsc(record, kind):
   """Mean DSC of the reference tumours of type `kind` (juxta_mediastinal | peripheral)."""
   values = [_num(t['dice']) for t in record['tumor_rows'] if t.get('type') == kind]
   return float(np.mean(values)) if values else float('nan')
+
+
+def record_classes(record):
+  """The classes of a test record's case rows, in their order (the equal setting's organs)."""
+  return tuple(dict.fromkeys(row['class'] for row in record['case_rows']))
+
+
+def run_cpus(record):
+  """The CPU models a recorded run trained on ({current} and any resumed-from), 'unknown' for
+  one it could not name (None would not sort beside names); None without environment.json."""
+  env = record.get('environment')
+  if env is None:
+    return None
+  return {e.get('cpu') or 'unknown' for e in [env['current']] + env.get('history', [])}
 
 
 def class_dsc(record, cls):
@@ -768,7 +771,7 @@ def secondary_section(runs, records):
         ),
         None,
       )
-      organs = tuple(dict.fromkeys(row['class'] for row in first['case_rows'])) if first else ()
+      organs = record_classes(first) if first else ()
     for label, value in endpoints + tuple(
       (f'{organ} DSC', functools.partial(class_dsc, cls=organ)) for organ in organs
     ):
@@ -1096,16 +1099,7 @@ def build_report(out, runs, records, tiny):
   commits = sorted({rec['run'].get('commit', '?') for rec in records.values()})
   machines = sorted({rec['run'].get('machine', '?').split(' (')[0] for rec in records.values()})
   minutes = sum(rec['run']['seconds'] for rec in records.values()) / 60
-  cpus = collections.Counter(
-    cpu
-    for rec in records.values()
-    if 'environment' in rec
-    # A CPU the run could not name is 'unknown' (None would not sort beside names).
-    for cpu in {
-      e.get('cpu') or 'unknown'
-      for e in [rec['environment']['current']] + rec['environment'].get('history', [])
-    }
-  )
+  cpus = collections.Counter(cpu for rec in records.values() for cpu in run_cpus(rec) or ())
   unrecorded = sum('environment' not in rec for rec in records.values())
   cpu_text = ', '.join(f'{c} ({n})' for c, n in sorted(cpus.items())) or 'none'
   missing = [
