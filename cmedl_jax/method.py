@@ -243,3 +243,21 @@ def test_time_variables(test_time, params, batch_stats):
   """(params, batch_stats) restricted to the collections the test-time network reads."""
   names = TEST_TIME_COLLECTIONS[test_time]
   return ({k: params[k] for k in names}, {k: batch_stats[k] for k in names if k in batch_stats})
+
+
+def biases_before_norm(params):
+  """Paths (collection, module, ..., 'bias') in a train state's params of the conv biases that
+  an instance norm follows at once, in translators and discriminators (the networks'
+  `biases_before_norm`): they change no output, their true gradient is 0, so a computed one is
+  rounding noise and runs may differ there freely. U-Net and PSPNet convs before a batch norm
+  have no bias; FC-DenseNet's (BN-ReLU-conv layers) are not listed."""
+  from cmedl_jax.models import patchgan, resnet_generator  # pylint: disable=g-import-not-at-top
+
+  of_network = {'translator': resnet_generator, 'translator_inv': resnet_generator}
+  of_network.update({name: patchgan for name in DISCRIMINATORS})
+  return [
+    (name, *path)
+    for name, tree in params.items()
+    if name in of_network
+    for path in of_network[name].biases_before_norm(tree)
+  ]

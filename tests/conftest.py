@@ -6,10 +6,13 @@
   LLVM does not optimise the generated code. The tests' programs are tiny and compiled once or
   twice each, so compiling dominates: measured on the tiny CMEDL step, compile 16.5 -> 8.2 s and
   the state initialisation 14.6 -> 2.7 s, for 0.11 -> 0.16 s per step.
-- `--xla_cpu_use_fusion_emitters=false` unless the user sets it: XLA:CPU's older loop emitter
-  for fusions compiles faster. Measured 2026-12-04 on the tiny CMEDL step (1 device): compile
-  13.2 -> 9.8 s, the step's run time unchanged; the 15 tests of test_train_step.py's
-  every_method and each_term cases 378 -> 316 s wall (437 -> 314 s user), in one run.
+- Not `--xla_cpu_use_fusion_emitters=false` (used here from 2026-12-04 to 12-08; it cut the tiny
+  step's compile 13.2 -> 9.8 s): together with the LLVM level 0 above, XLA:CPU (jaxlib 0.10.2)
+  miscompiled the joint step's gradient on 4 devices. Measured 2026-12-08 on an AMD EPYC (Zen 4,
+  AVX-512): the tiny CMEDL step's gradient of the translator G for its identity term |G(t) - t|
+  was 1% off on a 1 x 4 device mesh (9.8e-3 of the tensor's largest, every conv before the
+  output conv), against 1e-6 on 1, 2 and 8 devices and on 4 devices with either flag alone or
+  with neither; it failed tests/test_multihost.py on such machines (issue 41).
 - The package's XLA:CPU flags (cmedl_jax/__init__.py) as users get them.
 - One persistent compilation cache for the whole session (a fresh temporary folder, or the
   user's JAX_COMPILATION_CACHE_DIR), inherited through the environment by pytest-xdist workers
@@ -24,13 +27,10 @@ import tempfile
 
 _DEVICES = '--xla_force_host_platform_device_count'
 _LLVM_LEVEL = '--xla_backend_optimization_level'
-_FUSION_EMITTERS = '--xla_cpu_use_fusion_emitters'
 _flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICES)]
 _flags.append(f'{_DEVICES}=8')
 if not any(f.startswith(_LLVM_LEVEL) for f in _flags):
   _flags.append(f'{_LLVM_LEVEL}=0')
-if not any(f.startswith(_FUSION_EMITTERS) for f in _flags):
-  _flags.append(f'{_FUSION_EMITTERS}=false')
 os.environ['XLA_FLAGS'] = ' '.join(_flags)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')

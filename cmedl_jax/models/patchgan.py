@@ -11,11 +11,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cmedl_jax.models import layers
+
+
+def biases_before_norm(params) -> list[tuple[str, ...]]:
+  """Paths in a PatchGAN's params of the conv biases an instance norm follows at once (conv_1 ..
+  conv_n): they change no output and their true gradient is 0. Kept, as the reference keeps them
+  (resnet_generator.biases_before_norm)."""
+  return [
+    path
+    for path in traverse_util.flatten_dict(params)
+    if path[-1] == 'bias'
+    and path[0].startswith('conv_')
+    and path[0][5:].isdigit()
+    and int(path[0][5:]) >= 1
+  ]
 
 
 class PatchGAN(nn.Module):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,18 @@ def _gan_conv(features: int, kernel: int, stride: int, padding, dtype: Any, name
     name=name,
     conv_general_dilated=layers.conv_general_dilated,
   )
+
+
+def biases_before_norm(params) -> list[tuple[str, ...]]:
+  """Paths in a ResnetGenerator's params of the conv biases an instance norm follows at once:
+  every conv's but conv_out's. The norm subtracts them again, so they change no output and their
+  true gradient is 0 (a computed one is float32 rounding noise). Kept, as the reference
+  (`use_bias = norm_layer == InstanceNorm2d`) keeps them: same parameters and checkpoints."""
+  return [
+    path
+    for path in traverse_util.flatten_dict(params)
+    if path[-1] == 'bias' and path[0] != 'conv_out'
+  ]
 
 
 class ResnetBlock(nn.Module):
