@@ -80,10 +80,13 @@ def _float32(shape):
 def onnx_network(probabilities, image_shape, tolerance=ONNX_TOLERANCE):
   """(ONNX model bytes or None, record): `probabilities` on float32 [B, H, W, C] (B any; H, W
   the training size: jax2onnx 0.17.1 cannot carry symbolic multiples of 32 through the skip
-  concatenations), converted by jax2onnx and checked with onnxruntime against jax on two
-  random slices; None (and the reason in the record) when either fails."""
+  concatenations), converted by jax2onnx, its intermediate shapes re-inferred by onnx
+  (onnx_shapes_inferred), checked by onnx's checker (full_check) and strict shape inference
+  (onnx_checks) and with onnxruntime against jax on two random slices; None (and the reason in
+  the record) when any fails."""
   try:
     import jax2onnx  # pylint: disable=g-import-not-at-top
+    import onnx  # pylint: disable=g-import-not-at-top
     import onnxruntime  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return None, {'problem': f'{e}: pip install --no-deps -r requirements-onnx.txt'}
@@ -93,20 +96,57 @@ def onnx_network(probabilities, image_shape, tolerance=ONNX_TOLERANCE):
     logging.getLogger(name).setLevel(logging.ERROR)
   try:
     model = jax2onnx.to_onnx(probabilities, [('B', *image_shape)], model_name='cmedl_student')
+    model = onnx_shapes_inferred(model)
     data = model.SerializeToString()
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # Errors only: not its shape-merging notes on the NHWC graph.
-    session = onnxruntime.InferenceSession(data, options, providers=['CPUExecutionProvider'])
+    checks = onnx_checks(onnx.load_from_string(data))
+    session = onnxruntime.InferenceSession(data, providers=['CPUExecutionProvider'])
     x = np.random.default_rng(0).uniform(-1, 1, (2, *image_shape)).astype(np.float32)
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     difference = float(np.abs(got - np.asarray(jax.jit(probabilities)(x))).max())
   except Exception as e:  # pylint: disable=broad-except  # A converter's failure, reported.
     version = importlib.metadata.version('jax2onnx')
     return None, {'problem': f'jax2onnx {version}: {type(e).__name__}: {e}'[:500]}
-  record = {'input_shape': ['B', *image_shape], 'max_abs_difference_vs_jax': difference}
+  record = {'input_shape': ['B', *image_shape], 'max_abs_difference_vs_jax': difference, **checks}
+  failed = [f'{k}: {v}' for k, v in checks.items() if v != 'passed']
+  if failed:
+    return None, dict(record, problem='; '.join(failed))
   if difference > tolerance:
     return None, dict(record, problem=f'onnxruntime differs from jax by {difference:.2g}')
   return data, dict(record, file=ONNX)
+
+
+def onnx_shapes_inferred(model):
+  """ONNX ModelProto `model` with its intermediate shapes (graph.value_info) inferred by onnx.
+
+  jax2onnx 0.17.1 records them itself, and wrongly where its transpose folding moves a Relu (or
+  a residual Add) after a BatchNormalization into NCHW: it copies the new input's shape, but a
+  BatchNormalization's output has none, so the old NHWC one stays (onnxruntime warns 'Error
+  merging shape info'; onnx's checker rejects the file). Lenient here: what strict inference
+  rejects, onnx_checks reports.
+  """
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  del model.graph.value_info[:]
+  return onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+
+
+def onnx_checks(model):
+  """{'checker_full_check', 'strict_shape_inference'}: 'passed', or the error, of onnx's checker
+  (check_model(full_check=True)) and of its strict shape inference on ModelProto `model`."""
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  checks = {
+    'checker_full_check': lambda: onnx.checker.check_model(model, full_check=True),
+    'strict_shape_inference': lambda: onnx.shape_inference.infer_shapes(model, strict_mode=True),
+  }
+  result = {}
+  for name, check in checks.items():
+    try:
+      check()
+      result[name] = 'passed'
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+      result[name] = f'{type(e).__name__}: {e}'[:300]
+  return result
 
 
 def write_portable(out_dir, config, params, batch_stats, test_time, preparation_record):
