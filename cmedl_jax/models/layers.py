@@ -146,6 +146,10 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Below this many images, the weight gradient of a convolution is computed on bands
 # of rows (`_banded_weight_gradient`); 0 turns the banding off (for measurements).
 BANDED_WEIGHT_GRADIENT_BELOW_BATCH = 8
+# Name scopes of the platform-dependent weight gradient and of its CPU branch: the names of
+# their operations in lowered (exported) modules.
+BY_PLATFORM_SCOPE = 'weight_gradient_by_platform'
+BANDED_SCOPE = 'banded_weight_gradient'
 
 
 def _row_bands(batch: int, out_rows: int, kernel_rows: int) -> int:
@@ -187,13 +191,14 @@ def _banded_weight_gradient(
   """
   n, out_rows = g.shape[0], g.shape[1]
   kh, stride = kernel.shape[0], strides[0]
-  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  rows = out_rows // bands
-  span = (rows - 1) * stride + kh  # input rows that one band of output rows reads
-  index = np.arange(bands)[:, None] * rows * stride + np.arange(span)[None, :]
-  x = x[:, index].reshape(n * bands, span, *x.shape[2:])
-  g = g.reshape(n * bands, rows, *g.shape[2:])
-  return _xla_weight_gradient(x, g, kernel, strides, 'VALID', precision)
+  with jax.named_scope(BANDED_SCOPE):
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    rows = out_rows // bands
+    span = (rows - 1) * stride + kh  # input rows that one band of output rows reads
+    index = np.arange(bands)[:, None] * rows * stride + np.arange(span)[None, :]
+    x = x[:, index].reshape(n * bands, span, *x.shape[2:])
+    g = g.reshape(n * bands, rows, *g.shape[2:])
+    return _xla_weight_gradient(x, g, kernel, strides, 'VALID', precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -212,13 +217,14 @@ def _conv_banded_bwd(strides, padding, precision, residuals, g):
   bands = _row_bands(g.shape[0], g.shape[1], kernel.shape[0])
   if bands == 1:
     return dx, xla(x, g, kernel)
-  dkernel = jax.lax.platform_dependent(
-    x,
-    g,
-    kernel,
-    cpu=lambda x, g, k: _banded_weight_gradient(x, g, k, strides, padding, precision, bands),
-    default=xla,
-  )
+  with jax.named_scope(BY_PLATFORM_SCOPE):
+    dkernel = jax.lax.platform_dependent(
+      x,
+      g,
+      kernel,
+      cpu=lambda x, g, k: _banded_weight_gradient(x, g, k, strides, padding, precision, bands),
+      default=xla,
+    )
   return dx, dkernel
 
 
