@@ -1,6 +1,7 @@
 """Synthetic thorax CT / T2w MRI and abdominal T1w / T2w MRI phantoms with known labels.
 
-Writes unpaired datasets in the Medical Segmentation Decathlon / nnU-Net v2 layout:
+Writes unpaired datasets (and, on request, paired renderings: below) in the Medical Segmentation
+Decathlon / nnU-Net v2 layout:
 
   OUT/dataset.json                   nnU-Net v2 keys + MSD keys + a "phantom" block (written last)
   OUT/imagesTr/{case}_0000.nii.gz    CT int16 HU / MRI uint16 (arbitrary positive scale)
@@ -13,13 +14,16 @@ Writes unpaired datasets in the Medical Segmentation Decathlon / nnU-Net v2 layo
                                      diameter, type), tissue table, nominal intensities, noise
 
 CLI:  python -m data_prep.phantoms --kind thorax_ct --n 20 --seed 0 --out data/phantoms/thorax_ct
+      [--paired-out DIR]  thorax kinds: the same patients rendered in the other thorax modality
 
 Anatomy is an analytic function of world coordinates (RAS+, mm; patient roughly at the origin,
 random smooth deformation per patient), evaluated at every voxel's world position from the
 on-disk affine, so an LPS-stored volume reoriented to RAS shows the anatomy where an RAS-stored
 one does. Each output slice averages `Z_SUPERSAMPLE` thin sub-slices (slice profile / partial
 volume) and is blurred in-plane (PSF) before noise. Every case is a different random patient:
-case i of a kind is drawn from SeedSequence([seed, kind index, i]).
+case i of a kind is drawn from SeedSequence([seed, kind index, i]). A paired rendering
+(generate_paired, --paired-out) reuses a case's anatomy (_Anatomy: grid, affine, labels, tissue
+and instance maps) and draws its own look, tumor values, noise and bias from paired_seed.
 """
 
 from __future__ import annotations
@@ -589,7 +593,6 @@ class _Tumor:
   coef: np.ndarray  # lobulation amplitudes
   order: np.ndarray  # Chebyshev orders (2..4)
   axes: np.ndarray  # (J,3) unit vectors
-  value: float = 0.0  # nominal intensity (HU or relative)
 
   def max_radius(self):
     return self.radius * (1 + np.abs(self.coef).sum())
@@ -753,107 +756,162 @@ class PhantomCase:
   meta: dict  # JSON-serialisable ground truth
 
 
-def generate_phantom(
-  kind: str, rng: np.random.Generator, grid: Grid, juxta_offset_hu=JUXTA_OFFSET_HU
-) -> PhantomCase:
-  """Like `generate_case`, on an explicit Grid, also returning the tumor instance map.
-  juxta_offset_hu: (lo, hi) HU range of a juxta-mediastinal CT tumor above the mediastinum."""
-  _check_kind(kind)
-  thorax = kind.startswith('thorax')
-  k = Z_SUPERSAMPLE
+@dataclasses.dataclass
+class _Anatomy:
+  """One patient on one grid: everything but intensities, shared by the modalities rendered from
+  it. "Fine" arrays are [X, Y, Z * Z_SUPERSAMPLE] (sub-slices); label maps are [X, Y, Z]."""
+
+  grid: Grid
+  affine: np.ndarray  # 4x4 voxel -> world RAS+ mm
+  model: object  # _Thorax or _Abdomen
+  tissues_fine: np.ndarray  # uint8 TISSUES before lung vessels and tumors, fine
+  kidney_medulla: np.ndarray | None = None  # abdomen: bool, fine
+  vessels: np.ndarray | None = None  # thorax: lung vessel occupancy in [0, 1], fine float32
+  tumors: list = dataclasses.field(default_factory=list)  # thorax: every placed _Tumor
+  tumor_masks: list = dataclasses.field(default_factory=list)  # per tumor (slices, fine mask)
+  label: np.ndarray | None = None  # uint8 labels
+  tissues: np.ndarray | None = None  # uint8 TISSUES
+  instances: np.ndarray | None = None  # uint8 tumor instance ids (0 = none)
+  kept: list = dataclasses.field(default_factory=list)  # tumors' indices, instance id = pos. + 1
+
+
+def _draw_body(kind, rng, grid) -> _Anatomy:
+  """Draws the pose (grid centre, mm) and the body model of `kind`; its fine tissue map."""
   center = np.array([rng.uniform(-8, 8), rng.uniform(-8, 8), rng.uniform(-10, 10)])
   affine = grid_affine(grid, center)
-  model = _Thorax(rng) if thorax else _Abdomen(rng)
-  x, y, z = _fine_axes(affine, grid.shape, k)
-  fshape = (grid.shape[0], grid.shape[1], grid.shape[2] * k)
-  if thorax:
-    tis_f = model.tissues(x, y, z)
-    inner = None
-  else:
-    tis_f, inner = model.tissues(x, y, z, with_inner=True)
-  values = _tissue_values(kind, rng)
-  img_f = _lut(values)[tis_f]
-  is_ct = kind == 'thorax_ct'
-  tumors, tumor_f = [], None
-  if thorax:
-    b = model.body
-    lung = tis_f == _T['lung']
-    # Gravity: dependent (posterior) lung denser / brighter.
-    grad = rng.uniform(15, 35) if is_ct else rng.uniform(0.0, 0.01)
-    post = np.clip(-(y - b.y_c) / b.b_c, -1, 1).astype(np.float32)
-    img_f += np.where(lung, np.float32(grad) * post, np.float32(0))
-    zr = sorted((float(z.min()), float(z.max())))
-    pts, radii = _lung_vessel_points(model, rng, zr)
-    occ = _stamp_vessels(fshape, affine, k, pts, radii) * lung
-    img_f += occ * (np.float32(values['lung_vessel']) - img_f) * lung
-    tis_f[occ > 0.5] = _T['lung_vessel']
-    n_t = int(rng.integers(1, 4))
-    if n_t == 1:
-      types = [TUMOR_TYPES[int(rng.integers(0, 2))]]
-    else:
-      types = list(TUMOR_TYPES) + [TUMOR_TYPES[int(rng.integers(0, 2))]] * (n_t - 2)
-      rng.shuffle(types)
-    tumors = _place_tumors(model, rng, zr, types)
-    tumor_f = np.zeros(fshape, np.uint8)
-    for i, tm in enumerate(tumors, start=1):
-      lo = _world_to_fine_index(affine, k, (tm.center - tm.max_radius() - 2)[None])[0]
-      hi = _world_to_fine_index(affine, k, (tm.center + tm.max_radius() + 2)[None])[0]
-      a, bb = np.floor(np.minimum(lo, hi)).astype(int), np.ceil(np.maximum(lo, hi)).astype(int)
-      a, bb = np.maximum(a, 0), np.minimum(bb + 1, fshape)
-      sl = tuple(slice(a[d], bb[d]) for d in range(3))
-      m = tm.inside(x[sl[0]], y[:, sl[1]], z[:, :, sl[2]])
-      if is_ct:
-        tv = (
-          values['mediastinum'] + rng.uniform(*juxta_offset_hu)
-          if tm.kind == 'juxta_mediastinal'
-          else rng.uniform(*TISSUE_RANGES['thorax_ct']['tumor_peripheral'])
-        )
-        tex = 4.0
-      else:
-        tv = rng.uniform(*TISSUE_RANGES[kind]['tumor'])
-        tex = 0.04 * tv
-      tm.value = float(tv)
-      field = _smooth_noise(rng, m.shape, 1.5) * np.float32(tex) + np.float32(tv)
-      img_f[sl] = np.where(m, field, img_f[sl])
-      tumor_f[sl][m] = i
-  else:
-    # Kidney medulla (T1 darker, T2 brighter) and bowel content texture.
-    img_f[inner] *= np.float32(0.7 if kind == 'abdomen_t1w' else 1.25)
-    bowel = tis_f == _T['bowel']
-    tex = _smooth_noise(rng, fshape, (2.0, 2.0, 2.0 * k))
-    if kind == 'abdomen_t2w':
-      img_f = np.where(bowel, img_f + np.float32(0.25) * np.clip(tex, -1, 1.5), img_f)
-    else:
-      img_f = np.where(bowel, img_f + np.float32(0.08) * np.clip(tex, -1, 1.5), img_f)
-    img_f = np.maximum(img_f, 0)
+  x, y, z = _fine_axes(affine, grid.shape, Z_SUPERSAMPLE)
+  if kind.startswith('thorax'):
+    model = _Thorax(rng)
+    return _Anatomy(grid, affine, model, model.tissues(x, y, z))
+  model = _Abdomen(rng)
+  tis_f, inner = model.tissues(x, y, z, with_inner=True)
+  return _Anatomy(grid, affine, model, tis_f, kidney_medulla=inner)
 
-  # Partial volume: average sub-slices, then an in-plane PSF.
-  img = _downsample_z(img_f, k)
-  img = ndimage.gaussian_filter(img, (0.5, 0.5, 0.0) if is_ct else (0.6, 0.6, 0.0))
-  tissues = np.ascontiguousarray(tis_f[:, :, k // 2 :: k])
-  instances = np.zeros(grid.shape, np.uint8)
-  if thorax:
-    fr = tumor_f.reshape(*grid.shape, k)
-    kept = []
-    for i, tm in enumerate(tumors, start=1):
-      m = (fr == i).mean(-1) >= 0.5
-      if m.any():  # a sub-voxel tumor that no slice holds is dropped
-        kept.append(tm)
-        instances[m] = len(kept)
-    tumors = kept
-    # Where sub-slice majority and centre sub-slice disagree, the tissue follows the label.
-    tissues[(instances > 0)] = _T['tumor']
-    was_tumor = (tumor_f[:, :, k // 2 :: k] > 0) & (instances == 0)
-    if was_tumor.any():
-      base = model.tissues(x, y, z[:, :, k // 2 :: k])
-      tissues[was_tumor] = base[was_tumor]
-    label = (instances > 0).astype(np.uint8)
+
+def _draw_look(kind, rng) -> tuple:
+  """(nominal tissue values, lung gravity gradient or None) of one patient in `kind`."""
+  values = _tissue_values(kind, rng)
+  if not kind.startswith('thorax'):
+    return values, None
+  # Gravity: dependent (posterior) lung denser / brighter (HU or relative).
+  return values, rng.uniform(15, 35) if kind == 'thorax_ct' else rng.uniform(0.0, 0.01)
+
+
+def _draw_lesions(anatomy: _Anatomy, rng) -> _Anatomy:
+  """Thorax: draws the lung vessel trees and 1-3 tumors (types, places, shapes)."""
+  a, k = anatomy, Z_SUPERSAMPLE
+  x, y, z = _fine_axes(a.affine, a.grid.shape, k)
+  fshape = a.tissues_fine.shape
+  zr = sorted((float(z.min()), float(z.max())))
+  pts, radii = _lung_vessel_points(a.model, rng, zr)
+  vessels = _stamp_vessels(fshape, a.affine, k, pts, radii) * (a.tissues_fine == _T['lung'])
+  n_t = int(rng.integers(1, 4))
+  if n_t == 1:
+    types = [TUMOR_TYPES[int(rng.integers(0, 2))]]
   else:
-    label = np.zeros(grid.shape, np.uint8)
+    types = list(TUMOR_TYPES) + [TUMOR_TYPES[int(rng.integers(0, 2))]] * (n_t - 2)
+    rng.shuffle(types)
+  tumors = _place_tumors(a.model, rng, zr, types)
+  masks = []
+  for tm in tumors:
+    lo = _world_to_fine_index(a.affine, k, (tm.center - tm.max_radius() - 2)[None])[0]
+    hi = _world_to_fine_index(a.affine, k, (tm.center + tm.max_radius() + 2)[None])[0]
+    lo_i, hi_i = np.floor(np.minimum(lo, hi)).astype(int), np.ceil(np.maximum(lo, hi)).astype(int)
+    lo_i, hi_i = np.maximum(lo_i, 0), np.minimum(hi_i + 1, fshape)
+    sl = tuple(slice(lo_i[d], hi_i[d]) for d in range(3))
+    masks.append((sl, tm.inside(x[sl[0]], y[:, sl[1]], z[:, :, sl[2]])))
+  return dataclasses.replace(a, vessels=vessels, tumors=tumors, tumor_masks=masks)
+
+
+def _label_maps(anatomy: _Anatomy) -> _Anatomy:
+  """Label, tissue and instance maps on the grid: tissues of the centre sub-slice; a tumor voxel is
+  one most of whose sub-slices the tumor holds (a tumor that no voxel holds is dropped)."""
+  a, k, shape = anatomy, Z_SUPERSAMPLE, anatomy.grid.shape
+  if not isinstance(a.model, _Thorax):
+    tissues = np.ascontiguousarray(a.tissues_fine[:, :, k // 2 :: k])
+    label = np.zeros(shape, np.uint8)
     for name, v in ABDOMEN_LABELS.items():
       if v:
         label[tissues == _T[name]] = v
+    return dataclasses.replace(a, label=label, tissues=tissues, instances=np.zeros(shape, np.uint8))
+  tis_f = a.tissues_fine.copy()
+  tis_f[a.vessels > 0.5] = _T['lung_vessel']
+  tissues = np.ascontiguousarray(tis_f[:, :, k // 2 :: k])
+  tumor_f = np.zeros(tis_f.shape, np.uint8)
+  for i, (sl, m) in enumerate(a.tumor_masks, start=1):
+    tumor_f[sl][m] = i
+  fr = tumor_f.reshape(*shape, k)
+  instances, kept = np.zeros(shape, np.uint8), []
+  for i in range(len(a.tumors)):
+    m = (fr == i + 1).mean(-1) >= 0.5
+    if m.any():
+      kept.append(i)
+      instances[m] = len(kept)
+  # Where sub-slice majority and centre sub-slice disagree, the tissue follows the label.
+  tissues[(instances > 0)] = _T['tumor']
+  was_tumor = (tumor_f[:, :, k // 2 :: k] > 0) & (instances == 0)
+  if was_tumor.any():
+    x, y, z = _fine_axes(a.affine, shape, k)
+    base = a.model.tissues(x, y, z[:, :, k // 2 :: k])
+    tissues[was_tumor] = base[was_tumor]
+  label = (instances > 0).astype(np.uint8)
+  return dataclasses.replace(a, label=label, tissues=tissues, instances=instances, kept=kept)
 
+
+def _paint_tumors(kind, a: _Anatomy, img_f, values, rng, juxta_offset_hu) -> list:
+  """Draws each tumor's nominal value and texture and paints it into `img_f` (fine, in place).
+  CT: juxta-mediastinal = mediastinum + U(juxta_offset_hu) HU. Returns the nominal values."""
+  tumor_values = []
+  for tm, (sl, m) in zip(a.tumors, a.tumor_masks):
+    if kind == 'thorax_ct':
+      tv = (
+        values['mediastinum'] + rng.uniform(*juxta_offset_hu)
+        if tm.kind == 'juxta_mediastinal'
+        else rng.uniform(*TISSUE_RANGES['thorax_ct']['tumor_peripheral'])
+      )
+      tex = 4.0
+    else:
+      tv = rng.uniform(*TISSUE_RANGES[kind]['tumor'])
+      tex = 0.04 * tv
+    tumor_values.append(float(tv))
+    field = _smooth_noise(rng, m.shape, 1.5) * np.float32(tex) + np.float32(tv)
+    img_f[sl] = np.where(m, field, img_f[sl])
+  return tumor_values
+
+
+def _acquire(kind, img, a: _Anatomy, rng) -> tuple:
+  """(image on disk, its meta): CT Gaussian noise, int16 HU; MRI bias field, Rician noise, random
+  scale, uint16."""
+  if kind == 'thorax_ct':
+    sigma = float(rng.uniform(*CT_NOISE_HU))
+    img = img + rng.normal(0, sigma, img.shape).astype(np.float32)
+    image = np.clip(np.round(img), -1024, 3071).astype(np.int16)
+    return image, {'intensity_units': 'HU', 'noise_sigma': sigma}
+  xo, yo, zo = _fine_axes(a.affine, a.grid.shape, 1)
+  bias = _bias_field(rng, xo, yo, zo)
+  sig_rel = float(rng.uniform(*MRI_NOISE_REL))
+  scale = float(rng.uniform(*MRI_SCALE))
+  s = img * bias
+  s = np.hypot(
+    s + rng.normal(0, sig_rel, s.shape).astype(np.float32),
+    rng.normal(0, sig_rel, s.shape).astype(np.float32),
+  )
+  image = np.clip(np.round(s * scale), 0, 65535).astype(np.uint16)
+  return image, {
+    'intensity_units': 'arbitrary: relative value x bias x mri_scale',
+    'noise_sigma': sig_rel * scale,
+    'noise_sigma_relative': sig_rel,
+    'mri_scale': scale,
+    'noise_model': 'rician',
+  }
+
+
+def _case_meta(kind, a: _Anatomy, values, tumor_values, acquisition) -> dict:
+  """The per-case ground truth of a rendering of `a` in `kind` (phantom_meta/{case}.json)."""
+  grid = a.grid
+  vox_ml = float(np.prod(grid.zooms)) / 1000.0
+  inv = np.linalg.inv(a.affine)
+  kept = [(a.tumors[j], tumor_values[j]) for j in a.kept]
   meta = {
     'kind': kind,
     'generator_version': GENERATOR_VERSION,
@@ -862,56 +920,110 @@ def generate_phantom(
     'orientation': grid.orientation,
     'shape': list(grid.shape),
     'spacing_mm': list(grid.zooms),
-    'affine': np.round(affine, 6).tolist(),
-    'z_supersample': k,
+    'affine': np.round(a.affine, 6).tolist(),
+    'z_supersample': Z_SUPERSAMPLE,
     'tissue_codes': dict(TISSUES),
     'tissue_values': {n: round(v, 4) for n, v in values.items() if not n.startswith('tumor')},
+    **acquisition,
+    'tumors': [
+      {
+        'instance_id': i,
+        'type': tm.kind,
+        'center_mm': np.round(tm.center, 3).tolist(),
+        'center_voxel': np.round((inv @ np.r_[tm.center, 1])[:3], 2).tolist(),
+        'diameter_mm': round(2 * tm.radius, 2),
+        'n_voxels': int((a.instances == i).sum()),
+        'volume_ml': round(int((a.instances == i).sum()) * vox_ml, 3),
+        'nominal_value': round(value, 4),
+      }
+      for i, (tm, value) in enumerate(kept, start=1)
+    ],
   }
-  if is_ct:
-    sigma = float(rng.uniform(*CT_NOISE_HU))
-    img = img + rng.normal(0, sigma, img.shape).astype(np.float32)
-    image = np.clip(np.round(img), -1024, 3071).astype(np.int16)
-    meta.update(intensity_units='HU', noise_sigma=sigma)
-  else:
-    xo, yo, zo = _fine_axes(affine, grid.shape, 1)
-    bias = _bias_field(rng, xo, yo, zo)
-    sig_rel = float(rng.uniform(*MRI_NOISE_REL))
-    scale = float(rng.uniform(*MRI_SCALE))
-    s = img * bias
-    s = np.hypot(
-      s + rng.normal(0, sig_rel, s.shape).astype(np.float32),
-      rng.normal(0, sig_rel, s.shape).astype(np.float32),
-    )
-    image = np.clip(np.round(s * scale), 0, 65535).astype(np.uint16)
-    meta.update(
-      intensity_units='arbitrary: relative value x bias x mri_scale',
-      noise_sigma=sig_rel * scale,
-      noise_sigma_relative=sig_rel,
-      mri_scale=scale,
-      noise_model='rician',
-    )
-  vox_ml = float(np.prod(grid.zooms)) / 1000.0
-  inv = np.linalg.inv(affine)
-  meta['tumors'] = [
-    {
-      'instance_id': i,
-      'type': tm.kind,
-      'center_mm': np.round(tm.center, 3).tolist(),
-      'center_voxel': np.round((inv @ np.r_[tm.center, 1])[:3], 2).tolist(),
-      'diameter_mm': round(2 * tm.radius, 2),
-      'n_voxels': int((instances == i).sum()),
-      'volume_ml': round(int((instances == i).sum()) * vox_ml, 3),
-      'nominal_value': round(tm.value, 4),
-    }
-    for i, tm in enumerate(tumors, start=1)
-  ]
-  if not thorax:
+  if not isinstance(a.model, _Thorax):
     meta['organs'] = {
-      n: {'label': v, 'volume_ml': round(int((label == v).sum()) * vox_ml, 3)}
+      n: {'label': v, 'volume_ml': round(int((a.label == v).sum()) * vox_ml, 3)}
       for n, v in ABDOMEN_LABELS.items()
       if v
     }
-  return PhantomCase(image, label, tissues, instances, affine, meta)
+  return meta
+
+
+def _render(kind, anatomy: _Anatomy, look, rng, juxta_offset_hu) -> PhantomCase:
+  """Renders `anatomy` in `kind` with `look` (_draw_look); draws tumor values and textures (and
+  abdominal textures), then noise (and MRI bias field and scale) from rng."""
+  a, k = anatomy, Z_SUPERSAMPLE
+  values, grad = look
+  img_f = _lut(values)[a.tissues_fine]
+  tumor_values = []
+  if isinstance(a.model, _Thorax):
+    b = a.model.body
+    lung = a.tissues_fine == _T['lung']
+    y = _fine_axes(a.affine, a.grid.shape, k)[1]
+    post = np.clip(-(y - b.y_c) / b.b_c, -1, 1).astype(np.float32)
+    img_f += np.where(lung, np.float32(grad) * post, np.float32(0))
+    img_f += a.vessels * (np.float32(values['lung_vessel']) - img_f) * lung
+    tumor_values = _paint_tumors(kind, a, img_f, values, rng, juxta_offset_hu)
+  else:
+    # Kidney medulla (T1 darker, T2 brighter) and bowel content texture.
+    t2w = kind == 'abdomen_t2w'
+    img_f[a.kidney_medulla] *= np.float32(1.25 if t2w else 0.7)
+    bowel = a.tissues_fine == _T['bowel']
+    tex = _smooth_noise(rng, img_f.shape, (2.0, 2.0, 2.0 * k))
+    img_f = np.where(
+      bowel, img_f + np.float32(0.25 if t2w else 0.08) * np.clip(tex, -1, 1.5), img_f
+    )
+    img_f = np.maximum(img_f, 0)
+  # Partial volume: average sub-slices, then an in-plane PSF.
+  img = _downsample_z(img_f, k)
+  img = ndimage.gaussian_filter(img, (0.5, 0.5, 0.0) if kind == 'thorax_ct' else (0.6, 0.6, 0.0))
+  image, acquisition = _acquire(kind, img, a, rng)
+  meta = _case_meta(kind, a, values, tumor_values, acquisition)
+  return PhantomCase(image, a.label, a.tissues, a.instances, a.affine, meta)
+
+
+def _draw_patient(kind, rng, grid, juxta_offset_hu) -> tuple:
+  """(anatomy, case) of one patient of `kind` on `grid`. The draws from rng keep the order of
+  generator 1.0.0, which interleaves anatomy and look: pose and body, tissue values and lung
+  gradient, lung vessels and tumors; then tumor values and textures, noise and bias field."""
+  _check_kind(kind)
+  anatomy = _draw_body(kind, rng, grid)
+  look = _draw_look(kind, rng)
+  if kind.startswith('thorax'):
+    anatomy = _draw_lesions(anatomy, rng)
+  anatomy = _label_maps(anatomy)
+  return anatomy, _render(kind, anatomy, look, rng, juxta_offset_hu)
+
+
+def generate_phantom(
+  kind: str, rng: np.random.Generator, grid: Grid, juxta_offset_hu=JUXTA_OFFSET_HU
+) -> PhantomCase:
+  """Like `generate_case`, on an explicit Grid, also returning the tumor instance map.
+  juxta_offset_hu: (lo, hi) HU range of a juxta-mediastinal CT tumor above the mediastinum."""
+  return _draw_patient(kind, rng, grid, juxta_offset_hu)[1]
+
+
+def paired_kind(kind: str) -> str:
+  """The kind a paired rendering of thorax `kind` is in (the other thorax modality)."""
+  _check_kind(kind)
+  if not kind.startswith('thorax'):
+    raise ValueError(f'paired_out applies to thorax kinds only, not {kind}')
+  return 'thorax_t2w' if kind == 'thorax_ct' else 'thorax_ct'
+
+
+def generate_paired(
+  kind: str,
+  rng: np.random.Generator,
+  paired_rng: np.random.Generator,
+  grid: Grid,
+  juxta_offset_hu=JUXTA_OFFSET_HU,
+) -> tuple:
+  """(case, paired case): `generate_phantom(kind, rng, grid, ...)`'s case, and the same anatomy
+  (grid, affine, label, tissue and instance arrays, shared) rendered in `paired_kind(kind)`, its
+  tissue values, tumor values and textures, noise and bias field drawn from paired_rng only.
+  juxta_offset_hu applies to the thorax_ct one of the two. Raises ValueError."""
+  other = paired_kind(kind)
+  anatomy, case = _draw_patient(kind, rng, grid, juxta_offset_hu)
+  return case, _render(other, anatomy, _draw_look(other, paired_rng), paired_rng, juxta_offset_hu)
 
 
 def generate_case(kind, rng, size=None, spacing=None, slices=None, slice_spacing=None):
@@ -951,6 +1063,12 @@ def case_seed(seed: int, kind: str, index: int) -> np.random.SeedSequence:
   return np.random.SeedSequence([int(seed), 7919 + KINDS.index(kind), int(index)])
 
 
+def paired_seed(seed: int, kind: str, index: int) -> np.random.SeedSequence:
+  """Seed of the own draws (tissue values, tumor values and textures, noise, bias field) of the
+  paired rendering of case `index` of `kind`: case_seed's first child, apart from every case."""
+  return case_seed(seed, kind, index).spawn(1)[0]
+
+
 def _check_counts(n, n_test):
   """n_test (default max(2, n // 4)); ValueError unless n >= 1 and n_test >= 0 are integers."""
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -969,6 +1087,17 @@ def _check_juxta(kind, juxta_offset_hu) -> tuple:
   if kind != 'thorax_ct' and (lo, hi) != JUXTA_OFFSET_HU:
     raise ValueError(f'juxta_offset_hu applies to thorax_ct only, not {kind}')
   return lo, hi
+
+
+def _check_paired(kind, out, paired_out, juxta_offset_hu) -> tuple:
+  """(paired kind or None, juxta (lo, hi)); ValueError unless paired_out is None or, for a thorax
+  kind, a folder other than `out` (juxta_offset_hu then applies to the thorax_ct side)."""
+  if paired_out is None:
+    return None, _check_juxta(kind, juxta_offset_hu)
+  paired = paired_kind(kind)
+  if Path(paired_out).resolve() == Path(out).resolve():
+    raise ValueError(f'paired_out must be a folder other than out, got {paired_out} for both')
+  return paired, _check_juxta('thorax_ct', juxta_offset_hu)
 
 
 def _make_out_dir(out: Path) -> Path:
@@ -1012,11 +1141,12 @@ def _clear_stale(out: Path, kind: str, ids: list) -> None:
 
 
 def _write_case(
-  out: Path, kind: str, seed: int, index: int, case: str, split: str, grid: Grid, juxta
+  out: Path, c: PhantomCase, case: str, split: str, seed: int, index: int, paired_with=None
 ) -> dict:
-  """Generates and writes case `index` (split "Tr" or "Ts"); returns its dataset.json entry."""
-  rng = np.random.default_rng(case_seed(seed, kind, index))
-  c = generate_phantom(kind, rng, grid, juxta)
+  """Writes `c` as case `case` (split "Tr" or "Ts"; drawn from seed and index) of the dataset
+  folder `out`; paired_with: the meta's record of the source of a paired rendering. Returns the
+  case's dataset.json entry."""
+  kind = c.meta['kind']
   desc = f'cmedl-jax phantom {kind} v{GENERATOR_VERSION}'
   rel = {
     'image': f'images{split}/{case}_0000.nii.gz',
@@ -1039,19 +1169,43 @@ def _write_case(
   )
   if 'instances' in rel:
     meta['instances'] = f'./{rel["instances"]}'
+  if paired_with is not None:
+    meta['paired_with'] = paired_with
   nifti_io.atomic_write(out / f'phantom_meta/{case}.json', _json_text(meta))
   return {'image': f'./{rel["image"]}', 'label': f'./{rel["label"]}'}
 
 
-def _dataset_json(kind: str, seed: int, grid: Grid, training: list, test: list, juxta) -> dict:
-  """dataset.json: nnU-Net v2 and MSD keys, and a "phantom" block (with "juxta_offset_hu" when
-  it is not the default)."""
+def _paired_with(source_kind: str, **where) -> dict:
+  """A paired rendering's record of its source (per-case meta, dataset.json)."""
+  return {'dataset': f'Phantom_{source_kind}', 'kind': source_kind, **where, 'anatomy_shared': True}
+
+
+def _dataset_json(
+  kind: str, seed: int, grid: Grid, training: list, test: list, juxta, paired_with=None
+) -> dict:
+  """dataset.json: nnU-Net v2 and MSD keys, and a "phantom" block (with "juxta_offset_hu" for
+  thorax_ct when it is not the default, and "paired_with" for a paired rendering)."""
   thorax = kind.startswith('thorax')
   channel, modality = _MODALITY[kind]
-  extra = {} if tuple(juxta) == JUXTA_OFFSET_HU else {'juxta_offset_hu': list(map(float, juxta))}
+  extra = {}
+  if kind == 'thorax_ct' and tuple(juxta) != JUXTA_OFFSET_HU:
+    extra['juxta_offset_hu'] = list(map(float, juxta))
+  name, description = f'Phantom_{kind}', _DESCRIPTIONS[kind]
+  if paired_with is not None:
+    extra['paired_with'] = {
+      **paired_with,
+      'shared': 'case ids, grid and affine, labels, tissue and instance maps, tumor geometry',
+      'own': 'tissue values, lung gradient, tumor values and textures, noise, MRI bias field and '
+      'scale, drawn from paired_seed(seed, source kind, case_index)',
+    }
+    name += '_paired'
+    description = (
+      f'Paired synthetic {kind} phantoms: the patients of {paired_with["dataset"]} (same case '
+      'ids, grid and affine, labels, tissue and instance maps) rendered in this modality.'
+    )
   return {
-    'name': f'Phantom_{kind}',
-    'description': _DESCRIPTIONS[kind],
+    'name': name,
+    'description': description,
     'reference': 'synthetic (cmedl-jax data_prep/phantoms.py)',
     'licence': 'CC0-1.0',
     'release': GENERATOR_VERSION,
@@ -1081,6 +1235,29 @@ def _dataset_json(kind: str, seed: int, grid: Grid, training: list, test: list, 
   }
 
 
+def _write_cases(kind, seed, grid, juxta, outs, ids, n, verbose) -> list:
+  """Draws and writes every case of `ids` (the first n training) into outs[0], and its paired
+  rendering into outs[1] if given; returns per folder the (training, test) dataset.json entries."""
+  entries = [([], []) for _ in outs]
+  t0 = time.perf_counter()
+  for i, case in enumerate(ids):
+    split = 'Tr' if i < n else 'Ts'
+    rng = np.random.default_rng(case_seed(seed, kind, i))
+    if len(outs) == 1:
+      cases = [generate_phantom(kind, rng, grid, juxta)]
+    else:
+      own = np.random.default_rng(paired_seed(seed, kind, i))
+      cases = generate_paired(kind, rng, own, grid, juxta)
+    for side, (o, c) in enumerate(zip(outs, cases)):
+      source = _paired_with(kind, case_id=case) if side else None
+      entries[side][0 if split == 'Tr' else 1].append(
+        _write_case(o, c, case, split, seed, i, source)
+      )
+    if verbose:
+      print(f'  {case}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
+  return entries
+
+
 def write_dataset(
   kind,
   n,
@@ -1093,32 +1270,33 @@ def write_dataset(
   slice_spacing=None,
   verbose=False,
   juxta_offset_hu=JUXTA_OFFSET_HU,
+  paired_out=None,
 ) -> Path:
   """Writes `n` training and `n_test` (default max(2, n // 4)) test cases of `kind` into the
   dataset folder `out` (created; our stale case files and dataset.json are removed first;
-  dataset.json is written last). juxta_offset_hu: (lo, hi), thorax_ct only (JUXTA_OFFSET_HU).
+  dataset.json is written last). juxta_offset_hu: (lo, hi), for thorax_ct (JUXTA_OFFSET_HU).
+  paired_out: thorax kinds: another folder that gets the same patients (case ids, grid and
+  affine, labels, tissue and instance maps) rendered in paired_kind(kind), with their own draws
+  (paired_seed); its dataset.json names the source. `out` is written as without it.
   Returns Path(out). Raises ValueError / OSError."""
   _check_kind(kind)
   n_test = _check_counts(n, n_test)
-  juxta = _check_juxta(kind, juxta_offset_hu)
+  paired, juxta = _check_paired(kind, out, paired_out, juxta_offset_hu)
   grid = make_grid(kind, size, spacing, slices, slice_spacing)
-  out = _make_out_dir(Path(out))
+  outs = [_make_out_dir(Path(o)) for o in ([out] if paired is None else [out, paired_out])]
   digits = max(3, len(str(n + n_test - 1)))
   ids = [f'{kind}_{i:0{digits}d}' for i in range(n + n_test)]
-  _clear_stale(out, kind, ids)
-  training, test = [], []
-  t0 = time.perf_counter()
-  for i, case in enumerate(ids):
-    split = 'Tr' if i < n else 'Ts'
-    (training if split == 'Tr' else test).append(
-      _write_case(out, kind, seed, i, case, split, grid, juxta)
-    )
-    if verbose:
-      print(f'  {case}: {time.perf_counter() - t0:.1f} s', file=sys.stderr)
-  nifti_io.atomic_write(
-    out / 'dataset.json', _json_text(_dataset_json(kind, seed, grid, training, test, juxta))
-  )
-  return out
+  for o in outs:
+    _clear_stale(o, kind, ids)
+  entries = _write_cases(kind, seed, grid, juxta, outs, ids, n, verbose)
+  sides = [(kind, None)]
+  if paired is not None:
+    where = os.path.relpath(outs[0].resolve(), outs[1].resolve())
+    sides.append((paired, _paired_with(kind, path=where)))
+  for o, (training, test), (k, source) in zip(outs, entries, sides):
+    ds = _dataset_json(k, seed, grid, training, test, juxta, source)
+    nifti_io.atomic_write(o / 'dataset.json', _json_text(ds))
+  return outs[0]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1184,6 +1362,13 @@ def _parser():
     help='thorax_ct: juxta-mediastinal tumors are the mediastinum + U(LO, HI) HU '
     '(default -6 6: no consistent cue)',
   )
+  p.add_argument(
+    '--paired-out',
+    default=None,
+    metavar='DIR',
+    help='thorax kinds: also write the same patients (case ids, grid, labels) rendered in the '
+    'other thorax modality into the dataset folder DIR',
+  )
   p.add_argument('--verbose', action='store_true')
   return p
 
@@ -1193,8 +1378,10 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     grid = make_grid(args.kind, args.size, args.spacing, args.slices, args.slice_spacing)
-    _check_juxta(args.kind, args.juxta_offset_hu)
+    paired, _ = _check_paired(args.kind, args.out, args.paired_out, args.juxta_offset_hu)
     out = _make_out_dir(Path(args.out))
+    if paired is not None:
+      _make_out_dir(Path(args.paired_out))
   except (ValueError, OSError) as e:
     p.error(str(e))
   t0 = time.perf_counter()
@@ -1211,12 +1398,14 @@ def main(argv=None) -> int:
       slice_spacing=grid.slice_spacing,
       verbose=args.verbose,
       juxta_offset_hu=args.juxta_offset_hu,
+      paired_out=args.paired_out,
     )
   except OSError as e:
     p.exit(1, f'{p.prog}: error: {" ".join(str(e).split())}\n')
   n_test = max(2, args.n // 4) if args.n_test is None else args.n_test
+  also = '' if paired is None else f' and their {paired} rendering to {args.paired_out}'
   print(
-    f'wrote {args.n} training + {n_test} test {args.kind} cases to {out} '
+    f'wrote {args.n} training + {n_test} test {args.kind} cases to {out}{also} '
     f'in {time.perf_counter() - t0:.1f} s'
   )
   return 0

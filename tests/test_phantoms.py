@@ -329,6 +329,141 @@ def test_rewrite_is_byte_identical_and_removes_stale_cases(tmp_path):
   assert len(os.listdir(a / 'phantom_meta')) == 1
 
 
+# ---------------------------------------------------------------- paired phantoms
+
+
+def _paired(kind, index, seed=0, juxta=P.JUXTA_OFFSET_HU):
+  rng = np.random.default_rng(P.case_seed(seed, kind, index))
+  own = np.random.default_rng(P.paired_seed(seed, kind, index))
+  return P.generate_paired(kind, rng, own, P.make_grid(kind, **SMALL[kind]), juxta)
+
+
+@pytest.fixture(scope='module')
+def paired_cases():
+  return [_paired('thorax_ct', i) for i in range(8)]
+
+
+def _assert_same_anatomy(a, b):
+  for what in ('label', 'tissues', 'instances', 'affine'):
+    x, y = getattr(a, what), getattr(b, what)
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), what
+  geometry = ('instance_id', 'type', 'center_mm', 'diameter_mm', 'n_voxels')
+  assert [{g: t[g] for g in geometry} for t in a.meta['tumors']] == [
+    {g: t[g] for g in geometry} for t in b.meta['tumors']
+  ]
+
+
+def test_paired_rendering_shares_the_anatomy_and_leaves_the_source_unchanged(
+  thorax_cases, paired_cases
+):
+  for plain, (ct, mr) in zip(thorax_cases['thorax_ct'], paired_cases):
+    assert ct.image.tobytes() == plain.image.tobytes() and ct.meta == plain.meta
+    _assert_same_anatomy(ct, mr)
+    assert mr.meta['kind'] == 'thorax_t2w' and mr.image.dtype == np.uint16
+    assert mr.meta['orientation'] == 'RAS' and mr.meta['shape'] == ct.meta['shape']
+    for name, value in mr.meta['tissue_values'].items():  # the T2w model's own draws
+      lo, hi = P.TISSUE_RANGES['thorax_t2w'][name]
+      assert lo <= value <= hi, name
+    assert all(0.60 <= t['nominal_value'] <= 0.85 for t in mr.meta['tumors'])
+  # Its own stream: neither a case's stream nor the same for two cases.
+  own = {tuple(P.paired_seed(0, 'thorax_ct', i).generate_state(4)) for i in range(3)}
+  cases = {tuple(P.case_seed(0, k, i).generate_state(4)) for k in P.KINDS for i in range(3)}
+  assert len(own) == 3 and not own & cases
+
+
+def test_paired_juxta_mediastinal_tumors_low_contrast_in_ct_high_in_t2w(paired_cases):
+  """The premise on the same tumors: each juxta-mediastinal tumor is invisible against the
+  mediastinum on CT and bright against it on its T2w rendering."""
+  juxta = []
+  for ct, mr in paired_cases:
+    cnr_ct, cnr_mr = _tumor_contrasts(ct), _tumor_contrasts(mr)
+    assert [t for t, _ in cnr_ct] == [t for t, _ in cnr_mr]
+    juxta += [(c, m) for (t, c), (_, m) in zip(cnr_ct, cnr_mr) if t == 'juxta_mediastinal']
+  assert len(juxta) >= 3, juxta
+  assert max(c for c, _ in juxta) < 1.0 and min(m for _, m in juxta) > 3.0, juxta
+
+
+def test_paired_from_t2w_renders_ct_on_the_t2w_grid(thorax_cases):
+  """The other direction: thorax_t2w patients rendered in CT; juxta_offset_hu applies to it."""
+  mr, ct = _paired('thorax_t2w', 1, juxta=(10, 15))
+  plain = thorax_cases['thorax_t2w'][1]
+  assert mr.image.tobytes() == plain.image.tobytes() and mr.meta == plain.meta
+  _assert_same_anatomy(mr, ct)
+  assert ct.meta['kind'] == 'thorax_ct' and ct.image.dtype == np.int16
+  assert nib.aff2axcodes(ct.affine) == ('L', 'P', 'S')
+  mediastinum = ct.meta['tissue_values']['mediastinum']
+  offsets = [
+    t['nominal_value'] - mediastinum for t in ct.meta['tumors'] if t['type'] == 'juxta_mediastinal'
+  ]
+  assert offsets and all(10 - 1e-3 <= v <= 15 + 1e-3 for v in offsets), offsets
+  with pytest.raises(ValueError, match='thorax kinds only'):
+    P.paired_kind('abdomen_t2w')
+
+
+@pytest.fixture(scope='module')
+def paired_written(tmp_path_factory):
+  """The CLI's --paired-out with the `written` fixture's thorax_ct arguments."""
+  root = tmp_path_factory.mktemp('paired')
+  grid = SMALL['thorax_ct']
+  args = ['--kind', 'thorax_ct', '--n', '2', '--n-test', '1', '--seed', '7']
+  args += ['--size', str(grid['size']), '--spacing', str(grid['spacing'])]
+  args += ['--slices', str(grid['slices']), '--slice-spacing', str(grid['slice_spacing'])]
+  assert P.main(args + ['--out', str(root / 'A'), '--paired-out', str(root / 'B')]) == 0
+  return root / 'A', root / 'B'
+
+
+def _files(root):
+  return sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file())
+
+
+def test_paired_out_leaves_the_ct_dataset_byte_identical(written, paired_written):
+  plain, (a, _) = written['thorax_ct'], paired_written
+  assert _files(a) == _files(plain)
+  for f in _files(a):
+    assert (a / f).read_bytes() == (plain / f).read_bytes(), f
+
+
+def test_paired_dataset_has_the_same_cases_labels_and_geometry(paired_written):
+  a, b = paired_written
+  ds_a, ds_b = (json.loads((root / 'dataset.json').read_text()) for root in (a, b))
+  assert ds_b['training'] == ds_a['training'] and ds_b['test'] == ds_a['test']
+  assert ds_b['channel_names'] == {'0': 'T2'} and ds_b['modality'] == {'0': 'MRI'}
+  source = ds_b['phantom']['paired_with']
+  assert source['dataset'] == ds_a['name'] == 'Phantom_thorax_ct' and source['path'] == '../A'
+  assert source['anatomy_shared'] is True and ds_b['phantom']['kind'] == 'thorax_t2w'
+  assert _files(b) == _files(a)
+  for split, entry in [('Tr', e) for e in ds_a['training']] + [('Ts', e) for e in ds_a['test']]:
+    case = os.path.basename(entry['label'])[: -len('.nii.gz')]
+    for path in (
+      entry['label'],
+      f'tissues{split}/{case}.nii.gz',
+      f'instances{split}/{case}.nii.gz',
+    ):
+      x, y = nib.load(a / path), nib.load(b / path)
+      assert np.array_equal(np.asarray(x.dataobj), np.asarray(y.dataobj)), path
+    x, y = nib.load(a / entry['image']), nib.load(b / entry['image'])
+    assert np.array_equal(x.affine, y.affine) and x.header.get_zooms() == y.header.get_zooms()
+    assert x.get_data_dtype() == np.int16 and y.get_data_dtype() == np.uint16
+    meta = json.loads((b / 'phantom_meta' / f'{case}.json').read_text())
+    assert meta['kind'] == 'thorax_t2w' and meta['paired_with']['case_id'] == case
+  info = nifti_io.read_dataset(b)
+  assert len(info.training) == 2 and len(info.test) == 1
+
+
+@pytest.mark.parametrize(
+  'kind, paired, fragment',
+  [('abdomen_t1w', 'y', 'thorax kinds only'), ('thorax_ct', 'y/../x', 'other than out')],
+)
+def test_cli_bad_paired_out_exit_2_with_one_line(tmp_path, capsys, kind, paired, fragment):
+  argv = ['--kind', kind, '--n', '1', '--out', str(tmp_path / 'x')]
+  with pytest.raises(SystemExit) as e:
+    P.main(argv + ['--paired-out', str(tmp_path / paired)])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('phantoms: error:') and fragment in err
+  assert not os.listdir(tmp_path)
+
+
 # ---------------------------------------------------------------- CLI
 
 
