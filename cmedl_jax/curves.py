@@ -14,6 +14,8 @@ import os
 import sys
 
 import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from cmedl_jax.evaluation import plots
 from data_prep import nifti_io
@@ -22,26 +24,20 @@ PREFIXES = ('loss/', 'val_', 'grad_norm/')
 
 
 def read_scalars(workdir):
-  """{tag: (steps [N], values [N])} of every scalar in WORKDIR's event files, by step."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  files = sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*')))
-  if not files:
+  """{tag: (steps [N], values [N])} of every scalar in WORKDIR's event files, by step (of a step
+  written twice, as by a resumed run, the later value). Read with tensorboard's
+  EventAccumulator: through its TensorFlow stub when TensorFlow is not installed."""
+  if not glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     raise FileNotFoundError(f'{workdir}: no TensorBoard event files')
+  events = event_accumulator.EventAccumulator(
+    workdir, size_guidance={event_accumulator.TENSORS: 0}, purge_orphaned_data=False
+  ).Reload()
   series = {}
-  for path in files:
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.HasField('tensor'):
-          x = tf.make_ndarray(value.tensor)
-          if x.ndim:
-            continue  # An image.
-          x = float(x)
-        elif value.HasField('simple_value'):
-          x = float(value.simple_value)
-        else:
-          continue
-        series.setdefault(value.tag, {})[int(event.step)] = x  # A resumed run overwrites.
+  for tag in events.Tags()['tensors']:
+    for event in events.Tensors(tag):  # Files in name (= time) order, each in write order.
+      x = tensor_util.make_ndarray(event.tensor_proto)
+      if x.ndim == 0:  # Not an image.
+        series.setdefault(tag, {})[event.step] = float(x)
   return {
     tag: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for tag, d in series.items()
   }

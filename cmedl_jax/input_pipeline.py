@@ -33,7 +33,8 @@ Training batches come from two independent streams, source (student modality) an
   a jitted jax function on the sharded batch (`augment_on="device"`: on the accelerators, or
   XLA:CPU); `augment_on="host"` runs them in TensorFlow C++ kernels instead
   (`ImageProjectiveTransformV3` in a tf.function: no Python callbacks inside TF, so no GIL
-  deadlock at exit).
+  deadlock at exit). TensorFlow is an optional extra (`TENSORFLOW_INSTALL`), needed by
+  `augment_on="host"` only; reading the TFDS slices needs none.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ FOREGROUND_RATIO = 0.5  # Probability that an example is drawn from slices with 
 PREFETCH = 2  # Batches prepared ahead of the consumer.
 _SOURCE_STREAM, _TARGET_STREAM = 0x5EED0, 0x5EED1
 _ENDLESS = 2**62  # "No num_steps": the last step index of an endless iterator.
+# The optional extra for augment_on="host": the TensorFlow verified with requirements.txt.
+TENSORFLOW_INSTALL = 'pip install tensorflow-cpu==2.21.0'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +348,16 @@ def _draw_params(
 
 
 def _make_tf_augment():
-  """Host augmentation as a tf.function (C++ kernels, intra-op parallel, no Python callbacks)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """Host augmentation as a tf.function (C++ kernels, intra-op parallel, no Python callbacks).
+
+  ImportError (one line) when TensorFlow is not installed."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+      f"augment_on='host' warps with TensorFlow, which is not installed: {TENSORFLOW_INSTALL}, "
+      "or augment on the device (augment_on='device')"
+    ) from e
 
   @tf.function(reduce_retracing=True)
   def augment(images, labels, transforms, jitter):
@@ -576,9 +587,10 @@ def create_train_iterator(
   {"enabled": False}: none); context_slices (k, odd); target_labels (deliver target labels or
   zero them); mesh (batches are global arrays sharded on its "data" axis; None: the first local
   device); prefetch (batches prepared ahead); num_steps (None: endless); split; augment_on
-  ("device": a jitted jax warp on the sharded batch, "host": TensorFlow C++ kernels, "auto" =
-  "device"; same random parameters, rounding differs); num_workers (default: CPUs, at most 4);
-  source_cases (if > 0, the source side uses only its split's first `source_cases` cases).
+  ("device": a jitted jax warp on the sharded batch, "host": TensorFlow C++ kernels, if it is
+  installed, "auto" = "device"; same random parameters, rounding differs); num_workers (default:
+  CPUs, at most 4); source_cases (if > 0, the source side uses only its split's first
+  `source_cases` cases).
   Returns an iterator of (src, tgt) dicts {"image": [B,H,W,k] f32, "label": [B,H,W] i32,
   "has_label": [B] f32}; `close()` stops its threads.
   """

@@ -1,7 +1,7 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 Prepares the data if needed, builds the mesh, state and jitted step, then loops: unpaired
-batches -> train_step -> scalars/images to TensorBoard (clu) -> whole-volume validation ->
+batches -> train_step -> scalars/images to TensorBoard -> whole-volume validation ->
 orbax checkpoints. Resumes from WORKDIR/checkpoints automatically; SIGTERM/SIGINT save and exit;
 a NaN/Inf loss stops the run naming the loss and the step.
 
@@ -21,7 +21,6 @@ import socket
 import time
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
 import jax
 from jax.experimental import multihost_utils
@@ -36,6 +35,7 @@ from cmedl_jax import method
 from cmedl_jax import portable
 from cmedl_jax import postprocess
 from cmedl_jax import sharding
+from cmedl_jax import summary_writer
 from cmedl_jax import train_state
 from cmedl_jax import train_step as ts
 from cmedl_jax.evaluation import metrics as seg_metrics
@@ -505,9 +505,7 @@ def _train_and_evaluate(config, workdir, on_log):
   programs = _Programs(config, nets, mesh, state_sharding)
   train_iter = _train_iterator(config, start_step, mesh)
   # TensorBoard event files on process 0 (the console line is ours, with steps/s and ETA).
-  writer = metric_writers.MultiWriter(
-    [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))] if primary else []
-  )
+  writer = summary_writer.SummaryWriter(workdir if primary else None)
   t_start = time.time()
   try:
     step, state, val = _train_loop(
@@ -527,9 +525,9 @@ def _train_and_evaluate(config, workdir, on_log):
   finally:
     # Also on an error (e.g. a NaN loss): finish the checkpoints already being written.
     train_iter.close()
-    writer.flush()
     ckpts.wait()
     ckpts.close()
+    writer.close()
   logging.info('Done in %s.', _hms(time.time() - t_start))
   return {'step': step, **val}
 

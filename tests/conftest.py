@@ -1,4 +1,6 @@
-"""Test setup, before jax starts: 8 forced CPU devices, one compilation cache, quiet TF.
+"""Test setup, before jax starts: 8 forced CPU devices, one compilation cache, quiet TF; tests
+marked `tensorflow` (the optional extra: augment_on='host') skipped, with the reason, where
+TensorFlow is not installed (.ci/run installs it after the suite and runs them).
 
 - XLA_FLAGS always gets `--xla_force_host_platform_device_count=8` (the multi-device tests need
   8 devices), whatever the user's own XLA_FLAGS hold; their other flags are kept.
@@ -21,6 +23,7 @@
 """
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -74,3 +77,18 @@ def tiny_run(tiny_data, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('tiny_run') / 'run'
   train.train_and_evaluate(tiny_runs.small_config(tiny_data, keep_checkpoints=2), str(workdir))
   return tiny_data, workdir
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `tensorflow` skip, saying why, where TensorFlow is not installed."""
+  del config
+  if importlib.util.find_spec('tensorflow') is not None:
+    return
+  from cmedl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  skip = pytest.mark.skip(
+    reason=f'needs the optional TensorFlow, not installed: {input_pipeline.TENSORFLOW_INSTALL}'
+  )
+  for item in items:
+    if item.get_closest_marker('tensorflow'):
+      item.add_marker(skip)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import ndimage
+import tensorflow_datasets as tfds
 
 from cmedl_jax import inference
 from cmedl_jax import input_pipeline as ip
@@ -128,34 +129,44 @@ def test_training_slices_are_read_from_the_tfds_build(prepared, tmp_path):
     ip.create_train_iterator(str(copy), mr, **kw)
 
 
-def test_the_target_side_can_be_any_tfds_dataset(prepared, tmp_path):
-  """A TFDS dataset built elsewhere (tfds.dataset_builders.store_as_tfds_dataset: images
-  [H, W, 1], labels, no case ids) holding the MRI side's training slices in order gives the
-  same batches as the prepared folder; context slices need case ids."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+class MyMriSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A TFDS dataset built elsewhere: the training slices of a prepared folder (`examples`, in
+  order) as images [H, W, 1] and labels, no case ids."""
 
-  ct, mr = prepared
-  arrays = ip.SplitArrays(mr, 'train')
-  h, w = arrays.size
-  features = tfds.features.FeaturesDict(
-    {
+  VERSION = tfds.core.Version('1.0.0')
+
+  def __init__(self, *, examples, **kwargs):
+    self.examples = examples
+    super().__init__(**kwargs)
+
+  def _info(self):
+    h, w = self.examples['label'].shape[1:]
+    features = {
       'image': tfds.features.Tensor(shape=(h, w, 1), dtype=np.float32),
       'label': tfds.features.Tensor(shape=(h, w), dtype=np.uint8),
     }
-  )
-  examples = tf.data.Dataset.from_tensor_slices(
-    {'image': np.asarray(arrays.images)[..., None], 'label': np.asarray(arrays.labels)}
-  )
-  builder = tfds.dataset_builders.store_as_tfds_dataset(
-    name='my_mri_slices',
-    version='1.0.0',
-    features=features,
-    split_datasets={'train': examples},
-    data_dir=str(tmp_path),
-    file_format='array_record',
-    disable_shuffling=True,
-  )
+    return tfds.core.DatasetInfo(
+      builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, (image, label) in enumerate(zip(self.examples['image'], self.examples['label'])):
+      yield i, {'image': image, 'label': label}
+
+
+def test_the_target_side_can_be_any_tfds_dataset(prepared, tmp_path):
+  """A TFDS dataset built elsewhere (a TFDS builder's ArrayRecord: images [H, W, 1], labels, no
+  case ids) holding the MRI side's training slices in order gives the same batches as the
+  prepared folder; context slices need case ids."""
+  ct, mr = prepared
+  arrays = ip.SplitArrays(mr, 'train')
+  examples = {'image': np.asarray(arrays.images)[..., None], 'label': np.asarray(arrays.labels)}
+  builder = MyMriSlices(examples=examples, data_dir=str(tmp_path), file_format='array_record')
+  builder.download_and_prepare()
   kw = dict(global_batch_size=8, seed=6, num_steps=2, target_labels=True)
   want = take(ip.create_train_iterator(ct, mr, **kw), 2)
   got = take(ip.create_train_iterator(ct, builder.data_dir, **kw), 2)
@@ -185,7 +196,9 @@ def test_global_batch_is_independent_of_process_count(prepared, monkeypatch):
         )
 
 
-@pytest.mark.parametrize('augment_on', ['host', 'device'])
+@pytest.mark.parametrize(
+  'augment_on', [pytest.param('host', marks=pytest.mark.tensorflow), 'device']
+)
 def test_augmentation_keeps_image_and_label_aligned(prepared, augment_on):
   """Bilinear image and nearest label under one transform: a pixel whose image value is mostly
   tumor must be labelled tumor, and a labelled pixel must be at least 1/4 tumor."""
@@ -226,6 +239,7 @@ def test_augmentation_keeps_image_and_label_aligned(prepared, augment_on):
   assert n_tumor > 100
 
 
+@pytest.mark.tensorflow
 def test_host_and_device_augmentation_agree(prepared):
   ct, mr = prepared
   kw = dict(
@@ -387,9 +401,24 @@ NO_AUG = dict(flip=0.0, flip_ud=0.0, rotate_deg=0.0, scale=0.0, intensity=0.0)
 _device_warp = jax.jit(ip._device_augment)
 
 
-@pytest.fixture(scope='module')
-def tf_augment():
-  return ip._make_tf_augment()
+@pytest.fixture(
+  scope='module', params=[pytest.param('host', marks=pytest.mark.tensorflow), 'device']
+)
+def warp(request):
+  """warp(images, labels, params) -> (image, label) numpy: the host (TensorFlow) or the device
+  (jax) warp with params' transform and jitter."""
+  if request.param == 'host':
+    tf_augment = ip._make_tf_augment()
+    return lambda images, labels, params: tuple(
+      x.numpy() for x in tf_augment(images, labels, params['transform'], params['jitter'])
+    )
+
+  def device(images, labels, params):
+    batch = {'image': images, 'label': labels, 'has_label': np.ones(len(images), np.float32)}
+    out = _device_warp(dict(batch, transform=params['transform'], jitter=params['jitter']))
+    return np.asarray(out['image']), np.asarray(out['label'])
+
+  return device
 
 
 def smooth_batch():
@@ -413,25 +442,6 @@ def smooth_batch():
   return images, labels
 
 
-def warps(tf_augment, images, labels, params):
-  """[(image, label)] of the host and the device warp with params' transform and jitter."""
-  t, j = params['transform'], params['jitter']
-  host = tf_augment(images, labels, t, j)
-  device = _device_warp(
-    {
-      'image': images,
-      'label': labels,
-      'transform': t,
-      'jitter': j,
-      'has_label': np.ones(len(images), np.float32),
-    }
-  )
-  return [
-    (host[0].numpy(), host[1].numpy()),
-    (np.asarray(device['image']), np.asarray(device['label'])),
-  ]
-
-
 class FixedRng:
   """Stands in for the np.random.Generator of `_draw_params`: uniform(low, high) = low + t
   (high - low) for every draw, random() = 0.5 (flip probability 1 flips, 0 does not)."""
@@ -450,14 +460,14 @@ class FixedRng:
 
 
 @pytest.mark.parametrize('flips', [dict(flip=1.0), dict(flip_ud=1.0), dict(flip=1.0, flip_ud=1.0)])
-def test_flip_is_an_exact_mirror(tf_augment, flips):
+def test_flip_is_an_exact_mirror(warp, flips):
   aug = ip.augment_params(dict(NO_AUG, **flips))
   params = ip._draw_params(np.random.default_rng(0), 10, None, 0.0, aug, 2, (AUG_H, AUG_W))
   images, labels = smooth_batch()
   axes = tuple(axis for name, axis in (('flip_ud', 1), ('flip', 2)) if name in flips)
-  for image, label in warps(tf_augment, images, labels, params):
-    np.testing.assert_array_equal(image, np.flip(images, axes))
-    np.testing.assert_array_equal(label, np.flip(labels, axes))
+  image, label = warp(images, labels, params)
+  np.testing.assert_array_equal(image, np.flip(images, axes))
+  np.testing.assert_array_equal(label, np.flip(labels, axes))
 
 
 def test_flip_true_means_probability_one_half():
@@ -469,7 +479,7 @@ def test_flip_true_means_probability_one_half():
 
 
 @pytest.mark.parametrize('t, flip', [(1.0, 0.0), (0.0, 0.0), (0.8, 1.0)])
-def test_rotation_and_scale_match_scipy_affine_transform(tf_augment, t, flip):
+def test_rotation_and_scale_match_scipy_affine_transform(warp, t, flip):
   """With every uniform draw at fraction t of its range: angle (2t - 1) * 30 degrees, scale
   1 + (2t - 1) * 0.2; the warp of output (x, y) -> input is R(angle) diag(+-1, 1) (out - c) / scale
   + c (c the image centre), here rebuilt in scipy's (row, col) order."""
@@ -509,13 +519,13 @@ def test_rotation_and_scale_match_scipy_affine_transform(tf_augment, t, flip):
     in_grid, labels[:, np.clip(near[..., 0], 0, AUG_H - 1), np.clip(near[..., 1], 0, AUG_W - 1)], 0
   )
   no_tie = (np.abs(rc % 1.0 - 0.5) > 1e-3).all(-1)  # nearest-neighbour ties may go either way
-  for image, label in warps(tf_augment, images, labels, params):
-    np.testing.assert_allclose(image[:, interior], ref[:, interior], atol=1e-4)
-    np.testing.assert_allclose(image[:, outside], -1.0, atol=1e-6)
-    np.testing.assert_array_equal(label[:, no_tie], ref_label[:, no_tie])
+  image, label = warp(images, labels, params)
+  np.testing.assert_allclose(image[:, interior], ref[:, interior], atol=1e-4)
+  np.testing.assert_allclose(image[:, outside], -1.0, atol=1e-6)
+  np.testing.assert_array_equal(label[:, no_tie], ref_label[:, no_tie])
 
 
-def test_positive_angle_turns_the_content_counterclockwise(tf_augment):
+def test_positive_angle_turns_the_content_counterclockwise(warp):
   """rotate_deg=30 at its maximum: a blob 8 px right of the centre moves to 30 degrees above
   the x axis (rows grow downwards, so counterclockwise as displayed)."""
   aug = ip.augment_params(dict(NO_AUG, rotate_deg=30.0))
@@ -524,9 +534,9 @@ def test_positive_angle_turns_the_content_counterclockwise(tf_augment):
   cx, cy = (AUG_W - 1) / 2.0, (AUG_H - 1) / 2.0
   blob = -1.0 + 1.8 * np.exp(-((x - cx - 8.0) ** 2 + (y - cy) ** 2) / (2 * 1.5**2))
   images = np.broadcast_to(blob[None, :, :, None], (2, AUG_H, AUG_W, 2)).astype(np.float32)
-  for image, _ in warps(tf_augment, images, np.zeros((2, AUG_H, AUG_W), np.uint8), params):
-    weight = image[0, ..., 0] + 1.0
-    dx = (weight * (x - cx)).sum() / weight.sum()
-    dy = (weight * (y - cy)).sum() / weight.sum()
-    assert np.hypot(dx, dy) == pytest.approx(8.0, abs=0.02)
-    assert np.degrees(np.arctan2(-dy, dx)) == pytest.approx(30.0, abs=0.1)
+  image, _ = warp(images, np.zeros((2, AUG_H, AUG_W), np.uint8), params)
+  weight = image[0, ..., 0] + 1.0
+  dx = (weight * (x - cx)).sum() / weight.sum()
+  dy = (weight * (y - cy)).sum() / weight.sum()
+  assert np.hypot(dx, dy) == pytest.approx(8.0, abs=0.02)
+  assert np.degrees(np.arctan2(-dy, dx)) == pytest.approx(30.0, abs=0.1)

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from cmedl_jax import checkpoint
 from cmedl_jax import curves
@@ -40,6 +39,7 @@ from data_prep import nifti_io
 from data_prep import prepare
 from tiny_runs import final_state
 from tiny_runs import NUM_STEPS
+from tiny_runs import read_images
 from tiny_runs import ROOT
 from tiny_runs import run_main
 from tiny_runs import small_config
@@ -331,17 +331,6 @@ def test_a_run_whose_checkpoints_all_fail_to_restore_is_a_one_line_error(tiny_ru
 # ------------------------------------------------------------------------------ TensorBoard
 
 
-def read_image_tags(workdir):
-  """{tag: sorted steps} of the image summaries in WORKDIR's event files."""
-  tags = {}
-  for path in sorted(workdir.glob('events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for value in event.summary.value:
-        if value.HasField('tensor') and tf.make_ndarray(value.tensor).ndim:
-          tags.setdefault(value.tag, set()).add(int(event.step))
-  return {tag: sorted(steps) for tag, steps in tags.items()}
-
-
 # The validation of a CMEDL run with CycleGAN: the student's, the teacher's on G(x), the cycle.
 VALIDATION_KEYS = (
   'val_dsc',
@@ -395,7 +384,7 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
   for key in VALIDATION_KEYS:
     np.testing.assert_array_equal(scalars[key][0], [4, 8])
     np.testing.assert_allclose(scalars[key][1], [r[key] for r in history], rtol=1e-6)
-  images = read_image_tags(workdir)
+  images = {tag: sorted(by_step) for tag, by_step in read_images(workdir).items()}
   for tag in (
     'source',
     'label',

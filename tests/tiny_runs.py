@@ -5,10 +5,17 @@ All tiny runs train NUM_STEPS steps: the step count is part of the learning-rate
 one count means one compiled step, shared through the session's compilation cache.
 """
 
+import io
 import os
 import pathlib
 import subprocess
 import sys
+
+import numpy as np
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.util import tensor_util
 
 from cmedl_jax import checkpoint
 from configs import tiny
@@ -124,3 +131,36 @@ def final_state(workdir, directory='checkpoints'):
 
 def steps_saved(workdir, directory='checkpoints'):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, directory)) if d.isdigit())
+
+
+def read_images(workdir):
+  """{tag: {step: uint8 [N, H, W] (grey) or [N, H, W, C]}} of the image summaries in WORKDIR's
+  event files (tensorboard's EventAccumulator, the PNGs decoded by PIL)."""
+  events = event_accumulator.EventAccumulator(
+    str(workdir), size_guidance={event_accumulator.TENSORS: 0}
+  ).Reload()
+  images = {}
+  for tag in events.Tags()['tensors']:
+    if events.SummaryMetadata(tag).plugin_data.plugin_name == image_metadata.PLUGIN_NAME:
+      for event in events.Tensors(tag):
+        pngs = tensor_util.make_ndarray(event.tensor_proto)[2:]  # After width and height.
+        images.setdefault(tag, {})[event.step] = np.stack(
+          [np.asarray(Image.open(io.BytesIO(png))) for png in pngs]
+        )
+  return images
+
+
+# Python code that makes `import tensorflow` fail as where it is not installed: the path finder
+# no longer finds it (importlib.util.find_spec('tensorflow') is None, as libraries check), so
+# code run after it in the same process runs as without TensorFlow.
+WITHOUT_TENSORFLOW = """
+import importlib.machinery, sys
+class _PathFinderWithoutTensorFlow(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.partition('.')[0] == 'tensorflow':
+      return None
+    return super().find_spec(name, path, target)
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = _PathFinderWithoutTensorFlow
+assert 'tensorflow' not in sys.modules
+"""
