@@ -109,6 +109,15 @@ def curves_markdown(scalars, png_name, workdir):
   return '\n'.join(lines) + '\n'
 
 
+def write_curves(workdir, out):
+  """OUT.png (plot_curves) and OUT.md (curves_markdown) of WORKDIR's events."""
+  scalars = read_scalars(workdir)
+  plot_curves(scalars, out + '.png')
+  nifti_io.atomic_write(
+    out + '.md', curves_markdown(scalars, os.path.basename(out) + '.png', workdir)
+  )
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
     prog='python -m cmedl_jax.curves',
@@ -119,12 +128,9 @@ def main(argv=None):
   parser.add_argument('--out', required=True, help='output path without extension')
   args = parser.parse_args(argv)
   try:
-    scalars = read_scalars(args.workdir)
+    write_curves(args.workdir, args.out)
   except FileNotFoundError as e:
     parser.exit(2, f'curves: error: {e}\n')
-  plot_curves(scalars, args.out + '.png')
-  text = curves_markdown(scalars, os.path.basename(args.out) + '.png', args.workdir)
-  nifti_io.atomic_write(args.out + '.md', text)
   print(f'curves: wrote {args.out}.png and {args.out}.md')
   return 0
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmedl_jax import checkpoint
+from cmedl_jax import curves
 from cmedl_jax import environment
 from cmedl_jax import input_pipeline
 from cmedl_jax import inference
@@ -529,7 +530,32 @@ def _train_and_evaluate(config, workdir, on_log):
     ckpts.close()
     writer.close()
   logging.info('Done in %s.', _hms(time.time() - t_start))
+  if primary and step >= config.train.num_steps:
+    _summarize(config, workdir)
   return {'step': step, **val}
+
+
+def _summarize(config, workdir):
+  """Process 0, at the end of a run: WORKDIR/curves.png and .md (cmedl_jax.curves), and one
+  console line with the validation DSC of the test-time network and of the teacher on its
+  pseudo-target at the first and the last validation."""
+  out = os.path.join(workdir, 'curves')
+  try:
+    curves.write_curves(workdir, out)
+    where = f'curves: {out}.png'
+  except (OSError, ValueError) as e:  # No events (e.g. all steps resumed past); not fatal.
+    where = f'no curves ({e})'
+  history = _read_validation_history(workdir, config.train.num_steps)
+  parts = []
+  if history:
+    first, last = history[0], history[-1]
+    steps = f'(steps {first["step"]} -> {last["step"]})'
+    name = 'student' if method.get(config).test_time == method.STUDENT else 'test-time network'
+    for label, key in ((name, 'val_dsc'), ('teacher on pseudo-target', 'val_teacher_dsc')):
+      if key in first and key in last:
+        parts.append(f'{label} {first[key]:.2f} -> {last[key]:.2f}')
+    parts = [f'Validation DSC {steps}: {", ".join(parts)}'] if parts else []
+  logging.info('%s.', '; '.join(parts + [where]))
 
 
 def _train_iterator(config, start_step, mesh):

@@ -792,3 +792,21 @@ def test_the_workdir_lock_is_released_and_another_one_is_left_alone(tmp_path):
     os.remove(tmp_path / 'train.lock')  # Deleted by hand, then taken by another training.
     _write_lock(tmp_path, os.getppid())
   assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getppid()
+
+
+def test_a_finished_run_draws_its_curves_and_says_how_its_networks_learned(tiny_run, caplog):
+  """Issue 43: at the end, WORKDIR/curves.png (+ .md) and one console line with the student's
+  and the teacher's validation DSC at the first and the last validation."""
+  root, workdir = tiny_run
+  assert (workdir / 'curves.png').stat().st_size > 0
+  assert '| val_teacher_dsc |' in (workdir / 'curves.md').read_text()
+  history = json.loads((workdir / 'validation.json').read_text())
+  first, last = history[0], history[-1]
+  with caplog.at_level('INFO'):
+    train._summarize(small_config(root), str(workdir))
+  assert (
+    f'Validation DSC (steps {first["step"]} -> {last["step"]}): '
+    f'student {first["val_dsc"]:.2f} -> {last["val_dsc"]:.2f}, '
+    f'teacher on pseudo-target {first["val_teacher_dsc"]:.2f} -> {last["val_teacher_dsc"]:.2f}; '
+    f'curves: {workdir}/curves.png.'
+  ) in caplog.text
