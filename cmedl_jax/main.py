@@ -23,6 +23,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from cmedl_jax import curves
+from cmedl_jax import method
 from cmedl_jax import train
 from data_prep import nifti_io
 
@@ -81,6 +83,31 @@ def main(argv):
     logging.error('%s', message)
     raise SystemExit(f'error: {message}') from None
   logging.info('Final: %s', result)
+  if jax.process_index() == 0 and result['step'] >= FLAGS.config.train.num_steps:
+    logging.info('%s', summarize(FLAGS.config, FLAGS.workdir))
+
+
+def summarize(config, workdir):
+  """At the end of a run: draws WORKDIR/curves.png and .md (cmedl_jax.curves) and returns one
+  line with the validation DSC of the test-time network and of the teacher on its pseudo-target
+  at the first and the last validation, and where the picture is."""
+  out = f'{workdir}/curves'
+  try:
+    curves.write_curves(workdir, out)
+    where = f'curves: {out}.png'
+  except (OSError, ValueError) as e:  # No events (e.g. written elsewhere); not fatal.
+    where = f'no curves ({e})'
+  history = train.read_validation_history(workdir, config.train.num_steps)
+  parts = []
+  if history:
+    first, last = history[0], history[-1]
+    name = 'student' if method.get(config).test_time == method.STUDENT else 'test-time network'
+    for label, key in ((name, 'val_dsc'), ('teacher on pseudo-target', 'val_teacher_dsc')):
+      if key in first and key in last:
+        parts.append(f'{label} {first[key]:.2f} -> {last[key]:.2f}')
+    if parts:
+      parts = [f'Validation DSC (steps {first["step"]} -> {last["step"]}): {", ".join(parts)}']
+  return '; '.join(parts + [where]) + '.'
 
 
 def run():

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmedl_jax import checkpoint
-from cmedl_jax import curves
 from cmedl_jax import environment
 from cmedl_jax import input_pipeline
 from cmedl_jax import inference
@@ -530,32 +529,7 @@ def _train_and_evaluate(config, workdir, on_log):
     ckpts.close()
     writer.close()
   logging.info('Done in %s.', _hms(time.time() - t_start))
-  if primary and step >= config.train.num_steps:
-    _summarize(config, workdir)
   return {'step': step, **val}
-
-
-def _summarize(config, workdir):
-  """Process 0, at the end of a run: WORKDIR/curves.png and .md (cmedl_jax.curves), and one
-  console line with the validation DSC of the test-time network and of the teacher on its
-  pseudo-target at the first and the last validation."""
-  out = os.path.join(workdir, 'curves')
-  try:
-    curves.write_curves(workdir, out)
-    where = f'curves: {out}.png'
-  except (OSError, ValueError) as e:  # No events (e.g. all steps resumed past); not fatal.
-    where = f'no curves ({e})'
-  history = _read_validation_history(workdir, config.train.num_steps)
-  parts = []
-  if history:
-    first, last = history[0], history[-1]
-    steps = f'(steps {first["step"]} -> {last["step"]})'
-    name = 'student' if method.get(config).test_time == method.STUDENT else 'test-time network'
-    for label, key in ((name, 'val_dsc'), ('teacher on pseudo-target', 'val_teacher_dsc')):
-      if key in first and key in last:
-        parts.append(f'{label} {first[key]:.2f} -> {last[key]:.2f}')
-    parts = [f'Validation DSC {steps}: {", ".join(parts)}'] if parts else []
-  logging.info('%s.', '; '.join(parts + [where]))
 
 
 def _train_iterator(config, start_step, mesh):
@@ -709,7 +683,7 @@ def _train_loop(config, workdir, state, step, programs, train_iter, writer, ckpt
   validation, checkpoints. Returns (last step, state, last validation metrics)."""
   train = config.train
   val_volumes = _validation_volumes(config)
-  val_history = _read_validation_history(workdir, step)
+  val_history = read_validation_history(workdir, step)
   val = {k: v for k, v in (val_history[-1] if val_history else {}).items() if k != 'step'}
   progress = _Progress(config, writer, on_log, step)
   pending = None  # (step, metrics) of the previous step, checked while the next one runs.
@@ -809,7 +783,7 @@ def _validate_and_record(
   return val
 
 
-def _read_validation_history(workdir, start_step):
+def read_validation_history(workdir, start_step):
   """Validation records of earlier steps of this run (WORKDIR/validation.json), for resuming."""
   path = os.path.join(workdir, 'validation.json')
   if not os.path.isfile(path):

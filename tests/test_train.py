@@ -794,19 +794,19 @@ def test_the_workdir_lock_is_released_and_another_one_is_left_alone(tmp_path):
   assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getppid()
 
 
-def test_a_finished_run_draws_its_curves_and_says_how_its_networks_learned(tiny_run, caplog):
-  """Issue 43: at the end, WORKDIR/curves.png (+ .md) and one console line with the student's
-  and the teacher's validation DSC at the first and the last validation."""
-  root, workdir = tiny_run
+def test_a_finished_run_draws_its_curves_and_says_how_its_networks_learned(tiny_data, tmp_path):
+  """Issue 43: `python -m cmedl_jax.main` ends with WORKDIR/curves.png (+ .md) and one console
+  line with the student's and the teacher's validation DSC at the first and last validation."""
+  workdir = tmp_path / 'run'
+  done = run_main(tiny_data, workdir)
+  assert done.returncode == 0, done.stderr[-3000:]
   assert (workdir / 'curves.png').stat().st_size > 0
   assert '| val_teacher_dsc |' in (workdir / 'curves.md').read_text()
   history = json.loads((workdir / 'validation.json').read_text())
   first, last = history[0], history[-1]
-  with caplog.at_level('INFO'):
-    train._summarize(small_config(root), str(workdir))
   assert (
     f'Validation DSC (steps {first["step"]} -> {last["step"]}): '
     f'student {first["val_dsc"]:.2f} -> {last["val_dsc"]:.2f}, '
     f'teacher on pseudo-target {first["val_teacher_dsc"]:.2f} -> {last["val_teacher_dsc"]:.2f}; '
     f'curves: {workdir}/curves.png.'
-  ) in caplog.text
+  ) in done.stderr
