@@ -195,13 +195,13 @@ def test_two_processes_resume_and_equal_one_process(tmp_path):
   )
   inert = set(method.biases_before_norm(init['params']))
   one, two = restore(single, 1), restore(multi, 1)
-  _assert_same_step(init, one, two, inert, 'step 1', _STEP_1_RTOL)
+  _assert_same_step(init, one, two, inert, config.optim.b1, 'step 1', _STEP_1_RTOL)
   before, one, two = (
     restore(multi, NUM_STEPS - 1),
     restore(last, NUM_STEPS),
     restore(multi, NUM_STEPS),
   )
-  _assert_same_step(before, one, two, inert, 'last step', _LAST_STEP_RTOL)
+  _assert_same_step(before, one, two, inert, config.optim.b1, 'last step', _LAST_STEP_RTOL)
 
 
 # Differences relative to each tensor's largest value (of the step's gradient, update, batch
@@ -232,11 +232,11 @@ def _first_moments(state):
   return moments
 
 
-def _relative_differences(before, one, two, inert):
+def _relative_differences(before, one, two, inert, b1):
   """{(what, path): max |two - one| / max |one|} of the step from `before`: its gradient (Adam's
   first moment after the step less b1 x the one before: (1 - b1) x the gradient), parameter
-  update, batch statistics and history pool; the biases in `inert` left out."""
-  b1 = 0.5  # configs/default.py optim.b1; exact in float32.
+  update, batch statistics and history pool; the biases in `inert` left out. b1: Adam's
+  (configs/default.py: 0.5, so (1 - b1) x the gradient is exact in float32)."""
   mu0, mu1, mu2 = _first_moments(before), _first_moments(one), _first_moments(two)
   p0, p1, p2 = _paths(before['params']), _paths(one['params']), _paths(two['params'])
   assert set(mu1) == set(mu2) == set(p1) == set(p2)
@@ -259,10 +259,10 @@ def _relative_differences(before, one, two, inert):
   return diffs
 
 
-def _assert_same_step(before, one, two, inert, what, rtol):
+def _assert_same_step(before, one, two, inert, b1, what, rtol):
   """The step from state `before` in 1 x 4 (`one`) and 2 x 2 (`two`) devices agrees: every
   tensor to `rtol`, the median tensor to _MEDIAN_RTOL (_relative_differences)."""
   assert int(one['step']) == int(two['step']) == int(before['step']) + 1
-  diffs = _relative_differences(before, one, two, inert)
+  diffs = _relative_differences(before, one, two, inert, b1)
   worst = sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
   assert worst[0][1] <= rtol and np.median(list(diffs.values())) <= _MEDIAN_RTOL, (what, worst)

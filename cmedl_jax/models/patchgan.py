@@ -26,10 +26,7 @@ def biases_before_norm(params) -> list[tuple[str, ...]]:
   return [
     path
     for path in traverse_util.flatten_dict(params)
-    if path[-1] == 'bias'
-    and path[0].startswith('conv_')
-    and path[0][5:].isdigit()
-    and int(path[0][5:]) >= 1
+    if path[-1] == 'bias' and path[0] not in ('conv_0', 'conv_out')
   ]
 
 
