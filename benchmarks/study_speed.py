@@ -25,6 +25,13 @@ patches, hint loss) trains many small runs on 2 CPU cores. This measures, in one
 --repeat runs the flag sweep that many times (A B C A B C) to show drift under load.
 --concurrent K additionally runs one steps-only worker pinned to core 0 (taskset), then K such
 workers at once, one per core: the throughput of K independent runs vs one run on all cores.
+The K workers start timing together (after each has compiled and warmed up). --methods picks
+the step items (default cmedl,student_only). The last lines give study runs per hour at
+configs/study.py's STEPS from the cmedl step times (train steps only): one process, K
+processes at once, jax.vmap over S seeds.
+--set FIELD=VALUE overrides a field of every study config (benchmarks/gpu.sh --tiny:
+data.image_size=32, train.global_batch_size=2); --networks tiny takes the networks of
+configs/tiny.py (seconds to compile on CPU) instead of configs/study.py's.
 --profile instead traces --steps steps of one method (jax.profiler) and sums XLA:CPU thunk
 times per HLO opcode, with the slowest instructions.
 """
@@ -32,12 +39,15 @@ times per HLO opcode, with the slowest instructions.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,11 +82,21 @@ DEFAULT_FLAGS = 'baseline,ynn_no_reduce,jax_default'
 # ------------------------------------------------------------------------------ worker
 
 
+SETS = {}  # --set FIELD=VALUE overrides of every study config (configs/study.py), e.g. for --tiny.
+NETWORKS = ['study']  # --networks: 'tiny' takes configs/tiny.py's networks.
+
+
 def study_config(method='cmedl', **overrides):
-  from configs import study
+  from configs import study, tiny
 
   config = study.get_config(f'informative,{method}')
-  for field, value in overrides.items():
+  if NETWORKS[0] == 'tiny':
+    small = tiny.get_config()
+    for name in ('student', 'teacher', 'translator', 'discriminator', 'nce'):
+      config.model[name].update(small.model[name].to_dict())
+    config.method.contextual_points = small.method.contextual_points
+    config.method.contextual_patch = small.method.contextual_patch
+  for field, value in {**SETS, **overrides}.items():
     section, name = field.split('.')
     config[section][name] = value
   return config
@@ -350,8 +370,8 @@ def worker(args):
 
   items = []
   base = study_config('cmedl')
-  items.append(step_item('cmedl', base))
-  items.append(step_item('student_only', study_config('student_only')))
+  for m in args.methods:
+    items.append(step_item(m, base if m == 'cmedl' else study_config(m)))
   if args.full:
     variants = [
       ('cmedl pad jnp', {'model.translator': dict(base.model.translator, pad_impl='jnp')}),
@@ -382,6 +402,8 @@ def worker(args):
       items.append(vmap_item(base, s))
   for item in items:  # Warm-up (one-off allocations).
     item.call()
+  if args._barrier:
+    _wait_for_all(*args._barrier.split(','))
   for _ in range(args.steps):
     for item in items:
       item.times.append(item.call())
@@ -395,11 +417,22 @@ def worker(args):
   )
 
 
+def _wait_for_all(folder, count, limit_s=600):
+  """Marks this worker ready in `folder` and waits until `count` workers are (at most
+  limit_s): concurrent workers compile at different speeds, and their timed steps should
+  overlap."""
+  open(os.path.join(folder, str(os.getpid())), 'w').close()
+  t0 = time.time()
+  while len(os.listdir(folder)) < int(count) and time.time() - t0 < limit_s:
+    time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------ driver
 
 
-def run_worker(flag_name, args, full, cpu=None, background=False):
-  cmd = ([] if cpu is None else ['taskset', '-c', str(cpu)]) + [
+def run_worker(flag_name, args, full, cpu=None, background=False, barrier=None):
+  pin = cpu is not None and shutil.which('taskset')  # Without taskset: not pinned.
+  cmd = (['taskset', '-c', str(cpu)] if pin else []) + [
     sys.executable,
     os.path.abspath(__file__),
     '--_worker',
@@ -408,7 +441,14 @@ def run_worker(flag_name, args, full, cpu=None, background=False):
     str(args.steps),
     '--vmap',
     ','.join(map(str, args.vmap)) or 'none',
+    '--methods',
+    ','.join(args.methods),
+    *[f'--set={field}={value!r}' for field, value in SETS.items()],
+    '--networks',
+    NETWORKS[0],
   ]
+  if barrier:
+    cmd += ['--_barrier', barrier]
   if full:
     cmd.append('--_full')
   if args.no_parts:
@@ -446,8 +486,11 @@ def concurrency(args, flag_name, peak):
   single['flags'] = f'{flag_name} 1 process on 1 core'
   print_table(single, peak)
   out['one_core'] = single
+  folder = tempfile.mkdtemp(prefix='study_speed_barrier_')
+  barrier = f'{folder},{args.concurrent}'
   procs = [
-    run_worker(flag_name, args, False, cpu=i, background=True) for i in range(args.concurrent)
+    run_worker(flag_name, args, False, cpu=i, background=True, barrier=barrier)
+    for i in range(args.concurrent)
   ]
   results = []
   for i, (p, t0) in enumerate(procs):
@@ -458,8 +501,47 @@ def concurrency(args, flag_name, peak):
       r['flags'] = f'{flag_name} {args.concurrent} processes, #{i} on core {i}'
       print_table(r, peak)
     results.append(r)
+  shutil.rmtree(folder, ignore_errors=True)
   out['concurrent'] = results
   return out
+
+
+def runs_per_hour(results, conc, vmap):
+  """Prints study runs per hour (configs/study.py STEPS cmedl steps each) from the median cmedl
+  step times: one process, one on 1 core and K at once (each process's rate, summed), and
+  jax.vmap over S seeds in one process. Compile, validation and data are not counted."""
+  from configs import study
+
+  rate = lambda step_s, runs=1: runs * 3600.0 / (study.STEPS * step_s)
+  cmedl = lambda res: {r['name']: r for r in res.get('items', [])}.get('cmedl')
+  print(
+    f'\n== study runs per hour at {study.STEPS} steps (configs/study.py; cmedl train steps only: '
+    'compile, validation and data excluded)'
+  )
+  for res in results[:1]:
+    if cmedl(res):
+      print(f'runs/hour 1 process: {rate(cmedl(res)["step_s"]):.1f}')
+    for r in res.get('items', []):
+      if r['group'] == 'vmap':
+        seeds = r['slices'] // study_config().train.global_batch_size
+        print(
+          f'runs/hour jax.vmap x{seeds} seeds (1 process): {rate(r["step_s"], seeds):.1f} '
+          f'({1e3 * r["step_s"]:.1f} ms per step of all {seeds})'
+        )
+  if conc:
+    one = cmedl(conc['one_core'])
+    if one:
+      print(f'runs/hour 1 process on 1 core: {rate(one["step_s"]):.1f}')
+    each = [cmedl(r) for r in conc['concurrent']]
+    if each and all(each):
+      rates = [rate(e['step_s']) for e in each]
+      ms = ', '.join(f'{1e3 * e["step_s"]:.1f}' for e in each)
+      print(
+        f'runs/hour {len(each)} processes at once: {sum(rates):.1f} '
+        f'(each {", ".join(f"{x:.1f}" for x in rates)}; ms per step {ms})'
+      )
+    else:
+      print(f'runs/hour {len(each)} processes at once: a worker failed')
 
 
 def print_table(res, peak):
@@ -504,10 +586,29 @@ def main(argv=None):
     help='instead: per-HLO-op thunk times of one step (first of --flags)',
   )
   ap.add_argument('--profile-method', default='cmedl', help='cmedl | student_only')
+  ap.add_argument('--methods', default='cmedl,student_only', help='step items: cmedl,student_only')
+  ap.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='override a study config field, e.g. data.image_size=32 (repeatable)',
+  )
+  ap.add_argument('--no-peak', action='store_true', help='skip the matmul peak (no %%peak)')
+  ap.add_argument('--networks', default='study', choices=('study', 'tiny'), help='network sizes')
   ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
   ap.add_argument('--_full', action='store_true', help=argparse.SUPPRESS)
+  ap.add_argument('--_barrier', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   args.vmap = [] if args.vmap in ('', 'none') else [int(s) for s in args.vmap.split(',')]
+  args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+  NETWORKS[0] = args.networks
+  for item in args.set:
+    field, _, value = item.partition('=')
+    try:
+      SETS[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      SETS[field] = value
 
   if args._worker:
     args.flag_name = args._worker
@@ -560,13 +661,15 @@ def main(argv=None):
     f'{os.cpu_count()} cpus, load average {os.getloadavg()}, {args.steps} timed calls per item, '
     f'{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}'
   )
-  peak = step_bench.matmul_peak()
-  peak_gflops = max(peak.values())
-  print(
-    f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f}, jax {peak["jax"]:.0f} '
-    f'GFLOP/s; using {peak_gflops:.0f}',
-    flush=True,
-  )
+  peak, peak_gflops = None, float('nan')
+  if not args.no_peak:
+    peak = step_bench.matmul_peak()
+    peak_gflops = max(peak.values())
+    print(
+      f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f}, '
+      f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}',
+      flush=True,
+    )
   results = []
   for rep in range(args.repeat):
     for f in flags:
@@ -585,11 +688,17 @@ def main(argv=None):
       continue
     by = {r['name']: r for r in res['items']}
     print(
-      f'  {res["flags"]:18s} rep {res["repeat"]}: cmedl {1e3 * by["cmedl"]["step_s"]:7.1f}  '
-      f'student_only {1e3 * by["student_only"]["step_s"]:6.1f}'
+      f'  {res["flags"]:18s} rep {res["repeat"]}: '
+      + '  '.join(f'{m} {1e3 * by[m]["step_s"]:7.1f}' for m in args.methods if m in by)
     )
-  peak2 = step_bench.matmul_peak()
-  print(f'matmul peak again at the end: numpy {peak2["numpy"]:.0f}, jax {peak2["jax"]:.0f} GFLOP/s')
+  if conc or args.vmap:
+    runs_per_hour(results, conc, args.vmap)
+  peak2 = None
+  if not args.no_peak:
+    peak2 = step_bench.matmul_peak()
+    print(
+      f'matmul peak again at the end: numpy {peak2["numpy"]:.0f}, jax {peak2["jax"]:.0f} GFLOP/s'
+    )
   if args.out:
     with open(args.out, 'w') as fh:
       json.dump(dict(peak=peak, peak_end=peak2, results=results, concurrency=conc), fh, indent=1)

@@ -12,7 +12,8 @@ losses and the same update as `cmedl_jax.train_step.train_step`:
   Adam        (2e-4, betas 0.5/0.999) on every group, one step after both backward passes.
 
 Dropout is off in both (the JAX step passes no dropout rng). No torch.compile (eager; oneDNN
-convolutions). Needs `pip install torch==2.13.0` (CPU build).
+convolutions on CPU, cuDNN on a GPU: CMEDLStep(device='cuda') and inputs there). Needs
+`pip install torch==2.13.0` (CPU build) or any CUDA build.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ class PatchSampleF(nn.Module):
       n, c, h, w = f.shape
       flat = f.permute(0, 2, 3, 1).reshape(n, h * w, c)
       ids = (
-        patch_ids[l] if patch_ids is not None else torch.randperm(h * w)[: min(num_patches, h * w)]
+        patch_ids[l]
+        if patch_ids is not None
+        else torch.randperm(h * w, device=f.device)[: min(num_patches, h * w)]
       )
       x = self.mlps[l](flat[:, ids, :])
       out.append(x / (x.norm(dim=-1, keepdim=True) + 1e-7))
@@ -337,9 +340,10 @@ def patch_nce(q, k, tau=0.07):
   p = q.shape[1]
   l_pos = (q * k).sum(-1, keepdim=True)
   l_neg = torch.bmm(q, k.transpose(1, 2))
-  l_neg = l_neg.masked_fill(torch.eye(p, dtype=torch.bool)[None], -10.0)
+  l_neg = l_neg.masked_fill(torch.eye(p, dtype=torch.bool, device=q.device)[None], -10.0)
   logits = torch.cat([l_pos, l_neg], -1) / tau
-  return F.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[0] * p, dtype=torch.long))
+  target = torch.zeros(logits.shape[0] * p, dtype=torch.long, device=q.device)
+  return F.cross_entropy(logits.flatten(0, 1), target)
 
 
 def patch_features(x, patch=5, stride=2):
@@ -349,7 +353,7 @@ def patch_features(x, patch=5, stride=2):
 def contextual_loss(x, y, patch=5, max_points=1024, band_width=0.5, eps=1e-5):
   fx, fy = patch_features(x, patch), patch_features(y, patch)
   if fx.shape[1] > max_points:
-    idx = torch.randperm(fx.shape[1])[:max_points]
+    idx = torch.randperm(fx.shape[1], device=fx.device)[:max_points]
     fx, fy = fx[:, idx], fy[:, idx]
   mu = fy.mean((0, 1), keepdim=True)
   xn, yn = F.normalize(fx - mu, dim=-1, eps=1e-12), F.normalize(fy - mu, dim=-1, eps=1e-12)
@@ -361,7 +365,7 @@ def contextual_loss(x, y, patch=5, max_points=1024, band_width=0.5, eps=1e-5):
 
 def seg_loss(logits, labels, k, mask=None, smooth=1.0):
   n = logits.shape[0]
-  w = torch.ones(n) if mask is None else mask
+  w = torch.ones(n, device=logits.device) if mask is None else mask
   wp = w.view(n, 1, 1).expand_as(labels).float()
   ce_pix = F.cross_entropy(logits, labels, reduction='none')
   ce = (ce_pix * wp).sum() / wp.sum().clamp_min(1e-12)
@@ -395,6 +399,7 @@ class CMEDLStep:
     contextual_points=1024,
     contextual_patch=5,
     taps=('penultimate', 'last'),
+    device='cpu',
   ):
     self.k, self.translator, self.taps = num_classes, translator, taps
     self.nce_layers, self.num_patches = tuple(nce_layers), num_patches
@@ -421,6 +426,7 @@ class CMEDLStep:
           )
         ]
       self.nets['nce_head'] = PatchSampleF(chans, nce_features)
+    self.nets.to(device)
     self.disc_names = [n for n in ('disc_target', 'disc_source') if n in self.nets]
     self.opt = torch.optim.Adam(self.nets.parameters(), lr=2e-4, betas=(0.5, 0.999))
 
@@ -458,7 +464,10 @@ class CMEDLStep:
     n = x.shape[0]
     t_logits, t_feats = nets['teacher'](torch.cat([fake_t, t], 0))
     loss = loss + seg_loss(
-      t_logits, torch.cat([y, ty], 0), self.k, torch.cat([torch.ones(n), t_has_label], 0)
+      t_logits,
+      torch.cat([y, ty], 0),
+      self.k,
+      torch.cat([torch.ones(n, device=x.device), t_has_label], 0),
     )
     s_logits, s_feats = nets['student'](x)
     loss = loss + seg_loss(s_logits, y, self.k)

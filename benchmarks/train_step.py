@@ -16,11 +16,20 @@ thread pools do not leak between runs.
   python benchmarks/train_step.py [--size 256] [--batch 1]
       [--pairs unet:cyclegan,unet:cut,densefcn:cyclegan,pspnet:cyclegan] [--steps 5]
       [--no-torch] [--xla-flags "--xla_cpu_use_onednn=true ..."] [--breakdown] [--dtype bfloat16]
-      [--shared-machine]
+      [--shared-machine] [--precision highest|default] [--torch-device auto|cpu|cuda]
+      [--config tiny] [--no-peak]
 
 --breakdown additionally times the parts of the JAX step one by one (generator fwd+bwd,
 discriminator fwd+bwd, segmenter fwd+bwd on the teacher batch, losses) to show where time
 goes. Torch is an optional, benchmark-only dependency: `pip install torch==2.13.0` (CPU build).
+
+--precision sets both sides alike: 'highest' is true float32 (JAX_DEFAULT_MATMUL_PRECISION=highest;
+torch allow_tf32 off for matmuls and cuDNN), 'default' is each framework's fast float32 on a GPU
+(JAX's default precision, TF32 on recent NVIDIA GPUs; torch allow_tf32 on). Without it the
+environment and torch's own defaults stand. On CPU both are float32. The torch step runs on
+--torch-device (auto: cuda when torch sees a GPU), with cudnn.benchmark there. --config tiny
+takes the networks of configs/tiny.py (seconds to compile on CPU; benchmarks/gpu.sh --tiny).
+The last lines, 'jax/torch PAIR ...: RATIO', give the wall-time ratio per pairing.
 """
 
 from __future__ import annotations
@@ -96,12 +105,13 @@ def matmul_peak(n=4096, repeats=3):
 # ------------------------------------------------------------------------------ JAX worker
 
 
-def config_for(pair, size, batch, dtype='float32'):
-  sys.path.insert(0, ROOT)
-  from configs import cmedl
+def config_for(pair, size, batch, dtype='float32', module='cmedl'):
+  """configs/MODULE.py's config of `pair` (SEGMENTER:TRANSLATOR) at size x size, batch."""
+  import importlib
 
+  sys.path.insert(0, ROOT)
   seg, trans = pair.split(':')
-  config = cmedl.get_config(f'{seg},{trans}')
+  config = importlib.import_module(f'configs.{module}').get_config(f'{seg},{trans}')
   config.data.image_size = size
   config.train.global_batch_size = batch
   config.model.dtype = dtype
@@ -128,14 +138,14 @@ def count(tree):
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
+def jax_worker(pair, size, batch, steps, breakdown, dtype='float32', module='cmedl'):
   import functools
   import jax
 
   sys.path.insert(0, ROOT)
   from cmedl_jax import method, train_state, train_step as ts
 
-  config = config_for(pair, size, batch, dtype)
+  config = config_for(pair, size, batch, dtype, module)
   nets = method.build_networks(config, in_channels=1)
   state, tx = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
   src = jax.device_put(synthetic_batch(batch, size, 1))
@@ -167,6 +177,8 @@ def jax_worker(pair, size, batch, steps, breakdown, dtype='float32'):
     framework='jax',
     pair=pair,
     dtype=dtype,
+    device=str(jax.devices()[0].device_kind),
+    precision=jax.config.jax_default_matmul_precision or 'default',
     compile_s=compile_s,
     step_s=statistics.median(times),
     times=times,
@@ -245,14 +257,25 @@ def jax_breakdown(config, nets, state, src, tgt, steps):
 # ---------------------------------------------------------------------------- torch worker
 
 
-def torch_worker(pair, size, batch, steps):
+def torch_worker(pair, size, batch, steps, precision=None, device='auto', module='cmedl'):
+  """The eager torch step on `device` (auto: cuda when available); precision 'highest' turns
+  TF32 off for matmuls and cuDNN, 'default' on, None leaves torch's defaults."""
   import torch
 
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
   import torch_reference as tr
 
+  if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  cuda = device.startswith('cuda')
+  if precision is not None:
+    torch.backends.cuda.matmul.allow_tf32 = precision == 'default'
+    torch.backends.cudnn.allow_tf32 = precision == 'default'
+  if cuda:
+    torch.backends.cudnn.benchmark = True  # The JAX side autotunes its convolutions too.
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
   seg, trans = pair.split(':')
-  config = config_for(pair, size, batch)
+  config = config_for(pair, size, batch, module=module)
   torch.manual_seed(0)
   seg_cfg = config.model.student.to_dict()
   import inspect
@@ -278,18 +301,21 @@ def torch_worker(pair, size, batch, steps):
     contextual_points=config.method.contextual_points,
     contextual_patch=config.method.contextual_patch,
     taps=tuple(config.method.hint_taps),
+    device=device,
   )
   to_t = lambda b: (
-    torch.from_numpy(b['image']).permute(0, 3, 1, 2).contiguous(),
-    torch.from_numpy(b['label']).long(),
-    torch.from_numpy(b['has_label']),
+    torch.from_numpy(b['image']).permute(0, 3, 1, 2).contiguous().to(device),
+    torch.from_numpy(b['label']).long().to(device),
+    torch.from_numpy(b['has_label']).to(device),
   )
   x, y, _ = to_t(synthetic_batch(batch, size, 1))
   t, ty, th = to_t(synthetic_batch(batch, size, 2))
   times, cpu, finite = [], [], True
   for i in range(steps + 1):
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
     g_loss, d_loss = ref.step(x, y, t, ty, th)
+    sync()
     if i:
       times.append(time.perf_counter() - t0)
       cpu.append(time.process_time() - c0)
@@ -297,6 +323,9 @@ def torch_worker(pair, size, batch, steps):
   return dict(
     framework='torch',
     pair=pair,
+    device=torch.cuda.get_device_name() if cuda else 'cpu',
+    precision=precision or 'torch default',
+    tf32=[torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32],
     compile_s=0.0,
     step_s=statistics.median(times),
     times=times,
@@ -330,7 +359,16 @@ def run_worker(kind, pair, args):
     cmd.append('--breakdown')
   if kind == 'jax':
     cmd += ['--dtype', getattr(args, 'dtype', 'float32')]
+  precision = getattr(args, 'precision', None)
+  if precision is not None:
+    cmd += ['--precision', precision]
+  cmd += ['--torch-device', getattr(args, 'torch_device', 'auto')]
+  cmd += ['--config', getattr(args, 'config', 'cmedl')]
   env = dict(os.environ)
+  if precision == 'highest':
+    env['JAX_DEFAULT_MATMUL_PRECISION'] = 'highest'
+  elif precision == 'default':
+    env.pop('JAX_DEFAULT_MATMUL_PRECISION', None)
   # OpenMP's default (spin briefly, then sleep) is what plain PyTorch code runs with; passive
   # waiting made the torch step 9 % slower on a quiet 2-core machine (14.7 vs 13.4 s at 256x256,
   # batch 1) and is only for a shared machine, where spinning threads fight other jobs
@@ -382,13 +420,25 @@ def main(argv=None):
     action='store_true',
     help='torch workers wait passively (OMP_WAIT_POLICY=PASSIVE): only on a loaded machine',
   )
+  ap.add_argument(
+    '--precision',
+    choices=('highest', 'default'),
+    default=None,
+    help='both sides: true float32 (highest) or TF32 on a GPU (default); unset: as the environment',
+  )
+  ap.add_argument('--torch-device', default='auto', help='auto (cuda when available) | cpu | cuda')
+  ap.add_argument('--config', default='cmedl', help='networks of configs/NAME.py: cmedl | tiny')
+  ap.add_argument('--no-peak', action='store_true', help='skip the matmul peak (no %%peak)')
   ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
 
   if args._worker:
-    fn = jax_worker if args._worker == 'jax' else torch_worker
-    extra = (args.breakdown, args.dtype) if args._worker == 'jax' else ()
-    print_result(fn(args.pairs, args.size, args.batch, args.steps, *extra))
+    common = (args.pairs, args.size, args.batch, args.steps)
+    if args._worker == 'jax':
+      result = jax_worker(*common, args.breakdown, args.dtype, args.config)
+    else:
+      result = torch_worker(*common, args.precision, args.torch_device, args.config)
+    print_result(result)
     return
 
   pairs = [p.strip() for p in args.pairs.split(',') if p.strip()]
@@ -410,12 +460,14 @@ def main(argv=None):
     f'torch OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "PASSIVE" if args.shared_machine else "default")}, '
     f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, {os.cpu_count()} cpus'
   )
-  peak = matmul_peak()
-  peak_gflops = max(peak.values())
-  print(
-    f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, '
-    f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}'
-  )
+  peak_gflops = float('nan')
+  if not args.no_peak:
+    peak = matmul_peak()
+    peak_gflops = max(peak.values())
+    print(
+      f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, '
+      f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}'
+    )
 
   rows = []
   for pair in pairs:
@@ -469,6 +521,21 @@ def main(argv=None):
     'shared machine);\nGFLOP = XLA cost_analysis of the JAX step (used for both); '
     'jax/torch = wall-time ratio.'
   )
+  for pair in pairs:
+    j, t = by_pair[pair].get('jax', {}), by_pair[pair].get('torch', {})
+    if 'step_s' in j:
+      print(
+        f'jax step {pair} {args.size}x{args.size} batch {args.batch} precision '
+        f'{j.get("precision")} {j.get("dtype")}: {1e3 * j["step_s"]:.1f} ms on {j.get("device")} '
+        f'(compile {j["compile_s"]:.1f} s; median of {args.steps} steps)'
+      )
+    if 'step_s' in j and 'step_s' in t:
+      print(
+        f'jax/torch {pair} {args.size}x{args.size} batch {args.batch} precision '
+        f'{args.precision or "as the environment"}: {j["step_s"] / t["step_s"]:.2f} '
+        f'(jax {1e3 * j["step_s"]:.1f} ms on {j.get("device")}, torch {1e3 * t["step_s"]:.1f} ms '
+        f'on {t.get("device")}, tf32 {t.get("tf32")}; median of {args.steps} steps)'
+      )
 
 
 if __name__ == '__main__':
