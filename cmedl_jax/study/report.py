@@ -172,7 +172,8 @@ def discussion(tests, runs, records, comparisons, exploratory=()):
 
 
 def run_counts(runs, records):
-  """'**k of n planned runs** [and k of n exploratory ablation runs] [(with k ... stage-1 runs)]'."""
+  """'**k of n planned runs**', then ' and k of n exploratory ablation runs' and ' (with k
+  translator-only stage-1 runs)' where there are any."""
   planned = [r for r in runs if r['group'] != 'ablation']
   added = [r for r in runs if r['group'] == 'ablation']
   counts = f'**{sum(r["name"] in records for r in planned)} of {len(planned)} planned runs**'

@@ -150,8 +150,8 @@ def factorial_section(comparisons):
   ]
   for cell, arm, ((a, b, seeds, t), (_, _, _, tj)) in comparisons:
     lines.append(
-      f'| {cell} | {arm} | {len(seeds)} | {mean_sd(a)} | {mean_sd(b)} | {interval(t)} | {p_value(t["p"])} | '
-      f'{interval(tj)} |'
+      f'| {cell} | {arm} | {len(seeds)} | {mean_sd(a)} | {mean_sd(b)} | {interval(t)} | '
+      f'{p_value(t["p"])} | {interval(tj)} |'
     )
   return '\n'.join(lines)
 
