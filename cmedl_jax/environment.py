@@ -54,14 +54,33 @@ def _cpu_model():
   return platform.processor() or None
 
 
-def _git(*args):
+def _git(*args, strip=True):
   try:
     out = subprocess.run(
       ['git', '-C', _REPO, *args], capture_output=True, text=True, timeout=10, check=True
     )
   except (OSError, subprocess.SubprocessError):
     return None
-  return out.stdout.strip()
+  return out.stdout.strip() if strip else out.stdout
+
+
+def machine():
+  """'ARCH N CPU cores (HOST)' of this machine."""
+  return f'{platform.machine()} {os.cpu_count()} CPU cores ({platform.node()})'
+
+
+def commit(short=True):
+  """The checked-out commit of this repository (abbreviated: `short`); None outside git."""
+  return _git('rev-parse', *(['--short'] if short else []), 'HEAD') or None
+
+
+def changed_files(*paths):
+  """Files under `paths` (of this repository) that differ from the commit, untracked ones
+  included, sorted; None outside git."""
+  out = _git('status', '--porcelain', '--', *paths, strip=False)
+  if out is None:
+    return None
+  return sorted(line[3:] for line in out.splitlines() if line.strip())
 
 
 def describe():

@@ -1,4 +1,4 @@
-"""The phantom reproduction study (benchmarks/reproduce.py): the paper's comparisons, small.
+"""The phantom reproduction study (`python -m cmedl_jax.study`): the paper's comparisons, small.
 
 Arg (configs/args.py): "SETTING,METHOD[,SEGMENTER[,TRANSLATOR[,SWITCHES]]]"
   SETTING    informative (CT student, T2w teacher) | weak (T2w student, CT teacher) |
@@ -15,7 +15,7 @@ e.g.  python -m cmedl_jax.main --config=configs/study.py:informative,cmedl,unet,
 Size (what 2 CPU cores train in minutes): 64x64 slices at 6 mm (the phantoms' whole 384 mm
 field of view; docs/STUDY_PLAN.md), U-Net width 8 / depth 3, small FC-DenseNet and PSPNet, CycleGAN / CUT with
 ngf 8 and 3 residual blocks, batch 8, `STEPS` steps. Data under `ROOT/data` (phantoms and
-prepared folders, one per dataset kind), as written by benchmarks/reproduce.py.
+prepared folders, one per dataset kind), as written by cmedl_jax.study.
 """
 
 from configs import args
@@ -27,7 +27,7 @@ from configs import two_stage
 from configs import weak_teacher
 
 ROOT = 'runs/study'
-# The 2026-11 study trained 500. The pilot (docs/PILOT.md, benchmarks/pilot.py) found that too
+# The 2026-11 study trained 500. The pilot (docs/PILOT.md, cmedl_jax/study/pilot.py) found that too
 # short: student_only plateaus at about 2000 of 3000 steps and the teachers pass DSC 0.1 only
 # at steps 500-750; the pre-registered study (docs/STUDY_PLAN.md) trains 3000.
 STEPS = 3000

@@ -1,4 +1,4 @@
-"""benchmarks/reproduce.py: the study's report from run records (fast), and its tiny setting end
+"""cmedl_jax.study: the study's report from run records (fast), and its tiny setting end
 to end: phantoms -> training runs -> test predictions -> per-case/per-tumour metrics -> records
 in RESULTS_runs/ -> RESULTS.md whose numbers come from those records."""
 
@@ -12,10 +12,14 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+from cmedl_jax.study import __main__ as study_main
+from cmedl_jax.study import comparisons
+from cmedl_jax.study import plan
+from cmedl_jax.study import records as study_records
+from cmedl_jax.study import report
+from cmedl_jax.study import runner
 
-import reproduce  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Per-seed CMEDL gains: informative all positive (reproduced), weak inside +-0.003 (not
 # reproduced), equal mixed and wide (inconclusive).
@@ -44,7 +48,7 @@ def _record(dsc, cases=('a', 'b'), classes=('tumor',)):
 
 def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   records = {}
-  for r in reproduce.plan_runs():
+  for r in plan.plan_runs():
     if r['group'] != 'primary':
       continue
     gain = GAINS[r['setting']][r['seed']] if r['arm'] == 'cmedl' else 0.0
@@ -59,7 +63,7 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   cpus = [dict(cpu='CPU A'), dict(cpu='CPU B')]
   records['weak-cmedl-s0']['environment'] = dict(current=cpus[1], history=cpus)
   out = tmp_path / 'RESULTS.md'
-  reproduce.build_report(str(out), reproduce.plan_runs(), records, tiny=False)
+  report.build_report(str(out), plan.plan_runs(), records, tiny=False)
   text = out.read_text()
   assert 'runs per model:\nCPU A (1), CPU B (1); 47 earlier runs did not record' in text
   primary = text.split('## Primary endpoint')[1].split('##')[0]
@@ -84,11 +88,11 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
   assert 'the arm: weak-cmedl-s0 (unrecorded / CPU A, CPU B).' in deviations
 
   # The plan's one extension (seeds 8-11) enters the same decision and is said.
-  runs = reproduce.plan_runs(extended={'equal'})
+  runs = plan.plan_runs(extended={'equal'})
   for r in runs:
     if r['setting'] == 'equal' and r['seed'] >= 8:
       records[r['name']] = dict(records[f'equal-{r["arm"]}-s0'])
-  reproduce.build_report(str(out), runs, records, tiny=False)
+  report.build_report(str(out), runs, records, tiny=False)
   text = out.read_text()
   assert '| equal | 12 |' in text and 'equal: seeds 8-11 added once' in text
 
@@ -98,29 +102,21 @@ def test_report_decides_each_setting_from_the_seed_level_differences(tmp_path):
     if r['group'] == 'factorial':
       gain = {'student_only': 0.0, 'cmedl': 0.01, 'self_distill': -0.02}[r['arm']]
       records[r['name']] = dict(records['informative-student_only-s0'], eval=_record(0.6 + gain))
-  reproduce.build_report(str(out), runs, records, tiny=False)
+  report.build_report(str(out), runs, records, tiny=False)
   text = out.read_text()
   assert 'per cell: none/rich +0.045 [' in text and 'cue/scarce +0.010 [' in text
   assert 'without the MRI side) minus the student alone: cue/scarce -0.020 [' in text
 
   # A run whose CPU could not be named counts as 'unknown'.
   records['factorial-cue-scarce-cmedl-s0']['environment'] = dict(current=dict(cpu=None))
-  reproduce.build_report(str(out), runs, records, tiny=False)
+  report.build_report(str(out), runs, records, tiny=False)
   assert 'CPU A (1), CPU B (1), unknown (1);' in out.read_text()
 
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
   root, out = tmp_path / 'study', tmp_path / 'docs' / 'RESULTS.md'
-  cmd = [
-    sys.executable,
-    'benchmarks/reproduce.py',
-    '--tiny',
-    '--root',
-    str(root),
-    '--out',
-    str(out),
-  ]
+  cmd = [sys.executable, '-m', 'cmedl_jax.study', '--tiny', '--root', str(root), '--out', str(out)]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
@@ -172,7 +168,7 @@ def test_tiny_study_end_to_end(tmp_path):
 def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_first(
   tmp_path, monkeypatch
 ):
-  runs = reproduce.plan_runs() + reproduce.ablation_runs()
+  runs = plan.plan_runs() + plan.ablation_runs()
   records = {}
   for r in runs:
     if r['group'] not in ('primary', 'ablation') or r['setting'] != 'informative':
@@ -180,14 +176,14 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
     dsc = {'student_only': 0.6, 'cmedl': 0.62, 'kl': 0.5}.get(r['arm'], 0.61) + 0.01 * r['seed']
     records[r['name']] = dict(
       eval=_record(dsc),
-      teacher=_record(0.5) if reproduce.has_teacher(r) else None,
+      teacher=_record(0.5) if plan.has_teacher(r) else None,
       run=dict(seconds=60.0, commit='abc1234', machine='x86_64 2 CPU cores (ci)'),
       validation=[dict(step=250, val_dsc=0.5, val_teacher_dsc=0.4)],
     )
     if r['requires']:  # Two-stage's stage 1 records its training time only.
       records[r['requires']['name']] = dict(run=dict(seconds=60.0, commit='abc1234'))
   out = tmp_path / 'RESULTS.md'
-  reproduce.build_report(str(out), runs, records, tiny=False)
+  report.build_report(str(out), runs, records, tiny=False)
   text = out.read_text()
   # The training minutes count stage 1: 16 + 15 + 3 runs of 1 min.
   assert (
@@ -196,7 +192,7 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
   ) in ' '.join(text.split())
   section = text.split('## Ablations')[1].split('\n## ')[0]
   rows = {l.split('|')[1].strip(): l for l in section.splitlines() if l.startswith('| ')}
-  assert set(reproduce.ABLATIONS) <= set(rows)
+  assert set(plan.ABLATIONS) <= set(rows)
   # kl: 0.5 + 0.01 s against 0.6 + 0.01 s (student alone) and 0.62 + 0.01 s (CMEDL), seeds 0-2.
   assert (
     '| 3 | 0.510 ± 0.010 (3) | -0.100 [-0.100, -0.100] | -0.120 [-0.120, -0.120] |' in (rows['kl'])
@@ -220,20 +216,20 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
   two_stage = next(r for r in runs if r['name'] == 'ablation-two_stage-s1')
   root, records_dir, trained = str(tmp_path / 'study'), str(tmp_path / 'records'), []
   assert f'--config.method.translator_init={root}/runs/ablation-two_stage-s1-stage1' in (
-    reproduce.train_command(two_stage, root, {})
+    runner.train_command(two_stage, root, {})
   )
 
   def fake_run(r, *args, **kwargs):
     del args, kwargs
     name = r['name'].split('#')[0]
     trained.append(r['name'])
-    for f in reproduce.RECORD_FILES + (reproduce.TEACHER_RECORD,):
+    for f in study_records.RECORD_FILES + (study_records.TEACHER_RECORD,):
       (tmp_path / 'study' / 'runs' / name).mkdir(parents=True, exist_ok=True)
       (tmp_path / 'study' / 'runs' / name / f).write_text('{}')
 
-  monkeypatch.setattr(reproduce, 'train', fake_run)
-  monkeypatch.setattr(reproduce, 'predict_and_evaluate', fake_run)
-  reproduce.complete(two_stage, root, records_dir, {})
+  monkeypatch.setattr(runner, 'train', fake_run)
+  monkeypatch.setattr(runner, 'test_run', fake_run)
+  runner.complete(two_stage, root, records_dir, {})
   assert trained == [
     'ablation-two_stage-s1-stage1',
     'ablation-two_stage-s1',
@@ -244,8 +240,8 @@ def test_ablations_are_reported_beside_the_plan_and_two_stage_trains_its_stage1_
     'config.json',
     'study_run.json',
   ]
-  assert reproduce.recorded(two_stage, records_dir)
-  assert set(reproduce.load_records([two_stage], records_dir)) == {
+  assert study_records.recorded(two_stage, records_dir)
+  assert set(study_records.load_records([two_stage], records_dir)) == {
     'ablation-two_stage-s1-stage1',
     'ablation-two_stage-s1',
   }
@@ -266,15 +262,15 @@ def _write_records(run_dir, dsc):
 
 def test_extend_auto_takes_the_inconclusive_settings_and_trains_them_after_the_plan(tmp_path):
   records_dir = tmp_path / 'RESULTS_runs'
-  for r in reproduce.plan_runs():
+  for r in plan.plan_runs():
     if r['group'] == 'primary' and not (r['setting'] == 'weak' and r['seed'] == 7):
       gain = GAINS[r['setting']][r['seed']] if r['arm'] == 'cmedl' else 0.0
       _write_records(records_dir / r['name'], 0.6 + gain)
   # Informative is reproduced, equal inconclusive; weak lacks a seed (no first decision yet).
-  assert reproduce.inconclusive_settings(str(records_dir)) == {'equal'}
-  runs = reproduce.plan_runs({'equal'}) + reproduce.ablation_runs()
+  assert comparisons.inconclusive_settings(str(records_dir)) == {'equal'}
+  runs = plan.plan_runs({'equal'}) + plan.ablation_runs()
   todo = sorted(
-    (r for r in runs if not reproduce.recorded(r, str(records_dir))), key=reproduce.training_order
+    (r for r in runs if not study_records.recorded(r, str(records_dir))), key=plan.training_order
   )
   names = [r['name'] for r in todo]
   assert names[:2] == ['weak-student_only-s7', 'weak-cmedl-s7']
@@ -288,9 +284,9 @@ def test_extend_auto_takes_the_inconclusive_settings_and_trains_them_after_the_p
 
 def test_the_report_counts_an_extension_once_either_arm_of_an_extra_seed_is_recorded(tmp_path):
   _write_records(tmp_path / 'RESULTS_runs' / 'equal-student_only-s8', 0.6)
-  reproduce.main(['--report-only', '--out', str(tmp_path / 'RESULTS.md')])
-  planned = [r for r in reproduce.plan_runs({'equal'}) if r['group'] != 'ablation']
-  assert len(planned) == len(reproduce.plan_runs()) + 8
+  study_main.main(['--report-only', '--out', str(tmp_path / 'RESULTS.md')])
+  planned = [r for r in plan.plan_runs({'equal'}) if r['group'] != 'ablation']
+  assert len(planned) == len(plan.plan_runs()) + 8
   text = (tmp_path / 'RESULTS.md').read_text()
   assert f'**1 of {len(planned)} planned runs**' in text
   assert 'Still to run: primary' in text

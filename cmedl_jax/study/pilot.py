@@ -1,8 +1,8 @@
 """Issue 15's pilot: the old and the new method defaults on the phantoms, at the study's size.
 
-  python benchmarks/pilot.py                # trains what is not recorded; docs/PILOT.md + .png
-  python benchmarks/pilot.py --report-only  # rebuilds the report from docs/PILOT_runs/
-  python benchmarks/pilot.py --tiny --root /tmp/p --out /tmp/p/PILOT.md   # pipeline check
+  python -m cmedl_jax.study.pilot                # trains what is not recorded; docs/PILOT.md + .png
+  python -m cmedl_jax.study.pilot --report-only  # rebuilds the report from docs/PILOT_runs/
+  python -m cmedl_jax.study.pilot --tiny --root /tmp/p --out /tmp/p/PILOT.md   # pipeline check
 
 One seed, configs/study.py's informative setting (CT student, T2w teacher, 64 px, 6 mm) run
 for STEPS steps with whole-volume validation every EVAL_EVERY steps:
@@ -25,23 +25,22 @@ import json
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import reproduce  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmedl_jax.evaluation import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import study  # pylint: disable=g-import-not-at-top,wrong-import-position
-from data_prep import nifti_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmedl_jax.evaluation import plots
+from cmedl_jax.study import plan
+from cmedl_jax.study import report as study_report
+from cmedl_jax.study import runner
+from configs import default
+from configs import study
+from data_prep import nifti_io
 
 ROOT = 'runs/pilot'
+SEED = 0  # One seed.
 STEPS = 3000
 EVAL_EVERY = 250
 BATCH, SIZE = 8, 64  # configs/study.py's global batch and image side.
-RECORDS = os.path.join(REPO, 'docs', 'PILOT_runs')
+RECORDS = os.path.join(runner.REPO, 'docs', 'PILOT_runs')
 RECORD_FILES = ('config.json', 'study_run.json', 'validation.json')
-TINY_OVERRIDES = dict(reproduce.TINY_OVERRIDES, **{'train.num_steps': 4})
+TINY_OVERRIDES = dict(plan.TINY_OVERRIDES, **{'train.num_steps': 4})
 TINY_EVAL_EVERY = 2
 PLATEAU_DSC = 0.03  # student_only has plateaued once its smoothed DSC is this close to its best.
 SMOOTH = 4  # Validations averaged (trailing) against their noise.
@@ -58,14 +57,15 @@ def pilot_runs():
   new = new_switches()
   seg_scale = round(1.0 / (BATCH * SIZE * SIZE), 7)
   return [
-    reproduce.run('student_only', 'pilot', 'informative', 'student_only'),
-    reproduce.run('cmedl-new', 'pilot', 'informative', 'cmedl', **new),
-    reproduce.run('cmedl-old', 'pilot', 'informative', 'cmedl'),
-    reproduce.run(
+    plan.run('student_only', 'pilot', 'informative', 'student_only', SEED),
+    plan.run('cmedl-new', 'pilot', 'informative', 'cmedl', SEED, **new),
+    plan.run('cmedl-old', 'pilot', 'informative', 'cmedl', SEED),
+    plan.run(
       'cmedl-new-seg',
       'pilot',
       'informative',
       'cmedl',
+      SEED,
       **{**new, 'loss.seg_to_translator': seg_scale},
     ),
   ]
@@ -226,68 +226,63 @@ def reading(histories):
   return out
 
 
-def report(runs, records, out, tiny):
-  """Writes the pilot report (markdown + figure beside it) from the recorded runs."""
-  histories, lines = {}, []
+def run_lines(runs, records):
+  """Markdown rows: each recorded run's time, commit, command (and CMEDL's switches)."""
+  lines = []
   for r in runs:
     if recorded(r, records):
-      history, run_record, config = load(r, records)
-      histories[r['name']] = history
+      _, run_record, config = load(r, records)
       switches = {k: config[k.split('.')[0]][k.split('.')[1]] for k in study.METHOD_SWITCHES}
       lines.append(
         f'- `{r["name"]}`: {run_record["seconds"]:.0f} s, commit {run_record["commit"]}; '
         f'`{run_record["command"]}`' + (f'; switches {switches}' if r['method'] == 'cmedl' else '')
       )
+  return lines
+
+
+def report(runs, records, out, tiny):
+  """Writes the pilot report (markdown + figure beside it) from the recorded runs."""
+  histories = {r['name']: load(r, records)[0] for r in runs if recorded(r, records)}
   png = os.path.splitext(out)[0] + '.png'
   figure(runs, histories, png)
   only = histories.get('student_only')
-  plateau = plateau_step(only) if only else None
-  text = [
-    '# Pilot: the old and the new method defaults (issue 15)' + (' — tiny check' if tiny else ''),
-    '',
-    f'Written by `python benchmarks/pilot.py` from the records in `{os.path.relpath(records, os.path.dirname(out))}/`'
-    ' (one seed; validation volumes of the CT set, never the test set).',
-    '',
-    *[f'- `{r["name"]}`: {RUN_TEXT[r["name"]]}' for r in runs],
-    '',
-    f'configs/study.py:informative at 64 px, {STEPS if not tiny else 4} steps, validation every '
-    f'{EVAL_EVERY if not tiny else TINY_EVAL_EVERY} steps on the CT validation volumes (student '
-    "on CT; teacher on the translator's pseudo-MRI of the same volumes).",
-    '',
-    f'![validation DSC over steps]({os.path.basename(png)})',
-    '',
-    *summary(runs, histories),
-    '',
-    *reading(histories),
-    '',
-    f'student_only plateau (first step whose mean DSC over the last {SMOOTH} validations is '
-    f'within {PLATEAU_DSC} of the best such mean): step {plateau} of {STEPS if not tiny else 4} '
-    '(the learning rate is constant for the first half, then decays linearly to 0).',
-    '',
-    '## Every validation',
-    '',
-    *table(runs, histories),
-    '',
-    '## Runs',
-    '',
-    *lines,
-    '',
-  ]
-  nifti_io.atomic_write(out, '\n'.join(text).encode())
+  text = study_report.text(
+    'pilot',
+    tiny=' — tiny check' if tiny else '',
+    records=os.path.relpath(records, os.path.dirname(out)),
+    run_list='\n'.join(f'- `{r["name"]}`: {RUN_TEXT[r["name"]]}' for r in runs),
+    steps=STEPS if not tiny else 4,
+    eval_every=EVAL_EVERY if not tiny else TINY_EVAL_EVERY,
+    png=os.path.basename(png),
+    summary='\n'.join(summary(runs, histories)),
+    reading='\n'.join(reading(histories)),
+    smooth=SMOOTH,
+    plateau_dsc=PLATEAU_DSC,
+    plateau=plateau_step(only) if only else None,
+    table='\n'.join(table(runs, histories)),
+    runs='\n'.join(run_lines(runs, records)),
+  )
+  nifti_io.atomic_write(out, text.encode())
   return histories
 
 
-def main(argv=None):
+def _parser():
   parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    prog='python -m cmedl_jax.study.pilot',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument('--root', default=ROOT, help='data and run directories')
-  parser.add_argument('--out', default=os.path.join(REPO, 'docs', 'PILOT.md'))
+  parser.add_argument('--out', default=os.path.join(runner.REPO, 'docs', 'PILOT.md'))
   parser.add_argument('--records', default=RECORDS, help='where finished runs are recorded')
   parser.add_argument('--tiny', action='store_true', help='a seconds-long pipeline check')
   parser.add_argument('--report-only', action='store_true', help='no training')
   parser.add_argument('--only', default='', help='comma-separated run names (default: all)')
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
   root = args.root.rstrip('/')
   runs = pilot_runs()
   if args.only:
@@ -297,14 +292,13 @@ def main(argv=None):
   else:
     extra = schedule(STEPS, EVAL_EVERY)
   if not args.report_only:
-    grid = reproduce.TINY_PHANTOM_GRID if args.tiny else {}
-    kinds = reproduce.TINY_DATASETS if args.tiny else reproduce.DATASETS
-    reproduce.write_phantoms(root, {k: kinds[k] for k in ('thorax_ct', 'thorax_t2w')}, grid)
+    grid = plan.TINY_PHANTOM_GRID if args.tiny else {}
+    runner.write_phantoms(root, runs, plan.TINY_DATASETS if args.tiny else plan.DATASETS, grid)
     for r in runs:
       if recorded(r, args.records):
         print(f'pilot: {r["name"]} is recorded in {args.records}; not trained again', flush=True)
         continue
-      reproduce.train(r, root, extra)
+      runner.train(r, root, extra)
       record(r, root, args.records)
   report(pilot_runs(), args.records, args.out, args.tiny)
   return 0
