@@ -275,6 +275,7 @@ def build_report(out, runs, records, tiny):
   parts += [
     text('every_run', table=tables.run_table(runs, records)),
     deviations(runs, records),
+    text('errata') + '\n',
     '## Discussion\n\n' + discussion(tests, runs, records, comparisons, exploratory) + '\n',
   ]
   nifti_io.atomic_write(out, '\n'.join(parts).encode())
