@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from cmedl_jax import curves
 from cmedl_jax import method
 from cmedl_jax import train
+from data_prep import files
 from data_prep import nifti_io
 
 FLAGS = flags.FLAGS
@@ -77,7 +78,7 @@ def main(argv):
     logging.error('%s', e)
     raise SystemExit(f'error: {e}') from None  # One line, no traceback; exit status 1.
   except Exception as e:  # pylint: disable=broad-exception-caught
-    message = nifti_io.disk_full(e)
+    message = files.disk_full(e)
     if message is None:
       raise
     logging.error('%s', message)

@@ -39,7 +39,7 @@ from cmedl_jax import summary_writer
 from cmedl_jax import train_state
 from cmedl_jax import train_step as ts
 from cmedl_jax.evaluation import metrics as seg_metrics
-from data_prep import nifti_io
+from data_prep import files
 
 
 class _DropLibraryInfo(pylogging.Filter):
@@ -181,7 +181,7 @@ class WorkdirLock:
         except FileNotFoundError:
           continue
         cut_short = pid is None and age > 10
-        if not (cut_short or (host == socket.gethostname() and not nifti_io.pid_alive(pid))):
+        if not (cut_short or (host == socket.gethostname() and not files.pid_alive(pid))):
           raise WorkdirLockedError(
             f'{self.workdir} is in use by the training of process {pid} on host {host} '
             f'({self.path}); wait for it to end, or delete the lock if it is not running'
@@ -492,7 +492,7 @@ def _train_and_evaluate(config, workdir, on_log):
   )
   nets = method.build_networks(config, in_channels)
   if primary:
-    nifti_io.write_json(
+    files.write_json(
       os.path.join(workdir, 'preparation.json'),
       input_pipeline.preparation_record(config.data.source.prepared_dir),
       indent=2,
@@ -556,8 +556,8 @@ def _start_workdir(config, workdir):
   checkpoint.clean_export_leftovers(workdir)
   # Temporaries of atomic writes and check_workdir left by a killed run. Probe names:
   # .write_probe_<process index>_<pid> (.write_probe_<pid> before multi-process).
-  for pattern in (nifti_io.TEMPORARY_PATTERN, r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
-    nifti_io.remove_stale_temporaries(workdir, pattern)
+  for pattern in (files.TEMPORARY_PATTERN, r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
+    files.remove_stale_temporaries(workdir, pattern)
 
 
 def _initial_state(config, nets, image_shape, mesh, ckpts):
@@ -584,7 +584,7 @@ def _write_parameter_overview(workdir, params):
   """The parameter table (clu) to WORKDIR/parameters.txt (process 0); one line to the log."""
   if jax.process_index() == 0:
     table = parameter_overview.get_parameter_overview(sharding.to_host(params))
-    nifti_io.atomic_write(os.path.join(workdir, 'parameters.txt'), table + '\n')
+    files.atomic_write(os.path.join(workdir, 'parameters.txt'), table + '\n')
   total = parameter_overview.count_parameters(params)
   logging.info('%s parameters (per network: %s/parameters.txt).', f'{total:,}', workdir)
 
@@ -777,7 +777,7 @@ def _validate_and_record(
   logging.info('step %d validation: %s', step, '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
   history.append({'step': step, **val})
   if jax.process_index() == 0:
-    nifti_io.write_json(os.path.join(workdir, 'validation.json'), history, indent=2, sort_keys=True)
+    files.write_json(os.path.join(workdir, 'validation.json'), history, indent=2, sort_keys=True)
   if np.isfinite(val['val_dsc']):
     ckpts.save_if_best(step, state, val)
   return val

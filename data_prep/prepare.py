@@ -53,6 +53,7 @@ import numpy as np
 from scipy import ndimage
 
 from data_prep import geometry as geo
+from data_prep import files
 from data_prep import nifti_io
 from data_prep.geometry import Geometry, invert_image, invert_labels  # re-exported
 from data_prep.manifest import (
@@ -516,11 +517,11 @@ def _write_split(split_dir: str, case_dir: str, records: list, size) -> None:
     images.flush()
     labels.flush()
   else:
-    nifti_io.save_npy(path['images'], images)
-    nifti_io.save_npy(path['labels'], labels)
-  nifti_io.save_npy(path['case_index'], case_index)
-  nifti_io.save_npy(path['slice_index'], slice_index)
-  nifti_io.save_npy(path['has_foreground'], has_fg)
+    files.save_npy(path['images'], images)
+    files.save_npy(path['labels'], labels)
+  files.save_npy(path['case_index'], case_index)
+  files.save_npy(path['slice_index'], slice_index)
+  files.save_npy(path['has_foreground'], has_fg)
 
 
 def _summary(
@@ -600,7 +601,7 @@ def _manifest(
 
 def _finish(tmp_dir: str, manifest: dict, has_train: bool) -> None:
   """Writes the manifest and the training format: the train slices as a TFDS dataset."""
-  nifti_io.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)
+  files.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)
   if has_train:
     from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
 
@@ -700,7 +701,7 @@ def remove_stale_partials(out_dir) -> list:
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   name = re.escape(os.path.basename(out_dir))
-  return nifti_io.remove_stale_temporaries(
+  return files.remove_stale_temporaries(
     os.path.dirname(out_dir), rf'\.{name}\.(partial|old)-((?P<pid>\d+)-)?[0-9a-f]{{8}}'
   )
 
@@ -857,7 +858,7 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   except OSError as e:
-    message = nifti_io.disk_full(e)
+    message = files.disk_full(e)
     if message is None:
       raise
     print(f'error: {message}', file=sys.stderr)

@@ -13,7 +13,7 @@ import pytest
 from data_prep import geometry as geo
 from data_prep import prepare as P
 from tests.fixtures import synthetic as S
-from data_prep import nifti_io
+from data_prep import files
 from data_prep.nifti_io import DataError
 
 
@@ -693,11 +693,11 @@ def test_a_full_disk_is_recognised_through_wrapping_errors():
     except OSError as e:
       raise ValueError('orbax: could not write the checkpoint') from e
   except ValueError as e:
-    assert nifti_io.disk_full(e).startswith('no space left on device; free some space')
+    assert files.disk_full(e).startswith('no space left on device; free some space')
   wrapped = RuntimeError('tensorstore: INTERNAL: Error writing "x": No space left on device')
-  assert 'tensorstore' in nifti_io.disk_full(wrapped)
-  assert nifti_io.disk_full(OSError(errno.ENOENT, 'No such file')) is None
-  assert nifti_io.disk_full(ValueError('bad value')) is None
+  assert 'tensorstore' in files.disk_full(wrapped)
+  assert files.disk_full(OSError(errno.ENOENT, 'No such file')) is None
+  assert files.disk_full(ValueError('bad value')) is None
 
 
 def test_two_images_of_one_case_are_an_error_naming_both(tmp_path):

@@ -756,7 +756,7 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
   dead.wait()
   run = tmp_path / 'run'
   run.mkdir()
-  # Atomic writes' temporaries: .tmp<pid>_<name> (data_prep.nifti_io.temporary_path).
+  # Atomic writes' temporaries: .tmp<pid>_<name> (data_prep.files.temporary_path).
   names = {
     f'.tmp{dead.pid}_validation.json': 120,
     f'.write_probe_{dead.pid}': 120,
