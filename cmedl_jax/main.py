@@ -26,6 +26,8 @@ from ml_collections import config_flags
 from cmedl_jax import curves
 from cmedl_jax import method
 from cmedl_jax import train
+from cmedl_jax import validation
+from cmedl_jax import workdir_lock
 from data_prep import files
 from data_prep import nifti_io
 
@@ -71,7 +73,7 @@ def main(argv):
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (
     train.ConfigError,
-    train.WorkdirLockedError,
+    workdir_lock.WorkdirLockedError,
     train.NonFiniteLossError,
     nifti_io.DataError,
   ) as e:
@@ -98,7 +100,7 @@ def summarize(config, workdir):
     where = f'curves: {out}.png'
   except (OSError, ValueError) as e:  # No events (e.g. written elsewhere); not fatal.
     where = f'no curves ({e})'
-  history = train.read_validation_history(workdir, config.train.num_steps)
+  history = validation.read_validation_history(workdir, config.train.num_steps)
   parts = []
   if history:
     first, last = history[0], history[-1]
