@@ -18,7 +18,8 @@ Output (`out_dir`, written to a hidden sibling temp folder and renamed when comp
   tfds/prepared_slices/VERSION/  the train split's slices as a TFDS dataset (ArrayRecord;
                                  data_prep.tfds_builder): what training reads, through grain
 
-A folder without `prepared.json` is never complete. Usage:
+A folder without `prepared.json` is never complete; `ensure_prepared` prepares one unless it
+is there already (and checks it then). Usage:
 
   python -m data_prep.prepare --dataset RAW_DIR --out OUT_DIR --modality ct \
       [--spacing 1.5] [--size 256] [--ct-window -1000 500] [--label-map tumor=1 ...] \
