@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from data_prep import nifti_io
+from data_prep import files
 
 BEST_METRIC = 'val_dsc'
 
@@ -257,7 +257,7 @@ def check_resume_config(workdir, config):
 def save_config(workdir, config):
   """Writes WORKDIR/config.json, after checking a stored one may be resumed with `config`."""
   check_resume_config(workdir, config)
-  nifti_io.write_json(
+  files.write_json(
     os.path.join(workdir, 'config.json'),
     json.loads(config.to_json_best_effort()),
     indent=2,

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from cmedl_jax.evaluation import plots
-from data_prep import nifti_io
+from data_prep import files
 
 PREFIXES = ('loss/', 'val_', 'grad_norm/')
 
@@ -113,9 +113,7 @@ def write_curves(workdir, out):
   """OUT.png (plot_curves) and OUT.md (curves_markdown) of WORKDIR's events."""
   scalars = read_scalars(workdir)
   plot_curves(scalars, out + '.png')
-  nifti_io.atomic_write(
-    out + '.md', curves_markdown(scalars, os.path.basename(out) + '.png', workdir)
-  )
+  files.atomic_write(out + '.md', curves_markdown(scalars, os.path.basename(out) + '.png', workdir))
 
 
 def main(argv=None):

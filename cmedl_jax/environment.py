@@ -15,7 +15,7 @@ import subprocess
 from absl import logging
 import jax
 
-from data_prep import nifti_io
+from data_prep import files
 
 FILE = 'environment.json'
 PACKAGES = (
@@ -140,5 +140,5 @@ def record(workdir, write=True):
         history = json.load(f).get('history', [])
     if not history or changes:
       history.append(current)
-    nifti_io.write_json(path, {'current': current, 'history': history}, indent=2, sort_keys=True)
+    files.write_json(path, {'current': current, 'history': history}, indent=2, sort_keys=True)
   return changes

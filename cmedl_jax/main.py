@@ -26,6 +26,9 @@ from ml_collections import config_flags
 from cmedl_jax import curves
 from cmedl_jax import method
 from cmedl_jax import train
+from cmedl_jax import validation
+from cmedl_jax import workdir_lock
+from data_prep import files
 from data_prep import nifti_io
 
 FLAGS = flags.FLAGS
@@ -70,14 +73,14 @@ def main(argv):
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (
     train.ConfigError,
-    train.WorkdirLockedError,
+    workdir_lock.WorkdirLockedError,
     train.NonFiniteLossError,
     nifti_io.DataError,
   ) as e:
     logging.error('%s', e)
     raise SystemExit(f'error: {e}') from None  # One line, no traceback; exit status 1.
   except Exception as e:  # pylint: disable=broad-exception-caught
-    message = nifti_io.disk_full(e)
+    message = files.disk_full(e)
     if message is None:
       raise
     logging.error('%s', message)
@@ -97,7 +100,7 @@ def summarize(config, workdir):
     where = f'curves: {out}.png'
   except (OSError, ValueError) as e:  # No events (e.g. written elsewhere); not fatal.
     where = f'no curves ({e})'
-  history = train.read_validation_history(workdir, config.train.num_steps)
+  history = validation.read_validation_history(workdir, config.train.num_steps)
   parts = []
   if history:
     first, last = history[0], history[-1]

@@ -34,7 +34,7 @@ import numpy as np
 from cmedl_jax import checkpoint
 from cmedl_jax import inference
 from cmedl_jax import method
-from data_prep import nifti_io
+from data_prep import files
 from data_prep import prepare
 
 NETWORK = 'network.jax_export'
@@ -160,13 +160,13 @@ def write_portable(out_dir, config, params, batch_stats, test_time, preparation_
   probabilities = probabilities_fn(config, params, batch_stats, test_time, image_shape[-1])
   exported = export_network(probabilities, image_shape)
   shape = [str(d) for d in exported.in_avals[0].shape]
-  nifti_io.atomic_write(os.path.join(out_dir, NETWORK), bytes(exported.serialize()))
+  files.atomic_write(os.path.join(out_dir, NETWORK), bytes(exported.serialize()))
   onnx_bytes, onnx_record = onnx_network(probabilities, image_shape)
   if onnx_bytes is not None:
-    nifti_io.atomic_write(os.path.join(out_dir, ONNX), onnx_bytes)
+    files.atomic_write(os.path.join(out_dir, ONNX), onnx_bytes)
   elif os.path.exists(os.path.join(out_dir, ONNX)):  # An earlier export's, now stale.
     os.remove(os.path.join(out_dir, ONNX))
-  nifti_io.write_json(
+  files.write_json(
     os.path.join(out_dir, PREPARATION),
     {
       'format_version': FORMAT_VERSION,

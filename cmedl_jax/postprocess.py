@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from cmedl_jax.evaluation import metrics
-from data_prep import nifti_io
+from data_prep import files
 
 FILE = 'postprocessing.json'
 CANDIDATES_MM3 = (0.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)  # [ours]
@@ -68,7 +68,7 @@ def choose(predictions, references, spacings, num_classes, candidates=CANDIDATES
 
 
 def save(workdir, record):
-  nifti_io.write_json(os.path.join(workdir, FILE), record, indent=2, sort_keys=True)
+  files.write_json(os.path.join(workdir, FILE), record, indent=2, sort_keys=True)
 
 
 def load(workdir):

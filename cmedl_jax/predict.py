@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from cmedl_jax import inference
 from cmedl_jax.inference import Predictor
+from data_prep import files
 from data_prep import nifti_io
 from data_prep import prepare
 
@@ -66,7 +67,7 @@ def predict_files(
   check_unique_cases(inputs)
   os.makedirs(output_dir, exist_ok=True)
   # NIfTI temporaries of atomic writes left by a killed run.
-  nifti_io.remove_stale_temporaries(output_dir, nifti_io.TEMPORARY_PATTERN + r'\.nii(\.gz)?')
+  files.remove_stale_temporaries(output_dir, files.TEMPORARY_PATTERN + r'\.nii(\.gz)?')
   result = {'written': [], 'skipped': [], 'failed': [], 'warned': []}
   for path in tqdm(inputs, desc='predict', unit='case', disable=not progress):
     case = nifti_io.case_id(path, image=True)
@@ -160,7 +161,7 @@ def main(argv=None):
       pseudo_target=args.pseudo_target,
     )
   except OSError as e:
-    message = nifti_io.disk_full(e)
+    message = files.disk_full(e)
     if message is None:
       raise
     parser.exit(1, f'predict: error: {message}\n')

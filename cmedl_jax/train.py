@@ -10,14 +10,10 @@ everything (jitted programs span all devices) and saves the orbax checkpoints to
 0 alone prepares the data and writes the JSON records, TensorBoard and the export's metadata.
 """
 
-import contextlib
-import fcntl
 import functools
-import json
 import logging as pylogging
 import os
 import signal
-import socket
 import time
 
 from absl import logging
@@ -30,16 +26,16 @@ import numpy as np
 from cmedl_jax import checkpoint
 from cmedl_jax import environment
 from cmedl_jax import input_pipeline
-from cmedl_jax import inference
 from cmedl_jax import method
 from cmedl_jax import portable
-from cmedl_jax import postprocess
+from cmedl_jax import prepared_data
 from cmedl_jax import sharding
 from cmedl_jax import summary_writer
 from cmedl_jax import train_state
 from cmedl_jax import train_step as ts
-from cmedl_jax.evaluation import metrics as seg_metrics
-from data_prep import nifti_io
+from cmedl_jax import validation
+from cmedl_jax import workdir_lock
+from data_prep import files
 
 
 class _DropLibraryInfo(pylogging.Filter):
@@ -53,9 +49,6 @@ def quiet_library_logs():
   logger = logging.get_absl_logger()
   if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
     logger.addFilter(_DropLibraryInfo())
-
-
-PREPARE_TIMEOUT_S = 24 * 3600  # How long processes 1.. wait for process 0 to prepare the data.
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,94 +129,6 @@ def check_config(config):
     fail('train.global_batch_size', f'must be a multiple of the device count ({devices})')
 
 
-class WorkdirLockedError(RuntimeError):
-  """Another training holds the workdir."""
-
-
-class WorkdirLock:
-  """WORKDIR/train.lock, {"pid", "host"} of the training that holds the workdir.
-
-  Created atomically (O_CREAT | O_EXCL); held for the whole training and removed at its end,
-  also on an error. A lock of a pid that is not alive on this host (a killed training) is taken
-  over with a warning; any other is an error naming its holder.
-  """
-
-  NAME = 'train.lock'
-
-  def __init__(self, workdir):
-    self.path = os.path.join(workdir, self.NAME)
-    self.workdir = workdir
-    self.held = False
-
-  def _create(self):
-    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, 'w') as f:
-      json.dump({'pid': os.getpid(), 'host': socket.gethostname()}, f)
-
-  def _holder(self):
-    """(pid, host) of the lock's holder; (None, None) for a lock cut short by a kill."""
-    try:
-      with open(self.path) as f:
-        holder = json.load(f)
-      return int(holder['pid']), str(holder['host'])
-    except (ValueError, KeyError, TypeError):
-      return None, None
-
-  def __enter__(self):
-    for _ in range(3):  # The holder may release it between our tries.
-      try:
-        self._create()
-        break
-      except FileExistsError:
-        try:
-          pid, host = self._holder()
-          age = time.time() - os.path.getmtime(self.path)
-        except FileNotFoundError:
-          continue
-        cut_short = pid is None and age > 10
-        if not (cut_short or (host == socket.gethostname() and not nifti_io.pid_alive(pid))):
-          raise WorkdirLockedError(
-            f'{self.workdir} is in use by the training of process {pid} on host {host} '
-            f'({self.path}); wait for it to end, or delete the lock if it is not running'
-          ) from None
-        logging.warning(
-          'Taking over %s of process %s on %s, which is not running.', self.path, pid, host
-        )
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
-    else:
-      raise WorkdirLockedError(f'{self.workdir}: could not take {self.path}')
-    self.held = True
-    return self
-
-  def __exit__(self, *exc):
-    try:
-      if self.held and self._holder() == (os.getpid(), socket.gethostname()):
-        os.remove(self.path)
-    except FileNotFoundError:  # Deleted by hand meanwhile.
-      pass
-    self.held = False
-
-
-def prepare_data(config):
-  """Prepares source and target datasets from their raw folders unless already prepared.
-
-  With several processes, process 0 prepares while the others wait, then they check the
-  prepared data's spec (the prepared folders must be on a filesystem all processes share).
-  """
-  if jax.process_count() == 1:
-    return _prepare_data(config)
-  if jax.process_index() == 0:
-    _prepare_data(config)
-  # A barrier of the distributed runtime, not a collective (sync_global_devices): the first
-  # collective gives up after 30 s, a preparation can take longer.
-  sharding.barrier('cmedl_jax_prepare_data', PREPARE_TIMEOUT_S)
-  if jax.process_index() != 0:
-    _prepare_data(config, prepare_missing=False)
-
-
 def _check_input(config, fail):
   """check_config's part for data.context_slices and data.target.tfds_dir."""
   c = config.data.context_slices
@@ -235,185 +140,6 @@ def _check_input(config, fail):
       f'data.target.tfds_dir must be a TFDS dataset folder (with dataset_info.json), got '
       f'{tfds_dir!r}'
     )
-
-
-def _prepare_data(config, prepare_missing=True):
-  for side in ('source', 'target'):
-    if config.data[side].get('tfds_dir'):  # Read as it is (input_pipeline.TfdsSlices).
-      continue
-    with _preparation_lock(config.data[side].prepared_dir):
-      _prepare_side(config, side, prepare_missing)
-
-
-@contextlib.contextmanager
-def _preparation_lock(prepared_dir):
-  """An exclusive flock on the folder that holds `prepared_dir` (no file left behind):
-  trainings started together on the same data (e.g. benchmarks/reproduce.py --jobs 2)
-  prepare it once, the others wait."""
-  parent = os.path.dirname(os.path.abspath(prepared_dir))
-  os.makedirs(parent, exist_ok=True)
-  fd = os.open(parent, os.O_RDONLY)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    os.close(fd)  # Releases the lock.
-
-
-def _prepare_side(config, side, prepare_missing):
-  from data_prep import prepare  # pylint: disable=g-import-not-at-top
-
-  d = config.data[side]
-  spec = prepare.spec_from_config(config, side)
-  if prepare.is_prepared(d.prepared_dir):
-    _check_prepared(d, side, spec, prepare.read_manifest(d.prepared_dir))
-    _build_training_slices(d.prepared_dir)
-    return
-  if not prepare_missing:
-    raise FileNotFoundError(
-      f'{d.prepared_dir}: not prepared on process {jax.process_index()} after process 0 '
-      'prepared it; data.*.prepared_dir must be on a filesystem all processes share'
-    )
-  if os.path.exists(d.prepared_dir):
-    raise ConfigError(
-      f'{d.prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
-      f'delete it to prepare data.{side}.raw_dir there, or point data.{side}.prepared_dir '
-      'elsewhere'
-    )
-  logging.info('Preparing %s dataset %s -> %s', side, d.raw_dir, d.prepared_dir)
-  prepare.prepare_dataset(
-    d.raw_dir, d.prepared_dir, spec, val_fraction=config.data.val_fraction, seed=config.seed
-  )
-
-
-def _build_training_slices(prepared_dir):
-  """Builds the TFDS training slices of a folder prepared before they were part of it."""
-  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isfile(os.path.join(tfds_builder.slices_dir(prepared_dir), 'dataset_info.json')):
-    logging.info('Building the TFDS training slices of %s', prepared_dir)
-    tfds_builder.build(prepared_dir, volumes=False, splits=('train',), progress=False)
-
-
-def _check_prepared(data, side, spec, manifest):
-  """ConfigError unless the prepared folder was made from data.<side>.raw_dir with `spec`."""
-  from data_prep import prepare  # pylint: disable=g-import-not-at-top
-
-  found = prepare.PrepSpec.from_dict(manifest['spec'])
-  if found != spec:
-    raise ConfigError(
-      f'{data.prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
-      f'{spec.to_dict()}; point data.{side}.prepared_dir elsewhere or delete it'
-    )
-  made_from = manifest['dataset'].get('raw_dir')
-  if made_from and os.path.realpath(made_from) != os.path.realpath(data.raw_dir):
-    raise ConfigError(
-      f'{data.prepared_dir} was prepared from {made_from}, but data.{side}.raw_dir is '
-      f'{os.path.abspath(data.raw_dir)}; point data.{side}.prepared_dir elsewhere or delete '
-      'it (it is prepared again at the next start)'
-    )
-
-
-def _to_unit(images):
-  """[-1, 1] images -> [0, 1] for image summaries."""
-  return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-
-
-def _labels_to_unit(labels, num_classes):
-  return (np.asarray(labels, np.float32) / max(num_classes - 1, 1))[..., None]
-
-
-def image_summaries(config, state, src, eval_fn, mesh, max_images=3):
-  """Source, pseudo-target, cycle, student/teacher predictions and label, [N,H,W,1] in [0,1].
-
-  Every process calls this (eval_fn runs on all devices); process 0's writer writes them.
-  """
-  x = sharding.to_host(src['image'])[:max_images]
-  out = sharding.to_host(eval_fn(state, sharding.from_host(x, sharding.replicated(mesh))))
-  c = config.data.context_slices // 2
-  k = config.data.num_classes
-  images = {
-    'source': _to_unit(x[..., c : c + 1]),
-    'label': _labels_to_unit(sharding.to_host(src['label'])[:max_images], k),
-  }
-  if 'logits' in out:
-    images['prediction/inference'] = _labels_to_unit(out['logits'].argmax(-1), k)
-  if 'pseudo_target' in out:
-    images['pseudo_target'] = _to_unit(out['pseudo_target'][..., c : c + 1])
-  if 'cycle' in out:
-    images['cycle_source'] = _to_unit(out['cycle'][..., c : c + 1])
-  if 'teacher_logits' in out:
-    images['prediction/teacher_on_pseudo_target'] = _labels_to_unit(
-      out['teacher_logits'].argmax(-1), k
-    )
-  return images
-
-
-def validate(config, state, programs, volumes, mesh):
-  """Metrics on whole prepared validation volumes, each a mean over cases (of finite values).
-
-  programs: the run's _Programs. Returns {'val_dsc', 'val_sdsc', 'val_hd95' (mm)} of the
-  test-time network; where the method has a teacher also 'val_teacher_dsc', 'val_teacher_sdsc',
-  'val_teacher_hd95' of teacher(G(x)) (of teacher(x) for self_distill); with CycleGAN
-  'val_cycle_l1'.
-  """
-  val = segmentation_metrics(config, state, programs.probabilities, volumes, mesh)
-  teacher = programs.teacher_probabilities
-  if teacher is programs.probabilities:  # pmri_teacher: the test-time network is teacher(G(x)).
-    val.update({k.replace('val_', 'val_teacher_'): v for k, v in val.items()})
-  elif teacher is not None:
-    val.update(segmentation_metrics(config, state, teacher, volumes, mesh, 'val_teacher_'))
-  if programs.cycle_error is not None:
-    val['val_cycle_l1'] = cycle_error(config, state, programs.cycle_error, volumes, mesh)
-  return val
-
-
-def segmentation_metrics(config, state, infer_fn, volumes, mesh, prefix='val_'):
-  """DSC, surface DSC and HD95 (mm) of one network on whole prepared volumes.
-
-  infer_fn: (state, [B,H,W,C] slices) -> probabilities [B,H,W,K]. Returns {prefix + 'dsc',
-  prefix + 'sdsc', prefix + 'hd95'}, each the mean of its finite values over foreground
-  classes and cases (NaN when none is finite).
-  """
-  per_case = []
-  classes = {f'class_{k}': k for k in range(1, config.data.num_classes)}
-  for vol in volumes:
-    pred, _ = inference.predict_volume(
-      functools.partial(infer_fn, state),
-      vol['image'],
-      config.eval.batch_size,
-      config.data.context_slices,
-      mesh,
-    )
-    per_case.append(
-      seg_metrics.evaluate_case(
-        pred, vol['label'], vol['spacing_mm'], classes, tolerance_mm=config.eval.tolerance_mm
-      )
-    )
-  out = {}
-  for key, metric in (('dsc', 'dice'), ('sdsc', 'surface_dice'), ('hd95', 'hd95')):
-    values = [case[name][metric] for case in per_case for name in classes]
-    finite = [v for v in values if np.isfinite(v)]
-    out[prefix + key] = float(np.mean(finite)) if finite else float('nan')
-  return out
-
-
-def cycle_error(config, state, cycle_fn, volumes, mesh):
-  """Mean |F(G(x)) - x| over every slice (all pixels and context channels) of the volumes.
-
-  cycle_fn: (state, [B,H,W,C] slices in [-1, 1]) -> per-slice mean absolute error [B,1].
-  """
-  errors = [
-    inference.predict_volume(
-      functools.partial(cycle_fn, state),
-      vol['image'],
-      config.eval.batch_size,
-      config.data.context_slices,
-      mesh,
-    )[1][:, 0]
-    for vol in volumes
-  ]
-  return float(np.mean(np.concatenate(errors)))
 
 
 class _StopFlag:
@@ -473,7 +199,7 @@ def train_and_evaluate(config, workdir, on_log=None):
   check_workdir(workdir)
   if jax.process_index() != 0:  # Multi-host: process 0 holds the workdir for all.
     return _train_and_evaluate(config, workdir, on_log)
-  with WorkdirLock(workdir):
+  with workdir_lock.WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir, on_log)
 
 
@@ -483,7 +209,7 @@ def _train_and_evaluate(config, workdir, on_log):
   if primary:
     _start_workdir(config, workdir)
   environment.record(workdir, write=primary)
-  prepare_data(config)
+  prepared_data.prepare_data(config)
   mesh = sharding.make_mesh()
   in_channels = config.data.context_slices
   image_shape = (
@@ -492,7 +218,7 @@ def _train_and_evaluate(config, workdir, on_log):
   )
   nets = method.build_networks(config, in_channels)
   if primary:
-    nifti_io.write_json(
+    files.write_json(
       os.path.join(workdir, 'preparation.json'),
       input_pipeline.preparation_record(config.data.source.prepared_dir),
       indent=2,
@@ -521,7 +247,7 @@ def _train_and_evaluate(config, workdir, on_log):
         portable.write_portable(
           os.path.join(workdir, 'portable'), config, params, stats, test_time, record
         )
-      _choose_postprocessing(config, workdir, state, programs, mesh)
+      validation.choose_postprocessing(config, workdir, state, programs, mesh)
   finally:
     # Also on an error (e.g. a NaN loss): finish the checkpoints already being written.
     train_iter.close()
@@ -556,8 +282,8 @@ def _start_workdir(config, workdir):
   checkpoint.clean_export_leftovers(workdir)
   # Temporaries of atomic writes and check_workdir left by a killed run. Probe names:
   # .write_probe_<process index>_<pid> (.write_probe_<pid> before multi-process).
-  for pattern in (nifti_io.TEMPORARY_PATTERN, r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
-    nifti_io.remove_stale_temporaries(workdir, pattern)
+  for pattern in (files.TEMPORARY_PATTERN, r'\.write_probe_(?:\d+_)?(?P<pid>\d+)'):
+    files.remove_stale_temporaries(workdir, pattern)
 
 
 def _initial_state(config, nets, image_shape, mesh, ckpts):
@@ -584,7 +310,7 @@ def _write_parameter_overview(workdir, params):
   """The parameter table (clu) to WORKDIR/parameters.txt (process 0); one line to the log."""
   if jax.process_index() == 0:
     table = parameter_overview.get_parameter_overview(sharding.to_host(params))
-    nifti_io.atomic_write(os.path.join(workdir, 'parameters.txt'), table + '\n')
+    files.atomic_write(os.path.join(workdir, 'parameters.txt'), table + '\n')
   total = parameter_overview.count_parameters(params)
   logging.info('%s parameters (per network: %s/parameters.txt).', f'{total:,}', workdir)
 
@@ -682,8 +408,8 @@ def _train_loop(config, workdir, state, step, programs, train_iter, writer, ckpt
   """Steps from `step` to train.num_steps (or a stop signal): logs, image summaries,
   validation, checkpoints. Returns (last step, state, last validation metrics)."""
   train = config.train
-  val_volumes = _validation_volumes(config)
-  val_history = read_validation_history(workdir, step)
+  val_volumes = validation.validation_volumes(config)
+  val_history = validation.read_validation_history(workdir, step)
   val = {k: v for k, v in (val_history[-1] if val_history else {}).items() if k != 'step'}
   progress = _Progress(config, writer, on_log, step)
   pending = None  # (step, metrics) of the previous step, checked while the next one runs.
@@ -702,10 +428,12 @@ def _train_loop(config, workdir, state, step, programs, train_iter, writer, ckpt
       if step % train.log_every == 0 or last:
         progress.log(step, metrics)
       if step % train.image_every == 0 or last:
-        writer.write_images(step, image_summaries(config, state, src, programs.eval_images, mesh))
+        writer.write_images(
+          step, validation.image_summaries(config, state, src, programs.eval_images, mesh)
+        )
       if val_volumes and (step % train.eval_every == 0 or last):
         _check_finite(sharding.to_host(metrics), step)
-        val = _validate_and_record(
+        val = validation.validate_and_record(
           config,
           workdir,
           state,
@@ -725,72 +453,6 @@ def _train_loop(config, workdir, state, step, programs, train_iter, writer, ckpt
         logging.warning('Received %s: saved step %d, exiting.', stop_signal, step)
         break
   return step, state, val
-
-
-def _choose_postprocessing(config, workdir, state, programs, mesh):
-  """Chooses the post-processing on the labelled validation volumes (postprocess.choose) with
-  the final network; process 0 writes WORKDIR/postprocessing.json."""
-  volumes = [v for v in _validation_volumes(config) if v['has_label']]
-  if not volumes:
-    return
-  predictions = [
-    inference.predict_volume(
-      functools.partial(programs.probabilities, state),
-      v['image'],
-      config.eval.batch_size,
-      config.data.context_slices,
-      mesh,
-    )[0]
-    for v in volumes
-  ]
-  record = postprocess.choose(
-    predictions,
-    [v['label'] for v in volumes],
-    [v['spacing_mm'] for v in volumes],
-    config.data.num_classes,
-  )
-  if jax.process_index() == 0:
-    postprocess.save(workdir, record)
-  logging.info(
-    'Post-processing chosen on %d validation volumes (minimum component mm^3 per class): %s',
-    len(volumes),
-    record['min_volume_mm3'],
-  )
-
-
-def _validation_volumes(config):
-  """Whole prepared validation volumes of the source (none without a test-time network)."""
-  if method.get(config).test_time is None:
-    return []
-  volumes = input_pipeline.load_eval_volumes(config.data.source.prepared_dir, 'validation')
-  return volumes[: config.eval.max_volumes] if config.eval.max_volumes else volumes
-
-
-def _validate_and_record(
-  config, workdir, state, step, programs, volumes, history, writer, ckpts, mesh, on_log
-):
-  """Validates, logs, appends to WORKDIR/validation.json and keeps the best checkpoint."""
-  val = validate(config, state, programs, volumes, mesh)
-  writer.write_scalars(step, val)
-  if on_log is not None:
-    on_log(step, val)
-  logging.info('step %d validation: %s', step, '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
-  history.append({'step': step, **val})
-  if jax.process_index() == 0:
-    nifti_io.write_json(os.path.join(workdir, 'validation.json'), history, indent=2, sort_keys=True)
-  if np.isfinite(val['val_dsc']):
-    ckpts.save_if_best(step, state, val)
-  return val
-
-
-def read_validation_history(workdir, start_step):
-  """Validation records of earlier steps of this run (WORKDIR/validation.json), for resuming."""
-  path = os.path.join(workdir, 'validation.json')
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    history = json.load(f)
-  return [r for r in history if r['step'] <= start_step]
 
 
 def _load_translator_init(config, state, replicated):

@@ -42,7 +42,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from data_prep import nifti_io
+from data_prep import files
 
 GENERATOR_VERSION = '1.0.0'
 KINDS = ('thorax_ct', 'thorax_t2w', 'abdomen_t1w', 'abdomen_t2w')
@@ -1156,7 +1156,7 @@ def _write_case(
   if kind.startswith('thorax'):
     rel['instances'] = f'instances{split}/{case}.nii.gz'
   for what, path in rel.items():
-    nifti_io.atomic_write(out / path, _nifti_gz_bytes(getattr(c, what), c.affine, desc))
+    files.atomic_write(out / path, _nifti_gz_bytes(getattr(c, what), c.affine, desc))
   meta = dict(
     case_id=case,
     split='train' if split == 'Tr' else 'test',
@@ -1171,7 +1171,7 @@ def _write_case(
     meta['instances'] = f'./{rel["instances"]}'
   if paired_with is not None:
     meta['paired_with'] = paired_with
-  nifti_io.atomic_write(out / f'phantom_meta/{case}.json', _json_text(meta))
+  files.atomic_write(out / f'phantom_meta/{case}.json', _json_text(meta))
   return {'image': f'./{rel["image"]}', 'label': f'./{rel["label"]}'}
 
 
@@ -1295,7 +1295,7 @@ def write_dataset(
     sides.append((paired, _paired_with(kind, path=where)))
   for o, (training, test), (k, source) in zip(outs, entries, sides):
     ds = _dataset_json(k, seed, grid, training, test, juxta, source)
-    nifti_io.atomic_write(o / 'dataset.json', _json_text(ds))
+    files.atomic_write(o / 'dataset.json', _json_text(ds))
   return outs[0]
 
 

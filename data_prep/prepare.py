@@ -18,7 +18,8 @@ Output (`out_dir`, written to a hidden sibling temp folder and renamed when comp
   tfds/prepared_slices/VERSION/  the train split's slices as a TFDS dataset (ArrayRecord;
                                  data_prep.tfds_builder): what training reads, through grain
 
-A folder without `prepared.json` is never complete. Usage:
+A folder without `prepared.json` is never complete; `ensure_prepared` prepares one unless it
+is there already (and checks it then). Usage:
 
   python -m data_prep.prepare --dataset RAW_DIR --out OUT_DIR --modality ct \
       [--spacing 1.5] [--size 256] [--ct-window -1000 500] [--label-map tumor=1 ...] \
@@ -38,7 +39,9 @@ centred on the body box and kept inside the image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -53,6 +56,7 @@ import numpy as np
 from scipy import ndimage
 
 from data_prep import geometry as geo
+from data_prep import files
 from data_prep import nifti_io
 from data_prep.geometry import Geometry, invert_image, invert_labels  # re-exported
 from data_prep.manifest import (
@@ -89,7 +93,7 @@ __all__ = [
   'prepare_dataset',
   'read_manifest',
   'is_prepared',
-  'spec_from_config',
+  'ensure_prepared',
 ]
 
 
@@ -516,11 +520,11 @@ def _write_split(split_dir: str, case_dir: str, records: list, size) -> None:
     images.flush()
     labels.flush()
   else:
-    nifti_io.save_npy(path['images'], images)
-    nifti_io.save_npy(path['labels'], labels)
-  nifti_io.save_npy(path['case_index'], case_index)
-  nifti_io.save_npy(path['slice_index'], slice_index)
-  nifti_io.save_npy(path['has_foreground'], has_fg)
+    files.save_npy(path['images'], images)
+    files.save_npy(path['labels'], labels)
+  files.save_npy(path['case_index'], case_index)
+  files.save_npy(path['slice_index'], slice_index)
+  files.save_npy(path['has_foreground'], has_fg)
 
 
 def _summary(
@@ -600,7 +604,7 @@ def _manifest(
 
 def _finish(tmp_dir: str, manifest: dict, has_train: bool) -> None:
   """Writes the manifest and the training format: the train slices as a TFDS dataset."""
-  nifti_io.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)
+  files.write_json(os.path.join(tmp_dir, MANIFEST), manifest, indent=1)
   if has_train:
     from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
 
@@ -700,58 +704,90 @@ def remove_stale_partials(out_dir) -> list:
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   name = re.escape(os.path.basename(out_dir))
-  return nifti_io.remove_stale_temporaries(
+  return files.remove_stale_temporaries(
     os.path.dirname(out_dir), rf'\.{name}\.(partial|old)-((?P<pid>\d+)-)?[0-9a-f]{{8}}'
   )
 
 
-def spec_from_config(config, side: str) -> PrepSpec:
-  """PrepSpec of `config.data[side]` (side 'source' or 'target'; see configs/default.py).
+class PreparedDirError(ValueError):
+  """A prepared folder that is not the one asked for: another spec, another raw folder, or an
+  incomplete one (no prepared.json)."""
 
-  Reads data[side].modality, the label map (`config_label_map`) and the shared data.spacing_mm
-  (mm), data.image_size (pixels), data.ct_window_hu (HU) and data.mri_percentiles;
-  interpolation stays linear.
+
+def ensure_prepared(
+  raw_dir, prepared_dir, spec: PrepSpec, *, val_fraction, seed, where, missing_error=None
+) -> None:
+  """Prepares `raw_dir` into `prepared_dir` with `spec` unless that is done already.
+
+  A prepared folder is checked (made with `spec` from `raw_dir`, else PreparedDirError) and
+  given its TFDS training slices if it predates them. An exclusive flock on the folder above
+  `prepared_dir` is held meanwhile: callers started together prepare once, the others wait.
+  where: the caller's name of the pair in messages (`{where}.raw_dir`, `{where}.prepared_dir`,
+  e.g. 'data.source'). missing_error: when given, a folder not prepared yet is
+  FileNotFoundError('{prepared_dir}: {missing_error}') instead of being prepared.
   """
-  d = config.data
-  return PrepSpec(
-    modality=d[side].modality,
-    spacing_mm=d.spacing_mm,
-    size=d.image_size,
-    ct_window_hu=tuple(d.ct_window_hu),
-    mri_percentiles=tuple(d.mri_percentiles),
-    label_map=config_label_map(config, side),
-  )
+  with _preparation_lock(prepared_dir):
+    if is_prepared(prepared_dir):
+      _check_prepared(raw_dir, prepared_dir, spec, where)
+      _build_training_slices(prepared_dir)
+      return
+    if missing_error is not None:
+      raise FileNotFoundError(f'{prepared_dir}: {missing_error}')
+    if os.path.exists(prepared_dir):
+      raise PreparedDirError(
+        f'{prepared_dir} exists but is not a complete prepared dataset (no prepared.json); '
+        f'delete it to prepare {where}.raw_dir there, or point {where}.prepared_dir elsewhere'
+      )
+    side = where.rpartition('.')[2]  # 'data.source' -> 'source'
+    logging.info('Preparing %s dataset %s -> %s', side, raw_dir, prepared_dir)
+    prepare_dataset(raw_dir, prepared_dir, spec, val_fraction=val_fraction, seed=seed)
 
 
-def config_label_map(config, side: str) -> Optional[dict]:
-  """The label map of one side: data[side].label_map when set, else the shared data.label_map.
+@contextlib.contextmanager
+def _preparation_lock(prepared_dir):
+  """An exclusive flock on the folder that holds `prepared_dir` (no file left behind)."""
+  parent = os.path.dirname(os.path.abspath(prepared_dir))
+  os.makedirs(parent, exist_ok=True)
+  fd = os.open(parent, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.
 
-  Either is a dict {label name or value: class} (a ConfigDict; --config.x="{'cancer': 1}") or a
-  string 'NAME=CLASS[,NAME=CLASS...]' as prepare's --label-map takes; None or empty: declared
-  labels in order. Anything else: DataError naming the field.
-  """
-  field = f'data.{side}.label_map'
-  value = config.data[side].get('label_map')
-  if value is None:
-    field, value = 'data.label_map', config.data.get('label_map')
-  value = value.to_dict() if hasattr(value, 'to_dict') else value
-  if isinstance(value, str):
-    value = _parse_label_map([v for v in value.split(',') if v.strip()], field)
-  if value is not None and not (
-    isinstance(value, Mapping) and all(isinstance(c, int) for c in value.values())
-  ):
-    raise DataError(
-      field, f"must be a dict {{name or value: class}} or 'NAME=CLASS,...', got {value!r}"
+
+def _build_training_slices(prepared_dir):
+  """Builds the TFDS training slices of a folder prepared before they were part of it."""
+  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(os.path.join(tfds_builder.slices_dir(prepared_dir), 'dataset_info.json')):
+    logging.info('Building the TFDS training slices of %s', prepared_dir)
+    tfds_builder.build(prepared_dir, volumes=False, splits=('train',), progress=False)
+
+
+def _check_prepared(raw_dir, prepared_dir, spec, where):
+  """PreparedDirError unless `prepared_dir` was made from `raw_dir` with `spec`."""
+  manifest = read_manifest(prepared_dir)
+  found = PrepSpec.from_dict(manifest['spec'])
+  if found != spec:
+    raise PreparedDirError(
+      f'{prepared_dir} was prepared with {found.to_dict()}, but the config asks for '
+      f'{spec.to_dict()}; point {where}.prepared_dir elsewhere or delete it'
     )
-  # Keys as strings, as a prepared folder's manifest stores them ({1: 1} is {'1': 1}).
-  return {str(k): c for k, c in value.items()} if value else None
+  made_from = manifest['dataset'].get('raw_dir')
+  if made_from and os.path.realpath(made_from) != os.path.realpath(raw_dir):
+    raise PreparedDirError(
+      f'{prepared_dir} was prepared from {made_from}, but {where}.raw_dir is '
+      f'{os.path.abspath(raw_dir)}; point {where}.prepared_dir elsewhere or delete '
+      'it (it is prepared again at the next start)'
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI.
 
 
-def _parse_label_map(items, where='--label-map'):
+def parse_label_map(items, where='--label-map'):
   """['NAME=CLASS' or 'VALUE=CLASS', ...] -> {name or value: class}; None when empty."""
   if not items:
     return None
@@ -835,7 +871,7 @@ def main(argv=None) -> int:
       size=tuple(args.size * (3 - len(args.size)))[:2],
       ct_window_hu=tuple(args.ct_window),
       mri_percentiles=tuple(args.mri_percentiles),
-      label_map=_parse_label_map(args.label_map),
+      label_map=parse_label_map(args.label_map),
       interpolation=args.interpolation,
     )
   except ValueError as e:
@@ -857,7 +893,7 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   except OSError as e:
-    message = nifti_io.disk_full(e)
+    message = files.disk_full(e)
     if message is None:
       raise
     print(f'error: {message}', file=sys.stderr)

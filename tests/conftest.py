@@ -57,12 +57,12 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 def tiny_data(tmp_path_factory):
   """Small unpaired thorax CT and T2w phantom datasets (5 training + 1 test patients each),
   prepared at 32x32 (12 mm). Returns the root (tests/tiny_runs.py layout)."""
-  from cmedl_jax import train  # pylint: disable=g-import-not-at-top
+  from cmedl_jax import prepared_data  # pylint: disable=g-import-not-at-top
   import tiny_runs  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp('tiny_data')
   tiny_runs.write_phantoms(root, n=5, seed=0, slices=6)
-  train.prepare_data(tiny_runs.small_config(root))
+  prepared_data.prepare_data(tiny_runs.small_config(root))
   return root
 
 

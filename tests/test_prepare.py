@@ -10,10 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cmedl_jax import prepared_data
 from data_prep import geometry as geo
 from data_prep import prepare as P
 from tests.fixtures import synthetic as S
-from data_prep import nifti_io
+from data_prep import files
 from data_prep.nifti_io import DataError
 
 
@@ -355,7 +356,7 @@ def test_spec_from_config_reads_the_data_section():
   config = default.get_config()
   config.lock()
   for side, modality in (('source', 'ct'), ('target', 'mri')):
-    assert P.spec_from_config(config, side) == P.PrepSpec(
+    assert prepared_data.spec_from_config(config, side) == P.PrepSpec(
       modality=modality,
       spacing_mm=(1.5, 1.5),
       size=(256, 256),
@@ -364,7 +365,7 @@ def test_spec_from_config_reads_the_data_section():
       label_map={'tumor': 1},
       interpolation='linear',
     )
-  spec = P.spec_from_config(equal_teacher.get_config(), 'target')
+  spec = prepared_data.spec_from_config(equal_teacher.get_config(), 'target')
   assert spec.modality == 'mri' and spec.label_map == {
     'liver': 1,
     'spleen': 2,
@@ -382,17 +383,17 @@ def test_each_side_may_have_its_own_label_map():
   config.lock()
   config.data.source.label_map = 'cancer=1'  # As --config.data.source.label_map=cancer=1.
   config.data.target.label_map = {'tumor': 1, 2: 0}  # As ...="{'tumor': 1, 2: 0}".
-  assert P.spec_from_config(config, 'source').label_map == {'cancer': 1}
-  assert P.spec_from_config(config, 'target').label_map == {'tumor': 1, '2': 0}
+  assert prepared_data.spec_from_config(config, 'source').label_map == {'cancer': 1}
+  assert prepared_data.spec_from_config(config, 'target').label_map == {'tumor': 1, '2': 0}
   config.data.target.label_map = None  # Unset: the shared one.
-  assert P.spec_from_config(config, 'target').label_map == {'tumor': 1}
+  assert prepared_data.spec_from_config(config, 'target').label_map == {'tumor': 1}
   for bad, problem in (
     ('cancer', "expects NAME=CLASS (CLASS an integer), got 'cancer'"),
     ({'cancer': 'one'}, "must be a dict {name or value: class} or 'NAME=CLASS,...'"),
   ):
     config.data.source.label_map = bad
     with pytest.raises(P.DataError, match=re.escape(f'data.source.label_map: {problem}')):
-      P.spec_from_config(config, 'source')
+      prepared_data.spec_from_config(config, 'source')
 
 
 def test_cli_label_map_takes_names_and_values(tmp_path, capsys):
@@ -693,11 +694,11 @@ def test_a_full_disk_is_recognised_through_wrapping_errors():
     except OSError as e:
       raise ValueError('orbax: could not write the checkpoint') from e
   except ValueError as e:
-    assert nifti_io.disk_full(e).startswith('no space left on device; free some space')
+    assert files.disk_full(e).startswith('no space left on device; free some space')
   wrapped = RuntimeError('tensorstore: INTERNAL: Error writing "x": No space left on device')
-  assert 'tensorstore' in nifti_io.disk_full(wrapped)
-  assert nifti_io.disk_full(OSError(errno.ENOENT, 'No such file')) is None
-  assert nifti_io.disk_full(ValueError('bad value')) is None
+  assert 'tensorstore' in files.disk_full(wrapped)
+  assert files.disk_full(OSError(errno.ENOENT, 'No such file')) is None
+  assert files.disk_full(ValueError('bad value')) is None
 
 
 def test_two_images_of_one_case_are_an_error_naming_both(tmp_path):

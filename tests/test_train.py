@@ -30,9 +30,12 @@ from cmedl_jax import inference
 from cmedl_jax import input_pipeline
 from cmedl_jax import method
 from cmedl_jax import predict
+from cmedl_jax import prepared_data
 from cmedl_jax import sharding
 from cmedl_jax import train
 from cmedl_jax import train_state
+from cmedl_jax import validation
+from cmedl_jax import workdir_lock
 from cmedl_jax.evaluation import metrics as seg_metrics
 from configs import two_stage
 from data_prep import nifti_io
@@ -148,7 +151,7 @@ def test_prepared_data_of_another_spec_is_an_error(tiny_data):
   config = small_config(tiny_data)
   config.data.image_size = 48
   with pytest.raises(ValueError, match=r'prepared_dir elsewhere or delete it'):
-    train.prepare_data(config)
+    prepared_data.prepare_data(config)
 
 
 def test_trainings_started_together_prepare_the_data_once(tiny_data, tmp_path, monkeypatch):
@@ -168,7 +171,7 @@ def test_trainings_started_together_prepare_the_data_once(tiny_data, tmp_path, m
 
   monkeypatch.setattr(prepare, 'prepare_dataset', slow_prepare)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    list(pool.map(lambda _: train.prepare_data(config), range(2)))
+    list(pool.map(lambda _: prepared_data.prepare_data(config), range(2)))
   assert sorted(calls) == sorted(config.data[s].prepared_dir for s in ('source', 'target'))
   assert all(prepare.is_prepared(config.data[s].prepared_dir) for s in ('source', 'target'))
 
@@ -185,7 +188,7 @@ def test_prepared_data_of_another_raw_folder_is_an_error(tiny_data, tmp_path):
     match=r'was prepared from .*thorax_ct, but data.source.raw_dir '
     r'is .*copy_of_ct; point data.source.prepared_dir elsewhere',
   ):
-    train.prepare_data(config)
+    prepared_data.prepare_data(config)
 
 
 def test_mistyped_config_field_is_an_error(tmp_path):
@@ -442,20 +445,20 @@ def _mean_finite(values):
 
 
 def test_validation_of_the_teacher_is_the_teacher_applied_directly(tiny_run):
-  """train.validate's teacher metrics and cycle error on one validation volume, and the run's
+  """validation.validate's teacher metrics and cycle error on one validation volume, and the run's
   last validation record over all of them, equal the final state's teacher on G(x) and F(G(x))
   computed directly."""
   _, workdir = tiny_run
   config = checkpoint.load_config(str(workdir))
   tree = checkpoint.restore_tree(str(workdir / 'checkpoints' / str(NUM_STEPS)))
   mesh = sharding.make_mesh()
-  volumes = train._validation_volumes(config)
+  volumes = validation.validation_volumes(config)
   direct = [_direct_teacher_and_cycle(config, tree, v, mesh) for v in volumes]
   nets = method.build_networks(config, config.data.context_slices)
   programs = train._Programs(config, nets, mesh, state_sharding=None)
   tree = sharding.from_host(tree, sharding.replicated(mesh))  # As the trainer holds it.
   state = _State(tree['params'], tree['batch_stats'])
-  got = train.validate(config, state, programs, volumes[:1], mesh)
+  got = validation.validate(config, state, programs, volumes[:1], mesh)
   last = json.loads((workdir / 'validation.json').read_text())[-1]
   assert last['step'] == NUM_STEPS
   for key, metric in (('dsc', 'dice'), ('sdsc', 'surface_dice'), ('hd95', 'hd95')):
@@ -498,7 +501,7 @@ def test_validation_reports_the_networks_the_method_has(tmp_path, name, keys):
   label = np.zeros((3, 8, 8), np.uint8)
   label[1, 2:6, 2:6] = 1
   volume = {'image': np.zeros((3, 8, 8), np.float32), 'label': label, 'spacing_mm': (1.0,) * 3}
-  val = train.validate(config, None, programs, [volume], mesh)
+  val = validation.validate(config, None, programs, [volume], mesh)
   assert sorted(val) == sorted(keys)
   assert val['val_dsc'] == pytest.approx(2 * 16 / (16 + 3 * 64))
   if name == 'cmedl':
@@ -672,7 +675,7 @@ def test_the_lock_of_a_dead_training_is_taken_over_and_released_on_error(tmp_pat
   dead.wait()
   _write_lock(tmp_path / 'run', dead.pid)
   taken = []
-  lock_enter = train.WorkdirLock.__enter__
+  lock_enter = workdir_lock.WorkdirLock.__enter__
 
   def enter(self):
     lock_enter(self)
@@ -680,7 +683,7 @@ def test_the_lock_of_a_dead_training_is_taken_over_and_released_on_error(tmp_pat
     return self
 
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(train.WorkdirLock, '__enter__', enter)
+    m.setattr(workdir_lock.WorkdirLock, '__enter__', enter)
     with pytest.raises(nifti_io.DataError, match='dataset folder does not exist'):
       train.train_and_evaluate(small_config(tmp_path), str(tmp_path / 'run'))  # No data.
   assert taken == [{'pid': os.getpid(), 'host': socket.gethostname()}]
@@ -696,7 +699,7 @@ def test_a_prepared_dir_without_its_manifest_is_a_clear_error(tmp_path):
     match=r'not a complete prepared dataset .*delete it .*'
     r'data\.source\.prepared_dir',
   ) as e:
-    train.prepare_data(config)
+    prepared_data.prepare_data(config)
   assert 'overwrite' not in str(e.value)
 
 
@@ -756,7 +759,7 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
   dead.wait()
   run = tmp_path / 'run'
   run.mkdir()
-  # Atomic writes' temporaries: .tmp<pid>_<name> (data_prep.nifti_io.temporary_path).
+  # Atomic writes' temporaries: .tmp<pid>_<name> (data_prep.files.temporary_path).
   names = {
     f'.tmp{dead.pid}_validation.json': 120,
     f'.write_probe_{dead.pid}': 120,
@@ -783,12 +786,12 @@ def test_a_killed_training_s_temporaries_are_deleted_at_the_next_start(tmp_path)
 
 
 def test_the_workdir_lock_is_released_and_another_one_is_left_alone(tmp_path):
-  with train.WorkdirLock(str(tmp_path)):
+  with workdir_lock.WorkdirLock(str(tmp_path)):
     assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getpid()
-    with pytest.raises(train.WorkdirLockedError, match=f'process {os.getpid()} '):
-      train.WorkdirLock(str(tmp_path)).__enter__()
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f'process {os.getpid()} '):
+      workdir_lock.WorkdirLock(str(tmp_path)).__enter__()
   assert not os.path.exists(tmp_path / 'train.lock')
-  with train.WorkdirLock(str(tmp_path)):
+  with workdir_lock.WorkdirLock(str(tmp_path)):
     os.remove(tmp_path / 'train.lock')  # Deleted by hand, then taken by another training.
     _write_lock(tmp_path, os.getppid())
   assert json.loads((tmp_path / 'train.lock').read_text())['pid'] == os.getppid()

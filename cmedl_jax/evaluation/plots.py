@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from cmedl_jax.evaluation import metrics
+from data_prep import files
 from data_prep import nifti_io
 
 CONTOUR_COLORS = ('red', 'dodgerblue', 'orange', 'magenta')  # Of the 1st, 2nd, ... method.
@@ -35,7 +36,7 @@ def save_figure(fig, path: str) -> None:
   """Writes `fig` as PNG (100 dpi, tight bounding box) to `path`, atomically."""
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=100, bbox_inches='tight')
-  nifti_io.atomic_write(path, buf.getvalue())
+  files.atomic_write(path, buf.getvalue())
 
 
 def _write_png(fig, out_dir: str, name: str) -> str:

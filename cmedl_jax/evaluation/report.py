@@ -1,6 +1,6 @@
 """The evaluation's files: cases.csv, tumors.csv, inter_rater.csv, summary.json, summary.md.
 
-Each is written atomically (`nifti_io.atomic_write`). CSV floats are `repr` (round trip);
+Each is written atomically (`files.atomic_write`). CSV floats are `repr` (round trip);
 JSON has no inf/NaN, so they are written as the strings "inf", "-inf", "nan".
 """
 
@@ -13,7 +13,7 @@ import math
 import os
 from typing import Sequence
 
-from data_prep import nifti_io
+from data_prep import files
 
 EMPTY_TUMORS_CSV = 'method,case,class,tumor\n'  # tumors.csv when no tumor was evaluated.
 
@@ -127,15 +127,15 @@ def write_reports(out_dir: str, summary: dict, case_rows, tumor_rows, rater_rows
   inter_rater.csv only when there are rater rows; summary.json via json_safe.
   """
   os.makedirs(out_dir, exist_ok=True)
-  nifti_io.atomic_write(os.path.join(out_dir, 'cases.csv'), _csv_text(case_rows))
-  nifti_io.atomic_write(
+  files.atomic_write(os.path.join(out_dir, 'cases.csv'), _csv_text(case_rows))
+  files.atomic_write(
     os.path.join(out_dir, 'tumors.csv'), _csv_text(tumor_rows) if tumor_rows else EMPTY_TUMORS_CSV
   )
   if rater_rows:
-    nifti_io.atomic_write(os.path.join(out_dir, 'inter_rater.csv'), _csv_text(rater_rows))
-  nifti_io.atomic_write(
+    files.atomic_write(os.path.join(out_dir, 'inter_rater.csv'), _csv_text(rater_rows))
+  files.atomic_write(
     os.path.join(out_dir, 'summary.json'), json.dumps(json_safe(summary), indent=1) + '\n'
   )
   markdown = summary_markdown(summary)
-  nifti_io.atomic_write(os.path.join(out_dir, 'summary.md'), markdown)
+  files.atomic_write(os.path.join(out_dir, 'summary.md'), markdown)
   return markdown
