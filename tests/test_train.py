@@ -155,7 +155,7 @@ def test_prepared_data_of_another_spec_is_an_error(tiny_data):
 
 
 def test_trainings_started_together_prepare_the_data_once(tiny_data, tmp_path, monkeypatch):
-  """Two trainings on the same unprepared data (benchmarks/reproduce.py --jobs 2) prepare each
+  """Two trainings on the same unprepared data (python -m cmedl_jax.study --jobs 2) prepare each
   side once: the second waits for the first (a lock beside the prepared folder), then uses
   what it made."""
   config = small_config(tiny_data)

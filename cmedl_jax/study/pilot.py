@@ -31,7 +31,7 @@ from cmedl_jax.study import report as study_report
 from cmedl_jax.study import runner
 from configs import default
 from configs import study
-from data_prep import nifti_io
+from data_prep import files
 
 ROOT = 'runs/pilot'
 SEED = 0  # One seed.
@@ -86,7 +86,7 @@ def record(r, root, records):
   """Copies run r's record files to RECORDS/NAME (atomically, study_run.json last)."""
   for name in sorted(RECORD_FILES, key=lambda n: n == 'study_run.json'):
     with open(f'{root}/runs/{r["name"]}/{name}', 'rb') as f:
-      nifti_io.atomic_write(os.path.join(records, r['name'], name), f.read())
+      files.atomic_write(os.path.join(records, r['name'], name), f.read())
 
 
 def recorded(r, records):
@@ -262,7 +262,7 @@ def report(runs, records, out, tiny):
     table='\n'.join(table(runs, histories)),
     runs='\n'.join(run_lines(runs, records)),
   )
-  nifti_io.atomic_write(out, text.encode())
+  files.atomic_write(out, text.encode())
   return histories
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from cmedl_jax import environment
 from cmedl_jax.evaluation import report as eval_report
 from cmedl_jax.study import plan
-from data_prep import nifti_io
+from data_prep import files
 
 RECORD_FILES = ('config.json', 'study_run.json', 'validation.json', 'test_eval.json')
 TEACHER_RECORD = 'test_eval_teacher.json'
@@ -32,7 +32,7 @@ def recorded(r, records_dir):
 
 def write_json(path, obj):
   """Writes obj as JSON atomically (inf/NaN as strings, as cmedl_jax.evaluation.report does)."""
-  nifti_io.write_json(path, eval_report.json_safe(obj))
+  files.write_json(path, eval_report.json_safe(obj))
 
 
 def _num(x):

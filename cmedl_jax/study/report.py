@@ -21,7 +21,7 @@ from cmedl_jax.study.records import class_dsc
 from cmedl_jax.study.records import record_classes
 from cmedl_jax.study.records import run_cpus
 from cmedl_jax.study.records import values
-from data_prep import nifti_io
+from data_prep import files
 
 TEXT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'report_text')
 
@@ -278,4 +278,4 @@ def build_report(out, runs, records, tiny):
     text('errata') + '\n',
     '## Discussion\n\n' + discussion(tests, runs, records, comparisons, exploratory) + '\n',
   ]
-  nifti_io.atomic_write(out, '\n'.join(parts).encode())
+  files.atomic_write(out, '\n'.join(parts).encode())

@@ -20,7 +20,7 @@ from cmedl_jax.evaluation import test_set
 from cmedl_jax.study import plan
 from cmedl_jax.study import records
 from configs import study
-from data_prep import nifti_io
+from data_prep import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -153,7 +153,7 @@ def complete(r, root, records_dir, extra, core=None, lock=None):
   optional = [env_file] if os.path.isfile(f'{run_dir}/{env_file}') else []
   for f in optional + list(records.record_files(r)):
     with open(f'{run_dir}/{f}', 'rb') as src:
-      nifti_io.atomic_write(f'{records_dir}/{r["name"]}/{f}', src.read())
+      files.atomic_write(f'{records_dir}/{r["name"]}/{f}', src.read())
   print(f'study: {r["name"]} recorded in {records_dir}/{r["name"]}', flush=True)
 
 
