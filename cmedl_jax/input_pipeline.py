@@ -21,6 +21,10 @@ Training batches come from two independent streams, source (student modality) an
   |angle|), scale (max relative change), intensity (max shift and relative contrast change).
   Note: flip left-right swaps body sides; switch it off for lateralised labels (left/right
   kidney).
+* Paired (`paired=True`, for co-registered datasets such as `data_prep.phantoms --paired-out`):
+  the target side is no longer a stream of its own: its example r is the target slice of the
+  same case id and slice position as the source's example r (`paired_indices`), under the same
+  augmentation (transform and intensity jitter). The source batches are those of unpaired mode.
 * 2.5D: `context_slices=k` (odd) stacks the k neighbouring slices of the same case as channels
   (clamped at the case's ends); the label is the centre slice's.
 * Multi-host: every example's randomness is drawn for the whole global batch, each process
@@ -425,8 +429,35 @@ def _device_augment(batch):
   return {'image': image, 'label': label, 'has_label': batch['has_label']}
 
 
+def paired_indices(source: SplitArrays, target: SplitArrays) -> np.ndarray:
+  """[len(source)] int64: for each source slice, the index of the target slice of the same case
+  id and position in its case. ValueError naming the case where the target split lacks it or
+  has another number of slices (the datasets are not co-registered)."""
+  if not hasattr(target, 'cases'):
+    raise ValueError(
+      f'{target.prepared_dir}: data.paired needs a prepared target folder, not a TFDS dataset'
+    )
+  by_id = {c['case_id']: c for c in target.cases}
+  out = np.empty(len(source), np.int64)
+  for c in source.cases:
+    t = by_id.get(c['case_id'])
+    if t is None or t['num_slices'] != c['num_slices']:
+      found = 'not in it' if t is None else f'{t["num_slices"]} slices there'
+      raise ValueError(
+        f'{target.prepared_dir}: split {target.split!r} has no co-registered copy of source case '
+        f'{c["case_id"]!r} ({c["num_slices"]} slices in {source.prepared_dir}; {found}), which '
+        'data.paired needs'
+      )
+    out[c['offset'] : c['offset'] + c['num_slices']] = t['offset'] + np.arange(c['num_slices'])
+  return out
+
+
 class _Stream:
-  """One side (source or target): batch i as numpy arrays, a pure function of (seed, i)."""
+  """One side (source or target): batch i as numpy arrays, a pure function of (seed, i).
+
+  lead: (stream, index map) for the paired target side: batch i takes the lead stream's random
+  choices of batch i, its slice indices mapped through `index map` (`paired_indices`).
+  """
 
   def __init__(
     self,
@@ -443,6 +474,7 @@ class _Stream:
     use_labels: bool,
     on_device: bool,
     tf_augment,
+    lead=None,
   ):
     if len(arrays) == 0:
       raise ValueError(f'{arrays.prepared_dir}: split {arrays.split!r} has no slices')
@@ -454,12 +486,21 @@ class _Stream:
     self.fg = fg if (self.has_label and fg.size and foreground_ratio > 0) else None
     self.foreground_ratio, self.augment = foreground_ratio, augment
     self.context_slices, self.on_device, self.tf_augment = context_slices, on_device, tf_augment
+    self.lead = lead
 
-  def batch(self, step: int) -> dict:
+  def params(self, step: int) -> dict:
+    """Batch `step`'s random choices for the whole global batch (`_draw_params`)."""
+    if self.lead is not None:
+      stream, index_map = self.lead
+      p = stream.params(step)
+      return dict(p, idx=index_map[p['idx']])
     rng = np.random.default_rng([self.seed, self.stream, int(step)])
-    p = _draw_params(
+    return _draw_params(
       rng, len(self.arrays), self.fg, self.foreground_ratio, self.augment, self.gb, self.arrays.size
     )
+
+  def batch(self, step: int) -> dict:
+    p = self.params(step)
     images, labels = self.arrays.fetch(p['idx'][self.rows], self.context_slices)
     if not self.has_label:
       labels = np.zeros_like(labels)
@@ -577,6 +618,7 @@ def create_train_iterator(
   augment_on: str = 'auto',
   num_workers: Optional[int] = None,
   source_cases: int = 0,
+  paired: bool = False,
 ):
   """Unpaired (source, target) training batches (see the module docstring).
 
@@ -590,7 +632,8 @@ def create_train_iterator(
   ("device": a jitted jax warp on the sharded batch, "host": TensorFlow C++ kernels, if it is
   installed, "auto" = "device"; same random parameters, rounding differs); num_workers (default:
   CPUs, at most 4); source_cases (if > 0, the source side uses only its split's first
-  `source_cases` cases).
+  `source_cases` cases); paired (the target example r is the co-registered slice of the
+  source example r, same augmentation).
   Returns an iterator of (src, tgt) dicts {"image": [B,H,W,k] f32, "label": [B,H,W] i32,
   "has_label": [B] f32}; `close()` stops its threads.
   """
@@ -606,7 +649,7 @@ def create_train_iterator(
     context_slices=int(context_slices),
     on_device=on_device,
   )
-  streams = _streams(source, target, target_labels, settings)
+  streams = _streams(source, target, target_labels, settings, paired)
   workers = num_workers or max(1, min(4, os.cpu_count() or 1))
   stop = None if num_steps is None else int(start_step) + int(num_steps)
   return _grain_iterator(
@@ -618,8 +661,9 @@ def create_train_iterator(
   )
 
 
-def _streams(source, target, target_labels, settings):
-  """The source and target _Stream of this process; `settings` as _Stream's keywords."""
+def _streams(source, target, target_labels, settings, paired=False):
+  """The source and target _Stream of this process; `settings` as _Stream's keywords; paired:
+  the target follows the source's choices (`paired_indices`)."""
   common = dict(
     settings,
     process_index=jax.process_index(),
@@ -628,7 +672,9 @@ def _streams(source, target, target_labels, settings):
     if (settings['augment'] is not None and not settings['on_device'])
     else None,
   )
+  source_stream = _Stream(source, stream=_SOURCE_STREAM, use_labels=True, **common)
+  lead = (source_stream, paired_indices(source, target)) if paired else None
   return (
-    _Stream(source, stream=_SOURCE_STREAM, use_labels=True, **common),
-    _Stream(target, stream=_TARGET_STREAM, use_labels=target_labels, **common),
+    source_stream,
+    _Stream(target, stream=_TARGET_STREAM, use_labels=target_labels, lead=lead, **common),
   )

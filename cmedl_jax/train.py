@@ -273,6 +273,7 @@ def _train_iterator(config, start_step, mesh):
     mesh=mesh,
     prefetch=config.data.prefetch,
     source_cases=config.data.source.get('train_cases', 0),
+    paired=config.data.get('paired', False),
   )
 
 

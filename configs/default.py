@@ -58,6 +58,11 @@ def get_config(arg=None):
   # PSIGAN's MRI segmenter learns from pseudo-MRI with CT labels only (it loads the real MRI
   # labels, no loss uses them); True gives the teacher supervision the student never sees.
   c.data.target_labels = False
+  # Whether source and target are co-registered renderings of the same cases (same case ids and
+  # slices, e.g. data_prep.phantoms --paired-out): each target example is then the source
+  # example's slice, same augmentation (cmedl_jax/input_pipeline.py). Method paired_teacher
+  # needs it. [ours; the positive control of issue 46]
+  c.data.paired = False
   c.data.num_classes = 2  # Including background.
   # Label remapping, raw label (name in dataset.json, or its value as a string) -> class index,
   # for both sides unless data.source.label_map / data.target.label_map is set. Labels not listed

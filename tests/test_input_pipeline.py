@@ -540,3 +540,64 @@ def test_positive_angle_turns_the_content_counterclockwise(warp):
   dy = (weight * (y - cy)).sum() / weight.sum()
   assert np.hypot(dx, dy) == pytest.approx(8.0, abs=0.02)
   assert np.degrees(np.arctan2(-dy, dx)) == pytest.approx(30.0, abs=0.1)
+
+
+@pytest.fixture(scope='module')
+def paired_target(prepared, tmp_path_factory):
+  """An MRI rendering of the prepared CT cases (same case ids, grids, labels), prepared with the
+  CT's split; and one that lacks the case ct_3."""
+  root = tmp_path_factory.mktemp('paired')
+  cases = {}
+  for k in range(4):
+    image, label, affine = S.toy_case(seed=k)
+    image[0, 0, :] = -1000 + 80 * np.arange(image.shape[2])
+    cases[f'ct_{k}'] = (((image + 1000.0) * 0.3).astype(np.float32), label, affine)
+  out = []
+  for name, subset in (('mr', cases), ('mr_missing', {k: cases[k] for k in list(cases)[:3]})):
+    S.write_dataset(str(root / f'{name}_raw'), subset, modality='T2')
+    P.prepare_dataset(
+      root / f'{name}_raw',
+      root / name,
+      P.PrepSpec(modality='mri', spacing_mm=1.5, size=SIZE),
+      val_fraction=0.25,
+      seed=0,
+      progress=False,
+    )
+    out.append(str(root / name))
+  return out
+
+
+def test_paired_target_is_the_source_slice_of_the_same_case(prepared, paired_target):
+  """data.paired: target example r is the co-registered slice of source example r (same case
+  id and slice position) under the same augmentation, so labels agree voxel for voxel; the
+  source batches are those of unpaired mode."""
+  ct, _ = prepared
+  mr, _ = paired_target
+  source, target = ip.SplitArrays(ct, 'train'), ip.SplitArrays(mr, 'train')
+  index = ip.paired_indices(source, target)
+  for c in source.cases:
+    rows = np.arange(c['offset'], c['offset'] + c['num_slices'])
+    (t,) = [t for t in target.cases if t['case_id'] == c['case_id']]
+    np.testing.assert_array_equal(index[rows], t['offset'] + np.arange(c['num_slices']))
+  np.testing.assert_array_equal(np.asarray(target.labels)[index], np.asarray(source.labels))
+  kw = dict(global_batch_size=16, seed=3, num_steps=3)
+  plain = take(ip.create_train_iterator(ct, mr, augment=False, paired=True, **kw), 3)
+  images = np.asarray(source.images)
+  for src, tgt in plain:
+    for s_image, t_image in zip(src['image'][..., 0], tgt['image'][..., 0]):
+      (row,) = np.nonzero((images == s_image).all((1, 2)))[0][:1]
+      np.testing.assert_array_equal(t_image, np.asarray(target.images)[index[row]])
+  warped = take(ip.create_train_iterator(ct, mr, paired=True, **kw), 3)
+  unpaired = take(ip.create_train_iterator(ct, mr, **kw), 3)
+  for (src, tgt), (want, other) in zip(warped, unpaired):
+    assert_batches_equal(src, want)
+    np.testing.assert_array_equal(tgt['label'], src['label'])
+    assert (src['label'] > 0).any()
+    assert not np.array_equal(other['label'], src['label'])
+
+
+def test_paired_needs_every_source_case_in_the_target(prepared, paired_target):
+  ct, _ = prepared
+  _, missing = paired_target
+  with pytest.raises(ValueError, match=r"no co-registered copy of source case 'ct_\d'"):
+    ip.create_train_iterator(ct, missing, global_batch_size=4, seed=0, paired=True)
