@@ -392,7 +392,6 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
     '',
   ]
   lines += goals(steps, ref_flops, peak_g)
-  lines += goals(steps, ref_flops, peak_g)
   scaling_lines, full = _scaling(args, scaling, steps, ref_flops)
   lines += scaling_lines
   lines += _pipeline_metrics_prediction(args, full, pipeline_text, metrics_text, pred)
