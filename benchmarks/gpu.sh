@@ -306,7 +306,7 @@ stage_vs_torch() {
     echo 'FIG vs_torch: torch is not installed: the JAX half only, no jax/torch ratio'
   fi
   for p in highest default; do
-    step "$PY" benchmarks/train_step.py "${args[@]}" --precision "$p" 2>&1 | tee "$WORK/vs_torch.$p.log"
+    step "$PY" -m benchmarks.train_step "${args[@]}" --precision "$p" 2>&1 | tee "$WORK/vs_torch.$p.log"
     ((PIPESTATUS[0] == 0)) || rc=1
     grep -E '^(jax step|jax/torch) ' "$WORK/vs_torch.$p.log" | sed 's/^/FIG vs_torch: /'
     grep -q '^jax step ' "$WORK/vs_torch.$p.log" || rc=1
@@ -321,12 +321,12 @@ stage_study() {  # K processes first, then jax.vmap (its compile time on a GPU i
       --set data.image_size=32 --set train.global_batch_size=2 --networks tiny)
     k=2 s=2
   fi
-  step "$PY" benchmarks/study_speed.py "${args[@]}" --vmap none --concurrent $k 2>&1 |
+  step "$PY" -m benchmarks.study_speed "${args[@]}" --vmap none --concurrent $k 2>&1 |
     tee "$WORK/study.concurrent.log"
   ((PIPESTATUS[0] == 0)) || rc=1
   grep -E '^runs/hour ' "$WORK/study.concurrent.log" | sed 's/^/FIG study: /'
   grep -q "^runs/hour $k processes at once: [0-9]" "$WORK/study.concurrent.log" || rc=1
-  step "$PY" benchmarks/study_speed.py "${args[@]}" --vmap $s --no-peak 2>&1 | tee "$WORK/study.vmap.log"
+  step "$PY" -m benchmarks.study_speed "${args[@]}" --vmap $s --no-peak 2>&1 | tee "$WORK/study.vmap.log"
   ((PIPESTATUS[0] == 0)) || rc=1
   grep -E '^runs/hour jax.vmap ' "$WORK/study.vmap.log" | sed 's/^/FIG study: /'
   grep -q "^runs/hour jax.vmap x$s seeds" "$WORK/study.vmap.log" || rc=1
@@ -334,12 +334,12 @@ stage_study() {  # K processes first, then jax.vmap (its compile time on a GPU i
 }
 
 # The 2026-12-04 lease's synthetic-batch benchmarks (docs/GPU.md).
-study=("$PY" benchmarks/study_speed.py --flags jax_default --no-parts --steps 20)
-full=("$PY" benchmarks/train_step.py --size 256 --batch 8 --pairs unet:cyclegan --no-torch --steps 5)
+study=("$PY" -m benchmarks.study_speed --flags jax_default --no-parts --steps 20)
+full=("$PY" -m benchmarks.train_step --size 256 --batch 8 --pairs unet:cyclegan --no-torch --steps 5)
 if ((TINY)); then
-  study=("$PY" benchmarks/study_speed.py --flags jax_default --no-parts --steps 2 --no-peak
+  study=("$PY" -m benchmarks.study_speed --flags jax_default --no-parts --steps 2 --no-peak
     --set data.image_size=32 --set train.global_batch_size=2 --networks tiny)
-  full=("$PY" benchmarks/train_step.py --size 32 --batch 2 --pairs unet:cyclegan --no-torch --steps 2
+  full=("$PY" -m benchmarks.train_step --size 32 --batch 2 --pairs unet:cyclegan --no-torch --steps 2
     --config tiny --no-peak)
 fi
 highest=(env JAX_DEFAULT_MATMUL_PRECISION=highest)

@@ -1,6 +1,6 @@
 r"""Benchmark: preparation time per case and augmented training slices per second at 256x256.
 
-  python benchmarks/input_pipeline.py [--cases 4] [--batch 16] [--batches 40] [--workdir DIR]
+  python -m benchmarks.input_pipeline [--cases 4] [--batch 16] [--batches 40] [--workdir DIR]
 
 Writes small phantom datasets (data_prep.phantoms: thorax CT and T2w MRI) unless `--workdir`
 already holds them, prepares them at 1.5 mm / 256x256, then reads the unpaired training
@@ -29,10 +29,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+import numpy as np
 
-import numpy as np  # pylint: disable=g-import-not-at-top
+from benchmarks.train_step import ROOT
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 
 def make_phantoms(workdir, cases, seed):
@@ -125,17 +126,20 @@ def data_wait(src, tgt, batch, steps, step_ms):
 
 
 def run_other_revision(args, workdir):
-  """Runs this benchmark as of git revision `args.compare` on `workdir`'s data, printed first."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  """Runs this benchmark as of git revision `args.compare` on `workdir`'s data, printed first
+  (`python -m benchmarks.input_pipeline`, or the script of a revision before the package)."""
   tree = os.path.join(workdir, f'worktree-{args.compare}')
   if not os.path.isdir(tree):
-    subprocess.check_call(['git', '-C', repo, 'worktree', 'add', '--detach', tree, args.compare])
+    subprocess.check_call(['git', '-C', ROOT, 'worktree', 'add', '--detach', tree, args.compare])
   print(f'--- before: commit {args.compare} ---', flush=True)
-  cmd = [sys.executable, os.path.join(tree, 'benchmarks', 'input_pipeline.py')]
+  if os.path.isfile(os.path.join(tree, 'benchmarks', '__init__.py')):
+    cmd = [sys.executable, '-m', 'benchmarks.input_pipeline']
+  else:
+    cmd = [sys.executable, os.path.join(tree, 'benchmarks', 'input_pipeline.py')]
   cmd += ['--workdir', workdir, '--cases', str(args.cases), '--batch', str(args.batch)]
   cmd += ['--batches', str(args.batches), '--step-ms', str(args.step_ms)]
   subprocess.check_call(cmd, cwd=tree)
-  subprocess.check_call(['git', '-C', repo, 'worktree', 'remove', '--force', tree])
+  subprocess.check_call(['git', '-C', ROOT, 'worktree', 'remove', '--force', tree])
   print('--- after: this commit ---', flush=True)
 
 

@@ -9,20 +9,17 @@ dilated once. Prints the median of several runs of
 (each call separately, as a user would call them) and of `evaluate_pair` (all metrics of
 the pair sharing one crop). Goal: under 0.1 s.
 
-  python benchmarks/metrics.py [--repeats 7]
+  python -m benchmarks.metrics [--repeats 7]
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 from scipy import ndimage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cmedl_jax.evaluation import metrics  # noqa: E402
+from cmedl_jax.evaluation import metrics
 
 SHAPE = (512, 512, 128)
 SPACING_MM = (0.8, 0.8, 2.5)
@@ -48,10 +45,10 @@ def time_it(fn, repeats):
   return statistics.median(times)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=7)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   pred, ref = make_volumes()
   print(
     f'volume {SHAPE}, spacing {SPACING_MM} mm, tumor {int(ref.sum())} voxels, '

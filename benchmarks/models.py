@@ -7,24 +7,20 @@ count of the step (train_step.py's compile_counted) and the achieved GFLOP/s.
 `--variants` adds the CycleGAN generator with the direct XLA formulations
 (`lax.conv_transpose`, `jnp.pad(mode="reflect")`) to compare with the defaults.
 
-  python benchmarks/models.py [--batches 1,4] [--repeats 3] [--networks unet,...] [--variants]
+  python -m benchmarks.models [--batches 1,4] [--repeats 3] [--networks unet,...] [--variants]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_step as step_bench  # noqa: E402  (benchmarks/train_step.py)
-from cmedl_jax import models  # noqa: E402
+from benchmarks import train_step as step_benchmark
+from cmedl_jax import models
 
 SIZE = 256
 NUM_CLASSES = 2
@@ -81,7 +77,7 @@ def _step_fn(kind, net):
   return step
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batches', default='1,4')
   parser.add_argument('--repeats', type=int, default=3)
@@ -89,7 +85,7 @@ def main():
   parser.add_argument(
     '--variants', action='store_true', help="also time the generator's direct formulations"
   )
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   nets = _networks(args.variants)
   if args.networks:
     nets = {
@@ -110,7 +106,9 @@ def main():
         variables = jax.jit(lambda t: net.init(init_key, t, train=False))(x[:1])
       else:
         variables = jax.jit(lambda t: net.init(init_key, t))(x[:1])
-      compiled, flops = step_bench.compile_counted(jax.jit(_step_fn(kind, net)).lower(variables, x))
+      compiled, flops = step_benchmark.compile_counted(
+        jax.jit(_step_fn(kind, net)).lower(variables, x)
+      )
       gflop = flops / 1e9
       jax.block_until_ready(compiled(variables, x))
       times = []

@@ -1,6 +1,6 @@
 r"""Multi-process data parallelism on this machine: 1 process x 4 devices against 2 processes x 2.
 
-  python benchmarks/multihost.py [--size 96] [--batch 8] [--steps 5] [--out docs/PERFORMANCE.md]
+  python -m benchmarks.multihost [--size 96] [--batch 8] [--steps 5] [--out docs/PERFORMANCE.md]
 
 The joint train step of configs/demo.py's networks on synthetic batches (the program of
 benchmarks/performance.py's scaling rows), global batch `--batch` over 4 forced CPU devices:
@@ -23,54 +23,14 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from data_prep import nifti_io  # noqa: E402
+from benchmarks import train_step as step_benchmark
+from benchmarks.train_step import ROOT
+from data_prep import nifti_io
 
 _DEVICES = '--xla_force_host_platform_device_count'
 SECTION = '## Multi-process data parallelism'
-
-_WORKER = r"""
-import functools, json, re, sys, time
-import jax, numpy as np
-size, batch, steps, address, n_proc, pid = sys.argv[1:7]
-if int(n_proc) > 1:
-  jax.distributed.initialize(address, int(n_proc), int(pid))
-from cmedl_jax import method, sharding, train_state, train_step as ts
-from configs import demo
-sys.path.insert(0, "benchmarks")
-from train_step import synthetic_batch
-from multihost import collective_bytes
-size, batch, steps = int(size), int(batch), int(steps)
-config = demo.get_config()
-config.data.image_size, config.train.global_batch_size = size, batch
-nets = method.build_networks(config, in_channels=1)
-mesh = sharding.make_mesh()
-state, tx = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
-state = sharding.from_host(jax.device_get(state), sharding.replicated(mesh))
-rows = slice(jax.process_index() * batch // jax.process_count(),
-             (jax.process_index() + 1) * batch // jax.process_count())
-local = lambda seed: {k: v[rows] for k, v in synthetic_batch(batch, size, seed).items()}
-src, tgt = sharding.shard_batch(local(1), mesh), sharding.shard_batch(local(2), mesh)
-step = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
-               donate_argnums=0)
-step = step.lower(state, src, tgt).compile()  # Compiled once: its HLO and the timed runs.
-hlo = step.as_text()
-state, first = step(state, src, tgt)
-first = {k: float(v) for k, v in sharding.to_host(first).items()}
-times = []
-for _ in range(steps):
-  t0 = time.perf_counter()
-  state, m = step(state, src, tgt)
-  jax.block_until_ready(m)
-  times.append(time.perf_counter() - t0)
-params = sum(x.size for x in jax.tree.leaves(state.params))
-print("RESULT " + json.dumps(dict(
-    processes=jax.process_count(), devices=jax.device_count(),
-    local_devices=jax.local_device_count(), step_s=float(np.median(times)), losses=first,
-    params=int(params), collectives=collective_bytes(hlo))), flush=True)
-"""
 
 _BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2}
 _BYTES.update({'s16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1})
@@ -99,6 +59,60 @@ def collective_bytes(hlo_text):
   return out
 
 
+def worker(size, batch, steps, address, n_proc, pid):
+  """One process of `run`: joins the others (n_proc > 1), compiles the sharded demo step, times
+  `steps` steps and prints process `pid`'s RESULT json (the keys `run` returns)."""
+  import functools
+
+  import jax
+  import numpy as np
+
+  if n_proc > 1:
+    jax.distributed.initialize(address, n_proc, pid)
+  from cmedl_jax import method, sharding, train_state, train_step as ts
+  from configs import demo
+
+  config = demo.get_config()
+  config.data.image_size, config.train.global_batch_size = size, batch
+  nets = method.build_networks(config, in_channels=1)
+  mesh = sharding.make_mesh()
+  state, tx = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
+  state = sharding.from_host(jax.device_get(state), sharding.replicated(mesh))
+  rows = slice(
+    jax.process_index() * batch // jax.process_count(),
+    (jax.process_index() + 1) * batch // jax.process_count(),
+  )
+  local = lambda seed: {
+    k: v[rows] for k, v in step_benchmark.synthetic_batch(batch, size, seed).items()
+  }
+  src, tgt = sharding.shard_batch(local(1), mesh), sharding.shard_batch(local(2), mesh)
+  step = jax.jit(
+    functools.partial(ts.train_step, config=config, nets=nets, tx=tx), donate_argnums=0
+  )
+  step = step.lower(state, src, tgt).compile()  # Compiled once: its HLO and the timed runs.
+  hlo = step.as_text()
+  state, first = step(state, src, tgt)
+  first = {k: float(v) for k, v in sharding.to_host(first).items()}
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = step(state, src, tgt)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  step_benchmark.print_result(
+    dict(
+      processes=jax.process_count(),
+      devices=jax.device_count(),
+      local_devices=jax.local_device_count(),
+      step_s=float(np.median(times)),
+      losses=first,
+      params=int(params),
+      collectives=collective_bytes(hlo),
+    )
+  )
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -115,14 +129,22 @@ def run(processes, args, devices=4, timeout=1800):
     os.environ,
     TF_CPP_MIN_LOG_LEVEL='3',
     JAX_PLATFORMS='cpu',
-    PYTHONPATH=ROOT,
     XLA_FLAGS=' '.join(flags + [f'{_DEVICES}={devices // processes}']),
   )
   address = f'localhost:{_free_port()}'
-  argv = [str(args.size), str(args.batch), str(args.steps), address, str(processes)]
+  argv = ['--size', str(args.size), '--batch', str(args.batch), '--steps', str(args.steps)]
   procs = [
     subprocess.Popen(
-      [sys.executable, '-c', _WORKER, *argv, str(i)],
+      [
+        sys.executable,
+        '-m',
+        'benchmarks.multihost',
+        *argv,
+        '--_worker',
+        address,
+        str(processes),
+        str(i),
+      ],
       cwd=ROOT,
       env=env,
       stdout=subprocess.PIPE,
@@ -149,7 +171,7 @@ def section(args, results, peaks):
   lines = [
     SECTION,
     '',
-    f'Generated by `python benchmarks/multihost.py` on {datetime.date.today()}: '
+    f'Generated by `python -m benchmarks.multihost` on {datetime.date.today()}: '
     f'{os.cpu_count()} CPU cores ({platform.machine()}), one run, load average '
     f'{os.getloadavg()[0]:.1f} at the end (compare the two rows with each other, not with other '
     'sections). '
@@ -210,13 +232,15 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--out', default='', help='a report whose section this replaces')
+  parser.add_argument('--_worker', nargs=3, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  import train_step  # pylint: disable=g-import-not-at-top  (benchmarks/train_step.py)
-
-  peak = train_step.matmul_peak()  # Before and after the runs: the machine's state.
+  if args._worker:  # ADDRESS PROCESSES INDEX: one process of `run`.
+    address, processes, index = args._worker
+    worker(args.size, args.batch, args.steps, address, int(processes), int(index))
+    return 0
+  peak = step_benchmark.matmul_peak()  # Before and after the runs: the machine's state.
   results = [run(1, args), run(2, args)]
-  after = train_step.matmul_peak()
+  after = step_benchmark.matmul_peak()
   lines = section(args, results, [peak['numpy'], after['numpy']])
   print('\n'.join(lines))
   print('RESULT ' + json.dumps(results))

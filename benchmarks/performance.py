@@ -1,6 +1,6 @@
 r"""Writes docs/PERFORMANCE.md: the measured speed and memory of cmedl-jax on this machine.
 
-  python benchmarks/performance.py [--out docs/PERFORMANCE.md] [--size 256] [--steps 2]
+  python -m benchmarks.performance [--out docs/PERFORMANCE.md] [--size 256] [--steps 2]
       [--pairs unet:cyclegan,unet:cut,densefcn:cyclegan,pspnet:cyclegan] [--quick]
 
 Runs, each in its own process: the joint train step per segmenter x translator
@@ -23,93 +23,26 @@ import sys
 import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-import multihost  # noqa: E402  (benchmarks/multihost.py)
-import train_step as step_bench  # noqa: E402  (benchmarks/train_step.py)
-from data_prep import nifti_io  # noqa: E402
+from benchmarks import multihost
+from benchmarks import train_step as step_benchmark
+from benchmarks.train_step import ROOT
+from data_prep import nifti_io
 
 FAST_CONV = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 SCALING_DEVICES = (1, 2, 4, 8)
 
 
-def run_python(code_or_args, env_extra=None, timeout=1800):
-  """Runs python with the given arguments; returns the last 'RESULT ' json line (or raises)."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT, **(env_extra or {}))
+def run_python(args, env_extra=None, timeout=1800):
+  """Runs python with the given arguments (from the repository root); returns the last
+  'RESULT ' json line (or raises)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env_extra or {}))
   proc = subprocess.run(
-    [sys.executable, *code_or_args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
+    [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
   )
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
-    raise RuntimeError(f'{code_or_args[:2]} failed ({proc.returncode}): {proc.stderr[-3000:]}')
+    raise RuntimeError(f'{args[:2]} failed ({proc.returncode}): {proc.stderr[-3000:]}')
   return json.loads(lines[-1][len('RESULT ') :]), proc.stdout
-
-
-# ---------------------------------------------------------------------------- workers
-
-_MEMORY_WORKER = r"""
-import functools, json, sys
-import jax, numpy as np
-from cmedl_jax import method, train_state, train_step as ts
-from configs import cmedl
-size, batch, remat = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
-config = cmedl.get_config("unet,cyclegan")
-config.data.image_size, config.train.global_batch_size = size, batch
-config.model.remat = remat
-nets = method.build_networks(config, in_channels=1)
-state = jax.eval_shape(lambda r: train_state.create_train_state(config, nets, r, (size, size, 1))[0],
-                       jax.random.PRNGKey(0))
-tx = train_state.make_optimizer(config)
-img = jax.ShapeDtypeStruct((batch, size, size, 1), "float32")
-lab = jax.ShapeDtypeStruct((batch, size, size), "int32")
-has = jax.ShapeDtypeStruct((batch,), "float32")
-b = {"image": img, "label": lab, "has_label": has}
-compiled = jax.jit(functools.partial(ts.train_step, config=config, nets=nets, tx=tx),
-                   donate_argnums=0).lower(state, b, b).compile()
-m = compiled.memory_analysis()
-# What JAX keeps from the generator-side forward pass for its backward pass (the VJP's
-# residuals, parameters included): the activation memory an accelerator has to hold.
-g = {k: v for k, v in state.params.items() if k not in method.DISCRIMINATORS}
-d = {k: v for k, v in state.params.items() if k in method.DISCRIMINATORS}
-def residuals(g, d, stats, src, tgt):
-  loss = lambda p: ts.generator_losses(p, d, stats, config, nets, src, tgt,
-                                       jax.random.PRNGKey(0))[0]
-  return jax.tree.leaves(jax.vjp(loss, g)[1])
-leaves = jax.eval_shape(residuals, g, d, state.batch_stats, b, b)
-residual = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
-g_params = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(g))
-print("RESULT " + json.dumps(dict(size=size, batch=batch, remat=remat,
-                                  argument=m.argument_size_in_bytes,
-                                  output=m.output_size_in_bytes, temp=m.temp_size_in_bytes,
-                                  alias=m.alias_size_in_bytes, residual=residual,
-                                  generator_params=g_params)))
-"""
-
-_PREDICT_WORKER = r"""
-import json, sys, time
-import jax, numpy as np
-from cmedl_jax import inference, method, sharding, train_state
-from configs import cmedl
-size, slices, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-config = cmedl.get_config("unet,cyclegan")
-config.data.image_size = size
-nets = method.build_networks(config, in_channels=1)
-state, _ = train_state.create_train_state(config, nets, jax.random.PRNGKey(0), (size, size, 1))
-mesh = sharding.make_mesh()
-infer = jax.jit(lambda x: jax.nn.softmax(method.infer_logits(
-    state.params, state.batch_stats, x, nets=nets, test_time=method.get(config).test_time), -1))
-volume = np.random.default_rng(0).uniform(-1, 1, (slices, size, size)).astype(np.float32)
-inference.predict_volume(infer, volume[:batch], batch, 1, mesh)  # Compile.
-t0 = time.perf_counter()
-inference.predict_volume(infer, volume, batch, 1, mesh)
-print("RESULT " + json.dumps(dict(seconds=time.perf_counter() - t0, slices=slices)))
-"""
 
 
 # ---------------------------------------------------------------------------- sections
@@ -119,19 +52,23 @@ def train_step_rows(args):
   rows = []
   common = dict(size=args.size, batch=1, steps=args.steps, breakdown=False, xla_flags=FAST_CONV)
   for pair in args.pairs.split(','):
-    rows.append(step_bench.run_worker('jax', pair, types.SimpleNamespace(**common)))
+    rows.append(step_benchmark.run_worker('jax', pair, types.SimpleNamespace(**common)))
   rows.append(
-    step_bench.run_worker('jax', 'unet:cyclegan', types.SimpleNamespace(**common, dtype='bfloat16'))
+    step_benchmark.run_worker(
+      'jax', 'unet:cyclegan', types.SimpleNamespace(**common, dtype='bfloat16')
+    )
   )
   default_flags = dict(common, xla_flags=os.environ.get('XLA_FLAGS', ''))
   rows.append(
     dict(
-      step_bench.run_worker('jax', 'unet:cyclegan', types.SimpleNamespace(**default_flags)),
+      step_benchmark.run_worker('jax', 'unet:cyclegan', types.SimpleNamespace(**default_flags)),
       flags='jax 0.10.2 default',
     )
   )
-  if step_bench.torch_available():
-    rows.append(step_bench.run_worker('torch', 'unet:cyclegan', types.SimpleNamespace(**common)))
+  if step_benchmark.torch_available():
+    rows.append(
+      step_benchmark.run_worker('torch', 'unet:cyclegan', types.SimpleNamespace(**common))
+    )
   return rows
 
 
@@ -145,9 +82,8 @@ def scaling_rows(args):
 def memory_rows(args):
   out = []
   for size, batch, remat in args.memory_grid:
-    result, _ = run_python(
-      ['-c', _MEMORY_WORKER, str(size), str(batch), str(int(remat))], {'XLA_FLAGS': FAST_CONV}
-    )
+    argv = ['-m', 'benchmarks.step_memory', '--size', str(size), '--batch', str(batch)]
+    result, _ = run_python(argv + (['--remat'] if remat else []), {'XLA_FLAGS': FAST_CONV})
     out.append(result)
   return out
 
@@ -238,12 +174,13 @@ def kept_sections(path):
   return out
 
 
-def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred):
+def _header(args, peak):
+  """The report's title, machine and matmul peak, and the train-step table's heading."""
   peak_g = max(peak.values())
   lines = [
     '# Performance',
     '',
-    f'Generated by `python benchmarks/performance.py` on {time.strftime("%Y-%m-%d")}: '
+    f'Generated by `python -m benchmarks.performance` on {time.strftime("%Y-%m-%d")}: '
     f'{os.cpu_count()} CPU cores, jax {args.jax_version}, float32 unless said, '
     f'load average {os.getloadavg()[0]:.1f} at the end. Figures are one run each on this '
     'machine with nothing else running; expect a few per cent of noise.',
@@ -266,6 +203,12 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
     '| pairing | impl | compile s | step s | GFLOP | GFLOP/s | %peak | XLA MB | peak RSS MB |',
     '|---|---|---|---|---|---|---|---|---|',
   ]
+  return lines
+
+
+def _step_rows(steps, peak_g):
+  """The train-step table's rows; {pairing: GFLOP of its first JAX row} (used for all rows)."""
+  lines = []
   ref_flops = {}
   for r in steps:
     if 'error' in r:
@@ -287,14 +230,13 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
       f'{flops / 1e9:,.0f} | {gfs:.0f} | {100 * gfs / peak_g:.0f}% | {xla} | '
       f'{r["rss_mb"]:,.0f} |'
     )
-  lines += [
-    '',
-    'bf16: compute in bfloat16, parameters and losses float32 '
-    '(`--config.model.dtype=bfloat16`); on XLA:CPU it is no faster than float32 (row '
-    'above), it is meant for accelerators. Rematerialisation: see the memory section.',
-    '',
-  ]
-  lines += goals(steps, ref_flops, peak_g)
+  return lines, ref_flops
+
+
+def _scaling(args, scaling, steps, ref_flops):
+  """The data-parallel scaling section and, given the full U-Net + CycleGAN row, its
+  all-reduce on paper; that row (or None)."""
+  lines = []
   lines += [
     '## Data-parallel scaling on forced CPU devices',
     '',
@@ -339,11 +281,16 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
       ' ms, so multi-host runs want a larger per-device batch. '
       f'(The scaling model above has {params:,} parameters.)',
     ]
-  lines += [
+  return lines, full
+
+
+def _pipeline_metrics_prediction(args, full, pipeline_text, metrics_text, pred):
+  """The input pipeline, metrics and prediction sections."""
+  lines = [
     '',
     '## Input pipeline',
     '',
-    'Output of `python benchmarks/input_pipeline.py`:',
+    'Output of `python -m benchmarks.input_pipeline`:',
     '',
     '```',
     pipeline_text.strip(),
@@ -362,7 +309,7 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
   lines += [
     '## Metrics',
     '',
-    'Output of `python benchmarks/metrics.py`:',
+    'Output of `python -m benchmarks.metrics`:',
     '',
     '```',
     metrics_text.strip(),
@@ -375,6 +322,13 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
     'the network alone; preparation and inversion add about 1.4 s for a 512x512x128 CT '
     '(input pipeline output above) plus reading and writing the NIfTI files.',
     '',
+  ]
+  return lines
+
+
+def _memory(memory):
+  """The peak-memory section: its table and the rematerialisation paragraph."""
+  lines = [
     '## Peak memory (XLA buffer assignment) of the default config',
     '',
     'U-Net + CycleGAN, float32; compile only. Parameters, Adam states and the pool are '
@@ -422,15 +376,36 @@ def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text
         '',
       ]
       break
+  return lines
+
+
+def write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred):
+  peak_g = max(peak.values())
+  lines = _header(args, peak)
+  rows, ref_flops = _step_rows(steps, peak_g)
+  lines += rows
+  lines += [
+    '',
+    'bf16: compute in bfloat16, parameters and losses float32 '
+    '(`--config.model.dtype=bfloat16`); on XLA:CPU it is no faster than float32 (row '
+    'above), it is meant for accelerators. Rematerialisation: see the memory section.',
+    '',
+  ]
+  lines += goals(steps, ref_flops, peak_g)
+  scaling_lines, full = _scaling(args, scaling, steps, ref_flops)
+  lines += scaling_lines
+  lines += _pipeline_metrics_prediction(args, full, pipeline_text, metrics_text, pred)
+  lines += _memory(memory)
   return '\n'.join(lines)
 
 
-def main(argv=None):
+def _parse_args(argv):
+  """The options, with the sizes of each section (--quick: the smoke run's) set on them."""
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', default=os.path.join(ROOT, 'docs', 'PERFORMANCE.md'))
   ap.add_argument('--size', type=int, default=256)
   ap.add_argument('--steps', type=int, default=2)
-  ap.add_argument('--pairs', default=step_bench.DEFAULT_PAIRS)
+  ap.add_argument('--pairs', default=step_benchmark.DEFAULT_PAIRS)
   ap.add_argument('--quick', action='store_true', help='tiny sizes: a smoke run of the script')
   args = ap.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
@@ -446,22 +421,18 @@ def main(argv=None):
     (256, 1, True),
     (256, 4, True),
   ]
-  pred_shape = (256, 128)
+  args.pred_shape = (256, 128)  # (size, slices)
   if args.quick:
     args.size, args.steps, args.pairs, args.scaling_size = 64, 1, 'unet:cyclegan', 32
-    args.memory_grid, pred_shape = [(64, 1, False), (64, 2, False), (64, 1, True)], (64, 8)
-  t0 = time.time()
-  print('matmul peak ...', flush=True)
-  peak = step_bench.matmul_peak()
-  print('train steps ...', flush=True)
-  steps = train_step_rows(args)
-  print('scaling ...', flush=True)
-  scaling = scaling_rows(args)
-  print('memory ...', flush=True)
-  memory = memory_rows(args)
-  print('input pipeline, metrics, prediction ...', flush=True)
+    args.memory_grid, args.pred_shape = [(64, 1, False), (64, 2, False), (64, 1, True)], (64, 8)
+  return args
+
+
+def _pipeline_and_metrics_text(args):
+  """The printed output of benchmarks/input_pipeline.py (less its workdir line) and
+  benchmarks/metrics.py, each run in its own process."""
   pipe = subprocess.run(
-    [sys.executable, 'benchmarks/input_pipeline.py']
+    [sys.executable, '-m', 'benchmarks.input_pipeline']
     + (['--cases', '2', '--batches', '5'] if args.quick else []),
     cwd=ROOT,
     capture_output=True,
@@ -470,10 +441,28 @@ def main(argv=None):
   )
   pipeline_text = '\n'.join(l for l in pipe.stdout.splitlines() if not l.startswith('workdir'))
   metrics_text = subprocess.run(
-    [sys.executable, 'benchmarks/metrics.py'], cwd=ROOT, capture_output=True, text=True
+    [sys.executable, '-m', 'benchmarks.metrics'], cwd=ROOT, capture_output=True, text=True
   ).stdout
+  return pipeline_text, metrics_text
+
+
+def main(argv=None):
+  args = _parse_args(argv)
+  t0 = time.time()
+  print('matmul peak ...', flush=True)
+  peak = step_benchmark.matmul_peak()
+  print('train steps ...', flush=True)
+  steps = train_step_rows(args)
+  print('scaling ...', flush=True)
+  scaling = scaling_rows(args)
+  print('memory ...', flush=True)
+  memory = memory_rows(args)
+  print('input pipeline, metrics, prediction ...', flush=True)
+  pipeline_text, metrics_text = _pipeline_and_metrics_text(args)
+  size, slices = args.pred_shape
   pred, _ = run_python(
-    ['-c', _PREDICT_WORKER, str(pred_shape[0]), str(pred_shape[1]), '16'], {'XLA_FLAGS': FAST_CONV}
+    ['-m', 'benchmarks.prediction', '--size', str(size), '--slices', str(slices), '--batch', '16'],
+    {'XLA_FLAGS': FAST_CONV},
   )
   raw = dict(peak=peak, steps=steps, scaling=scaling, memory=memory, prediction=pred)
   # The numbers behind the text, beside it.

@@ -19,7 +19,7 @@ patches, hint loss) trains many small runs on 2 CPU cores. This measures, in one
         multi-seed training would give in slices/s.
   FLOPs are XLA's cost_analysis of each program (benchmarks/train_step.py's compile_counted).
 
-  python benchmarks/study_speed.py [--steps 15] [--flags baseline,jax_default,...]
+  python -m benchmarks.study_speed [--steps 15] [--flags baseline,jax_default,...]
       [--no-parts] [--no-variants] [--vmap 2,4] [--repeat 2] [--out study_speed.json]
 
 --repeat runs the flag sweep that many times (A B C A B C) to show drift under load.
@@ -50,11 +50,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-
-import train_step as step_bench  # noqa: E402  (benchmarks/train_step.py)
+from benchmarks import train_step as step_benchmark
+from benchmarks.train_step import ROOT
 
 YNN = '--xla_cpu_experimental_ynn_fusion_type'
 # Named XLA_FLAGS settings. 'baseline' is what `import cmedl_jax` sets.
@@ -108,7 +105,7 @@ class Item:
   def __init__(self, name, group, lowered, args, slices, carry_state, t0):
     """lowered: the program, compiled here; t0: perf_counter() before it was lowered."""
     self.name, self.group, self.args = name, group, list(args)
-    self.compiled, self.flops = step_bench.compile_counted(lowered)
+    self.compiled, self.flops = step_benchmark.compile_counted(lowered)
     self.slices, self.carry_state = slices, carry_state
     self.compile_s = time.perf_counter() - t0
     self.times = []
@@ -143,8 +140,8 @@ def _batches(config, batch, seed=1):
   import jax
 
   size = config.data.image_size
-  return jax.device_put(step_bench.synthetic_batch(batch, size, seed)), jax.device_put(
-    step_bench.synthetic_batch(batch, size, seed + 1)
+  return jax.device_put(step_benchmark.synthetic_batch(batch, size, seed)), jax.device_put(
+    step_benchmark.synthetic_batch(batch, size, seed + 1)
   )
 
 
@@ -192,41 +189,43 @@ def vmap_item(config, seeds):
   )
 
 
-def part_items(config, base):
-  """Parts of the CMEDL step, each jitted alone (fwd+bwd unless said)."""
+def _part(name, fn, *args, slices):
+  """An Item of the jitted `fn` on `args` (not a step: no state threaded through)."""
+  import jax
+
+  t0 = time.perf_counter()
+  return Item(name, 'part', jax.jit(fn).lower(*args), args, slices, False, t0)
+
+
+def _sq_grad(apply):
+  """The gradient of sum(apply(q, *v)^2) in q: a network's fwd+bwd."""
   import jax
   import jax.numpy as jnp
+
+  return lambda q, *v: jax.grad(lambda q: jnp.sum(jnp.square(apply(q, *v))))(q)
+
+
+def _loss_part_items(config, nets, state, src, tgt, g_params, d_params):
+  """The generator-side losses, the translator-side terms and the contextual loss alone."""
+  import jax
   from cmedl_jax import losses, method, train_step as ts
 
-  nets, tx = base.extra['nets'], base.extra['tx']
-  state, src, tgt = base.args
-  # A copy: the step item donates (deletes) its state arrays when it is called.
-  state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
-  p = state.params
   x, t = src['image'], tgt['image']
   n = x.shape[0]
-  g_params = {k: v for k, v in p.items() if k not in method.DISCRIMINATORS}
-  d_params = {k: v for k, v in p.items() if k in method.DISCRIMINATORS}
   rng = jax.random.PRNGKey(0)
   items = []
-
-  def add(name, fn, *args, slices=n):
-    t0 = time.perf_counter()
-    items.append(Item(name, 'part', jax.jit(fn).lower(*args), args, slices, False, t0))
-
-  def sq_grad(apply):
-    return lambda q, *v: jax.grad(lambda q: jnp.sum(jnp.square(apply(q, *v))))(q)
-
   gen_loss = lambda g: ts.generator_losses(
     g, d_params, state.batch_stats, config, nets, src, tgt, rng
   )
-  add(
-    'generator-side losses fwd+bwd',
-    lambda g: jax.value_and_grad(gen_loss, has_aux=True)(g),
-    g_params,
+  items.append(
+    _part(
+      'generator-side losses fwd+bwd',
+      lambda g: jax.value_and_grad(gen_loss, has_aux=True)(g),
+      g_params,
+      slices=n,
+    )
   )
-  add('generator-side losses fwd', lambda g: gen_loss(g)[0], g_params)
-
+  items.append(_part('generator-side losses fwd', lambda g: gen_loss(g)[0], g_params, slices=n))
   u = method.parts(config)
 
   def translator_side(g):
@@ -234,7 +233,9 @@ def part_items(config, base):
     ts.translation_terms(g, d_params, config, nets, src, tgt, rng, rng, u, terms, aux)
     return sum(terms.values())
 
-  add('translator-side terms fwd+bwd', jax.grad(translator_side), g_params)
+  items.append(
+    _part('translator-side terms fwd+bwd', jax.grad(translator_side), g_params, slices=n)
+  )
 
   def translator_side_no_ctx(g):
     terms, aux = {}, {}
@@ -243,7 +244,8 @@ def part_items(config, base):
     return sum(terms.values())
 
   # XLA removes the unused contextual branch: the difference is its cost in this program.
-  add('translator-side terms w/o contextual fwd+bwd', jax.grad(translator_side_no_ctx), g_params)
+  name = 'translator-side terms w/o contextual fwd+bwd'
+  items.append(_part(name, jax.grad(translator_side_no_ctx), g_params, slices=n))
   ctx = lambda a, b, r: losses.contextual_loss(
     a,
     b,
@@ -253,12 +255,23 @@ def part_items(config, base):
     max_points=config.method.contextual_points,
     rng=r,
   )
-  add('contextual loss fwd+bwd', lambda a, b, r: jax.grad(ctx)(a, b, r), t, x, rng)
+  name = 'contextual loss fwd+bwd'
+  items.append(_part(name, lambda a, b, r: jax.grad(ctx)(a, b, r), t, x, rng, slices=n))
+  return items
+
+
+def _network_part_items(nets, state, src, tgt, d_params, tx):
+  """One network's fwd(+bwd) each, the discriminator losses and the optimizer update."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from cmedl_jax import train_step as ts
+
+  p = state.params
+  x, t = src['image'], tgt['image']
+  n = x.shape[0]
   g_apply = lambda q, v: nets.translator.apply({'params': q}, v)
-  add('one generator fwd+bwd', sq_grad(g_apply), p['translator'], x)
-  add('one generator fwd', g_apply, p['translator'], x)
   d_apply = lambda q, v: nets.disc_target.apply({'params': q}, v)
-  add('one discriminator fwd+bwd (N)', sq_grad(d_apply), p['disc_target'], x)
 
   def seg(q, v):
     (logits, _), _ = nets.teacher.apply(
@@ -269,22 +282,43 @@ def part_items(config, base):
     )
     return logits
 
-  add('teacher fwd+bwd (2N)', sq_grad(seg), p['teacher'], jnp.concatenate([x, t], 0), slices=2 * n)
-  add('student fwd+bwd (N)', sq_grad(seg), p['student'], x)
-  fakes = {'fake_target': t, 'fake_source': x}
-  add(
-    'discriminator losses fwd+bwd',
-    lambda d: jax.value_and_grad(ts.discriminator_losses, has_aux=True)(d, nets, src, tgt, fakes),
-    d_params,
-  )
-  import optax
-
   def opt(params, opt_state):
     updates, new = tx.update(params, opt_state, params)
     return optax.apply_updates(params, updates), new
 
-  add('optimizer update (all groups)', opt, p, state.opt_state)
-  return items
+  fakes = {'fake_target': t, 'fake_source': x}
+  disc_losses = lambda d: jax.value_and_grad(ts.discriminator_losses, has_aux=True)(
+    d, nets, src, tgt, fakes
+  )
+  return [
+    _part('one generator fwd+bwd', _sq_grad(g_apply), p['translator'], x, slices=n),
+    _part('one generator fwd', g_apply, p['translator'], x, slices=n),
+    _part('one discriminator fwd+bwd (N)', _sq_grad(d_apply), p['disc_target'], x, slices=n),
+    _part(
+      'teacher fwd+bwd (2N)', _sq_grad(seg), p['teacher'], jnp.concatenate([x, t], 0), slices=2 * n
+    ),
+    _part('student fwd+bwd (N)', _sq_grad(seg), p['student'], x, slices=n),
+    _part('discriminator losses fwd+bwd', disc_losses, d_params, slices=n),
+    _part('optimizer update (all groups)', opt, p, state.opt_state, slices=n),
+  ]
+
+
+def part_items(config, base):
+  """Parts of the CMEDL step, each jitted alone (fwd+bwd unless said)."""
+  import jax
+  import jax.numpy as jnp
+  from cmedl_jax import method
+
+  nets, tx = base.extra['nets'], base.extra['tx']
+  state, src, tgt = base.args
+  # A copy: the step item donates (deletes) its state arrays when it is called.
+  state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
+  p = state.params
+  g_params = {k: v for k, v in p.items() if k not in method.DISCRIMINATORS}
+  d_params = {k: v for k, v in p.items() if k in method.DISCRIMINATORS}
+  return _loss_part_items(config, nets, state, src, tgt, g_params, d_params) + (
+    _network_part_items(nets, state, src, tgt, d_params, tx)
+  )
 
 
 def _hlo_ops(hlo_text):
@@ -345,7 +379,7 @@ def profile_worker(args):
     by_op[opcode][0] += ms
     by_op[opcode][1] += 1
   top = sorted(per_name.items(), key=lambda kv: -kv[1])[:40]
-  step_bench.print_result(
+  step_benchmark.print_result(
     dict(
       flags=args.flag_name,
       xla_flags=os.environ['XLA_FLAGS'],
@@ -407,7 +441,7 @@ def worker(args):
   for _ in range(args.steps):
     for item in items:
       item.times.append(item.call())
-  step_bench.print_result(
+  step_benchmark.print_result(
     dict(
       flags=args.flag_name,
       xla_flags=os.environ['XLA_FLAGS'],
@@ -434,7 +468,8 @@ def run_worker(flag_name, args, full, cpu=None, background=False, barrier=None):
   pin = cpu is not None and shutil.which('taskset')  # Without taskset: not pinned.
   cmd = (['taskset', '-c', str(cpu)] if pin else []) + [
     sys.executable,
-    os.path.abspath(__file__),
+    '-m',
+    'benchmarks.study_speed',
     '--_worker',
     flag_name,
     '--steps',
@@ -468,7 +503,7 @@ def run_worker(flag_name, args, full, cpu=None, background=False, barrier=None):
 def _parse(proc, flag_name, t0):
   stdout = getattr(proc, 'stdout_text', None) or proc.stdout
   stderr = getattr(proc, 'stderr_text', None) or proc.stderr
-  out = step_bench.worker_result(stdout)
+  out = step_benchmark.worker_result(stdout)
   if proc.returncode or out is None:
     tail = (stderr or '')[-1500:]
     print(f'  worker {flag_name} failed ({proc.returncode}): {tail}', flush=True)
@@ -564,7 +599,7 @@ def print_table(res, peak):
     )
 
 
-def main(argv=None):
+def _parser():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--steps', type=int, default=15, help='timed calls per item (median)')
   ap.add_argument('--flags', default=DEFAULT_FLAGS, help=f'named flag sets: {", ".join(FLAG_SETS)}')
@@ -599,77 +634,62 @@ def main(argv=None):
   ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
   ap.add_argument('--_full', action='store_true', help=argparse.SUPPRESS)
   ap.add_argument('--_barrier', default=None, help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
-  args.vmap = [] if args.vmap in ('', 'none') else [int(s) for s in args.vmap.split(',')]
-  args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-  NETWORKS[0] = args.networks
-  for item in args.set:
-    field, _, value = item.partition('=')
-    try:
-      SETS[field] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      SETS[field] = value
+  return ap
 
-  if args._worker:
-    args.flag_name = args._worker
-    args.xla_flags_exact = FLAG_SETS[args._worker]
-    args.full = args._full
-    if args.profile:
-      profile_worker(args)
-    else:
-      worker(args)
-    return
-  if args.profile:
-    cmd = [
-      sys.executable,
-      os.path.abspath(__file__),
-      '--_worker',
-      args.flags.split(',')[0],
-      '--steps',
-      str(args.steps),
-      '--profile',
-      '--profile-method',
-      args.profile_method,
-    ]
-    proc = subprocess.run(
-      cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-    )
-    res = step_bench.worker_result(proc.stdout)
-    if res is None:
-      sys.exit(proc.stderr[-3000:])
-    print(
-      f'profile of {res["method"]} under {res["xla_flags"]!r}: wall {res["wall_ms"]:.1f} ms/step, '
-      f'thunks traced {res["traced_ms"]:.1f} ms/step ({res["n_traced"]} of {res["n_instructions"]} '
-      f'instructions seen); trace lines {res["lines"]}'
-    )
-    print(f'{"opcode":40s} {"ms/step":>8s} {"count":>6s}')
-    for op, (ms, n) in res['by_opcode'].items():
-      print(f'{op:40s} {ms:8.2f} {n:6d}')
-    print('top instructions:')
-    for t in res['top']:
-      print(f'  {t["ms"]:7.2f} ms  {t["op"]:22s} {t["hlo"][:200]}')
-    if args.out:
-      with open(args.out, 'w') as fh:
-        json.dump(res, fh, indent=1)
-    return
 
-  flags = [f.strip() for f in args.flags.split(',') if f.strip()]
-  for f in flags:
-    if f not in FLAG_SETS:
-      ap.error(f'--flags: unknown {f!r}; known: {", ".join(FLAG_SETS)}')
-  print(
-    f'{os.cpu_count()} cpus, load average {os.getloadavg()}, {args.steps} timed calls per item, '
-    f'{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}'
+def _profile(args):
+  """Runs --profile's worker and prints its per-opcode and slowest-instruction times."""
+  cmd = [
+    sys.executable,
+    '-m',
+    'benchmarks.study_speed',
+    '--_worker',
+    args.flags.split(',')[0],
+    '--steps',
+    str(args.steps),
+    '--profile',
+    '--profile-method',
+    args.profile_method,
+  ]
+  proc = subprocess.run(
+    cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   )
-  peak, peak_gflops = None, float('nan')
-  if not args.no_peak:
-    peak = step_bench.matmul_peak()
-    peak_gflops = max(peak.values())
-    print(
-      f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f}, '
-      f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}',
-      flush=True,
-    )
+  res = step_benchmark.worker_result(proc.stdout)
+  if res is None:
+    sys.exit(proc.stderr[-3000:])
+  print(
+    f'profile of {res["method"]} under {res["xla_flags"]!r}: wall {res["wall_ms"]:.1f} ms/step, '
+    f'thunks traced {res["traced_ms"]:.1f} ms/step ({res["n_traced"]} of {res["n_instructions"]} '
+    f'instructions seen); trace lines {res["lines"]}'
+  )
+  print(f'{"opcode":40s} {"ms/step":>8s} {"count":>6s}')
+  for op, (ms, n) in res['by_opcode'].items():
+    print(f'{op:40s} {ms:8.2f} {n:6d}')
+  print('top instructions:')
+  for t in res['top']:
+    print(f'  {t["ms"]:7.2f} ms  {t["op"]:22s} {t["hlo"][:200]}')
+  if args.out:
+    with open(args.out, 'w') as fh:
+      json.dump(res, fh, indent=1)
+
+
+def _print_peak(args):
+  """The matmul peak ({'numpy', 'jax'} GFLOP/s, None with --no-peak) and the one used (nan)."""
+  if args.no_peak:
+    return None, float('nan')
+  peak = step_benchmark.matmul_peak()
+  peak_gflops = max(peak.values())
+  print(
+    f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f}, '
+    f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}',
+    flush=True,
+  )
+  return peak, peak_gflops
+
+
+def _sweep(flags, args, peak_gflops):
+  """One worker per flag set, --repeat times; the first (full unless --no-full) also times the
+  variants, parts and vmap items. Prints each worker's table."""
   results = []
   for rep in range(args.repeat):
     for f in flags:
@@ -680,7 +700,10 @@ def main(argv=None):
       if 'error' not in res:
         print_table(res, peak_gflops)
         sys.stdout.flush()
-  conc = concurrency(args, flags[0], peak_gflops) if args.concurrent else None
+  return results
+
+
+def _print_summary(results, methods):
   print('\n== summary (median ms per step; cmedl / student_only)')
   for res in results:
     if 'error' in res:
@@ -689,13 +712,57 @@ def main(argv=None):
     by = {r['name']: r for r in res['items']}
     print(
       f'  {res["flags"]:18s} rep {res["repeat"]}: '
-      + '  '.join(f'{m} {1e3 * by[m]["step_s"]:7.1f}' for m in args.methods if m in by)
+      + '  '.join(f'{m} {1e3 * by[m]["step_s"]:7.1f}' for m in methods if m in by)
     )
+
+
+def _parse_args(ap, argv):
+  """The parsed options, with --vmap and --methods as lists and --set/--networks applied."""
+  args = ap.parse_args(argv)
+  args.vmap = [] if args.vmap in ('', 'none') else [int(s) for s in args.vmap.split(',')]
+  args.methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+  NETWORKS[0] = args.networks
+  for item in args.set:
+    field, _, value = item.partition('=')
+    try:
+      SETS[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      SETS[field] = value
+  return args
+
+
+def main(argv=None):
+  ap = _parser()
+  args = _parse_args(ap, argv)
+  if args._worker:
+    args.flag_name = args._worker
+    args.xla_flags_exact = FLAG_SETS[args._worker]
+    args.full = args._full
+    if args.profile:
+      profile_worker(args)
+    else:
+      worker(args)
+    return
+  if args.profile:
+    _profile(args)
+    return
+  flags = [f.strip() for f in args.flags.split(',') if f.strip()]
+  for f in flags:
+    if f not in FLAG_SETS:
+      ap.error(f'--flags: unknown {f!r}; known: {", ".join(FLAG_SETS)}')
+  print(
+    f'{os.cpu_count()} cpus, load average {os.getloadavg()}, {args.steps} timed calls per item, '
+    f'{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}'
+  )
+  peak, peak_gflops = _print_peak(args)
+  results = _sweep(flags, args, peak_gflops)
+  conc = concurrency(args, flags[0], peak_gflops) if args.concurrent else None
+  _print_summary(results, args.methods)
   if conc or args.vmap:
     runs_per_hour(results, conc, args.vmap)
   peak2 = None
   if not args.no_peak:
-    peak2 = step_bench.matmul_peak()
+    peak2 = step_benchmark.matmul_peak()
     print(
       f'matmul peak again at the end: numpy {peak2["numpy"]:.0f}, jax {peak2["jax"]:.0f} GFLOP/s'
     )

@@ -18,8 +18,6 @@ convolutions on CPU, cuDNN on a GPU: CMEDLStep(device='cuda') and inputs there).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

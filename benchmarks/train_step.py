@@ -13,7 +13,7 @@ compared per network.
 Each (pairing, framework) runs in its own worker process so that peak RSS, XLA_FLAGS and
 thread pools do not leak between runs.
 
-  python benchmarks/train_step.py [--size 256] [--batch 1]
+  python -m benchmarks.train_step [--size 256] [--batch 1]
       [--pairs unet:cyclegan,unet:cut,densefcn:cyclegan,pspnet:cyclegan] [--steps 5]
       [--no-torch] [--xla-flags "--xla_cpu_use_onednn=true ..."] [--breakdown] [--dtype bfloat16]
       [--shared-machine] [--precision highest|default] [--torch-device auto|cpu|cuda]
@@ -109,7 +109,6 @@ def config_for(pair, size, batch, dtype='float32', module='cmedl'):
   """configs/MODULE.py's config of `pair` (SEGMENTER:TRANSLATOR) at size x size, batch."""
   import importlib
 
-  sys.path.insert(0, ROOT)
   seg, trans = pair.split(':')
   config = importlib.import_module(f'configs.{module}').get_config(f'{seg},{trans}')
   config.data.image_size = size
@@ -142,7 +141,6 @@ def jax_worker(pair, size, batch, steps, breakdown, dtype='float32', module='cme
   import functools
   import jax
 
-  sys.path.insert(0, ROOT)
   from cmedl_jax import method, train_state, train_step as ts
 
   config = config_for(pair, size, batch, dtype, module)
@@ -212,7 +210,6 @@ def jax_breakdown(config, nets, state, src, tgt, steps):
   import jax
   import jax.numpy as jnp
 
-  sys.path.insert(0, ROOT)
   from cmedl_jax import losses
 
   x, t = src['image'], tgt['image']
@@ -257,36 +254,25 @@ def jax_breakdown(config, nets, state, src, tgt, steps):
 # ---------------------------------------------------------------------------- torch worker
 
 
-def torch_worker(pair, size, batch, steps, precision=None, device='auto', module='cmedl'):
-  """The eager torch step on `device` (auto: cuda when available); precision 'highest' turns
-  TF32 off for matmuls and cuDNN, 'default' on, None leaves torch's defaults."""
+def torch_reference_step(pair, size, batch, device, module='cmedl'):
+  """benchmarks/torch_reference.py's CMEDLStep of `pair` with configs/MODULE.py's widths."""
+  import inspect
+
   import torch
 
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  import torch_reference as tr
+  from benchmarks import torch_reference
 
-  if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  cuda = device.startswith('cuda')
-  if precision is not None:
-    torch.backends.cuda.matmul.allow_tf32 = precision == 'default'
-    torch.backends.cudnn.allow_tf32 = precision == 'default'
-  if cuda:
-    torch.backends.cudnn.benchmark = True  # The JAX side autotunes its convolutions too.
-  sync = torch.cuda.synchronize if cuda else (lambda: None)
   seg, trans = pair.split(':')
   config = config_for(pair, size, batch, module=module)
   torch.manual_seed(0)
   seg_cfg = config.model.student.to_dict()
-  import inspect
-
-  accepted = inspect.signature(tr.SEGMENTERS[seg]).parameters
+  accepted = inspect.signature(torch_reference.SEGMENTERS[seg]).parameters
   seg_kwargs = {
     k: v
     for k, v in seg_cfg.items()
     if k in accepted and k not in ('in_ch', 'num_classes') and v is not None
   }
-  ref = tr.CMEDLStep(
+  return torch_reference.CMEDLStep(
     seg,
     trans,
     seg_kwargs=seg_kwargs,
@@ -303,6 +289,23 @@ def torch_worker(pair, size, batch, steps, precision=None, device='auto', module
     taps=tuple(config.method.hint_taps),
     device=device,
   )
+
+
+def torch_worker(pair, size, batch, steps, precision=None, device='auto', module='cmedl'):
+  """The eager torch step on `device` (auto: cuda when available); precision 'highest' turns
+  TF32 off for matmuls and cuDNN, 'default' on, None leaves torch's defaults."""
+  import torch
+
+  if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  cuda = device.startswith('cuda')
+  if precision is not None:
+    torch.backends.cuda.matmul.allow_tf32 = precision == 'default'
+    torch.backends.cudnn.allow_tf32 = precision == 'default'
+  if cuda:
+    torch.backends.cudnn.benchmark = True  # The JAX side autotunes its convolutions too.
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  ref = torch_reference_step(pair, size, batch, device, module)
   to_t = lambda b: (
     torch.from_numpy(b['image']).permute(0, 3, 1, 2).contiguous().to(device),
     torch.from_numpy(b['label']).long().to(device),
@@ -343,7 +346,8 @@ def torch_worker(pair, size, batch, steps, precision=None, device='auto', module
 def run_worker(kind, pair, args):
   cmd = [
     sys.executable,
-    os.path.abspath(__file__),
+    '-m',
+    'benchmarks.train_step',
     '--_worker',
     kind,
     '--pairs',
@@ -377,7 +381,7 @@ def run_worker(kind, pair, args):
     env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
   if args.xla_flags is not None:
     env['XLA_FLAGS'] = args.xla_flags
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
   result = worker_result(proc.stdout)
   if proc.returncode != 0 or result is None:
     sys.stderr.write(proc.stderr[-4000:])
@@ -405,7 +409,7 @@ def torch_available():
     return False
 
 
-def main(argv=None):
+def _parser():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--size', type=int, default=256)
   ap.add_argument('--batch', type=int, default=1)
@@ -430,29 +434,11 @@ def main(argv=None):
   ap.add_argument('--config', default='cmedl', help='networks of configs/NAME.py: cmedl | tiny')
   ap.add_argument('--no-peak', action='store_true', help='skip the matmul peak (no %%peak)')
   ap.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
+  return ap
 
-  if args._worker:
-    common = (args.pairs, args.size, args.batch, args.steps)
-    if args._worker == 'jax':
-      result = jax_worker(*common, args.breakdown, args.dtype, args.config)
-    else:
-      result = torch_worker(*common, args.precision, args.torch_device, args.config)
-    print_result(result)
-    return
 
-  pairs = [p.strip() for p in args.pairs.split(',') if p.strip()]
-  for p in pairs:
-    if p.count(':') != 1:
-      ap.error(f'--pairs: {p!r} is not SEGMENTER:TRANSLATOR')
-  use_torch = not args.no_torch
-  if use_torch and not torch_available():
-    print(
-      'torch is not installed: running the JAX part only '
-      '(for the comparison: pip install torch==2.13.0, a CPU build).'
-    )
-    use_torch = False
-
+def _print_setting(args):
+  """The run's sizes, flags and machine load; the matmul peak (GFLOP/s, nan with --no-peak)."""
   print(
     f'size {args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps, '
     f'XLA_FLAGS={args.xla_flags if args.xla_flags is not None else os.environ.get("XLA_FLAGS", "")!r}'
@@ -460,15 +446,19 @@ def main(argv=None):
     f'torch OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "PASSIVE" if args.shared_machine else "default")}, '
     f'load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, {os.cpu_count()} cpus'
   )
-  peak_gflops = float('nan')
-  if not args.no_peak:
-    peak = matmul_peak()
-    peak_gflops = max(peak.values())
-    print(
-      f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, '
-      f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}'
-    )
+  if args.no_peak:
+    return float('nan')
+  peak = matmul_peak()
+  peak_gflops = max(peak.values())
+  print(
+    f'float32 matmul peak (4096^3, best of 3): numpy {peak["numpy"]:.0f} GFLOP/s, '
+    f'jax {peak["jax"]:.0f} GFLOP/s; using {peak_gflops:.0f}'
+  )
+  return peak_gflops
 
+
+def _run_pairs(pairs, use_torch, args):
+  """The workers' results, JAX (then torch) per pairing; prints parameter counts, breakdown."""
   rows = []
   for pair in pairs:
     j = run_worker('jax', pair, args)
@@ -487,7 +477,11 @@ def main(argv=None):
           f'  breakdown {pair}: {part:28s} {r["s"]:.3f} s  {r["flops"] / 1e9:7.1f} GFLOP  '
           f'{r["flops"] / r["s"] / 1e9:6.1f} GFLOP/s'
         )
+  return rows
 
+
+def _print_table(pairs, by_pair, peak_gflops):
+  """One row per (pairing, framework): compile and step time, FLOPs, %peak, memory, ratio."""
   print()
   hdr = (
     f'{"pairing":18s} {"impl":5s} {"compile s":>9s} {"step s":>8s} {"GFLOP":>8s} '
@@ -495,9 +489,6 @@ def main(argv=None):
   )
   print(hdr)
   print('-' * len(hdr))
-  by_pair = {}
-  for r in rows:
-    by_pair.setdefault(r['pair'], {})[r['framework']] = r
   for pair in pairs:
     flops = by_pair[pair].get('jax', {}).get('flops', float('nan'))
     for fw in ('jax', 'torch'):
@@ -521,6 +512,10 @@ def main(argv=None):
     'shared machine);\nGFLOP = XLA cost_analysis of the JAX step (used for both); '
     'jax/torch = wall-time ratio.'
   )
+
+
+def _print_summary(pairs, by_pair, args):
+  """The last lines: 'jax step PAIR ...' and 'jax/torch PAIR ...: RATIO' per pairing."""
   for pair in pairs:
     j, t = by_pair[pair].get('jax', {}), by_pair[pair].get('torch', {})
     if 'step_s' in j:
@@ -536,6 +531,38 @@ def main(argv=None):
         f'(jax {1e3 * j["step_s"]:.1f} ms on {j.get("device")}, torch {1e3 * t["step_s"]:.1f} ms '
         f'on {t.get("device")}, tf32 {t.get("tf32")}; median of {args.steps} steps)'
       )
+
+
+def main(argv=None):
+  ap = _parser()
+  args = ap.parse_args(argv)
+
+  if args._worker:
+    common = (args.pairs, args.size, args.batch, args.steps)
+    if args._worker == 'jax':
+      result = jax_worker(*common, args.breakdown, args.dtype, args.config)
+    else:
+      result = torch_worker(*common, args.precision, args.torch_device, args.config)
+    print_result(result)
+    return
+
+  pairs = [p.strip() for p in args.pairs.split(',') if p.strip()]
+  for p in pairs:
+    if p.count(':') != 1:
+      ap.error(f'--pairs: {p!r} is not SEGMENTER:TRANSLATOR')
+  use_torch = not args.no_torch
+  if use_torch and not torch_available():
+    print(
+      'torch is not installed: running the JAX part only '
+      '(for the comparison: pip install torch==2.13.0, a CPU build).'
+    )
+    use_torch = False
+  peak_gflops = _print_setting(args)
+  by_pair = {}
+  for r in _run_pairs(pairs, use_torch, args):
+    by_pair.setdefault(r['pair'], {})[r['framework']] = r
+  _print_table(pairs, by_pair, peak_gflops)
+  _print_summary(pairs, by_pair, args)
 
 
 if __name__ == '__main__':

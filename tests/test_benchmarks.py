@@ -1,0 +1,118 @@
+"""Every module of benchmarks/ imports, and each entry point runs at its smallest setting.
+
+Each run is `python -m benchmarks.NAME ...` in a subprocess from the repository root, as a user
+runs it; its exit status and one line of its output are checked, so a rename in the library (or
+in a sibling benchmark) breaks a test, not the next person's benchmark run. Modules are found
+with pkgutil: a new benchmark must be given its smallest run (SMALLEST_RUNS) or say why only its
+--help is run (HELP_ONLY).
+"""
+
+import importlib
+import importlib.util
+import pkgutil
+import re
+import subprocess
+import sys
+
+import pytest
+
+import benchmarks
+from tiny_runs import ROOT
+
+# Moving to cmedl_jax/study/ (issue 45); the lead deletes this set once they have moved.
+MOVING_TO_STUDY = {'reproduce', 'pilot', 'study_throughput'}
+
+MODULES = sorted(
+  name for _, name, _ in pkgutil.iter_modules(benchmarks.__path__) if name not in MOVING_TO_STUDY
+)
+NEEDS_TORCH = {'torch_reference'}  # An optional, benchmark-only dependency.
+LIBRARY_ONLY = {'torch_reference'}  # No entry point: imported by train_step.py's torch worker.
+
+_TINY_STUDY = ['--networks', 'tiny', '--set', 'data.image_size=32']
+_TINY_STUDY += ['--set', 'train.global_batch_size=2']
+
+# name -> (arguments, a line the output must hold (regex), slow: over ~20 s on 2 busy cores).
+SMALLEST_RUNS = {
+  'metrics': (['--repeats', '1'], r'^DSC [\d.]+  HD95 [\d.]+ mm  sDSC@2mm [\d.]+$', False),
+  'models': (
+    ['--networks', 'patchgan', '--batches', '1', '--repeats', '1'],
+    r'^\| patchgan \| 1 \| \d+ \| [\d.]+ \| [\d.]+ \|$',
+    False,
+  ),
+  'prediction': (
+    ['--size', '32', '--slices', '2', '--batch', '2'],
+    r'^RESULT \{"seconds": [\d.e-]+, "slices": 2\}$',
+    True,
+  ),
+  'step_memory': (['--size', '32', '--batch', '1'], r'^RESULT \{"size": 32, "batch": 1, ', True),
+  'train_step': (
+    ['--config', 'tiny', '--size', '32', '--batch', '1', '--steps', '1', '--no-peak']
+    + ['--no-torch', '--pairs', 'unet:cyclegan'],
+    r'^jax step unet:cyclegan 32x32 batch 1 precision \S+ float32: [\d.]+ ms on cpu',
+    True,
+  ),
+  'study_speed': (
+    _TINY_STUDY
+    + ['--steps', '1', '--flags', 'baseline', '--no-full', '--vmap', 'none']
+    + ['--no-peak', '--methods', 'cmedl'],
+    r'^  baseline +rep 0: cmedl +[\d.]+$',
+    True,
+  ),
+  'multihost': (
+    ['--size', '32', '--batch', '4', '--steps', '1'],
+    r'^\| 2x2 \| [\d.]+ \| [\d.]+ \| [\d.e+-]+ \(relative\) \|',
+    True,
+  ),
+}
+# name -> why a run is too long for a test: only `--help` runs.
+HELP_ONLY = {
+  'input_pipeline': 'writes and prepares phantom cases at 256x256 (minutes)',
+  'performance': 'the whole report; --quick still takes minutes',
+}
+
+
+def _run(name, args, timeout):
+  return subprocess.run(
+    [sys.executable, '-m', f'benchmarks.{name}', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+@pytest.mark.parametrize('name', MODULES)
+def test_every_module_imports(name):
+  if name in NEEDS_TORCH and importlib.util.find_spec('torch') is None:
+    pytest.skip('torch is not installed (an optional, benchmark-only dependency)')
+  module = importlib.import_module(f'benchmarks.{name}')
+  assert name in LIBRARY_ONLY or callable(getattr(module, 'main', None)), name
+
+
+def test_every_entry_point_has_a_run_or_says_why_not():
+  entry_points = set(MODULES) - LIBRARY_ONLY
+  assert entry_points == set(SMALLEST_RUNS) | set(HELP_ONLY), (
+    'give each benchmark its smallest run (SMALLEST_RUNS) or a reason for --help (HELP_ONLY)'
+  )
+  assert not set(SMALLEST_RUNS) & set(HELP_ONLY)
+
+
+@pytest.mark.parametrize('name', sorted(HELP_ONLY))
+def test_help(name):
+  done = _run(name, ['--help'], timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.startswith('usage: '), done.stdout[:500]
+
+
+@pytest.mark.parametrize(
+  'name',
+  [
+    pytest.param(name, marks=[pytest.mark.slow] if slow else [])
+    for name, (_, _, slow) in sorted(SMALLEST_RUNS.items())
+  ],
+)
+def test_smallest_run(name):
+  args, line, _ = SMALLEST_RUNS[name]
+  done = _run(name, args, timeout=900)
+  assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+  assert re.search(line, done.stdout, re.M), (line, done.stdout[-3000:])
