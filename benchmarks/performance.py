@@ -26,7 +26,7 @@ import types
 from benchmarks import multihost
 from benchmarks import train_step as step_benchmark
 from benchmarks.train_step import ROOT
-from data_prep import nifti_io
+from data_prep import files
 
 FAST_CONV = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 SCALING_DEVICES = (1, 2, 4, 8)
@@ -466,10 +466,10 @@ def main(argv=None):
   )
   raw = dict(peak=peak, steps=steps, scaling=scaling, memory=memory, prediction=pred)
   # The numbers behind the text, beside it.
-  nifti_io.atomic_write(os.path.splitext(args.out)[0] + '.json', json.dumps(raw, indent=1))
+  files.atomic_write(os.path.splitext(args.out)[0] + '.json', json.dumps(raw, indent=1))
   text = write_report(args, peak, steps, scaling, memory, pipeline_text, metrics_text, pred)
   text += kept_sections(args.out)
-  nifti_io.atomic_write(
+  files.atomic_write(
     args.out, text + f'\nThe whole report took {time.time() - t0:.0f} s to generate.\n'
   )
   # The multi-process rows (1x4 vs 2x2 processes x devices), as their own section.

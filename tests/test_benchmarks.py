@@ -19,17 +19,10 @@ import pytest
 import benchmarks
 from tiny_runs import ROOT
 
-# Moving to cmedl_jax/study/ (issue 45); the lead deletes this set once they have moved.
-MOVING_TO_STUDY = {'reproduce', 'pilot', 'study_throughput'}
-
-MODULES = sorted(
-  name for _, name, _ in pkgutil.iter_modules(benchmarks.__path__) if name not in MOVING_TO_STUDY
-)
+MODULES = sorted(name for _, name, _ in pkgutil.iter_modules(benchmarks.__path__))
 NEEDS_TORCH = {'torch_reference'}  # An optional, benchmark-only dependency.
 LIBRARY_ONLY = {'torch_reference'}  # No entry point: imported by train_step.py's torch worker.
 
-_TINY_STUDY = ['--networks', 'tiny', '--set', 'data.image_size=32']
-_TINY_STUDY += ['--set', 'train.global_batch_size=2']
 
 # name -> (arguments, a line the output must hold (regex), slow: over ~20 s on 2 busy cores).
 SMALLEST_RUNS = {
@@ -45,25 +38,15 @@ SMALLEST_RUNS = {
     True,
   ),
   'step_memory': (['--size', '32', '--batch', '1'], r'^RESULT \{"size": 32, "batch": 1, ', True),
-  'train_step': (
-    ['--config', 'tiny', '--size', '32', '--batch', '1', '--steps', '1', '--no-peak']
-    + ['--no-torch', '--pairs', 'unet:cyclegan'],
-    r'^jax step unet:cyclegan 32x32 batch 1 precision \S+ float32: [\d.]+ ms on cpu',
-    True,
-  ),
-  'study_speed': (
-    _TINY_STUDY
-    + ['--steps', '1', '--flags', 'baseline', '--no-full', '--vmap', 'none']
-    + ['--no-peak', '--methods', 'cmedl'],
-    r'^  baseline +rep 0: cmedl +[\d.]+$',
-    True,
-  ),
   'multihost': (
-    ['--size', '32', '--batch', '4', '--steps', '1'],
+    ['--size', '32', '--batch', '4', '--steps', '1', '--no-peak'],
     r'^\| 2x2 \| [\d.]+ \| [\d.]+ \| [\d.e+-]+ \(relative\) \|',
     True,
   ),
 }
+# Run at tiny sizes by tests/test_gpu_script.py (`bash benchmarks/gpu.sh --tiny`, whose stages
+# call them as `python -m benchmarks.NAME`): only `--help` runs here.
+RUN_BY_GPU_SCRIPT = {'train_step', 'study_speed'}
 # name -> why a run is too long for a test: only `--help` runs.
 HELP_ONLY = {
   'input_pipeline': 'writes and prepares phantom cases at 256x256 (minutes)',
@@ -91,13 +74,16 @@ def test_every_module_imports(name):
 
 def test_every_entry_point_has_a_run_or_says_why_not():
   entry_points = set(MODULES) - LIBRARY_ONLY
-  assert entry_points == set(SMALLEST_RUNS) | set(HELP_ONLY), (
+  assert entry_points == set(SMALLEST_RUNS) | set(HELP_ONLY) | RUN_BY_GPU_SCRIPT, (
     'give each benchmark its smallest run (SMALLEST_RUNS) or a reason for --help (HELP_ONLY)'
   )
   assert not set(SMALLEST_RUNS) & set(HELP_ONLY)
+  gpu_script = (ROOT / 'benchmarks' / 'gpu.sh').read_text()
+  for name in RUN_BY_GPU_SCRIPT:
+    assert f'-m benchmarks.{name} ' in gpu_script, name
 
 
-@pytest.mark.parametrize('name', sorted(HELP_ONLY))
+@pytest.mark.parametrize('name', sorted(set(HELP_ONLY) | RUN_BY_GPU_SCRIPT))
 def test_help(name):
   done = _run(name, ['--help'], timeout=120)
   assert done.returncode == 0, done.stderr[-3000:]

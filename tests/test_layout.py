@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 
-from test_benchmarks import MOVING_TO_STUDY
 from tiny_runs import ROOT
 
 PACKAGES = ('cmedl_jax', 'data_prep')
@@ -30,12 +29,7 @@ def _sources():
 
 
 def _script_sources():
-  return sorted(
-    p
-    for package in SCRIPT_PACKAGES
-    for p in (ROOT / package).rglob('*.py')
-    if p.stem not in MOVING_TO_STUDY
-  )
+  return sorted(p for package in SCRIPT_PACKAGES for p in (ROOT / package).rglob('*.py'))
 
 
 def _module_name(path):
