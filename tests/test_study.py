@@ -290,3 +290,27 @@ def test_the_report_counts_an_extension_once_either_arm_of_an_extra_seed_is_reco
   text = (tmp_path / 'RESULTS.md').read_text()
   assert f'**1 of {len(planned)} planned runs**' in text
   assert 'Still to run: primary' in text
+
+
+@pytest.mark.slow
+def test_the_committed_reports_rebuild_from_their_committed_records(tmp_path):
+  """docs/RESULTS.md and docs/PILOT.md are what the study package writes from the records
+  committed beside them (apart from RESULTS.md's commit and date, lines 3-4)."""
+  for records in ('RESULTS_runs', 'PILOT_runs'):
+    shutil.copytree(os.path.join(REPO, 'docs', records), tmp_path / records)
+  for cmd in (
+    ['cmedl_jax.study', '--report-only', f'--out={tmp_path}/RESULTS.md'],
+    ['cmedl_jax.study.pilot', '--report-only', f'--out={tmp_path}/PILOT.md']
+    + [f'--records={tmp_path}/PILOT_runs'],
+  ):
+    done = subprocess.run(
+      [sys.executable, '-m', *cmd], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+  for name, header in (('RESULTS.md', {2, 3}), ('PILOT.md', set())):
+    with open(os.path.join(REPO, 'docs', name)) as f:
+      want = f.read().splitlines()
+    got = (tmp_path / name).read_text().splitlines()
+    assert len(got) == len(want), name
+    differ = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    assert set(differ) <= header, (name, [(i + 1, got[i], want[i]) for i in differ[:5]])
