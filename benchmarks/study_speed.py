@@ -228,18 +228,19 @@ def _loss_part_items(config, nets, state, src, tgt, g_params, d_params):
   items.append(_part('generator-side losses fwd', lambda g: gen_loss(g)[0], g_params, slices=n))
   u = method.parts(config)
 
+  def translator_terms(g):
+    context = ts.StepContext(config, nets, u, g, d_params, state.batch_stats, src, tgt)
+    return ts.translation_terms(context, rng, rng)[0].terms
+
   def translator_side(g):
-    terms, aux = {}, {}
-    ts.translation_terms(g, d_params, config, nets, src, tgt, rng, rng, u, terms, aux)
-    return sum(terms.values())
+    return sum(translator_terms(g).values())
 
   items.append(
     _part('translator-side terms fwd+bwd', jax.grad(translator_side), g_params, slices=n)
   )
 
   def translator_side_no_ctx(g):
-    terms, aux = {}, {}
-    ts.translation_terms(g, d_params, config, nets, src, tgt, rng, rng, u, terms, aux)
+    terms = dict(translator_terms(g))
     terms.pop('contextual', None)
     return sum(terms.values())
 

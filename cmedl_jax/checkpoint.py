@@ -265,9 +265,45 @@ def save_config(workdir, config):
   )
 
 
+# Fields added to configs/default.py after runs had been saved without them, each with the
+# behaviour of a run saved before the field existed (dotted name -> value). load_config fills
+# them in, so the code reads every field directly; a field added later whose default changes
+# what an old run did gets its entry here.
+LEGACY_DEFAULTS = {
+  'model.remat': False,  # Activations kept for the backward pass.
+  'method.distill': 'hint',  # Hint distillation (before 'kl' and 'none').
+  'method.hint_adapters': 'auto',  # 1x1 adapters only where the widths differ.
+  'method.hint_warmup': 0.0,  # The full hint weight from step 0.
+  'method.hint_trains_teacher': False,  # The hint trained the student (and adapters) only.
+  'method.hint_trains_translator': False,
+  'method.teacher_bn': 'joint',  # One teacher pass over [G(x), t] (this code before 2026-12).
+  'method.contextual_features': 'patches',  # Raw intensity patches.
+  'loss.seg_to_translator': 1.0,  # The teacher's full segmentation gradient into G.
+  'data.source.train_cases': 0,  # Every training case.
+  'data.target.tfds_dir': '',  # The target prepared from raw_dir.
+  'data.source.label_map': None,  # Both sides: the shared data.label_map.
+  'data.target.label_map': None,
+  'data.paired': False,  # Unpaired source and target streams.
+}
+
+
+def upgrade_config(config):
+  """`config` (a run's saved config) with each LEGACY_DEFAULTS field it lacks filled in; the
+  fields it has are kept. Changes and returns `config`."""
+  for dotted, value in LEGACY_DEFAULTS.items():
+    *sections, field = dotted.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    if field not in node:
+      node[field] = value
+  return config
+
+
 def load_config(workdir):
+  """WORKDIR/config.json as a ConfigDict, brought up to date (upgrade_config)."""
   with open(os.path.join(workdir, 'config.json')) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return upgrade_config(ml_collections.ConfigDict(json.load(f)))
 
 
 def export_inference(workdir, params, batch_stats, tag=0):

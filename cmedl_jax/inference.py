@@ -56,7 +56,7 @@ def predict_volume(infer_fn, volume, batch_size, context_slices, mesh):
 def mirror_axes(config):
   """Axes of [B,H,W,C] slices that training mirrored (data.augment): W for left-right flips,
   H for up-down flips."""
-  augment = input_pipeline.augment_params(config.data.get('augment'))
+  augment = input_pipeline.augment_params(config.data.augment)
   if augment is None:
     return ()
   return tuple(axis for axis, key in ((2, 'flip'), (1, 'flip_ud')) if augment[key] > 0)

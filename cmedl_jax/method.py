@@ -82,8 +82,8 @@ METHODS = {
   ),
 }
 DISTILLATIONS = ('hint', 'kl', 'none')
-# Choices of the method's switches (configs/default.py documents each); the first is the value
-# of a run saved before the switch existed.
+# Choices of the method's switches (configs/default.py documents each; a run saved before one
+# existed is given the behaviour of then when loaded: checkpoint.LEGACY_DEFAULTS).
 CHOICES = {
   'distill': DISTILLATIONS,
   'hint_adapters': ('auto', 'always', 'none'),
@@ -93,9 +93,8 @@ CHOICES = {
 
 
 def switch(config, field):
-  """config.method.<field>, checked against CHOICES (a run saved before it existed: the
-  behaviour of then)."""
-  value = config.method.get(field, CHOICES[field][0])
+  """config.method.<field>, checked against CHOICES."""
+  value = config.method[field]
   if value not in CHOICES[field]:
     raise ValueError(f'method.{field}={value!r}: expected one of {CHOICES[field]}')
   return value
@@ -173,7 +172,7 @@ def build_networks(config, in_channels):
   """The Flax modules of `config`'s method. in_channels: channels of one source image."""
   u = parts(config)
   dtype = config.model.dtype
-  remat = bool(config.model.get('remat', False))  # Runs saved before the field existed: off.
+  remat = bool(config.model.remat)
   k = config.data.num_classes
 
   def segmenter(section):

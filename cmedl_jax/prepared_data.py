@@ -88,9 +88,9 @@ def config_label_map(config, side: str) -> Optional[dict]:
   labels in order. Anything else: DataError naming the field.
   """
   field = f'data.{side}.label_map'
-  value = config.data[side].get('label_map')
+  value = config.data[side].label_map
   if value is None:
-    field, value = 'data.label_map', config.data.get('label_map')
+    field, value = 'data.label_map', config.data.label_map
   value = value.to_dict() if hasattr(value, 'to_dict') else value
   if isinstance(value, str):
     value = prepare.parse_label_map([v for v in value.split(',') if v.strip()], field)

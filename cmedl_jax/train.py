@@ -134,7 +134,7 @@ def _check_input(config, fail):
   c = config.data.context_slices
   if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
     fail('data.context_slices', 'must be an odd int >= 1')
-  tfds_dir = config.data.target.get('tfds_dir')
+  tfds_dir = config.data.target.tfds_dir
   if tfds_dir and not os.path.isfile(os.path.join(tfds_dir, 'dataset_info.json')):
     raise ConfigError(
       f'data.target.tfds_dir must be a TFDS dataset folder (with dataset_info.json), got '
@@ -262,7 +262,7 @@ def _train_iterator(config, start_step, mesh):
   """The unpaired (source, target) batches of the run from `start_step` on."""
   return input_pipeline.create_train_iterator(
     config.data.source.prepared_dir,
-    config.data.target.get('tfds_dir') or config.data.target.prepared_dir,
+    config.data.target.tfds_dir or config.data.target.prepared_dir,
     global_batch_size=config.train.global_batch_size,
     seed=config.seed,
     start_step=start_step,
@@ -272,8 +272,8 @@ def _train_iterator(config, start_step, mesh):
     target_labels=config.data.target_labels,
     mesh=mesh,
     prefetch=config.data.prefetch,
-    source_cases=config.data.source.get('train_cases', 0),
-    paired=config.data.get('paired', False),
+    source_cases=config.data.source.train_cases,
+    paired=config.data.paired,
   )
 
 

@@ -22,7 +22,9 @@ The state is replicated and the batch sharded on the mesh's 'data' axis; batch n
 are therefore those of the global batch.
 """
 
+import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,47 @@ from cmedl_jax import image_pool
 from cmedl_jax import losses
 from cmedl_jax import method
 from cmedl_jax.method import translate
+
+
+# Loss-term names (metrics 'loss/<name>'), by the part of the step that adds them; a term whose
+# weight is 0 is left out (contextual, identity, nce_identity).
+TRANSLATION_TERMS = ('gan_target', 'contextual')  # Any trained translator.
+CYCLEGAN_TERMS = ('gan_source', 'cycle', 'identity')
+CUT_TERMS = ('nce', 'nce_identity')
+TEACHER_TERMS = ('teacher_seg',)
+STUDENT_TERMS = ('student_seg',)
+DISTILLATION_TERMS = ('hint', 'kl')  # Named after method.distill.
+DISCRIMINATOR_TERMS = ('disc_target', 'disc_source')
+TOTAL_TERM = 'total_generator_side'  # The sum of the generator-side terms.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What the generator-side terms of one step read (built once per step, never changed).
+
+  params: the differentiated collections (translator(s), nce_head, teacher, student, adapters);
+  d_params: the discriminators and batch_stats: the running statistics, both constant here;
+  src, tgt: the source and target batches (train_step's); parts: method.parts(config).
+  """
+
+  config: Any
+  nets: method.Networks
+  parts: dict
+  params: dict
+  d_params: dict
+  batch_stats: dict
+  src: dict
+  tgt: dict
+  step: Any = 0
+
+
+class StepTerms(NamedTuple):
+  """What a part of the step gives: weighted loss terms {name: scalar}, new batch statistics
+  {collection: tree}, and auxiliary outputs (translations and logits, [B,H,W,*])."""
+
+  terms: dict
+  batch_stats: dict
+  aux: dict
 
 
 def _seg(config, logits, labels, mask=None):
@@ -68,8 +111,9 @@ def _apply_bn(net, params, stats, x, rng):
   return logits, feats, new['batch_stats']
 
 
-def _patch_nce(config, nets, params, source, translated, rng):
+def _patch_nce(ctx, source, translated, rng):
   """CUT's PatchNCE between `source` and its translation, averaged over tapped layers."""
+  config, nets, params = ctx.config, ctx.nets, ctx.params
   layers = tuple(config.model.nce.layers)
   n = config.model.nce.num_patches
   _, feat_k = nets.translator.apply({'params': params['translator']}, source, nce_layers=layers)
@@ -91,53 +135,49 @@ def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng,
   aux: translations and logits)).
   """
   u = method.parts(config)
+  ctx = StepContext(config, nets, u, params, d_params, batch_stats, src, tgt, step)
   r_nce, r_ctx, r_teacher, r_student = jax.random.split(rng, 4)
-  terms, new_stats, aux = {}, {}, {}
+  outs = []
   fake_t = teacher_feats = None
   if u['translator']:
-    fake_t = translation_terms(
-      params, d_params, config, nets, src, tgt, r_nce, r_ctx, u, terms, aux
-    )
+    out, fake_t = translation_terms(ctx, r_nce, r_ctx)
+    outs.append(out)
   elif u['teacher']:  # self_distill: the identity translator.
     fake_t = src['image']
   if u['teacher']:
-    teacher_feats = teacher_terms(
-      params, batch_stats, config, nets, src, tgt, fake_t, r_teacher, u, terms, new_stats, aux
-    )
+    out, teacher_feats = teacher_terms(ctx, fake_t, r_teacher)
+    outs.append(out)
   if u['student']:
-    student_terms(
-      params,
-      batch_stats,
-      config,
-      nets,
-      src,
-      fake_t,
-      teacher_feats,
-      r_student,
-      u,
-      terms,
-      new_stats,
-      aux,
-      step,
-    )
+    outs.append(student_terms(ctx, fake_t, teacher_feats, r_student))
+  terms, new_stats, aux = _joined(outs)
   total = sum(terms.values())
   return total, (terms, new_stats, aux)
 
 
-def translation_terms(params, d_params, config, nets, src, tgt, r_nce, r_ctx, u, terms, aux):
-  """The translator's terms into `terms` (gan_target, contextual, then CycleGAN's gan_source,
-  cycle, identity or CUT's nce, nce_identity). Returns G(x) [B,H,W,C] (detached when the
+def _joined(outs):
+  """One StepTerms of several: each of their dicts joined, in order."""
+  joined = StepTerms({}, {}, {})
+  for out in outs:
+    for mine, theirs in zip(joined, out):
+      mine.update(theirs)
+  return joined
+
+
+def translation_terms(ctx, r_nce, r_ctx):
+  """The translator's terms: gan_target, contextual, then CycleGAN's gan_source, cycle,
+  identity or CUT's nce, nce_identity. Returns (StepTerms, G(x) [B,H,W,C], detached when the
   translator is frozen)."""
+  config, nets = ctx.config, ctx.nets
   lw = config.loss
-  x, t = src['image'], tgt['image']
-  fake_t = translate(nets, params, x)  # G(x): pseudo-target.
-  aux['fake_target'] = fake_t
-  if u['trains_translator']:
-    d_t = nets.disc_target.apply({'params': d_params['disc_target']}, fake_t)
-    terms['gan_target'] = lw.gan * losses.lsgan_generator_loss(d_t)
+  x = ctx.src['image']
+  fake_t = translate(nets, ctx.params, x)  # G(x): pseudo-target.
+  out = StepTerms({}, {}, {'fake_target': fake_t})
+  if ctx.parts['trains_translator']:
+    d_t = nets.disc_target.apply({'params': ctx.d_params['disc_target']}, fake_t)
+    out.terms['gan_target'] = lw.gan * losses.lsgan_generator_loss(d_t)
     if lw.contextual > 0:
       # Reference = the source: every source patch should have a match in G(x).
-      terms['contextual'] = lw.contextual * losses.contextual_loss(
+      out.terms['contextual'] = lw.contextual * losses.contextual_loss(
         fake_t,
         x,
         feature_fn=losses.contextual_feature_fn(
@@ -147,30 +187,33 @@ def translation_terms(params, d_params, config, nets, src, tgt, r_nce, r_ctx, u,
         rng=r_ctx,
       )
     if nets.translator_inv is not None:
-      _cyclegan_terms(params, d_params, config, nets, x, t, fake_t, terms, aux)
+      own = _cyclegan_terms(ctx, fake_t)
     else:
-      _cut_terms(params, config, nets, x, t, fake_t, r_nce, terms)
-  if not u['trains_translator']:
+      own = _cut_terms(ctx, fake_t, r_nce)
+    out.terms.update(own.terms)
+    out.aux.update(own.aux)
+  if not ctx.parts['trains_translator']:
     fake_t = jax.lax.stop_gradient(fake_t)
-  return fake_t
+  return out, fake_t
 
 
-def _cyclegan_terms(params, d_params, config, nets, x, t, fake_t, terms, aux):
+def _cyclegan_terms(ctx, fake_t):
   """CycleGAN: LSGAN on F(t), cycle L1 of F(G(x)) and G(F(t)), identity L1 of G(t), F(x)."""
-  lw = config.loss
+  lw, nets, params = ctx.config.loss, ctx.nets, ctx.params
+  x, t = ctx.src['image'], ctx.tgt['image']
   g = lambda p, v: nets.translator.apply({'params': p}, v)
   f = lambda p, v: nets.translator_inv.apply({'params': p}, v)
   fake_s = f(params['translator_inv'], t)  # F(t): pseudo-source.
-  aux['fake_source'] = fake_s
-  d_s = nets.disc_source.apply({'params': d_params['disc_source']}, fake_s)
-  terms['gan_source'] = lw.gan * losses.lsgan_generator_loss(d_s)
+  out = StepTerms({}, {}, {'fake_source': fake_s})
+  d_s = nets.disc_source.apply({'params': ctx.d_params['disc_source']}, fake_s)
+  out.terms['gan_source'] = lw.gan * losses.lsgan_generator_loss(d_s)
   rec_s = f(params['translator_inv'], fake_t)
-  aux['cycle_source'] = rec_s
-  terms['cycle'] = lw.cycle * (
+  out.aux['cycle_source'] = rec_s
+  out.terms['cycle'] = lw.cycle * (
     losses.l1_loss(rec_s, x) + losses.l1_loss(g(params['translator'], fake_s), t)
   )
   if lw.identity > 0:
-    terms['identity'] = (
+    out.terms['identity'] = (
       lw.cycle
       * lw.identity
       * (
@@ -178,35 +221,33 @@ def _cyclegan_terms(params, d_params, config, nets, x, t, fake_t, terms, aux):
         + losses.l1_loss(f(params['translator_inv'], x), x)
       )
     )
+  return out
 
 
-def _cut_terms(params, config, nets, x, t, fake_t, rng, terms):
+def _cut_terms(ctx, fake_t, rng):
   """CUT: PatchNCE between x and G(x), and (nce_identity) between t and G(t)."""
+  x, t = ctx.src['image'], ctx.tgt['image']
   r1, r2 = jax.random.split(rng)
-  terms['nce'] = config.loss.nce * _patch_nce(config, nets, params, x, fake_t, r1)
-  if config.loss.nce_identity:
-    terms['nce_identity'] = config.loss.nce * _patch_nce(
-      config, nets, params, t, translate(nets, params, t), r2
+  terms = {'nce': ctx.config.loss.nce * _patch_nce(ctx, x, fake_t, r1)}
+  if ctx.config.loss.nce_identity:
+    terms['nce_identity'] = ctx.config.loss.nce * _patch_nce(
+      ctx, t, translate(ctx.nets, ctx.params, t), r2
     )
+  return StepTerms(terms, {}, {})
 
 
-def teacher_terms(
-  params, batch_stats, config, nets, src, tgt, fake_t, rng, u, terms, new_stats, aux
-):
+def teacher_terms(ctx, fake_t, rng):
   """teacher_seg: the teacher segments G(x) with the source labels (and, with
-  data.target_labels, labelled real target images: method.teacher_bn). Returns its features on
-  G(x), the distillation targets, with the gradient routes of _hint_targets."""
-  n = src['label'].shape[0]
-  fake_in = _teacher_input(fake_t, config, u)
-  logits, feats, labels, mask, new_stats['teacher'] = _teacher_passes(
-    params, batch_stats, config, nets, src, tgt, fake_in, rng
-  )
-  terms['teacher_seg'] = config.loss.teacher_seg * _seg_with_aux(
-    config, logits, feats, labels, mask
-  )
-  aux['teacher_logits'] = logits[:n]
+  data.target_labels, labelled real target images: method.teacher_bn). Returns (StepTerms,
+  its features on G(x): the distillation targets, with the gradient routes of _hint_targets)."""
+  config = ctx.config
+  n = ctx.src['label'].shape[0]
+  fake_in = _teacher_input(ctx, fake_t)
+  logits, feats, labels, mask, new_stats = _teacher_passes(ctx, fake_in, rng)
+  seg = config.loss.teacher_seg * _seg_with_aux(config, logits, feats, labels, mask)
+  out = StepTerms({'teacher_seg': seg}, {'teacher': new_stats}, {'teacher_logits': logits[:n]})
   own = {k: v[:n] for k, v in feats.items()}
-  return _hint_targets(params, batch_stats, config, nets, fake_t, own, rng, u)
+  return out, _hint_targets(ctx, fake_t, own, rng)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -228,30 +269,33 @@ def _scale_gradient_bwd(scale, residual, g):
 scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
-def _teacher_input(fake_t, config, u):
+def _teacher_input(ctx, fake_t):
   """G(x) as the teacher's segmentation loss sees it: its gradient into the translator
   scaled by loss.seg_to_translator (the teacher's own gradient is never scaled)."""
-  scale = config.loss.get('seg_to_translator', 1.0)
-  if not u['trains_translator'] or scale == 1.0:
+  scale = ctx.config.loss.seg_to_translator
+  if not ctx.parts['trains_translator'] or scale == 1.0:
     return fake_t
   if scale == 0.0:
     return jax.lax.stop_gradient(fake_t)
   return scale_gradient(fake_t, float(scale))
 
 
-def _teacher_passes(params, batch_stats, config, nets, src, tgt, fake_in, rng):
+def _teacher_passes(ctx, fake_in, rng):
   """The teacher's training forward(s): (logits, feats, labels, per-example loss mask, new
   batch stats). G(x) first, then real target images where they enter."""
+  src, tgt = ctx.src, ctx.tgt
   y, t = src['label'], tgt['image']
   ones = jnp.ones((y.shape[0],), jnp.float32)
   cat = lambda a, b: jnp.concatenate([a, b], 0)
-  forward = functools.partial(_apply_bn, nets.teacher, params['teacher'], batch_stats['teacher'])
-  if method.switch(config, 'teacher_bn') == 'joint':
+  forward = functools.partial(
+    _apply_bn, ctx.nets.teacher, ctx.params['teacher'], ctx.batch_stats['teacher']
+  )
+  if method.switch(ctx.config, 'teacher_bn') == 'joint':
     # One pass over [G(x), t], t's loss masked by has_label (this code before 2026-12).
     logits, feats, stats = forward(cat(fake_in, t), rng)
     return logits, feats, cat(y, tgt['label']), cat(ones, tgt['has_label']), stats
   logits, feats, stats = forward(fake_in, rng)
-  if not config.data.target_labels:
+  if not ctx.config.data.target_labels:
     return logits, feats, y, ones, stats
   # Real target images in their own pass: normalised by their own batch statistics, whose
   # running averages are dropped (the teacher meets pseudo-target images at test time).
@@ -260,70 +304,60 @@ def _teacher_passes(params, batch_stats, config, nets, src, tgt, fake_in, rng):
   return cat(logits, real_logits), feats, cat(y, tgt['label']), cat(ones, tgt['has_label']), stats
 
 
-def _hint_targets(params, batch_stats, config, nets, fake_t, feats, rng, u):
+def _hint_targets(ctx, fake_t, feats, rng):
   """The teacher's features on G(x) that the student distils. Their gradient trains the
   teacher with method.hint_trains_teacher and reaches the translator with
   method.hint_trains_translator; with neither they are constants."""
-  to_teacher = config.method.get('hint_trains_teacher', False)
-  to_translator = config.method.get('hint_trains_translator', False) and u['trains_translator']
+  config, trains_translator = ctx.config, ctx.parts['trains_translator']
+  to_teacher = config.method.hint_trains_teacher
+  to_translator = config.method.hint_trains_translator and trains_translator
   if not (to_teacher or to_translator):
     return jax.lax.stop_gradient(feats)
-  scale = config.loss.get('seg_to_translator', 1.0) if u['trains_translator'] else 0.0
+  scale = config.loss.seg_to_translator if trains_translator else 0.0
   if to_teacher and scale == (1.0 if to_translator else 0.0):
     return feats  # The training pass routes gradients as asked.
   # Else a second forward on G(x) alone with the asked routes (its running averages dropped).
-  p = params['teacher'] if to_teacher else jax.lax.stop_gradient(params['teacher'])
+  p = ctx.params['teacher'] if to_teacher else jax.lax.stop_gradient(ctx.params['teacher'])
   x = fake_t if to_translator else jax.lax.stop_gradient(fake_t)
-  _, feats, _ = _apply_bn(nets.teacher, p, batch_stats['teacher'], x, rng)
+  _, feats, _ = _apply_bn(ctx.nets.teacher, p, ctx.batch_stats['teacher'], x, rng)
   return feats
 
 
 def hint_weight(config, step):
   """loss.hint, ramped linearly from 0 over method.hint_warmup x train.num_steps steps."""
-  warmup = config.method.get('hint_warmup', 0.0) * config.train.num_steps
+  warmup = config.method.hint_warmup * config.train.num_steps
   if warmup <= 0:
     return config.loss.hint
   return config.loss.hint * jnp.clip(step / warmup, 0.0, 1.0)
 
 
-def student_terms(
-  params,
-  batch_stats,
-  config,
-  nets,
-  src,
-  fake_t,
-  teacher_feats,
-  rng,
-  u,
-  terms,
-  new_stats,
-  aux,
-  step=0,
-):
+def student_terms(ctx, fake_t, teacher_feats, rng):
   """student_seg on x (on [x, G(x)] for two_channel), plus distillation from the teacher's
-  features on G(x): hint (adapted student taps vs teacher taps) or kl (softened logits)."""
-  lw = config.loss
-  s_in = src['image']
+  features on G(x): hint (adapted student taps vs teacher taps) or kl (softened logits).
+  Returns StepTerms."""
+  config, u = ctx.config, ctx.parts
+  s_in = ctx.src['image']
   if method.get(config).test_time == method.STUDENT_ON_TRANSLATION:
     s_in = jnp.concatenate([s_in, jax.lax.stop_gradient(fake_t)], -1)
-  s_logits, s_feats, new_stats['student'] = _apply_bn(
-    nets.student, params['student'], batch_stats['student'], s_in, rng
+  s_logits, s_feats, new_stats = _apply_bn(
+    ctx.nets.student, ctx.params['student'], ctx.batch_stats['student'], s_in, rng
   )
-  terms['student_seg'] = lw.student_seg * _seg_with_aux(config, s_logits, s_feats, src['label'])
-  aux['student_logits'] = s_logits
+  seg = config.loss.student_seg * _seg_with_aux(config, s_logits, s_feats, ctx.src['label'])
+  out = StepTerms({'student_seg': seg}, {'student': new_stats}, {'student_logits': s_logits})
   if u['distill'] and config.method.distill == 'hint':
     taps = method.hint_taps(config, s_feats)
     if u['adapters']:
-      taps = method.hint_adapters(config, teacher_feats).apply({'params': params['adapters']}, taps)
+      adapters = method.hint_adapters(config, teacher_feats)
+      taps = adapters.apply({'params': ctx.params['adapters']}, taps)
     hint, _ = losses.hint_loss(
       taps, teacher_feats, config.method.hint_taps, kind=config.method.hint_kind
     )
-    terms['hint'] = hint_weight(config, step) * hint
+    out.terms['hint'] = hint_weight(config, ctx.step) * hint
   elif u['distill']:
-    terms['kl'] = hint_weight(config, step) * losses.kl_distillation_loss(
+    out.terms['kl'] = hint_weight(config, ctx.step) * losses.kl_distillation_loss(
       s_logits, teacher_feats['logits'], config.method.kl_temperature
     )
+  return out
 
 
 def discriminator_losses(d_params, nets, src, tgt, aux):
@@ -379,7 +413,7 @@ def train_step(state, src, tgt, *, config, nets, tx):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  metrics['loss/total_generator_side'] = g_total
+  metrics[f'loss/{TOTAL_TERM}'] = g_total
   by_group = {}
   for name, grad in grads.items():
     by_group.setdefault(method.GROUP_OF[name], []).append(grad)

@@ -185,7 +185,8 @@ def test_lowers_for_cuda_and_tpu_with_the_programs_shapes(programs, name):
   if name == 'train_step':
     new_state, metrics = gives
     assert _avals(new_state) == _avals(program['args'][0])  # The state comes back as it went in.
-    assert {'loss/teacher_seg', 'loss/student_seg', 'loss/hint', 'loss/cycle'} <= set(metrics)
+    names = (*ts.TEACHER_TERMS, *ts.STUDENT_TERMS, 'hint', 'cycle')
+    assert {f'loss/{n}' for n in names} <= set(metrics)
     assert set(_avals(metrics).values()) == {((), 'float32')}
   elif name == 'eval_step':
     n = str(config.eval.batch_size)

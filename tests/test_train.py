@@ -34,6 +34,7 @@ from cmedl_jax import prepared_data
 from cmedl_jax import sharding
 from cmedl_jax import train
 from cmedl_jax import train_state
+from cmedl_jax import train_step as ts
 from cmedl_jax import validation
 from cmedl_jax import workdir_lock
 from cmedl_jax.evaluation import metrics as seg_metrics
@@ -351,19 +352,10 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
   _, workdir = tiny_run
   scalars = curves.read_scalars(str(workdir))
   logged = [2, 4, 6, 8]  # train.log_every = 2.
-  terms = (
-    'gan_target',
-    'gan_source',
-    'cycle',
-    'identity',
-    'contextual',
-    'teacher_seg',
-    'student_seg',
-    'hint',
-    'disc_target',
-    'disc_source',
-    'total_generator_side',
+  generator_side = (
+    ts.TRANSLATION_TERMS + ts.CYCLEGAN_TERMS + ts.TEACHER_TERMS + ts.STUDENT_TERMS + ('hint',)
   )
+  terms = generator_side + ts.DISCRIMINATOR_TERMS + (ts.TOTAL_TERM,)
   groups = ('translator', 'discriminator', 'teacher', 'student')
   for tag in (
     [f'loss/{t}' for t in terms]
@@ -380,7 +372,7 @@ def test_tensorboard_holds_losses_norms_rates_validation_and_images(tiny_run):
     np.testing.assert_allclose(scalars[f'lr/{g}'][1], want, rtol=1e-6, err_msg=g)
   np.testing.assert_allclose(
     scalars['loss/total_generator_side'][1],
-    sum(scalars[f'loss/{t}'][1] for t in terms[:8]),
+    sum(scalars[f'loss/{t}'][1] for t in generator_side),
     rtol=1e-5,
   )
   history = json.loads((workdir / 'validation.json').read_text())
@@ -554,6 +546,32 @@ def test_resume_of_a_run_saved_before_a_config_field_existed_warns(tmp_path, cap
   config.optim.lr = 1e-3
   with pytest.raises(ValueError, match=r'changed: optim\.lr;'):
     checkpoint.check_resume_config(str(tmp_path), config)
+
+
+def test_a_run_saved_before_a_config_field_existed_loads_with_the_behaviour_of_then(tmp_path):
+  """load_config (predict, export, inference) fills the fields a saved config lacks with
+  checkpoint.LEGACY_DEFAULTS, the behaviour before each existed, not configs/default.py's
+  defaults; the fields it has are kept."""
+  config = small_config(tmp_path)
+  config.method.hint_warmup = 0.5
+  checkpoint.save_config(str(tmp_path), config)
+  stored = json.loads((tmp_path / 'config.json').read_text())
+  del stored['method']['teacher_bn'], stored['model']['remat'], stored['loss']['seg_to_translator']
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  loaded = checkpoint.load_config(str(tmp_path))
+  assert config.method.teacher_bn == 'separate'  # Today's default, not the run's behaviour.
+  assert loaded.method.teacher_bn == 'joint' == method.switch(loaded, 'teacher_bn')
+  assert loaded.model.remat is False and loaded.loss.seg_to_translator == 1.0
+  assert loaded.method.hint_warmup == 0.5  # Saved: kept.
+  # Each legacy field is one of today's config, and the tables agree on the switches' choices.
+  for dotted, value in checkpoint.LEGACY_DEFAULTS.items():
+    *sections, field = dotted.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    assert field in node, dotted
+    if sections == ['method'] and field in method.CHOICES:
+      assert value in method.CHOICES[field], dotted
 
 
 @pytest.mark.parametrize(
