@@ -8,11 +8,18 @@
   pmri_teacher     translator, discriminators, teacher           teacher(G(x))
   translator_only  translator, discriminators                    nothing (segments nothing)
   self_distill     teacher, student (+ hint adapters)            student(x)
+  paired_teacher   teacher, student (+ hint adapters)            student(x)
 
 self_distill [ours] is CMEDL with an identity translator: the teacher segments the source
 images themselves, with their labels, and the student distils it; the control that separates
 what distillation does as a regulariser from anything the target modality adds (the study's
 premise factorial, docs/STUDY_PLAN.md). Its teacher never sees target images.
+
+paired_teacher [Hu et al., MICCAI 2020: multi-modal to mono-modal distillation; the positive
+control of issue 46] needs co-registered data (data.paired): the teacher segments the real
+target image of each source slice with the labels, the student segments the source and distils
+the teacher's features of the same slice; no translator. It is not validated on the source
+(its teacher reads the target modality): `teacher_view` is None.
 
 Translator: G (source -> target); CycleGAN adds F (target -> source) and a discriminator on
 each side, CUT adds PatchNCE heads. `method.freeze_translator` keeps a translator (e.g. one
@@ -65,6 +72,7 @@ class Method:
   translator: bool
   test_time: Optional[str]  # A key of TEST_TIME_COLLECTIONS; None: no segmentation network.
   distills: bool = False  # The student learns from the teacher (method.distill).
+  paired: bool = False  # The teacher sees the co-registered real target (needs data.paired).
 
 
 METHODS = {
@@ -79,6 +87,9 @@ METHODS = {
   'translator_only': Method(student=False, teacher=False, translator=True, test_time=None),
   'self_distill': Method(
     student=True, teacher=True, translator=False, test_time=STUDENT, distills=True
+  ),
+  'paired_teacher': Method(
+    student=True, teacher=True, translator=False, test_time=STUDENT, distills=True, paired=True
   ),
 }
 DISTILLATIONS = ('hint', 'kl', 'none')
@@ -137,7 +148,7 @@ def teacher_view(config):
   """How the teacher is validated: on G(x) (TEACHER_ON_TRANSLATION), on x itself (TEACHER,
   self_distill), or None without a teacher."""
   m = get(config)
-  if not m.teacher:
+  if not m.teacher or m.paired:
     return None
   return TEACHER_ON_TRANSLATION if m.translator else TEACHER
 

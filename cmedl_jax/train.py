@@ -123,6 +123,11 @@ def check_config(config):
       'method.name self_distill: its teacher sees no target images; set '
       'data.target_labels=False and method.teacher_bn=separate'
     )
+  if method.get(config).paired and not config.data.paired:
+    raise ConfigError(
+      f'method.name {config.method.name}: its teacher reads the co-registered target slice; '
+      'set data.paired=True (paired datasets: python -m data_prep.phantoms --paired-out)'
+    )
   _check_input(config, fail)
   devices = jax.device_count()
   if config.train.global_batch_size % devices:

@@ -14,6 +14,8 @@ Per step, with source batch x (labels y) and unpaired target batch t:
               `method.hint_warmup`; the teacher's side is constant unless
               `method.hint_trains_teacher` / `hint_trains_translator`.
   discriminators  real t vs G(x) (and real x vs F(t)), translations under stop_gradient.
+Without a translator the teacher segments x itself (self_distill) or, with co-registered
+batches (data.paired), the real t of the same slice (paired_teacher), in G(x)'s place.
 
 Gradients: one `value_and_grad` over every generator-side group (translator, teacher, student,
 adapters) of the summed losses (stop_gradients route each term to the groups it should train),
@@ -142,8 +144,8 @@ def generator_losses(params, d_params, batch_stats, config, nets, src, tgt, rng,
   if u['translator']:
     out, fake_t = translation_terms(ctx, r_nce, r_ctx)
     outs.append(out)
-  elif u['teacher']:  # self_distill: the identity translator.
-    fake_t = src['image']
+  elif u['teacher']:  # paired_teacher: the real co-registered t; self_distill: x itself.
+    fake_t = tgt['image'] if method.get(config).paired else src['image']
   if u['teacher']:
     out, teacher_feats = teacher_terms(ctx, fake_t, r_teacher)
     outs.append(out)
@@ -442,7 +444,7 @@ def eval_step(state, images, *, config, nets, with_translations=False):
     out['logits'] = method.infer_logits(
       state.params, state.batch_stats, images, nets=nets, test_time=test_time
     )
-  if with_translations and nets.translator is None and nets.teacher is not None:
+  if with_translations and method.teacher_view(config) == method.TEACHER:
     out['teacher_logits'] = method.infer_logits(  # self_distill: the teacher on x.
       state.params, state.batch_stats, images, nets=nets, test_time=method.TEACHER
     )

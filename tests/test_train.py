@@ -618,6 +618,16 @@ def test_self_distillation_refuses_target_images(tmp_path):
   assert not os.path.exists(tmp_path / 'run')
 
 
+def test_paired_teacher_needs_paired_data(tmp_path):
+  """paired_teacher's teacher reads the co-registered target slice: without data.paired it is
+  a config error before anything is written."""
+  config = small_config(tmp_path / 'nothing_here')
+  config.method.name = 'paired_teacher'
+  with pytest.raises(ValueError, match=r'^method.name paired_teacher: .* set data.paired=True'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def _export_tree(value):
   return {'student': {'w': np.full((3,), value, np.float32)}}
 

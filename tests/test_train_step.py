@@ -109,6 +109,7 @@ METHODS = {
   'translator_only': ('tiny', 'unet', {'name': 'translator_only', 'distill': 'none'}),
   'frozen_translator': ('tiny', 'unet', {'freeze_translator': True}),
   'self_distill': ('tiny', 'unet', {'name': 'self_distill'}),
+  'paired_teacher': ('tiny', 'unet', {'name': 'paired_teacher'}),
 }
 
 
@@ -145,7 +146,7 @@ def test_every_method_steps_and_trains_its_groups(key):
   # Computing nothing it does not need: no parameters for unused networks.
   if key == 'student_only':
     assert set(state.params) == {'student'}
-  if key == 'self_distill':  # The teacher segments x itself: no translator, no GAN terms.
+  if key in ('self_distill', 'paired_teacher'):  # The teacher segments x or the paired t.
     assert set(state.params) == {'student', 'teacher', 'adapters'}
     assert {'loss/teacher_seg', 'loss/student_seg', 'loss/hint'} <= set(metrics)
     assert not any('gan' in name or 'contextual' in name for name in metrics)
@@ -395,6 +396,10 @@ ROUTES = {
     student_seg={'student'},
     hint={'student', 'adapters', 'teacher', 'translator'},
   ),
+  # The teacher on the co-registered real target: no translator to reach.
+  'paired_teacher': dict(
+    teacher_seg={'teacher'}, student_seg={'student'}, hint={'student', 'adapters'}
+  ),
   'cut_kl': dict(
     gan_target={'translator'},
     contextual={'translator'},
@@ -421,6 +426,8 @@ ROUTING_SWITCHES = {
 def routing_config(key):
   if key == 'cut_kl':
     return terms_config('cut_kl', {})
+  if key == 'paired_teacher':
+    return method_config(key)
   config = tiny.get_config('unet,cyclegan')
   if key in ROUTING_SWITCHES:
     switches, feedback = ROUTING_SWITCHES[key]
@@ -819,3 +826,46 @@ def test_remat_config_gives_the_same_step():
   ):
     a, b, a0 = np.asarray(a), np.asarray(b), np.asarray(a0)
     np.testing.assert_allclose(b - a0, a - a0, rtol=0, atol=5e-3 * np.abs(a - a0).max() + 4e-8)
+
+
+def test_paired_teacher_segments_the_real_target_and_the_student_distils_it():
+  """paired_teacher: teacher_seg is the teacher's loss on the target batch t (the real
+  co-registered slice, data.paired) with the source labels, and the hint compares the student's
+  features on x with the teacher's on t."""
+  config = method_config('paired_teacher')
+  nets, state, _, _ = setup(config)
+  g_params, d_params = split_params(state)
+  src, tgt = make_batch(1), make_batch(2)
+  terms = ts.generator_losses(g_params, d_params, state.batch_stats, config, nets, src, tgt, RNG)
+  terms = terms[1][0]
+  r_teacher, r_student = jax.random.split(RNG, 4)[2:]
+
+  def train_mode(net, name, images, rng):
+    variables = {'params': g_params[name], 'batch_stats': state.batch_stats[name]}
+    (logits, feats), _ = net.apply(
+      variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': rng}
+    )
+    return logits, feats
+
+  k = config.data.num_classes
+  t_logits, t_feats = train_mode(nets.teacher, 'teacher', tgt['image'], r_teacher)
+  s_logits, s_feats = train_mode(nets.student, 'student', src['image'], r_student)
+  want = {
+    'teacher_seg': float(losses.segmentation_loss(t_logits, src['label'], k)[0]),
+    'student_seg': float(losses.segmentation_loss(s_logits, src['label'], k)[0]),
+    'hint': float(
+      np.mean(
+        [
+          np.mean((np.asarray(s_feats[tap]) - np.asarray(t_feats[tap])) ** 2)
+          for tap in config.method.hint_taps
+        ]
+      )
+    ),
+  }
+  assert set(terms) == set(want)
+  for name, value in want.items():
+    np.testing.assert_allclose(terms[name], value, rtol=2e-5, err_msg=name)
+  on_source = train_mode(nets.teacher, 'teacher', src['image'], r_teacher)[0]
+  assert (
+    abs(float(losses.segmentation_loss(on_source, src['label'], k)[0]) - want['teacher_seg']) > 1e-3
+  )
