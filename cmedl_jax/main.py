@@ -92,8 +92,9 @@ def main(argv):
 
 def summarize(config, workdir):
   """At the end of a run: draws WORKDIR/curves.png and .md (cmedl_jax.curves) and returns one
-  line with the validation DSC of the test-time network and of the teacher on its pseudo-target
-  at the first and the last validation, and where the picture is."""
+  line with the validation DSC of the test-time network and of the teacher on what it reads
+  (its pseudo-target; the source for self_distill, the real target for paired_teacher) at the
+  first and the last validation, and where the picture is."""
   out = f'{workdir}/curves'
   try:
     curves.write_curves(workdir, out)
@@ -105,7 +106,9 @@ def summarize(config, workdir):
   if history:
     first, last = history[0], history[-1]
     name = 'student' if method.get(config).test_time == method.STUDENT else 'test-time network'
-    for label, key in ((name, 'val_dsc'), ('teacher on pseudo-target', 'val_teacher_dsc')):
+    sees = {method.TEACHER_ON_TRANSLATION: 'pseudo-target', method.TEACHER: 'source'}
+    sees = 'real target' if method.get(config).paired else sees.get(method.teacher_view(config))
+    for label, key in ((name, 'val_dsc'), (f'teacher on {sees}', 'val_teacher_dsc')):
       if key in first and key in last:
         parts.append(f'{label} {first[key]:.2f} -> {last[key]:.2f}')
     if parts:

@@ -18,8 +18,8 @@ premise factorial, docs/STUDY_PLAN.md). Its teacher never sees target images.
 paired_teacher [Hu et al., MICCAI 2020: multi-modal to mono-modal distillation; the positive
 control of issue 46] needs co-registered data (data.paired): the teacher segments the real
 target image of each source slice with the labels, the student segments the source and distils
-the teacher's features of the same slice; no translator. It is not validated on the source
-(its teacher reads the target modality): `teacher_view` is None.
+the teacher's features of the same slice; no translator. Its teacher is validated on the
+co-registered target volumes (cmedl_jax/validation.py), never on the source.
 
 Translator: G (source -> target); CycleGAN adds F (target -> source) and a discriminator on
 each side, CUT adds PatchNCE heads. `method.freeze_translator` keeps a translator (e.g. one
@@ -145,10 +145,11 @@ def parts(config):
 
 
 def teacher_view(config):
-  """How the teacher is validated: on G(x) (TEACHER_ON_TRANSLATION), on x itself (TEACHER,
-  self_distill), or None without a teacher."""
+  """How the teacher is validated: on G(x) (TEACHER_ON_TRANSLATION), on the images themselves
+  (TEACHER: x for self_distill, the co-registered target for paired_teacher), or None without
+  a teacher."""
   m = get(config)
-  if not m.teacher or m.paired:
+  if not m.teacher:
     return None
   return TEACHER_ON_TRANSLATION if m.translator else TEACHER
 

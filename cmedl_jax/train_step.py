@@ -444,7 +444,8 @@ def eval_step(state, images, *, config, nets, with_translations=False):
     out['logits'] = method.infer_logits(
       state.params, state.batch_stats, images, nets=nets, test_time=test_time
     )
-  if with_translations and method.teacher_view(config) == method.TEACHER:
+  paired = method.get(config).paired  # Its teacher reads the target: nothing to show on x.
+  if with_translations and method.teacher_view(config) == method.TEACHER and not paired:
     out['teacher_logits'] = method.infer_logits(  # self_distill: the teacher on x.
       state.params, state.batch_stats, images, nets=nets, test_time=method.TEACHER
     )

@@ -62,7 +62,8 @@ def validate(config, state, programs, volumes, mesh):
 
   programs: the run's train._Programs. Returns {'val_dsc', 'val_sdsc', 'val_hd95' (mm)} of the
   test-time network; where the method has a teacher also 'val_teacher_dsc', 'val_teacher_sdsc',
-  'val_teacher_hd95' of teacher(G(x)) (of teacher(x) for self_distill); with CycleGAN
+  'val_teacher_hd95' of teacher(G(x)) (of teacher(x) for self_distill, of teacher(t) on each
+  volume's co-registered target volume, 'paired', for paired_teacher); with CycleGAN
   'val_cycle_l1'.
   """
   val = segmentation_metrics(config, state, programs.probabilities, volumes, mesh)
@@ -70,7 +71,8 @@ def validate(config, state, programs, volumes, mesh):
   if teacher is programs.probabilities:  # pmri_teacher: the test-time network is teacher(G(x)).
     val.update({k.replace('val_', 'val_teacher_'): v for k, v in val.items()})
   elif teacher is not None:
-    val.update(segmentation_metrics(config, state, teacher, volumes, mesh, 'val_teacher_'))
+    teacher_volumes = [v.get('paired', v) for v in volumes]
+    val.update(segmentation_metrics(config, state, teacher, teacher_volumes, mesh, 'val_teacher_'))
   if programs.cycle_error is not None:
     val['val_cycle_l1'] = cycle_error(config, state, programs.cycle_error, volumes, mesh)
   return val
@@ -125,11 +127,22 @@ def cycle_error(config, state, cycle_fn, volumes, mesh):
 
 
 def validation_volumes(config):
-  """Whole prepared validation volumes of the source (none without a test-time network)."""
+  """Whole prepared validation volumes of the source (none without a test-time network); for
+  a paired method each also holds 'paired', the target's volume of the same case."""
   if method.get(config).test_time is None:
     return []
   volumes = input_pipeline.load_eval_volumes(config.data.source.prepared_dir, 'validation')
-  return volumes[: config.eval.max_volumes] if config.eval.max_volumes else volumes
+  volumes = volumes[: config.eval.max_volumes] if config.eval.max_volumes else volumes
+  if method.get(config).paired:
+    target_dir = config.data.target.prepared_dir
+    targets = {v['case_id']: v for v in input_pipeline.load_eval_volumes(target_dir, 'validation')}
+    for v in volumes:
+      if v['case_id'] not in targets:
+        raise ValueError(
+          f'{target_dir}: no validation volume of case {v["case_id"]!r}, which data.paired needs'
+        )
+      v['paired'] = targets[v['case_id']]
+  return volumes
 
 
 def validate_and_record(

@@ -601,3 +601,28 @@ def test_paired_needs_every_source_case_in_the_target(prepared, paired_target):
   _, missing = paired_target
   with pytest.raises(ValueError, match=r"no co-registered copy of source case 'ct_\d'"):
     ip.create_train_iterator(ct, missing, global_batch_size=4, seed=0, paired=True)
+
+
+def test_paired_validation_volumes_carry_their_target_volume(prepared, paired_target, monkeypatch):
+  """validation.validation_volumes of a paired method: each source volume holds 'paired', the
+  target's validation volume of the same case (where its teacher is validated)."""
+  from cmedl_jax import validation  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+
+  ct, _ = prepared
+  mr, _ = paired_target
+  config = tiny.get_config('unet')
+  config.method.name, config.data.paired = 'paired_teacher', True
+  config.data.source.prepared_dir, config.data.target.prepared_dir = ct, mr
+  volumes = validation.validation_volumes(config)
+  assert volumes
+  for v in volumes:
+    assert v['paired']['case_id'] == v['case_id']
+    np.testing.assert_array_equal(v['paired']['label'], v['label'])
+    assert not np.array_equal(v['paired']['image'], v['image'])
+  real = ip.load_eval_volumes
+  monkeypatch.setattr(  # A target without the source's validation cases.
+    ip, 'load_eval_volumes', lambda d, split: real(d, split) if d == ct else []
+  )
+  with pytest.raises(ValueError, match=f"no validation volume of case '{volumes[0]['case_id']}'"):
+    validation.validation_volumes(config)

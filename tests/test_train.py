@@ -39,6 +39,7 @@ from cmedl_jax import validation
 from cmedl_jax import workdir_lock
 from cmedl_jax.evaluation import metrics as seg_metrics
 from configs import two_stage
+from configs import tiny as configs_tiny
 from data_prep import nifti_io
 from data_prep import prepare
 from tiny_runs import final_state
@@ -841,3 +842,41 @@ def test_a_finished_run_draws_its_curves_and_says_how_its_networks_learned(tiny_
     f'teacher on pseudo-target {first["val_teacher_dsc"]:.2f} -> {last["val_teacher_dsc"]:.2f}; '
     f'curves: {workdir}/curves.png.'
   ) in done.stderr
+
+
+def test_paired_teacher_is_validated_on_the_co_registered_target_volumes():
+  """validate() runs the teacher of a paired method on each volume's 'paired' target volume and
+  the test-time student on the source volume itself."""
+  config = configs_tiny.get_config('unet')
+  config.method.name = 'paired_teacher'
+  config.data.paired = True
+  rng = np.random.default_rng(0)
+  label = np.zeros((4, 32, 32), np.uint8)
+  label[1:3, 8:20, 10:22] = 1
+  source = {'case_id': 'a', 'image': rng.uniform(-1, 1, label.shape).astype(np.float32)}
+  target = {'case_id': 'a', 'image': np.where(label > 0, 1.0, -1.0).astype(np.float32)}
+  volume = dict(source, label=label, spacing_mm=(2.0, 1.0, 1.0), paired=dict(target, label=label))
+  volume['paired']['spacing_mm'] = volume['spacing_mm']
+
+  def bright_is_foreground(state, slices):  # Right on the target volume only.
+    del state
+    fg = (slices[..., 0] > 0.5).astype(jnp.float32)
+    return jnp.stack([1 - fg, fg], -1)
+
+  def background(state, slices):
+    del state
+    return jnp.stack([jnp.ones(slices.shape[:3]), jnp.zeros(slices.shape[:3])], -1)
+
+  programs = collections.namedtuple('P', 'probabilities teacher_probabilities cycle_error')(
+    background, bright_is_foreground, None
+  )
+  val = validation.validate(config, None, programs, [volume], sharding.make_mesh(jax.devices()[:1]))
+  assert val['val_teacher_dsc'] == 1.0 and val['val_teacher_hd95'] == 0.0
+  assert val['val_dsc'] == 0.0
+  without_pair = {k: v for k, v in volume.items() if k != 'paired'}
+  assert (
+    validation.validate(
+      config, None, programs, [without_pair], sharding.make_mesh(jax.devices()[:1])
+    )['val_teacher_dsc']
+    < 0.5
+  )
