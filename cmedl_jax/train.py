@@ -116,14 +116,20 @@ def check_config(config):
       'data.image_size',
       f'must be >= {smallest} for the discriminator (3 * 2**model.discriminator.n_layers)',
     )
-  if config.method.name == 'self_distill' and (
-    config.data.target_labels or method.switch(config, 'teacher_bn') != 'separate'
+  m = method.get(config)
+  if (
+    m.teacher
+    and not m.translator
+    and (config.data.target_labels or method.switch(config, 'teacher_bn') != 'separate')
   ):
+    # Without a translator the teacher's one input is x or the paired t: a second pass over
+    # the target images would hand self_distill the target modality, paired_teacher t twice.
+    sees = 'reads the real target images already' if m.paired else 'sees no target images'
     raise ConfigError(
-      'method.name self_distill: its teacher sees no target images; set '
+      f'method.name {config.method.name}: its teacher {sees}; set '
       'data.target_labels=False and method.teacher_bn=separate'
     )
-  if method.get(config).paired and not config.data.paired:
+  if m.paired and not config.data.paired:
     raise ConfigError(
       f'method.name {config.method.name}: its teacher reads the co-registered target slice; '
       'set data.paired=True (paired datasets: python -m data_prep.phantoms --paired-out)'

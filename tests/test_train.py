@@ -620,11 +620,16 @@ def test_self_distillation_refuses_target_images(tmp_path):
 
 
 def test_paired_teacher_needs_paired_data(tmp_path):
-  """paired_teacher's teacher reads the co-registered target slice: without data.paired it is
-  a config error before anything is written."""
+  """paired_teacher's teacher reads the co-registered target slice: without data.paired, or
+  with a second pass over the target images (joint batch norm, target labels), it is a config
+  error before anything is written."""
   config = small_config(tmp_path / 'nothing_here')
   config.method.name = 'paired_teacher'
   with pytest.raises(ValueError, match=r'^method.name paired_teacher: .* set data.paired=True'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+  config.data.paired, config.method.teacher_bn = True, 'joint'  # Would pass t twice.
+  with pytest.raises(ValueError, match=r'^method.name paired_teacher: its teacher reads the real'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
 
