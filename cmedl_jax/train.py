@@ -116,6 +116,15 @@ def check_config(config):
       'data.image_size',
       f'must be >= {smallest} for the discriminator (3 * 2**model.discriminator.n_layers)',
     )
+  _check_teacher_input(config)
+  _check_input(config, fail)
+  devices = jax.device_count()
+  if config.train.global_batch_size % devices:
+    fail('train.global_batch_size', f'must be a multiple of the device count ({devices})')
+
+
+def _check_teacher_input(config):
+  """ConfigError where the method's teacher would read the wrong images."""
   m = method.get(config)
   if (
     m.teacher
@@ -134,10 +143,6 @@ def check_config(config):
       f'method.name {config.method.name}: its teacher reads the co-registered target slice; '
       'set data.paired=True (paired datasets: python -m data_prep.phantoms --paired-out)'
     )
-  _check_input(config, fail)
-  devices = jax.device_count()
-  if config.train.global_batch_size % devices:
-    fail('train.global_batch_size', f'must be a multiple of the device count ({devices})')
 
 
 def _check_input(config, fail):
